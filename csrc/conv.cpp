@@ -1,0 +1,351 @@
+// conv2d, conv_transpose2d and the shared weight gradient, as GEMMs around
+// im2col/col2im. Per group g (see docs/relationships.md):
+//
+//   conv2d            y_g  = W_g   . im2col(x)_g  + b_g
+//   conv_transpose2d  y    = col2im(W_g^T . x_g)  + b        (bias fused into col2im)
+//   conv2d_weight     dW_g = sum_n dy_g . im2col(x)_g^T
+//
+// conv_transpose2d is conv2d's input gradient taken as an op of its own, so
+// the two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU,
+// cuBLAS on CUDA); this file has no device-specific code.
+//
+// Column buffers are filled a chunk of samples at a time, so that one buffer
+// stays under the workspace limit. With few window positions per sample, the
+// chunk's columns are laid side by side, [cols_0 | cols_1 | ...], and one wide
+// GEMM serves them all ("wide" below); otherwise each sample gets its own GEMM,
+// writing straight into the output.
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace convt_ext {
+
+namespace {
+
+std::atomic<int64_t> g_workspace_limit{int64_t(1) << 30};
+
+// Below this many window positions per sample, one wide GEMM over the chunk
+// beats a thin GEMM per sample (benchmarks/NOTES.md).
+constexpr int64_t kWideBelow = 1024;
+
+bool use_wide(int64_t batch, int64_t positions) { return batch > 1 && positions < kWideBelow; }
+
+// Whole samples per chunk so that their columns fit the workspace limit; at
+// least one, whatever the limit.
+int64_t samples_per_chunk(int64_t batch, int64_t bytes_per_sample) {
+  if (bytes_per_sample <= 0) return std::max<int64_t>(batch, 1);
+  return std::clamp<int64_t>(workspace_limit() / bytes_per_sample, 1, std::max<int64_t>(batch, 1));
+}
+
+// Storage for the columns of up to `chunk` samples. Wide: (rows, chunk, L)
+// memory, so the first b samples form one (rows, b*L) matrix. Otherwise
+// (chunk, rows, L): one (rows, L) matrix per sample.
+struct ColumnBuffer {
+  at::Tensor data;
+  bool wide;
+  ColumnBuffer(int64_t chunk, int64_t rows, int64_t positions, bool wide_,
+               const at::TensorOptions& options)
+      : data(wide_ ? at::empty({rows, chunk, positions}, options)
+                   : at::empty({chunk, rows, positions}, options)),
+        wide(wide_) {}
+  // (b, rows, L), what im2col writes and col2im reads.
+  at::Tensor samples(int64_t b) const {
+    return wide ? data.narrow(1, 0, b).permute({1, 0, 2}) : data.narrow(0, 0, b);
+  }
+  // (rows, b*L) = [cols_0 | ... | cols_{b-1}], wide only.
+  at::Tensor matrix(int64_t b) const {
+    return data.narrow(1, 0, b).view({data.size(0), b * data.size(2)});
+  }
+};
+
+// (b, C, L) -> (C, b*L): the samples of `t` side by side, in `buf`.
+at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
+  const int64_t b = t.size(0);
+  buf.samples(b).copy_(t);
+  return buf.matrix(b);
+}
+
+// For every group g: out[g] = add[g] + a[g] . b[g]. `add` broadcasts (a bias
+// of shape (G, M, 1)) or is undefined; with accumulate, out[g] += a[g] . b[g].
+// All operands are (G, ., .) views; strided views go to BLAS as they are.
+void group_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& add, bool accumulate = false) {
+  if (a.size(0) == 1) {
+    at::Tensor o = out.select(0, 0);
+    if (accumulate) {
+      o.addmm_(a.select(0, 0), b.select(0, 0));
+    } else if (add.defined()) {
+      at::addmm_out(o, add.select(0, 0), a.select(0, 0), b.select(0, 0));
+    } else {
+      at::mm_out(o, a.select(0, 0), b.select(0, 0));
+    }
+  } else if (accumulate) {
+    out.baddbmm_(a, b);
+  } else if (add.defined()) {
+    at::baddbmm_out(const_cast<at::Tensor&>(out), add, a, b);
+  } else {
+    at::bmm_out(const_cast<at::Tensor&>(out), a, b);
+  }
+}
+
+void check_conv_tensors(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-d (N, C, H, W), but got a ",
+                    input.dim(), "-d tensor of shape ", input.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be 4-d, but got a ", weight.dim(),
+                    "-d tensor of shape ", weight.sizes());
+  check_floating(op, "input", input);
+  check_same(op, "weight", weight, "input", input);
+  if (bias.has_value()) check_same(op, "bias", *bias, "input", input);
+  TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
+  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1, op,
+                    ": weight's kernel size must be positive, but got weight of shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+                    ": input must have non-zero channels, height and width (only the batch may be "
+                    "empty), but got shape ",
+                    input.sizes());
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t out_channels) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_channels, op,
+                    ": bias must be 1-d with out_channels=", out_channels,
+                    " elements, but got shape ", bias->sizes());
+}
+
+// The bias as (G, C/G, 1), ready to broadcast over a GEMM's columns.
+at::Tensor group_bias(const std::optional<at::Tensor>& bias, int64_t groups) {
+  return bias.has_value() ? bias->reshape({groups, -1, 1}) : at::Tensor();
+}
+
+}  // namespace
+
+void set_workspace_limit(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes > 0, "set_workspace_limit: bytes must be positive, but got ", bytes);
+  g_workspace_limit.store(bytes);
+}
+
+int64_t workspace_limit() { return g_workspace_limit.load(); }
+
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv2d";
+  check_conv_tensors(op, input, weight, bias, groups);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  check_window_args(op, kernel, stride, padding, dilation);
+  const int64_t N = input.size(0), C_in = input.size(1), C_out = weight.size(0);
+  TORCH_CHECK_VALUE(C_out % groups == 0, op, ": weight's dimension 0 (out_channels=", C_out,
+                    ") must be divisible by groups=", groups);
+  TORCH_CHECK_VALUE(C_in == weight.size(1) * groups, op, ": input has ", C_in,
+                    " channels, but weight of shape ", weight.sizes(), " with groups=", groups,
+                    " expects weight.size(1)*groups=", weight.size(1) * groups);
+  check_bias(op, bias, C_out);
+  int64_t windows[2];
+  window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, windows);
+
+  c10::DeviceGuard guard(input.device());
+  at::Tensor out = at::empty({N, C_out, windows[0], windows[1]}, input.options());
+  if (out.numel() == 0) return out;
+
+  const int64_t G = groups, L = windows[0] * windows[1];
+  const int64_t K = C_in * kernel[0] * kernel[1];
+  const at::Tensor w3 = weight.reshape({G, C_out / G, K / G});
+  const at::Tensor b3 = group_bias(bias, G);
+  const bool wide = use_wide(N, L);
+  // A 1x1, stride-1, unpadded convolution reads each pixel once: its input
+  // already is the column matrix, so im2col is skipped.
+  const bool direct = !wide && kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
+                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
+  const at::Tensor x = direct ? input.contiguous() : input;
+  const int64_t chunk = samples_per_chunk(N, direct ? 0 : K * L * input.element_size());
+  const ColumnBuffer cols(direct ? 0 : chunk, K, L, wide, input.options());
+  const at::Tensor wide_out =
+      wide ? at::empty({G, C_out / G, chunk * L}, input.options()) : at::Tensor();
+
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    const at::Tensor xc = x.narrow(0, n0, b);
+    const at::Tensor yc = out.narrow(0, n0, b).view({b, C_out, L});
+    if (!direct) {
+      im2col_into(xc, cols.samples(b),
+                  make_window(b, C_in, input.sizes().slice(2), windows, kernel, stride, padding,
+                              dilation));
+    }
+    if (wide) {
+      const at::Tensor y = wide_out.narrow(2, 0, b * L);
+      group_gemm(y, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
+      yc.copy_(y.view({C_out, b, L}).permute({1, 0, 2}));
+      continue;
+    }
+    const at::Tensor samples = direct ? xc.reshape({b, K, L}) : cols.samples(b);
+    for (int64_t i = 0; i < b; ++i) {
+      group_gemm(yc.select(0, i).view({G, C_out / G, L}), w3,
+                 samples.select(0, i).view({G, K / G, L}), b3);
+    }
+  }
+  return out;
+}
+
+at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef output_padding,
+                            int64_t groups, at::IntArrayRef dilation) {
+  constexpr const char* op = "conv_transpose2d";
+  check_conv_tensors(op, input, weight, bias, groups);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  check_window_args(op, kernel, stride, padding, dilation);
+  check_ints(op, "output_padding", output_padding, 2, 0);
+  const int64_t N = input.size(0), C_in = input.size(1);
+  TORCH_CHECK_VALUE(C_in == weight.size(0), op, ": input has ", C_in,
+                    " channels, but weight of shape ", weight.sizes(),
+                    " expects weight.size(0)=", weight.size(0), " (in_channels)");
+  TORCH_CHECK_VALUE(C_in % groups == 0, op, ": in_channels=", C_in,
+                    " must be divisible by groups=", groups);
+  const int64_t C_out = weight.size(1) * groups;
+  check_bias(op, bias, C_out);
+  int64_t image[2];
+  for (int i = 0; i < 2; ++i) {
+    // Why output_padding < max(stride, dilation): see docs/relationships.md.
+    TORCH_CHECK_VALUE(output_padding[i] < std::max(stride[i], dilation[i]), op,
+                      ": output_padding must be smaller than either stride or dilation, but got "
+                      "output_padding=",
+                      fmt(output_padding), ", stride=", fmt(stride), ", dilation=", fmt(dilation));
+    // The guide's relationship 14, with dilation: o' = s(i'-1) + a + d(k-1) + 1 - 2p.
+    image[i] = (input.size(2 + i) - 1) * stride[i] - 2 * padding[i] +
+               dilation[i] * (kernel[i] - 1) + output_padding[i] + 1;
+    TORCH_CHECK_VALUE(image[i] >= 1, op, ": the output size (in-1)*stride - 2*padding + "
+                      "dilation*(kernel_size-1) + output_padding + 1 is ", image[i],
+                      " in dimension ", i, ", but must be positive (input of shape ",
+                      input.sizes(), ", padding=", fmt(padding), ")");
+  }
+
+  c10::DeviceGuard guard(input.device());
+  at::Tensor out = at::empty({N, C_out, image[0], image[1]}, input.options());
+  if (out.numel() == 0) return out;
+
+  const int64_t G = groups, L = input.size(2) * input.size(3);
+  const int64_t K = C_out * kernel[0] * kernel[1];
+  // W_g^T: (G, C_out/G*kh*kw, C_in/G), a transposed view of the stored weight.
+  const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
+  const at::Tensor x = input.contiguous();
+  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
+                         padding[0] == 0 && padding[1] == 0 && output_padding[0] == 0 &&
+                         output_padding[1] == 0;
+  if (pointwise) {  // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
+    const at::Tensor y = out.view({N, G, C_out / G, L});
+    const at::Tensor b3 = group_bias(bias, G);
+    for (int64_t i = 0; i < N; ++i) {
+      group_gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+    }
+    return out;
+  }
+
+  const bool wide = use_wide(N, L);
+  const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
+  const ColumnBuffer cols(chunk, K, L, wide, input.options());
+  const ColumnBuffer wide_x(wide ? chunk : 0, C_in, L, true, input.options());
+  const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
+  const int64_t input_windows[2] = {input.size(2), input.size(3)};
+
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    const at::Tensor xc = x.narrow(0, n0, b).view({b, C_in, L});
+    if (wide) {
+      group_gemm(cols.matrix(b).view({G, K / G, b * L}), wt3,
+                 side_by_side(xc, wide_x).view({G, C_in / G, b * L}), at::Tensor());
+    } else {
+      const at::Tensor samples = cols.samples(b);
+      for (int64_t i = 0; i < b; ++i) {
+        group_gemm(samples.select(0, i).view({G, K / G, L}), wt3,
+                   xc.select(0, i).view({G, C_in / G, L}), at::Tensor());
+      }
+    }
+    // The columns cover exactly the input's H x W windows, which with
+    // output_padding >= stride is fewer than the output image has.
+    col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b),
+                make_window(b, C_out, image, input_windows, kernel, stride, padding, dilation));
+  }
+  return out;
+}
+
+at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
+                         at::IntArrayRef weight_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv2d_weight";
+  check_ints(op, "weight_size", weight_size, 4, 1);
+  const at::IntArrayRef kernel = weight_size.slice(2);
+  check_window_args(op, kernel, stride, padding, dilation);
+  TORCH_CHECK_VALUE(input.dim() == 4 && grad_output.dim() == 4, op,
+                    ": input and grad_output must be 4-d, but got shapes ", input.sizes(), " and ",
+                    grad_output.sizes());
+  check_floating(op, "input", input);
+  check_same(op, "grad_output", grad_output, "input", input);
+  TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
+  const int64_t N = input.size(0), C_in = input.size(1), C_out = weight_size[0];
+  TORCH_CHECK_VALUE(C_out % groups == 0 && C_in == weight_size[1] * groups, op,
+                    ": weight_size=", fmt(weight_size), " with groups=", groups,
+                    " does not fit input of shape ", input.sizes());
+  TORCH_CHECK_VALUE(grad_output.size(0) == N && grad_output.size(1) == C_out, op,
+                    ": grad_output must have shape (", N, ", ", C_out,
+                    ", OH, OW), but got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
+                    ": input must have non-zero height and width, but got shape ", input.sizes());
+  int64_t natural[2];
+  window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, natural);
+  const int64_t windows[2] = {grad_output.size(2), grad_output.size(3)};
+  TORCH_CHECK_VALUE(windows[0] <= natural[0] && windows[1] <= natural[1], op,
+                    ": grad_output's spatial size (", windows[0], ", ", windows[1],
+                    ") exceeds the ", natural[0], "x", natural[1], " windows of the input");
+
+  c10::DeviceGuard guard(input.device());
+  const int64_t G = groups, L = windows[0] * windows[1];
+  const int64_t K = C_in * kernel[0] * kernel[1];
+  at::Tensor grad_weight = at::zeros({G, C_out / G, K / G}, input.options());
+  if (N == 0 || L == 0) return grad_weight.view(weight_size);
+
+  const at::Tensor dy = grad_output.contiguous();
+  const bool wide = use_wide(N, L);
+  const bool direct = !wide && kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
+                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0 &&
+                      windows[0] == input.size(2) && windows[1] == input.size(3);
+  const at::Tensor x = direct ? input.contiguous() : input;
+  const int64_t chunk = samples_per_chunk(N, direct ? 0 : K * L * input.element_size());
+  const ColumnBuffer cols(direct ? 0 : chunk, K, L, wide, input.options());
+  const ColumnBuffer wide_dy(wide ? chunk : 0, C_out, L, true, input.options());
+
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    const at::Tensor xc = x.narrow(0, n0, b);
+    const at::Tensor dyc = dy.narrow(0, n0, b).view({b, C_out, L});
+    if (!direct) {
+      im2col_into(xc, cols.samples(b),
+                  make_window(b, C_in, input.sizes().slice(2), windows, kernel, stride, padding,
+                              dilation));
+    }
+    if (wide) {
+      group_gemm(grad_weight, side_by_side(dyc, wide_dy).view({G, C_out / G, b * L}),
+                 cols.matrix(b).view({G, K / G, b * L}).transpose(1, 2), at::Tensor(), true);
+      continue;
+    }
+    const at::Tensor samples = direct ? xc.reshape({b, K, L}) : cols.samples(b);
+    for (int64_t i = 0; i < b; ++i) {
+      group_gemm(grad_weight, dyc.select(0, i).view({G, C_out / G, L}),
+                 samples.select(0, i).view({G, K / G, L}).transpose(1, 2), at::Tensor(), true);
+    }
+  }
+  return grad_weight.view(weight_size);
+}
+
+}  // namespace convt_ext

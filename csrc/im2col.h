@@ -1,0 +1,113 @@
+// The one relation behind im2col, col2im, conv2d and conv_transpose2d.
+//
+// A window of a D-dimensional image: kernel k, stride s, padding p and
+// dilation d, per dimension. Window position o (a "column") taps the image at
+//
+//     i = o*s - p + k_off*d                                   (*)
+//
+// for each kernel offset k_off in [0, k). Taps that fall outside [0, image)
+// read the zero padding.
+//
+//   im2col reads (*) forward:  cols[(c, k_off), o] = image[c, i]
+//   col2im reads (*) backward: image[c, i] = sum of cols[(c, k_off), o] over
+//                              every (k_off, o) whose tap (*) lands on i.
+//
+// Both directions go through the same two functions below (`tap` and
+// `taps_inside`), so <im2col(x), c> == <x, col2im(c)> holds by construction:
+// col2im is the adjoint (transpose) of im2col, not a separate piece of math.
+//
+// This header is included by the CPU loops (cpu/im2col_cpu.cpp), the CUDA
+// kernels (cuda/im2col_cuda.cu) and the explicit matrices (matrix.cpp).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CONVT_HD __host__ __device__ __forceinline__
+#else
+#define CONVT_HD inline
+#endif
+
+namespace convt_ext {
+
+// Number of window positions along one dimension. This is the guide's
+// relationship 15 (relationship 6 when d = 1):
+//     o = floor((i + 2p - d(k-1) - 1) / s) + 1
+// Returns a value < 1 when the (padded) image is smaller than the dilated
+// kernel; callers reject that.
+CONVT_HD int64_t window_count(int64_t image, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t span = image + 2 * p - d * (k - 1) - 1;
+  return span < 0 ? 0 : span / s + 1;
+}
+
+// (*) forward: the image position tapped by window position o at offset k_off.
+template <typename index_t>
+CONVT_HD index_t tap(index_t o, index_t k_off, index_t s, index_t p, index_t d) {
+  return o * s - p + k_off * d;
+}
+
+// (*) backward: the window position o whose tap at offset k_off lands on
+// image position i, or -1 when there is none (i + p - k_off*d is negative,
+// not a multiple of s, or past the last of the `count` window positions).
+template <typename index_t>
+CONVT_HD index_t window_at(index_t i, index_t k_off, index_t s, index_t p, index_t d, index_t count) {
+  const index_t t = i + p - k_off * d;
+  if (t < 0) return -1;
+  const index_t o = t / s;
+  return (o * s == t && o < count) ? o : -1;
+}
+
+// The window positions o in [*lo, *hi) whose tap at offset k_off lies inside
+// [0, image): solving 0 <= o*s - p + k_off*d <= image-1 for o. Positions
+// before *lo and from *hi on read padding. Used by the CPU row loops, which
+// walk these ranges instead of testing every position.
+CONVT_HD void taps_inside(int64_t image, int64_t count, int64_t k_off, int64_t s, int64_t p,
+                          int64_t d, int64_t* lo, int64_t* hi) {
+  const int64_t first = p - k_off * d;              // o*s >= first
+  const int64_t last = image - 1 + p - k_off * d;   // o*s <= last
+  int64_t l = first <= 0 ? 0 : (first + s - 1) / s;
+  int64_t h = last < 0 ? 0 : last / s + 1;
+  if (h > count) h = count;
+  if (l > h) l = h;
+  *lo = l;
+  *hi = h;
+}
+
+// The geometry of one im2col/col2im call over D spatial dimensions.
+// `windows` is passed explicitly rather than derived from `image`: a
+// transposed convolution with output_padding >= stride (allowed when
+// dilation > stride) has an image whose natural window count exceeds the
+// columns it owns. PyTorch's "Note [im2col/col2im output padding]" makes the
+// same point.
+template <int D>
+struct Window {
+  int64_t batch;
+  int64_t channels;
+  int64_t image[D];
+  int64_t windows[D];
+  int64_t kernel[D];
+  int64_t stride[D];
+  int64_t padding[D];
+  int64_t dilation[D];
+
+  CONVT_HD int64_t kernel_numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < D; ++i) n *= kernel[i];
+    return n;
+  }
+  CONVT_HD int64_t window_numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < D; ++i) n *= windows[i];
+    return n;
+  }
+  CONVT_HD int64_t image_numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < D; ++i) n *= image[i];
+    return n;
+  }
+  // Rows of the column matrix: one per (channel, kernel offset), channel-major,
+  // exactly F.unfold's layout: row = (c*kh + ki)*kw + kj.
+  CONVT_HD int64_t rows() const { return channels * kernel_numel(); }
+};
+
+}  // namespace convt_ext

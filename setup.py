@@ -1,0 +1,136 @@
+"""Build convt_ext: a C++ extension, plus the CUDA path when it can be built.
+
+    pip install --no-build-isolation .            # C++ always; CUDA if torch has it and nvcc is found
+    FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation .
+
+--no-build-isolation matters: an isolated build would compile against a
+freshly downloaded torch, not the one that will import the extension.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit(
+        "convt_ext: torch must be installed before building. Install torch first, then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(without --no-build-isolation, pip builds against a different torch in a throwaway env)."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def fail(message):
+    sys.exit(f"convt_ext build error: {message}")
+
+
+def nvcc_release(cuda_home):
+    """The toolkit's release ("13.0"), from `nvcc --version`."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        fail(f"could not run {nvcc} --version ({exc}).")
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if not match:
+        fail(f"could not read the CUDA release from `{nvcc} --version`:\n{out}")
+    return f"{match.group(1)}.{match.group(2)}"
+
+
+def want_cuda():
+    """Decide whether to build the CUDA path, and explain why not when forced."""
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    if torch.version.cuda is None:
+        if forced:
+            fail(
+                f"FORCE_CUDA=1, but the installed torch {torch.__version__} is a CPU-only build. "
+                "Install a CUDA build of torch first."
+            )
+        return False
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if not nvcc or not os.path.exists(nvcc):
+        if forced:
+            fail(
+                "FORCE_CUDA=1, but nvcc was not found"
+                + (f" at {nvcc}" if nvcc else "")
+                + ". Set CUDA_HOME to the CUDA toolkit's own folder (the one holding bin/nvcc "
+                "and lib64/), e.g. CUDA_HOME=/usr/local/cuda-13.0."
+            )
+        return False
+    if not glob.glob(os.path.join(cuda_home, "lib64", "libcudart.so*")) and not glob.glob(
+        os.path.join(cuda_home, "lib", "libcudart.so*")
+    ):
+        msg = (
+            f"CUDA_HOME={cuda_home} has bin/nvcc but no lib64/libcudart.so: it is probably a "
+            "wrapper folder, not the toolkit. Set CUDA_HOME to the toolkit's own folder, "
+            "e.g. CUDA_HOME=/usr/local/cuda-13.0."
+        )
+        if forced:
+            fail(msg)
+        print(f"convt_ext: building without CUDA: {msg}", file=sys.stderr)
+        return False
+    release = nvcc_release(cuda_home)
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        fail(
+            f"nvcc in {cuda_home} is CUDA {release}, but torch {torch.__version__} was built "
+            f"with CUDA {torch.version.cuda}. Point CUDA_HOME at a CUDA {torch.version.cuda} "
+            "toolkit, or install a torch built for CUDA " + release + "."
+        )
+    return True
+
+
+def version():
+    with open(os.path.join(ROOT, "convt_ext", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def write_build_config(cuda, archs, cuda_release):
+    """Record how this build was made, for convt_ext.build_info()."""
+    path = os.path.join(ROOT, "convt_ext", "_build_config.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time; not under version control.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"CUDA = {cuda!r}\n")
+        f.write(f"CUDA_VERSION = {cuda_release!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-fopenmp"]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        archs = [a for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
+        write_build_config(True, archs, nvcc_release(cpp_extension.CUDA_HOME))
+        return cpp_extension.CUDAExtension(
+            "convt_ext._C",
+            sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
+        )
+    write_build_config(False, [], None)
+    return cpp_extension.CppExtension(
+        "convt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    name="convt_ext",
+    version=version(),
+    description="im2col/col2im, conv2d and conv_transpose2d as each other's adjoints, in C++/CUDA for PyTorch",
+    packages=find_packages(include=["convt_ext", "convt_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+    extras_require={"bench": ["tqdm", "matplotlib"], "test": ["pytest", "expecttest"]},
+)
