@@ -23,7 +23,9 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cstdlib>
 
 #include "checks.h"
 #include "ops.h"
@@ -38,13 +40,47 @@ std::atomic<int64_t> g_workspace_limit{int64_t(1) << 30};
 // beats a thin GEMM per sample (benchmarks/NOTES.md).
 constexpr int64_t kWideBelow = 1024;
 
+// The column buffer a chunk aims for, under the workspace limit: small enough
+// that im2col's output is still in the last-level cache when the GEMM reads it
+// (and col2im's input when it is written), large enough for efficient GEMMs.
+// CONVT_EXT_CHUNK_BYTES overrides it, for tuning (benchmarks/NOTES.md).
+int64_t preferred_chunk_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("CONVT_EXT_CHUNK_BYTES");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
+  }();
+  return bytes;
+}
+
 bool use_wide(int64_t batch, int64_t positions) { return batch > 1 && positions < kWideBelow; }
 
-// Whole samples per chunk so that their columns fit the workspace limit; at
-// least one, whatever the limit.
+// Whole samples per chunk so that their columns stay near the preferred size
+// and within the workspace limit; at least one, whatever the limit.
 int64_t samples_per_chunk(int64_t batch, int64_t bytes_per_sample) {
   if (bytes_per_sample <= 0) return std::max<int64_t>(batch, 1);
-  return std::clamp<int64_t>(workspace_limit() / bytes_per_sample, 1, std::max<int64_t>(batch, 1));
+  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes());
+  return std::clamp<int64_t>(budget / bytes_per_sample, 1, std::max<int64_t>(batch, 1));
+}
+
+// Scratch memory for column buffers. On the CPU, a fresh buffer of tens of MB
+// costs more in page faults than the im2col that fills it, so each thread
+// keeps its buffers (up to kKeepBytes each) for the next call. A slot is in
+// use only within one op call, and ops do not call each other here.
+constexpr int64_t kKeepBytes = int64_t(64) << 20;
+
+at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (options.device().type() != c10::DeviceType::CPU ||
+      numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype()))) > kKeepBytes) {
+    return at::empty(sizes, options);
+  }
+  thread_local std::array<at::Tensor, 2> kept;
+  at::Tensor& t = kept[slot];
+  if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
+    t = at::Tensor();  // release the old buffer before taking a larger one
+    t = at::empty({numel}, options);
+  }
+  return t.narrow(0, 0, numel).view(sizes);
 }
 
 // Storage for the columns of up to `chunk` samples. Wide: (rows, chunk, L)
@@ -53,10 +89,10 @@ int64_t samples_per_chunk(int64_t batch, int64_t bytes_per_sample) {
 struct ColumnBuffer {
   at::Tensor data;
   bool wide;
-  ColumnBuffer(int64_t chunk, int64_t rows, int64_t positions, bool wide_,
+  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions, bool wide_,
                const at::TensorOptions& options)
-      : data(wide_ ? at::empty({rows, chunk, positions}, options)
-                   : at::empty({chunk, rows, positions}, options)),
+      : data(wide_ ? scratch(slot, {rows, chunk, positions}, options)
+                   : scratch(slot, {chunk, rows, positions}, options)),
         wide(wide_) {}
   // (b, rows, L), what im2col writes and col2im reads.
   at::Tensor samples(int64_t b) const {
@@ -67,6 +103,50 @@ struct ColumnBuffer {
     return data.narrow(1, 0, b).view({data.size(0), b * data.size(2)});
   }
 };
+
+// How a convolution's columns are produced and consumed.
+struct ColumnPlan {
+  bool wide;      // one GEMM over the chunk's samples side by side
+  bool direct;    // a 1x1, stride-1, unpadded kernel: the input is its own column matrix
+  int64_t chunk;  // samples per column buffer
+  int64_t band;   // window rows per im2col: all of them, unless one sample exceeds the budget
+};
+
+ColumnPlan plan_columns(int64_t batch, int64_t rows, const int64_t* windows, int64_t element_size,
+                        bool pointwise) {
+  ColumnPlan plan{};
+  const int64_t positions = windows[0] * windows[1];
+  plan.wide = use_wide(batch, positions);
+  // With a wide GEMM the columns must be laid side by side anyway, so even a
+  // 1x1 kernel goes through im2col (which is then a plain copy).
+  plan.direct = !plan.wide && pointwise;
+  const int64_t per_sample = plan.direct ? 0 : rows * positions * element_size;
+  plan.chunk = samples_per_chunk(batch, per_sample);
+  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes());
+  plan.band = windows[0];
+  if (!plan.wide && !plan.direct && per_sample > budget) {
+    plan.band = std::clamp<int64_t>(budget / (rows * windows[1] * element_size), 1, windows[0]);
+  }
+  return plan;
+}
+
+// im2col of the window rows [oh0, oh0 + count) into cols (b, rows, count*OW):
+// the same columns, read from just the image rows they tap, with whatever
+// padding remains above them (the relation only ever uses the low padding;
+// the high side is implied by the explicit window count).
+void im2col_band(const at::Tensor& image, const at::Tensor& cols, Window<2> w, int64_t oh0,
+                 int64_t count) {
+  const int64_t top = oh0 * w.stride[0] - w.padding[0];  // first image row tapped, maybe < 0
+  const int64_t end = (oh0 + count - 1) * w.stride[0] - w.padding[0] +
+                      w.dilation[0] * (w.kernel[0] - 1) + 1;  // one past the last row tapped
+  const int64_t r0 = std::clamp<int64_t>(top, 0, w.image[0]);
+  const int64_t r1 = std::clamp<int64_t>(end, r0, w.image[0]);
+  w.batch = cols.size(0);
+  w.padding[0] = r0 - top;
+  w.image[0] = r1 - r0;
+  w.windows[0] = count;
+  im2col_into(image.narrow(2, r0, r1 - r0), cols, w);
+}
 
 // (b, C, L) -> (C, b*L): the samples of `t` side by side, in `buf`.
 at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
@@ -163,36 +243,36 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   const int64_t K = C_in * kernel[0] * kernel[1];
   const at::Tensor w3 = weight.reshape({G, C_out / G, K / G});
   const at::Tensor b3 = group_bias(bias, G);
-  const bool wide = use_wide(N, L);
-  // A 1x1, stride-1, unpadded convolution reads each pixel once: its input
-  // already is the column matrix, so im2col is skipped.
-  const bool direct = !wide && kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
-                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
-  const at::Tensor x = direct ? input.contiguous() : input;
-  const int64_t chunk = samples_per_chunk(N, direct ? 0 : K * L * input.element_size());
-  const ColumnBuffer cols(direct ? 0 : chunk, K, L, wide, input.options());
+  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
+                         stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
+  const ColumnPlan plan = plan_columns(N, K, windows, input.element_size(), pointwise);
+  const int64_t chunk = plan.chunk, OW = windows[1];
+  const at::Tensor x = plan.direct ? input.contiguous() : input;
+  const ColumnBuffer cols(0, plan.direct ? 0 : chunk, K, plan.band * OW, plan.wide, input.options());
   const at::Tensor wide_out =
-      wide ? at::empty({G, C_out / G, chunk * L}, input.options()) : at::Tensor();
+      plan.wide ? scratch(1, {G, C_out / G, chunk * L}, input.options()) : at::Tensor();
+  const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
+                                      padding, dilation);
 
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t b = std::min(chunk, N - n0);
     const at::Tensor xc = x.narrow(0, n0, b);
     const at::Tensor yc = out.narrow(0, n0, b).view({b, C_out, L});
-    if (!direct) {
-      im2col_into(xc, cols.samples(b),
-                  make_window(b, C_in, input.sizes().slice(2), windows, kernel, stride, padding,
-                              dilation));
-    }
-    if (wide) {
+    if (plan.wide) {
+      im2col_band(xc, cols.samples(b), whole, 0, windows[0]);
       const at::Tensor y = wide_out.narrow(2, 0, b * L);
       group_gemm(y, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
       yc.copy_(y.view({C_out, b, L}).permute({1, 0, 2}));
       continue;
     }
-    const at::Tensor samples = direct ? xc.reshape({b, K, L}) : cols.samples(b);
-    for (int64_t i = 0; i < b; ++i) {
-      group_gemm(yc.select(0, i).view({G, C_out / G, L}), w3,
-                 samples.select(0, i).view({G, K / G, L}), b3);
+    for (int64_t oh0 = 0; oh0 < windows[0]; oh0 += plan.band) {
+      const int64_t n = std::min(plan.band, windows[0] - oh0) * OW;
+      const at::Tensor samples = plan.direct ? xc.reshape({b, K, L}) : cols.samples(b).narrow(2, 0, n);
+      if (!plan.direct) im2col_band(xc, samples, whole, oh0, n / OW);
+      for (int64_t i = 0; i < b; ++i) {
+        group_gemm(yc.select(0, i).narrow(1, oh0 * OW, n).view({G, C_out / G, n}), w3,
+                   samples.select(0, i).view({G, K / G, n}), b3);
+      }
     }
   }
   return out;
@@ -254,8 +334,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
 
   const bool wide = use_wide(N, L);
   const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
-  const ColumnBuffer cols(chunk, K, L, wide, input.options());
-  const ColumnBuffer wide_x(wide ? chunk : 0, C_in, L, true, input.options());
+  const ColumnBuffer cols(0, chunk, K, L, wide, input.options());
+  const ColumnBuffer wide_x(1, wide ? chunk : 0, C_in, L, true, input.options());
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
   const int64_t input_windows[2] = {input.size(2), input.size(3)};
 
@@ -316,33 +396,35 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
   if (N == 0 || L == 0) return grad_weight.view(weight_size);
 
   const at::Tensor dy = grad_output.contiguous();
-  const bool wide = use_wide(N, L);
-  const bool direct = !wide && kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
-                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0 &&
-                      windows[0] == input.size(2) && windows[1] == input.size(3);
-  const at::Tensor x = direct ? input.contiguous() : input;
-  const int64_t chunk = samples_per_chunk(N, direct ? 0 : K * L * input.element_size());
-  const ColumnBuffer cols(direct ? 0 : chunk, K, L, wide, input.options());
-  const ColumnBuffer wide_dy(wide ? chunk : 0, C_out, L, true, input.options());
+  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
+                         padding[0] == 0 && padding[1] == 0 && windows[0] == input.size(2) &&
+                         windows[1] == input.size(3);
+  const ColumnPlan plan = plan_columns(N, K, windows, input.element_size(), pointwise);
+  const int64_t chunk = plan.chunk, OW = windows[1];
+  const at::Tensor x = plan.direct ? input.contiguous() : input;
+  const ColumnBuffer cols(0, plan.direct ? 0 : chunk, K, plan.band * OW, plan.wide, input.options());
+  const ColumnBuffer wide_dy(1, plan.wide ? chunk : 0, C_out, L, true, input.options());
+  const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
+                                      padding, dilation);
 
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t b = std::min(chunk, N - n0);
     const at::Tensor xc = x.narrow(0, n0, b);
     const at::Tensor dyc = dy.narrow(0, n0, b).view({b, C_out, L});
-    if (!direct) {
-      im2col_into(xc, cols.samples(b),
-                  make_window(b, C_in, input.sizes().slice(2), windows, kernel, stride, padding,
-                              dilation));
-    }
-    if (wide) {
+    if (plan.wide) {
+      im2col_band(xc, cols.samples(b), whole, 0, windows[0]);
       group_gemm(grad_weight, side_by_side(dyc, wide_dy).view({G, C_out / G, b * L}),
                  cols.matrix(b).view({G, K / G, b * L}).transpose(1, 2), at::Tensor(), true);
       continue;
     }
-    const at::Tensor samples = direct ? xc.reshape({b, K, L}) : cols.samples(b);
-    for (int64_t i = 0; i < b; ++i) {
-      group_gemm(grad_weight, dyc.select(0, i).view({G, C_out / G, L}),
-                 samples.select(0, i).view({G, K / G, L}).transpose(1, 2), at::Tensor(), true);
+    for (int64_t oh0 = 0; oh0 < windows[0]; oh0 += plan.band) {
+      const int64_t n = std::min(plan.band, windows[0] - oh0) * OW;
+      const at::Tensor samples = plan.direct ? xc.reshape({b, K, L}) : cols.samples(b).narrow(2, 0, n);
+      if (!plan.direct) im2col_band(xc, samples, whole, oh0, n / OW);
+      for (int64_t i = 0; i < b; ++i) {
+        group_gemm(grad_weight, dyc.select(0, i).narrow(1, oh0 * OW, n).view({G, C_out / G, n}),
+                   samples.select(0, i).view({G, K / G, n}).transpose(1, 2), at::Tensor(), true);
+      }
     }
   }
   return grad_weight.view(weight_size);
