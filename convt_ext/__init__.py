@@ -14,6 +14,8 @@ from ._version import __version__
 from . import _C
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from .functional import col2im, conv2d, conv2d_weight, conv_transpose2d, im2col
+from .matrix import EquivalentConv2d, conv_matrix, conv_transpose2d_as_conv2d, equivalent_conv2d, im2col_matrix, output_padding_for
+from . import nn
 
 __all__ = [
     "__version__",
@@ -25,6 +27,12 @@ __all__ = [
     "im2col",
     "set_workspace_limit",
     "workspace_limit",
+    "EquivalentConv2d",
+    "conv_matrix",
+    "conv_transpose2d_as_conv2d",
+    "equivalent_conv2d",
+    "im2col_matrix",
+    "output_padding_for",
 ]
 
 WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"

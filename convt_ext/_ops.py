@@ -11,6 +11,7 @@ convt_ext op, so double backward works and the duality is plain to see.
     conv2d_weight      conv_transpose2d (wrt input)      conv2d (wrt grad_output)
 """
 import torch
+import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 
@@ -165,11 +166,18 @@ def _conv2d_weight_backward(ctx, grad):
     stride, padding, dilation, groups = ctx.args
     grad_input = grad_grad_output = None
     if ctx.needs_input_grad[0]:
+        # dy may cover fewer windows than x has (the weight gradient of a transposed
+        # convolution with output_padding >= stride). The missing windows contribute
+        # nothing, so give them zeros: then the output_padding that restores x's size
+        # is the natural one, below the stride.
+        natural = _windows(input.shape[2:], grad.shape[2:], stride, padding, dilation)
+        short = [natural[i] - grad_output.shape[2 + i] for i in range(2)]
+        dy = F.pad(grad_output, (0, short[1], 0, short[0])) if any(short) else grad_output
         output_padding = [
-            output_padding_to_reach(grad_output.shape[2 + i], input.shape[2 + i], grad.shape[2 + i], stride[i], padding[i], dilation[i])
+            output_padding_to_reach(natural[i], input.shape[2 + i], grad.shape[2 + i], stride[i], padding[i], dilation[i])
             for i in range(2)
         ]
-        grad_input = ops.conv_transpose2d(grad_output, grad, None, stride, padding, output_padding, groups, dilation)
+        grad_input = ops.conv_transpose2d(dy, grad, None, stride, padding, output_padding, groups, dilation)
     if ctx.needs_input_grad[1]:
         grad_grad_output = _crop_to(ops.conv2d(input, grad, None, stride, padding, dilation, groups), grad_output)
     return grad_input, grad_grad_output, None, None, None, None, None

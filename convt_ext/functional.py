@@ -70,6 +70,11 @@ def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     )
 
 
+def _check_bias(bias, op):
+    if bias is not None:
+        _check_tensor(bias, "bias", op)
+
+
 def _batched(input, op, name="input"):
     """(input as 4-d, whether it was unbatched)."""
     _check_tensor(input, name, op)
@@ -102,6 +107,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     op = "conv2d"
     x, unbatched = _batched(input, op)
     _check_tensor(weight, "weight", op)
+    _check_bias(bias, op)
     stride = _pair(stride, "stride", op)
     dilation = _pair(dilation, "dilation", op)
     groups = _int(groups, "groups", op)
@@ -133,6 +139,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     op = "conv_transpose2d"
     x, unbatched = _batched(input, op)
     _check_tensor(weight, "weight", op)
+    _check_bias(bias, op)
     out = ops.conv_transpose2d(
         x,
         weight,
@@ -152,10 +159,12 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     op = "conv2d_weight"
     x, unbatched = _batched(input, op)
     dy, _ = _batched(grad_output, op, "grad_output")
+    if not isinstance(weight_size, (tuple, list, torch.Size)):
+        raise TypeError(f"{op}: weight_size must be a sequence of 4 ints, but got weight_size={weight_size!r}")
     return ops.conv2d_weight(
         x,
         dy,
-        list(weight_size),
+        [_int(v, "weight_size", op) for v in weight_size],
         _pair(stride, "stride", op),
         _pair(padding, "padding", op),
         _pair(dilation, "dilation", op),

@@ -21,6 +21,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <array>
@@ -78,6 +79,9 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opt
   at::Tensor& t = kept[slot];
   if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
     t = at::Tensor();  // release the old buffer before taking a larger one
+    // A normal tensor even under torch.inference_mode(): an inference tensor
+    // kept here would refuse the in-place writes of later, normal-mode calls.
+    c10::InferenceMode normal_mode(false);
     t = at::empty({numel}, options);
   }
   return t.narrow(0, 0, numel).view(sizes);

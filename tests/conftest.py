@@ -1,0 +1,127 @@
+"""Shared fixtures and helpers for the convt_ext test suite.
+
+Every expected value in this suite comes from torch.nn.functional (or
+torch.nn.grad / plain tensor indexing), never from convt_ext itself.
+
+Markers:
+    cuda  -- needs a CUDA device; skipped when torch.cuda.is_available() is False
+    slow  -- long-running (tens of seconds) but still run by default
+"""
+import hashlib
+import random
+
+import pytest
+import torch
+
+import convt_ext
+
+# Use together with @pytest.mark.cuda on every CUDA test.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# The default workspace limit as this process started, before any test changed it.
+DEFAULT_WORKSPACE_LIMIT = convt_ext.workspace_limit()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped when none is available)")
+    config.addinivalue_line("markers", "slow: long-running test (still run by default)")
+
+
+def _seed_from(text):
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF
+
+
+@pytest.fixture
+def rng(request):
+    """A torch.Generator seeded from the test's node id: deterministic per test,
+    different across tests. Also seeds the global torch RNG the same way."""
+    seed = _seed_from(request.node.nodeid)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    return gen
+
+
+@pytest.fixture
+def pyrng(request):
+    """A random.Random seeded from the test's node id (for drawing geometries)."""
+    return random.Random(_seed_from(request.node.nodeid))
+
+
+@pytest.fixture
+def restore_workspace_limit():
+    """Lets a test change convt_ext's workspace limit; puts the old one back."""
+    old = convt_ext.workspace_limit()
+    try:
+        yield old
+    finally:
+        convt_ext.set_workspace_limit(old)
+
+
+def randn(shape, gen, dtype=torch.float64, device="cpu"):
+    """Standard normal values from `gen` (always drawn on the CPU in float64 so
+    that every device and dtype sees the same numbers)."""
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "channels_last", "offset")
+
+
+def make_tensor(shape, gen, layout="contiguous", dtype=torch.float64, device="cpu"):
+    """A random tensor of `shape` with a given memory layout:
+
+    contiguous    -- plain row-major
+    transposed    -- the last two dims swapped in memory (a .transpose view)
+    sliced        -- every other element of a larger tensor in each of the last
+                     two dims (and in the batch dim for 4-d), offset by one
+    channels_last -- dim -3 is the fastest-moving one (4-d: torch.channels_last)
+    offset        -- contiguous but with a non-zero storage offset
+
+    Tensors with fewer than 2 dims are returned contiguous for every layout
+    except "offset"."""
+    shape = tuple(shape)
+    nd = len(shape)
+    if layout == "contiguous" or (nd < 2 and layout != "offset"):
+        out = randn(shape, gen, dtype, device)
+    elif layout == "transposed":
+        base = randn(shape[:-2] + (shape[-1], shape[-2]), gen, dtype, device)
+        out = base.transpose(-1, -2)
+    elif layout == "sliced":
+        big = list(shape)
+        big[-1] = 2 * shape[-1] + 1
+        big[-2] = 2 * shape[-2] + 1
+        index = [slice(None)] * nd
+        index[-1] = slice(1, None, 2)
+        index[-2] = slice(1, None, 2)
+        if nd == 4:
+            big[0] = 2 * shape[0]
+            index[0] = slice(None, None, 2)
+        base = randn(big, gen, dtype, device)
+        out = base[tuple(index)]
+    elif layout == "channels_last":
+        if nd == 4:
+            out = randn(shape, gen, dtype, device).contiguous(memory_format=torch.channels_last)
+        elif nd >= 3:
+            perm_shape = shape[:-3] + (shape[-2], shape[-1], shape[-3])
+            base = randn(perm_shape, gen, dtype, device)
+            dims = list(range(nd - 3)) + [nd - 1, nd - 3, nd - 2]
+            out = base.permute(*dims)
+        else:
+            out = randn(shape[::-1], gen, dtype, device).t()
+    elif layout == "offset":
+        numel = 1
+        for s in shape:
+            numel *= s
+        flat = randn((numel + 5,), gen, dtype, device)
+        out = flat[5:].view(shape)
+    else:
+        raise ValueError(layout)
+    assert out.shape == shape
+    if layout == "offset":
+        assert out.storage_offset() == 5
+    return out
+
+
+def assert_unchanged(before, after):
+    """Same dtype, shape and values, bit for bit."""
+    assert after.dtype == before.dtype and after.shape == before.shape
+    assert torch.equal(after, before)

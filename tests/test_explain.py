@@ -1,0 +1,161 @@
+"""python -m convt_ext.explain: it runs, every claim holds (and would show ✗
+if it did not), flags choose the geometry, bad flags are refused."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convt_ext
+from convt_ext import explain
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(convt_ext.__file__)))
+
+
+def run_explain(*flags, encoding="utf-8", cwd=None):
+    """Runs the walk-through in a fresh interpreter, importing the same
+    convt_ext as this test session."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONIOENCODING"] = encoding
+    return subprocess.run(
+        [sys.executable, "-m", "convt_ext.explain", *flags],
+        capture_output=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_runs_and_every_claim_holds(tmp_path):
+    proc = run_explain(cwd=tmp_path)
+    out = proc.stdout.decode("utf-8")
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "✗" not in out
+    assert out.count("✓") >= 20
+    for text in ("x1.grad", "Cᵀ·ones", "Cᵀ·y1", "rot180(w)", "zero(s) inserted", "output_padding", "groups 2", "Summary"):
+        assert text in out, text
+    # Headed sections and aligned matrices.
+    assert "\n═══" in out
+    assert "    [  1  2  3  4 ]\n    [  5  6  7  8 ]" in out
+
+
+def test_flags_choose_the_geometry(tmp_path):
+    flags = ["--kernel", "3", "--stride", "3", "--padding", "1", "--dilation", "2", "--size", "7", "--seed", "5"]
+    proc = run_explain(*flags, cwd=tmp_path)
+    out = proc.stdout.decode("utf-8")
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "✗" not in out and "✓" in out
+    assert "2. Stride 3" in out and "Dilation 2" in out
+
+
+def test_ascii_fallback(tmp_path):
+    proc = run_explain(encoding="ascii", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode("ascii")  # raises if anything non-ASCII got through
+    assert "[ok]" in out and "[FAIL]" not in out
+    assert "C^T*ones" in out
+
+
+@pytest.mark.parametrize(
+    "flags, mentions",
+    [
+        (["--stride", "0"], "--stride"),
+        (["--kernel", "abc"], "--kernel"),
+        (["--padding", "-1"], "--padding"),
+        (["--dilation", "0"], "--dilation"),
+        (["--size", "2", "--kernel", "5"], "--size"),
+        (["--wrong"], "unrecognized"),
+    ],
+)
+def test_bad_flags_are_refused(flags, mentions, capsys):
+    with pytest.raises(SystemExit) as info:
+        explain.main(flags)
+    assert info.value.code != 0
+    captured = capsys.readouterr()
+    assert "error" in captured.err and mentions in captured.err
+    assert captured.out == ""
+
+
+def test_bad_flags_exit_nonzero_with_a_message(tmp_path):
+    proc = run_explain("--stride", "0", cwd=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "error" in err and "--stride" in err
+    assert proc.stdout == b""
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(),
+        dict(kernel=3, stride=3, padding=1, dilation=2, size=7),
+        dict(kernel=2, stride=1, padding=0, dilation=3, size=7),
+        dict(kernel=1, stride=2, padding=2, dilation=1, size=3),
+        dict(kernel=4, stride=2, padding=3, dilation=1, size=1),
+        dict(kernel=3, stride=1, padding=1, dilation=1, size=5),
+        dict(kernel=5, stride=4, padding=0, dilation=2, size=12, seed=3),
+    ],
+)
+def test_claims_all_hold(geometry):
+    claims = explain.check_claims(**geometry)
+    assert len(claims) >= 20
+    assert all(isinstance(text, str) and isinstance(holds, bool) for text, holds in claims)
+    assert [text for text, holds in claims if not holds] == []
+
+
+def test_claims_include_the_expected_differences():
+    texts = [text for text, _ in explain.check_claims()]
+    assert "Cᵀ·y1 ≠ x1.grad" in texts
+    assert any(t.startswith("x1.grad = Cᵀ·ones") for t in texts)
+    assert any(t.startswith("conv_transpose2d(y1, w1) ≠ conv2d(y1, w1, padding=2)") for t in texts)
+    assert any("rot180" in t for t in texts)
+    assert any(t.startswith("C·Cᵀ ≠ I") for t in texts)
+
+
+def test_claims_are_computed_and_can_fail(monkeypatch, capsys):
+    """Break one library function: its claims turn ✗ and main exits 1."""
+    real = explain.conv_transpose2d_as_conv2d
+    monkeypatch.setattr(explain, "conv_transpose2d_as_conv2d", lambda *a, **k: real(*a, **k) + 1)
+    failed = [text for text, holds in explain.check_claims() if not holds]
+    assert any("conv_transpose2d_as_conv2d" in t for t in failed)
+    assert explain.main([]) == 1
+    assert "✗" in capsys.readouterr().out
+
+
+def test_an_expected_difference_can_fail(monkeypatch):
+    """If conv2d did rotate the kernel, "conv_transpose2d(y1, w1) ≠ conv2d(y1,
+    w1, padding=2)" would be ✗."""
+    real = explain.F.conv2d
+
+    class Flipping:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def conv2d(input, weight, *args, **kwargs):
+            if kwargs.get("padding") == 2:
+                weight = weight.flip(-2, -1)
+            return real(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "F", Flipping())
+    failed = [text for text, holds in explain.check_claims() if not holds]
+    assert any(t.startswith("conv_transpose2d(y1, w1) ≠ conv2d(y1, w1, padding=2)") for t in failed)
+
+
+def test_main_in_process(capsys):
+    assert explain.main(["--size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "✗" not in out and "claims hold" in out
+
+
+def test_format_matrix_aligns_columns():
+    text = explain.format_matrix(torch.tensor([[1.0, -20.0], [300.0, 4.0]]), indent="")
+    rows = text.split("\n")
+    assert rows == ["[   1 -20 ]", "[ 300   4 ]"]
+    text = explain.format_matrix(torch.tensor([[0.5, 0.0], [-0.0001, 12.25]]), zero=".", indent="")
+    assert text.split("\n") == ["[  0.50     . ]", "[  0.00 12.25 ]"]
+    assert explain.format_matrix(torch.tensor([1.0, 2.0]), indent="") == "[ 1 2 ]"
+    with pytest.raises(ValueError):
+        explain.format_matrix(torch.zeros(2, 2, 2))

@@ -1,0 +1,570 @@
+"""convt_ext.nn.Conv2d / ConvTranspose2d: drop-in parity with torch.nn (outputs and every
+gradient), output_size, state_dict both ways, repr, from_torch, argument validation and
+torch.compile(fullgraph=True), eager and dynamic.
+
+Every expected value comes from the torch.nn module with the same parameters (or from eager
+mode, for the compiled runs), never from convt_ext's own output."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import convt_ext
+from convt_ext import nn as cnn
+
+# torch.nn's own reference modules warn about 'same' padding with even kernels.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+
+DT = torch.float64
+ATOL = 1e-10
+RTOL = 1e-10
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+def build_pair(torch_cls, our_cls, args, kwargs, via, seed=0):
+    """A seeded torch module and ours with its parameters, copied through from_torch or
+    load_state_dict(strict=True)."""
+    torch.manual_seed(seed)
+    ref = torch_cls(*args, **kwargs, dtype=DT)
+    if via == "from_torch":
+        ours = our_cls.from_torch(ref)
+    else:
+        ours = our_cls(*args, **kwargs, dtype=DT)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+    assert type(ours) is our_cls
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+    return ours, ref
+
+
+def run_and_grads(module, x, upstream, **fwd):
+    """Output and the gradients of <module(x), upstream> wrt x and every parameter."""
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x, **fwd)
+    params = [p for _, p in module.named_parameters()]
+    got = torch.autograd.grad(out, [x] + params, upstream)
+    return out.detach(), got
+
+
+def check_parity(ours, ref, input_shape, seed=1, **fwd):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(input_shape, generator=gen, dtype=DT)
+    out_ref = ref(x, **fwd)
+    upstream = torch.randn(out_ref.shape, generator=gen, dtype=DT)
+    expected, expected_grads = run_and_grads(ref, x, upstream, **fwd)
+    got, got_grads = run_and_grads(ours, x, upstream, **fwd)
+    assert got.shape == expected.shape
+    close(got, expected)
+    assert len(got_grads) == len(expected_grads)
+    for g, e in zip(got_grads, expected_grads):
+        close(g, e)
+    return got
+
+
+class OpLog(TorchDispatchMode):
+    """Records the ops that reach the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------ Conv2d parity
+
+# (in, out, kernel_size, kwargs, input shape)
+CONV_CASES = [
+    (3, 4, 3, {}, (2, 3, 7, 8)),
+    (3, 5, 3, dict(stride=2, padding=1), (2, 3, 9, 8)),
+    (2, 3, (3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (2, 2, 9, 10)),
+    (4, 6, 3, dict(groups=2, padding=2, dilation=2), (2, 4, 8, 7)),
+    (4, 8, 3, dict(groups=4, stride=(1, 2)), (1, 4, 6, 9)),
+    (3, 4, 2, dict(stride=3, padding=1, bias=False), (2, 3, 10, 11)),
+    (3, 4, 4, dict(padding="same"), (2, 3, 7, 6)),
+    (3, 4, (4, 3), dict(padding="same", dilation=(1, 2)), (2, 3, 8, 9)),
+    (4, 4, 3, dict(padding="same", groups=2, bias=False), (2, 4, 5, 5)),
+    (3, 4, 3, dict(padding="valid", stride=2), (2, 3, 8, 9)),
+    (3, 4, 3, dict(padding="valid"), (3, 7, 8)),  # unbatched
+    (3, 4, 3, dict(stride=2, padding=1), (3, 9, 8)),  # unbatched
+    (3, 4, 4, dict(padding="same"), (3, 6, 7)),  # unbatched, asymmetric 'same'
+]
+
+PAD_MODE_CASES = [
+    (3, 4, 3, dict(padding=1), (2, 3, 7, 8)),
+    (3, 4, 3, dict(padding=(2, 1), stride=2), (2, 3, 7, 8)),
+    (4, 6, 3, dict(padding=(1, 2), dilation=(2, 1), groups=2, bias=False), (2, 4, 8, 7)),
+    (3, 4, 3, dict(padding="same"), (2, 3, 6, 7)),
+    (3, 4, 4, dict(padding="same"), (2, 3, 6, 7)),  # asymmetric: torch pads the high side more
+    (3, 4, (2, 4), dict(padding="same", dilation=(3, 1)), (2, 3, 8, 7)),
+    (3, 4, 3, dict(padding="valid"), (2, 3, 6, 7)),
+    (3, 4, 3, dict(padding=1), (3, 6, 7)),  # unbatched
+    (3, 4, 4, dict(padding="same"), (3, 6, 7)),  # unbatched, asymmetric
+]
+
+
+def _case_id(case):
+    cin, cout, k, kw, shape = case
+    return f"{cin}-{cout}-k{k}-" + ",".join(f"{a}={b}" for a, b in kw.items()) + f"-x{list(shape)}"
+
+
+@pytest.mark.parametrize("via", ["from_torch", "load_state_dict"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=_case_id)
+def test_conv2d_parity(case, via):
+    cin, cout, k, kw, shape = case
+    ours, ref = build_pair(torch.nn.Conv2d, cnn.Conv2d, (cin, cout, k), kw, via)
+    check_parity(ours, ref, shape)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("case", PAD_MODE_CASES, ids=_case_id)
+def test_conv2d_padding_modes(case, padding_mode):
+    cin, cout, k, kw, shape = case
+    via = "from_torch" if padding_mode in ("zeros", "reflect") else "load_state_dict"
+    ours, ref = build_pair(torch.nn.Conv2d, cnn.Conv2d, (cin, cout, k), dict(kw, padding_mode=padding_mode), via)
+    assert ours.padding_mode == padding_mode
+    check_parity(ours, ref, shape)
+
+
+def test_padding_mode_matters():
+    """The padding-mode parity tests can fail: the four modes give four different results."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 6, dtype=DT)
+    outs = []
+    for mode in ["zeros", "reflect", "replicate", "circular"]:
+        torch.manual_seed(0)
+        outs.append(cnn.Conv2d(2, 3, 3, padding=1, padding_mode=mode, dtype=DT)(x))
+    for i in range(4):
+        for j in range(i):
+            assert not torch.allclose(outs[i], outs[j])
+
+
+# ------------------------------------------------------------------ ConvTranspose2d parity
+
+TCONV_CASES = [
+    (3, 4, 3, {}, (2, 3, 5, 6)),
+    (3, 5, 4, dict(stride=2, padding=1), (2, 3, 5, 4)),
+    (3, 4, 3, dict(stride=2, padding=1, output_padding=1), (2, 3, 5, 6)),
+    (2, 3, (3, 2), dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2)), (2, 2, 4, 5)),
+    (4, 6, 3, dict(groups=2, dilation=2, padding=1), (2, 4, 5, 4)),
+    (4, 4, 3, dict(groups=4, stride=2, bias=False), (1, 4, 4, 5)),
+    # output_padding >= stride but < dilation (allowed by torch)
+    (3, 4, 3, dict(dilation=2, output_padding=1), (2, 3, 4, 5)),
+    (2, 4, (2, 3), dict(stride=(1, 3), dilation=(3, 1), padding=(2, 1), output_padding=(2, 1), groups=2), (2, 2, 5, 4)),
+    (3, 4, 4, dict(stride=2, padding=1, bias=False), (3, 5, 6)),  # unbatched
+    (3, 4, 3, dict(stride=2, output_padding=1, dilation=2), (3, 4, 5)),  # unbatched
+]
+
+
+@pytest.mark.parametrize("via", ["from_torch", "load_state_dict"])
+@pytest.mark.parametrize("case", TCONV_CASES, ids=_case_id)
+def test_conv_transpose2d_parity(case, via):
+    cin, cout, k, kw, shape = case
+    ours, ref = build_pair(torch.nn.ConvTranspose2d, cnn.ConvTranspose2d, (cin, cout, k), kw, via)
+    check_parity(ours, ref, shape)
+
+
+@pytest.mark.parametrize("cls", [cnn.Conv2d, cnn.ConvTranspose2d])
+def test_forward_uses_convt_ext_ops(cls):
+    """The modules compute with torch.ops.convt_ext, not aten's convolution."""
+    m = cls(2, 3, 3, stride=2, dtype=DT)
+    x = torch.randn(1, 2, 6, 6, dtype=DT, requires_grad=True)
+    with OpLog() as log:
+        m(x).sum().backward()
+    want = "convt_ext.conv2d" if cls is cnn.Conv2d else "convt_ext.conv_transpose2d"
+    assert want in log.ops, log.ops
+    assert "convt_ext.conv2d_weight" in log.ops, log.ops
+    assert not any("convolution" in op for op in log.ops), log.ops
+
+
+def test_same_seed_same_initialisation():
+    """Constructed directly (no copying), the modules draw the same parameters as torch's."""
+    for torch_cls, our_cls, kw in [
+        (torch.nn.Conv2d, cnn.Conv2d, dict(stride=2, groups=2, padding_mode="reflect", padding=1)),
+        (torch.nn.ConvTranspose2d, cnn.ConvTranspose2d, dict(stride=2, groups=2, output_padding=1)),
+    ]:
+        torch.manual_seed(123)
+        ref = torch_cls(4, 6, (3, 2), **kw, dtype=DT)
+        torch.manual_seed(123)
+        ours = our_cls(4, 6, (3, 2), **kw, dtype=DT)
+        sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+        assert list(sd_ours) == list(sd_ref) == ["weight", "bias"]
+        for key in sd_ref:
+            assert torch.equal(sd_ours[key], sd_ref[key])
+        x = torch.randn(2, 4, 6, 5, dtype=DT)
+        close(ours(x), ref(x))
+
+
+def test_gradcheck_small():
+    """Double precision finite differences through both modules, second order too."""
+    torch.manual_seed(0)
+    conv = cnn.Conv2d(1, 2, 2, stride=2, padding=1, padding_mode="circular", dtype=DT)
+    up = cnn.ConvTranspose2d(2, 1, 2, stride=2, padding=1, output_padding=1, dtype=DT)
+    x = torch.randn(1, 1, 4, 3, dtype=DT, requires_grad=True)
+    fn = lambda x, w1, b1, w2, b2: torch.func.functional_call(  # noqa: E731
+        torch.nn.Sequential(conv, torch.nn.Tanh(), up),
+        {"0.weight": w1, "0.bias": b1, "2.weight": w2, "2.bias": b2},
+        (x,),
+    )
+    inputs = (x,) + tuple(p.detach().clone().requires_grad_(True) for p in (conv.weight, conv.bias, up.weight, up.bias))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+# ------------------------------------------------------------------ output_size
+
+
+def _tconv_pair(**kw):
+    return build_pair(torch.nn.ConvTranspose2d, cnn.ConvTranspose2d, (4, 6, 3), kw, "from_torch")
+
+
+@pytest.mark.parametrize(
+    "kw, shape, output_size",
+    [
+        (dict(stride=2, padding=1), (2, 4, 5, 6), [9, 11]),  # the smallest sizes
+        (dict(stride=2, padding=1), (2, 4, 5, 6), [10, 12]),  # the largest
+        (dict(stride=2, padding=1), (2, 4, 5, 6), [10, 11]),
+        (dict(stride=2, padding=1), (2, 4, 5, 6), [2, 6, 10, 12]),  # with batch and channels
+        (dict(stride=2, padding=1), (2, 4, 5, 6), torch.Size([2, 6, 9, 12])),
+        (dict(stride=2, padding=1), (2, 4, 5, 6), (10, 12)),
+        (dict(stride=(3, 2), dilation=2, groups=2), (2, 4, 4, 5), [14, 13]),
+        (dict(stride=(3, 2), dilation=2, groups=2), (2, 4, 4, 5), [2, 6, 16, 14]),
+        (dict(stride=(3, 2), padding=1, output_padding=(1, 0)), (2, 4, 4, 5), [10, 10]),  # output_size wins
+        (dict(stride=2, padding=1), (4, 5, 6), [10, 11]),  # unbatched
+        (dict(stride=2, padding=1), (4, 5, 6), [6, 9, 12]),  # unbatched, with channels
+    ],
+)
+def test_conv_transpose2d_output_size(kw, shape, output_size):
+    ours, ref = _tconv_pair(**kw)
+    out = check_parity(ours, ref, shape, output_size=output_size)
+    assert list(out.shape[-2:]) == list(output_size)[-2:]
+
+
+@pytest.mark.parametrize(
+    "shape, output_size",
+    [
+        ((2, 4, 5, 6), [8, 11]),  # too small
+        ((2, 4, 5, 6), [10, 13]),  # too large
+        ((2, 4, 5, 6), [10]),  # one element
+        ((2, 4, 5, 6), [6, 10, 12]),  # three elements for a batched input
+        ((2, 4, 5, 6), [1, 2, 6, 10, 12]),
+        ((4, 5, 6), [2, 6, 10, 12]),  # four elements for an unbatched input
+    ],
+)
+def test_conv_transpose2d_invalid_output_size(shape, output_size):
+    ours, ref = _tconv_pair(stride=2, padding=1)
+    x = torch.randn(shape, dtype=DT)
+    with pytest.raises(ValueError) as expected:
+        ref(x, output_size=output_size)
+    with pytest.raises(ValueError) as got:
+        ours(x, output_size=output_size)
+    assert str(got.value) == str(expected.value)
+
+
+# ------------------------------------------------------------------ state_dict, repr, from_torch
+
+MODULE_CONFIGS = [
+    (torch.nn.Conv2d, cnn.Conv2d, (3, 6, 3), dict(stride=2, padding=1, groups=3)),
+    (torch.nn.Conv2d, cnn.Conv2d, (3, 4, (2, 3)), dict(padding="same", padding_mode="replicate", bias=False)),
+    (torch.nn.ConvTranspose2d, cnn.ConvTranspose2d, (4, 6, 4), dict(stride=2, padding=1, dilation=2, output_padding=1)),
+    (torch.nn.ConvTranspose2d, cnn.ConvTranspose2d, (4, 2, 3), dict(groups=2, bias=False)),
+]
+CONFIG_IDS = ["conv", "conv-same-replicate-nobias", "tconv", "tconv-groups-nobias"]
+
+
+@pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
+def test_state_dict_round_trip(torch_cls, our_cls, args, kw):
+    torch.manual_seed(1)
+    ref = torch_cls(*args, **kw, dtype=DT)
+    torch.manual_seed(2)  # different parameters, so loading has something to do
+    ours = our_cls(*args, **kw, dtype=DT)
+    x = torch.randn(2, args[0], 6, 7, dtype=DT)
+
+    # torch -> ours
+    assert not torch.equal(ours.weight, ref.weight)
+    result = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    close(ours(x), ref(x))
+
+    # ours -> torch
+    torch.manual_seed(3)
+    ours2 = our_cls(*args, **kw, dtype=DT)
+    fresh = torch_cls(*args, **kw, dtype=DT)
+    assert list(ours2.state_dict()) == list(fresh.state_dict())
+    fresh.load_state_dict(ours2.state_dict(), strict=True)
+    close(fresh(x), ours2(x))
+    for key, value in ours2.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+        assert value.shape == fresh.state_dict()[key].shape
+
+
+def test_state_dict_mismatch_raises():
+    """strict loading still checks keys and shapes, as in torch."""
+    ours = cnn.Conv2d(3, 4, 3, bias=False)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        ours.load_state_dict(torch.nn.Conv2d(3, 4, 3).state_dict(), strict=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        cnn.ConvTranspose2d(3, 4, 3).load_state_dict(torch.nn.ConvTranspose2d(4, 3, 3).state_dict())
+
+
+@pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
+def test_repr(torch_cls, our_cls, args, kw):
+    ours, ref = our_cls(*args, **kw), torch_cls(*args, **kw)
+    assert repr(ours) == repr(ref)
+    text = repr(ours)
+    assert text.startswith(our_cls.__name__ + f"({args[0]}, {args[1]}, kernel_size=")
+    for name, value in kw.items():
+        if name == "bias":
+            assert "bias=False" in text
+        elif name in ("padding_mode", "padding") and isinstance(value, str):
+            assert f"{name}={value}" in text
+        else:
+            assert f"{name}=" in text
+
+
+def test_repr_is_not_trivially_equal():
+    assert repr(cnn.Conv2d(3, 4, 3, stride=2)) != repr(cnn.Conv2d(3, 4, 3))
+    assert "output_padding=(1, 1)" in repr(cnn.ConvTranspose2d(3, 4, 3, stride=2, output_padding=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
+def test_from_torch(torch_cls, our_cls, args, kw, dtype):
+    torch.manual_seed(0)
+    ref = torch_cls(*args, **kw, dtype=dtype)
+    ref.weight.requires_grad_(False)
+    ref.eval()
+    rng_before = torch.get_rng_state()
+    ours = our_cls.from_torch(ref)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # from_torch draws no random numbers
+    assert type(ours) is our_cls and isinstance(ours, torch_cls)
+    assert not ours.training
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "output_padding", "groups", "padding_mode", "transposed"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    assert repr(ours) == repr(ref)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert isinstance(p, torch.nn.Parameter)
+        assert p.dtype == q.dtype == dtype and p.device == q.device, name
+        assert p.requires_grad == q.requires_grad, name
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+    assert ours.weight.requires_grad is False
+    assert (ours.bias is None) == (ref.bias is None)
+
+    # Copies: mutating ours leaves the original alone, and the other way round.
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    mine = {k: v.clone() for k, v in ours.state_dict().items()}
+    with torch.no_grad():
+        ref.weight.mul_(2.0)
+    assert torch.equal(ours.weight, mine["weight"])
+
+    # The forward agrees in the module's own dtype.
+    x = torch.randn(2, args[0], 6, 7, dtype=dtype)
+    ours2 = our_cls.from_torch(ref)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours2(x), ref(x), atol=tol, rtol=tol)
+
+
+def test_from_torch_keeps_meta_device():
+    ref = torch.nn.ConvTranspose2d(3, 5, 3, stride=2, device="meta", dtype=torch.float16)
+    ours = cnn.ConvTranspose2d.from_torch(ref)
+    for p in ours.parameters():
+        assert p.device.type == "meta" and p.dtype == torch.float16
+
+
+@requires_cuda
+@pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
+def test_from_torch_cuda(torch_cls, our_cls, args, kw):
+    if not convt_ext.build_info()["cuda"]:
+        pytest.skip("convt_ext was built without its CUDA path")
+    torch.manual_seed(0)
+    ref = torch_cls(*args, **kw, dtype=DT, device="cuda")
+    ours = our_cls.from_torch(ref)
+    assert all(p.is_cuda for p in ours.parameters())
+    check_parity(ours, ref, (2, args[0], 6, 7))
+
+
+def test_from_torch_accepts_our_own_modules_and_subclasses():
+    torch.manual_seed(0)
+    ours = cnn.Conv2d(3, 4, 3, padding_mode="circular", padding=1)
+    again = cnn.Conv2d.from_torch(ours)
+    assert repr(again) == repr(ours) and torch.equal(again.weight, ours.weight)
+
+
+def test_from_torch_rejects():
+    with pytest.raises(TypeError, match="Conv2d"):
+        cnn.Conv2d.from_torch(torch.nn.ConvTranspose2d(3, 4, 3))
+    with pytest.raises(TypeError, match="ConvTranspose2d"):
+        cnn.ConvTranspose2d.from_torch(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError):
+        cnn.Conv2d.from_torch(torch.nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="uninitialized"):
+        cnn.Conv2d.from_torch(torch.nn.LazyConv2d(4, 3))
+
+
+def test_public_names():
+    assert convt_ext.nn.Conv2d is cnn.Conv2d and convt_ext.nn.ConvTranspose2d is cnn.ConvTranspose2d
+    for cls in (cnn.Conv2d, cnn.ConvTranspose2d):
+        assert "drop-in" in cls.__doc__ and "convt_ext" in cls.__doc__
+        assert cls.from_torch.__doc__
+
+
+# ------------------------------------------------------------------ argument validation (torch's own)
+
+
+def _same_error(make_ref, make_ours, exc=ValueError):
+    with pytest.raises(exc) as expected:
+        make_ref()
+    with pytest.raises(exc) as got:
+        make_ours()
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding="same", stride=2),
+        dict(padding="full"),
+        dict(padding_mode="mirror"),
+        dict(groups=2),  # 3 input channels
+        dict(groups=0),
+    ],
+)
+def test_conv2d_constructor_errors_are_torchs(kw):
+    _same_error(lambda: torch.nn.Conv2d(3, 4, 3, **kw), lambda: cnn.Conv2d(3, 4, 3, **kw))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_transpose2d_only_zeros_padding(mode):
+    _same_error(
+        lambda: torch.nn.ConvTranspose2d(3, 4, 3, padding_mode=mode),
+        lambda: cnn.ConvTranspose2d(3, 4, 3, padding_mode=mode),
+    )
+    # Changed after construction: the forward refuses, as torch's does.
+    ref, ours = torch.nn.ConvTranspose2d(3, 4, 3), cnn.ConvTranspose2d(3, 4, 3)
+    ref.padding_mode = ours.padding_mode = mode
+    x = torch.randn(1, 3, 4, 4)
+    _same_error(lambda: ref(x), lambda: ours(x))
+
+
+def test_bad_output_padding_raises_at_forward():
+    """torch checks output_padding < max(stride, dilation) in the forward, not the constructor."""
+    ours = cnn.ConvTranspose2d(2, 3, 3, stride=1, output_padding=1)
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.nn.ConvTranspose2d(2, 3, 3, stride=1, output_padding=1)(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="output_padding"):
+        ours(torch.randn(1, 2, 4, 4))
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+def _encoder_decoder(conv=cnn.Conv2d, tconv=cnn.ConvTranspose2d):
+    return torch.nn.Sequential(
+        conv(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        conv(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        tconv(16, 8, 4, stride=2, padding=1),
+        torch.nn.ReLU(),
+        tconv(8, 3, 4, stride=2, padding=1),
+    ).to(DT)
+
+
+def _forward_backward(model, x, upstream):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.backward(upstream)
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+class GraphRecorder:
+    """A backend that keeps each Dynamo graph's code and hands it on to `backend`."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
+
+
+def _check_compiled(backend, dynamic, sizes):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _encoder_decoder()
+    reference = _encoder_decoder(torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    reference.load_state_dict(model.state_dict(), strict=True)
+
+    # No graph breaks: one graph, per explain and per fullgraph=True below.
+    x0 = torch.randn(sizes[0], dtype=DT)
+    explanation = torch._dynamo.explain(model)(x0)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+
+    recorder = GraphRecorder(backend)
+    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=dynamic)
+    for i, size in enumerate(sizes):
+        gen = torch.Generator().manual_seed(10 + i)
+        x = torch.randn(size, generator=gen, dtype=DT)
+        upstream = torch.randn(size, generator=gen, dtype=DT)  # the autoencoder keeps the size
+        got, got_grads = _forward_backward(compiled, x, upstream)
+        eager, eager_grads = _forward_backward(model, x, upstream)
+        ref, ref_grads = _forward_backward(reference, x, upstream)
+        assert got.shape == eager.shape == ref.shape == x.shape
+        close(got, eager)
+        close(got, ref)
+        assert got_grads.keys() == eager_grads.keys() and len(got_grads) == 8
+        for name in eager_grads:
+            close(got_grads[name], eager_grads[name])
+            close(got_grads[name], ref_grads[name])
+    # The compiled graph calls convt_ext's ops (not aten's convolution), and with
+    # dynamic=True a second input size reuses the first graph.
+    assert len(recorder.graphs) == (1 if dynamic else len(sizes))
+    code = recorder.graphs[0]
+    assert "convt_ext.conv2d" in code and "convt_ext.conv_transpose2d" in code, code
+    assert "convolution" not in code and "F.conv" not in code
+    torch._dynamo.reset()
+
+
+def test_compile_dynamic_two_sizes():
+    _check_compiled("aot_eager", dynamic=True, sizes=[(2, 3, 16, 20), (3, 3, 24, 12)])
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    """The default backend, as users run it (about 25 s on 2 CPU cores with a cold cache)."""
+    _check_compiled("inductor", dynamic=False, sizes=[(2, 3, 16, 16)])
+
+
+def test_compile_output_size():
+    """forward(x, output_size) traces without graph breaks, dynamic shapes included."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = torch.nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, dtype=DT)
+    ours = cnn.ConvTranspose2d.from_torch(ref)
+
+    def fn(x, h, w):
+        return ours(x, output_size=[h, w])
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape, out in [((2, 4, 5, 6), (10, 11)), ((1, 4, 7, 4), (13, 8))]:
+        x = torch.randn(shape, dtype=DT)
+        close(compiled(x, *out), ref(x, output_size=list(out)))
+        assert compiled(x, *out).shape[-2:] == out
+    torch._dynamo.reset()
