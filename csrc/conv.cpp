@@ -9,17 +9,24 @@
 // the two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU,
 // cuBLAS on CUDA); this file has no device-specific code.
 //
-// Column buffers are filled a chunk of samples at a time, so that one buffer
-// stays under the workspace limit. With few window positions per sample, the
-// chunk's columns are laid side by side, [cols_0 | cols_1 | ...], and one wide
-// GEMM serves them all ("wide" below); otherwise each sample gets its own GEMM,
-// writing straight into the output.
+// Two ways to feed the GEMMs, chosen per call (ColumnPlan):
+//   wide:  with few window positions per sample, the columns of a chunk of
+//          samples are laid side by side, [cols_0 | cols_1 | ...], and one wide
+//          GEMM serves them all; chunks stay under the workspace limit.
+//   tasks: otherwise the work is split into tasks of one sample, or one band
+//          of window rows of a sample when its columns exceed the budget. Each
+//          task runs im2col/col2im and its own GEMMs into its own scratch. On
+//          the CPU the tasks run in parallel with single-threaded steps: one
+//          parallel region per call instead of one per step (see for_each_task).
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
 
@@ -27,6 +34,7 @@
 #include <array>
 #include <atomic>
 #include <cstdlib>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -87,22 +95,17 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opt
   return t.narrow(0, 0, numel).view(sizes);
 }
 
-// Storage for the columns of up to `chunk` samples. Wide: (rows, chunk, L)
-// memory, so the first b samples form one (rows, b*L) matrix. Otherwise
-// (chunk, rows, L): one (rows, L) matrix per sample.
+// Storage for the columns of up to `chunk` samples laid side by side:
+// (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)
+// matrix [cols_0 | ... | cols_{b-1}] for one wide GEMM.
 struct ColumnBuffer {
   at::Tensor data;
-  bool wide;
-  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions, bool wide_,
+  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions,
                const at::TensorOptions& options)
-      : data(wide_ ? scratch(slot, {rows, chunk, positions}, options)
-                   : scratch(slot, {chunk, rows, positions}, options)),
-        wide(wide_) {}
-  // (b, rows, L), what im2col writes and col2im reads.
-  at::Tensor samples(int64_t b) const {
-    return wide ? data.narrow(1, 0, b).permute({1, 0, 2}) : data.narrow(0, 0, b);
-  }
-  // (rows, b*L) = [cols_0 | ... | cols_{b-1}], wide only.
+      : data(scratch(slot, {rows, chunk, positions}, options)) {}
+  // (b, rows, L), the per-sample view that im2col writes and col2im reads.
+  at::Tensor samples(int64_t b) const { return data.narrow(1, 0, b).permute({1, 0, 2}); }
+  // (rows, b*L) = [cols_0 | ... | cols_{b-1}].
   at::Tensor matrix(int64_t b) const {
     return data.narrow(1, 0, b).view({data.size(0), b * data.size(2)});
   }
@@ -112,13 +115,14 @@ struct ColumnBuffer {
 struct ColumnPlan {
   bool wide;      // one GEMM over the chunk's samples side by side
   bool direct;    // a 1x1, stride-1, unpadded kernel: the input is its own column matrix
-  int64_t chunk;  // samples per column buffer
-  int64_t band;   // window rows per im2col: all of them, unless one sample exceeds the budget
+  int64_t chunk;  // samples per column buffer (wide only)
+  int64_t band;   // window rows per task: all of them, unless one sample exceeds the budget
+  int64_t bands;  // tasks per sample
 };
 
-ColumnPlan plan_columns(int64_t batch, int64_t rows, const int64_t* windows, int64_t element_size,
-                        bool pointwise) {
+ColumnPlan plan_columns(const at::Tensor& like, int64_t rows, const int64_t* windows, bool pointwise) {
   ColumnPlan plan{};
+  const int64_t batch = like.size(0), element_size = like.element_size();
   const int64_t positions = windows[0] * windows[1];
   plan.wide = use_wide(batch, positions);
   // With a wide GEMM the columns must be laid side by side anyway, so even a
@@ -126,12 +130,36 @@ ColumnPlan plan_columns(int64_t batch, int64_t rows, const int64_t* windows, int
   plan.direct = !plan.wide && pointwise;
   const int64_t per_sample = plan.direct ? 0 : rows * positions * element_size;
   plan.chunk = samples_per_chunk(batch, per_sample);
-  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes());
+  // Tasks run side by side on the CPU, each with its own buffer.
+  const int64_t tasks_at_once = like.is_cpu() ? at::get_num_threads() : 1;
+  const int64_t budget = std::min(workspace_limit() / tasks_at_once, preferred_chunk_bytes());
   plan.band = windows[0];
   if (!plan.wide && !plan.direct && per_sample > budget) {
     plan.band = std::clamp<int64_t>(budget / (rows * windows[1] * element_size), 1, windows[0]);
   }
+  plan.bands = (windows[0] + plan.band - 1) / plan.band;
   return plan;
+}
+
+// Runs fn(begin, end) over the task indices [0, n). On the CPU the tasks run
+// in parallel and everything inside a task runs single-threaded (ATen and
+// MKL do not nest parallel regions). One region per call keeps both cores
+// busy without a barrier after every small GEMM; such barriers cost a
+// scheduler tick each time another process holds a core (benchmarks/NOTES.md).
+// Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
+// whole device.
+template <typename F>
+void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
+  if (like.is_cpu() && n > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads start with default thread-local state: keep the GEMMs
+      // below autograd, as on the calling thread.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      fn(begin, end);
+    });
+  } else {
+    fn(0, n);
+  }
 }
 
 // im2col of the window rows [oh0, oh0 + count) into cols (b, rows, count*OW):
@@ -145,7 +173,7 @@ void im2col_band(const at::Tensor& image, const at::Tensor& cols, Window<2> w, i
                       w.dilation[0] * (w.kernel[0] - 1) + 1;  // one past the last row tapped
   const int64_t r0 = std::clamp<int64_t>(top, 0, w.image[0]);
   const int64_t r1 = std::clamp<int64_t>(end, r0, w.image[0]);
-  w.batch = cols.size(0);
+  w.batch = image.size(0);
   w.padding[0] = r0 - top;
   w.image[0] = r1 - r0;
   w.windows[0] = count;
@@ -249,36 +277,38 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor b3 = group_bias(bias, G);
   const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
                          stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
-  const ColumnPlan plan = plan_columns(N, K, windows, input.element_size(), pointwise);
-  const int64_t chunk = plan.chunk, OW = windows[1];
+  const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
+  const int64_t OW = windows[1];
   const at::Tensor x = plan.direct ? input.contiguous() : input;
-  const ColumnBuffer cols(0, plan.direct ? 0 : chunk, K, plan.band * OW, plan.wide, input.options());
-  const at::Tensor wide_out =
-      plan.wide ? scratch(1, {G, C_out / G, chunk * L}, input.options()) : at::Tensor();
+  const at::Tensor y = out.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
                                       padding, dilation);
 
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t b = std::min(chunk, N - n0);
-    const at::Tensor xc = x.narrow(0, n0, b);
-    const at::Tensor yc = out.narrow(0, n0, b).view({b, C_out, L});
-    if (plan.wide) {
-      im2col_band(xc, cols.samples(b), whole, 0, windows[0]);
-      const at::Tensor y = wide_out.narrow(2, 0, b * L);
-      group_gemm(y, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
-      yc.copy_(y.view({C_out, b, L}).permute({1, 0, 2}));
-      continue;
+  if (plan.wide) {
+    const int64_t chunk = plan.chunk;
+    const ColumnBuffer cols(0, chunk, K, L, input.options());
+    const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t b = std::min(chunk, N - n0);
+      im2col_band(x.narrow(0, n0, b), cols.samples(b), whole, 0, windows[0]);
+      const at::Tensor yw = wide_out.narrow(2, 0, b * L);
+      group_gemm(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
+      y.narrow(0, n0, b).copy_(yw.view({C_out, b, L}).permute({1, 0, 2}));
     }
-    for (int64_t oh0 = 0; oh0 < windows[0]; oh0 += plan.band) {
-      const int64_t n = std::min(plan.band, windows[0] - oh0) * OW;
-      const at::Tensor samples = plan.direct ? xc.reshape({b, K, L}) : cols.samples(b).narrow(2, 0, n);
-      if (!plan.direct) im2col_band(xc, samples, whole, oh0, n / OW);
-      for (int64_t i = 0; i < b; ++i) {
-        group_gemm(yc.select(0, i).narrow(1, oh0 * OW, n).view({G, C_out / G, n}), w3,
-                   samples.select(0, i).view({G, K / G, n}), b3);
-      }
-    }
+    return out;
   }
+  // One task per band of window rows of one sample.
+  for_each_task(input, N * plan.bands, [&](int64_t begin, int64_t end) {
+    const at::Tensor cols = plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, input.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
+      const int64_t count = std::min(plan.band, windows[0] - oh0) * OW;
+      at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
+      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
+      group_gemm(y.select(0, n).narrow(1, oh0 * OW, count).view({G, C_out / G, count}), w3,
+                 c.view({G, K / G, count}), b3);
+    }
+  });
   return out;
 }
 
@@ -337,30 +367,38 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
   }
 
   const bool wide = use_wide(N, L);
-  const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
-  const ColumnBuffer cols(0, chunk, K, L, wide, input.options());
-  const ColumnBuffer wide_x(1, wide ? chunk : 0, C_in, L, true, input.options());
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
   const int64_t input_windows[2] = {input.size(2), input.size(3)};
+  // The columns cover exactly the input's H x W windows, which with
+  // output_padding >= stride is fewer than the output image has.
+  const Window<2> whole =
+      make_window(N, C_out, image, input_windows, kernel, stride, padding, dilation);
 
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t b = std::min(chunk, N - n0);
-    const at::Tensor xc = x.narrow(0, n0, b).view({b, C_in, L});
-    if (wide) {
+  if (wide) {
+    const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
+    const ColumnBuffer cols(0, chunk, K, L, input.options());
+    const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t b = std::min(chunk, N - n0);
       group_gemm(cols.matrix(b).view({G, K / G, b * L}), wt3,
-                 side_by_side(xc, wide_x).view({G, C_in / G, b * L}), at::Tensor());
-    } else {
-      const at::Tensor samples = cols.samples(b);
-      for (int64_t i = 0; i < b; ++i) {
-        group_gemm(samples.select(0, i).view({G, K / G, L}), wt3,
-                   xc.select(0, i).view({G, C_in / G, L}), at::Tensor());
-      }
+                 side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
+                 at::Tensor());
+      Window<2> w = whole;
+      w.batch = b;
+      col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b), w);
     }
-    // The columns cover exactly the input's H x W windows, which with
-    // output_padding >= stride is fewer than the output image has.
-    col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b),
-                make_window(b, C_out, image, input_windows, kernel, stride, padding, dilation));
+    return out;
   }
+  // One task per sample: its GEMM, then its col2im.
+  for_each_task(input, N, [&](int64_t begin, int64_t end) {
+    const at::Tensor cols = scratch(0, {1, K, L}, input.options());
+    Window<2> w = whole;
+    w.batch = 1;
+    for (int64_t n = begin; n < end; ++n) {
+      group_gemm(cols.view({G, K / G, L}), wt3, x.select(0, n).view({G, C_in / G, L}), at::Tensor());
+      col2im_into(cols, bias_1d, out.narrow(0, n, 1), w);
+    }
+  });
   return out;
 }
 
@@ -403,33 +441,44 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
   const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
                          padding[0] == 0 && padding[1] == 0 && windows[0] == input.size(2) &&
                          windows[1] == input.size(3);
-  const ColumnPlan plan = plan_columns(N, K, windows, input.element_size(), pointwise);
-  const int64_t chunk = plan.chunk, OW = windows[1];
+  const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
+  const int64_t OW = windows[1];
   const at::Tensor x = plan.direct ? input.contiguous() : input;
-  const ColumnBuffer cols(0, plan.direct ? 0 : chunk, K, plan.band * OW, plan.wide, input.options());
-  const ColumnBuffer wide_dy(1, plan.wide ? chunk : 0, C_out, L, true, input.options());
+  const at::Tensor dy3 = dy.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
                                       padding, dilation);
 
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t b = std::min(chunk, N - n0);
-    const at::Tensor xc = x.narrow(0, n0, b);
-    const at::Tensor dyc = dy.narrow(0, n0, b).view({b, C_out, L});
-    if (plan.wide) {
-      im2col_band(xc, cols.samples(b), whole, 0, windows[0]);
-      group_gemm(grad_weight, side_by_side(dyc, wide_dy).view({G, C_out / G, b * L}),
+  if (plan.wide) {
+    const int64_t chunk = plan.chunk;
+    const ColumnBuffer cols(0, chunk, K, L, input.options());
+    const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t b = std::min(chunk, N - n0);
+      im2col_band(x.narrow(0, n0, b), cols.samples(b), whole, 0, windows[0]);
+      group_gemm(grad_weight, side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L}),
                  cols.matrix(b).view({G, K / G, b * L}).transpose(1, 2), at::Tensor(), true);
-      continue;
     }
-    for (int64_t oh0 = 0; oh0 < windows[0]; oh0 += plan.band) {
-      const int64_t n = std::min(plan.band, windows[0] - oh0) * OW;
-      const at::Tensor samples = plan.direct ? xc.reshape({b, K, L}) : cols.samples(b).narrow(2, 0, n);
-      if (!plan.direct) im2col_band(xc, samples, whole, oh0, n / OW);
-      for (int64_t i = 0; i < b; ++i) {
-        group_gemm(grad_weight, dyc.select(0, i).narrow(1, oh0 * OW, n).view({G, C_out / G, n}),
-                   samples.select(0, i).view({G, K / G, n}).transpose(1, 2), at::Tensor(), true);
-      }
+    return grad_weight.view(weight_size);
+  }
+  // One task per band of window rows of one sample; each thread sums its
+  // tasks into its own partial gradient, and the partials are added in thread
+  // order, so the result is deterministic for a given thread count.
+  std::vector<at::Tensor> partial(input.is_cpu() ? at::get_num_threads() : 1);
+  for_each_task(input, N * plan.bands, [&](int64_t begin, int64_t end) {
+    const at::Tensor cols = plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, input.options());
+    const at::Tensor acc = at::zeros_like(grad_weight);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
+      const int64_t count = std::min(plan.band, windows[0] - oh0) * OW;
+      at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
+      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
+      group_gemm(acc, dy3.select(0, n).narrow(1, oh0 * OW, count).view({G, C_out / G, count}),
+                 c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);
     }
+    partial[at::get_thread_num()] = acc;
+  });
+  for (const at::Tensor& p : partial) {
+    if (p.defined()) grad_weight.add_(p);
   }
   return grad_weight.view(weight_size);
 }
