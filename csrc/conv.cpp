@@ -180,6 +180,26 @@ void im2col_band(const at::Tensor& image, const at::Tensor& cols, Window<2> w, i
   im2col_into(image.narrow(2, r0, r1 - r0), cols, w);
 }
 
+// Runs fn(n, first, count, cols) for every task of a non-wide plan, on the
+// task's thread: cols (K, count) are the columns of sample n's window
+// positions [first, first + count), one band of window rows.
+template <typename F>
+void for_each_band(const at::Tensor& x, const ColumnPlan& plan, const Window<2>& whole, int64_t K,
+                   const F& fn) {
+  const int64_t OW = whole.windows[1], L = whole.window_numel();
+  for_each_task(x, whole.batch * plan.bands, [&](int64_t begin, int64_t end) {
+    const at::Tensor cols =
+        plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, x.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
+      const int64_t count = std::min(plan.band, whole.windows[0] - oh0) * OW;
+      const at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
+      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
+      fn(n, oh0 * OW, count, c);
+    }
+  });
+}
+
 // (b, C, L) -> (C, b*L): the samples of `t` side by side, in `buf`.
 at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
   const int64_t b = t.size(0);
@@ -278,7 +298,6 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
                          stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
   const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
-  const int64_t OW = windows[1];
   const at::Tensor x = plan.direct ? input.contiguous() : input;
   const at::Tensor y = out.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
@@ -298,16 +317,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     return out;
   }
   // One task per band of window rows of one sample.
-  for_each_task(input, N * plan.bands, [&](int64_t begin, int64_t end) {
-    const at::Tensor cols = plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, input.options());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
-      const int64_t count = std::min(plan.band, windows[0] - oh0) * OW;
-      at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
-      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
-      group_gemm(y.select(0, n).narrow(1, oh0 * OW, count).view({G, C_out / G, count}), w3,
-                 c.view({G, K / G, count}), b3);
-    }
+  for_each_band(x, plan, whole, K, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    group_gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
+               c.view({G, K / G, count}), b3);
   });
   return out;
 }
@@ -442,7 +454,6 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
                          padding[0] == 0 && padding[1] == 0 && windows[0] == input.size(2) &&
                          windows[1] == input.size(3);
   const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
-  const int64_t OW = windows[1];
   const at::Tensor x = plan.direct ? input.contiguous() : input;
   const at::Tensor dy3 = dy.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
@@ -464,18 +475,11 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
   // tasks into its own partial gradient, and the partials are added in thread
   // order, so the result is deterministic for a given thread count.
   std::vector<at::Tensor> partial(input.is_cpu() ? at::get_num_threads() : 1);
-  for_each_task(input, N * plan.bands, [&](int64_t begin, int64_t end) {
-    const at::Tensor cols = plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, input.options());
-    const at::Tensor acc = at::zeros_like(grad_weight);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
-      const int64_t count = std::min(plan.band, windows[0] - oh0) * OW;
-      at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
-      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
-      group_gemm(acc, dy3.select(0, n).narrow(1, oh0 * OW, count).view({G, C_out / G, count}),
-                 c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);
-    }
-    partial[at::get_thread_num()] = acc;
+  for_each_band(x, plan, whole, K, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    at::Tensor& acc = partial[at::get_thread_num()];
+    if (!acc.defined()) acc = at::zeros_like(grad_weight);
+    group_gemm(acc, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
+               c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);
   });
   for (const at::Tensor& p : partial) {
     if (p.defined()) grad_weight.add_(p);
