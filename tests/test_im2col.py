@@ -112,6 +112,23 @@ def test_im2col_col2im_match_torch_float64(case, rng):
     assert_unchanged(c_before, c.detach())
 
 
+@pytest.mark.parametrize("batch,channels", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("k,s,p,d", [((3, 3), (1, 1), (1, 1), (1, 1)),
+                                     ((3, 4), (2, 3), (2, 0), (1, 2)),
+                                     ((4, 2), (3, 2), (1, 3), (2, 1))])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_col2im_of_wide_images_matches_fold(batch, channels, k, s, p, d, layout, rng):
+    # Rows of 1500 float64 values: the CPU col2im accumulates a few image rows
+    # at a time (an L1-sized band), so these images are split into many bands,
+    # and the parallel tasks start and end inside planes and bands.
+    hw = (23, 1500)
+    L = window_count(hw[0], k[0], s[0], p[0], d[0]) * window_count(hw[1], k[1], s[1], p[1], d[1])
+    c = make_tensor((batch, channels * k[0] * k[1], L), rng, layout)
+    kwargs = dict(kernel_size=k, dilation=d, padding=p, stride=s)
+    ours = convt_ext.col2im(c, output_size=hw, **kwargs)
+    torch.testing.assert_close(ours, F.fold(c, output_size=hw, **kwargs), rtol=1e-12, atol=1e-12)
+
+
 def test_ops_take_lists(rng):
     """The dispatcher ops take their ints as lists of 2."""
     x = randn((2, 3, 9, 7), rng)
