@@ -111,6 +111,13 @@ struct ColumnBuffer {
   }
 };
 
+// A 1x1 kernel with stride 1 and no padding: im2col is the identity, so the
+// image (its window positions laid out as its pixels) is its own column matrix.
+bool pointwise(at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
+         padding[0] == 0 && padding[1] == 0;
+}
+
 // How a convolution's columns are produced and consumed.
 struct ColumnPlan {
   bool wide;      // one GEMM over the chunk's samples side by side
@@ -120,14 +127,15 @@ struct ColumnPlan {
   int64_t bands;  // tasks per sample
 };
 
-ColumnPlan plan_columns(const at::Tensor& like, int64_t rows, const int64_t* windows, bool pointwise) {
+// identity: im2col would copy the input unchanged (see pointwise).
+ColumnPlan plan_columns(const at::Tensor& like, int64_t rows, const int64_t* windows, bool identity) {
   ColumnPlan plan{};
   const int64_t batch = like.size(0), element_size = like.element_size();
   const int64_t positions = windows[0] * windows[1];
   plan.wide = use_wide(batch, positions);
   // With a wide GEMM the columns must be laid side by side anyway, so even a
   // 1x1 kernel goes through im2col (which is then a plain copy).
-  plan.direct = !plan.wide && pointwise;
+  plan.direct = !plan.wide && identity;
   const int64_t per_sample = plan.direct ? 0 : rows * positions * element_size;
   plan.chunk = samples_per_chunk(batch, per_sample);
   // Tasks run side by side on the CPU, each with its own buffer.
@@ -295,9 +303,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   const int64_t K = C_in * kernel[0] * kernel[1];
   const at::Tensor w3 = weight.reshape({G, C_out / G, K / G});
   const at::Tensor b3 = group_bias(bias, G);
-  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
-                         stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
-  const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
+  const ColumnPlan plan = plan_columns(input, K, windows, pointwise(kernel, stride, padding));
   const at::Tensor x = plan.direct ? input.contiguous() : input;
   const at::Tensor y = out.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
@@ -366,10 +372,7 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
   // W_g^T: (G, C_out/G*kh*kw, C_in/G), a transposed view of the stored weight.
   const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
   const at::Tensor x = input.contiguous();
-  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
-                         padding[0] == 0 && padding[1] == 0 && output_padding[0] == 0 &&
-                         output_padding[1] == 0;
-  if (pointwise) {  // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
+  if (pointwise(kernel, stride, padding) && output_padding[0] == 0 && output_padding[1] == 0) {  // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
     const at::Tensor y = out.view({N, G, C_out / G, L});
     const at::Tensor b3 = group_bias(bias, G);
     for (int64_t i = 0; i < N; ++i) {
@@ -450,10 +453,11 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
   if (N == 0 || L == 0) return grad_weight.view(weight_size);
 
   const at::Tensor dy = grad_output.contiguous();
-  const bool pointwise = kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
-                         padding[0] == 0 && padding[1] == 0 && windows[0] == input.size(2) &&
-                         windows[1] == input.size(3);
-  const ColumnPlan plan = plan_columns(input, K, windows, pointwise);
+  // (grad_output may be short of the input's windows: then the columns are not the input.)
+  const ColumnPlan plan =
+      plan_columns(input, K, windows,
+                   pointwise(kernel, stride, padding) && windows[0] == input.size(2) &&
+                       windows[1] == input.size(3));
   const at::Tensor x = plan.direct ? input.contiguous() : input;
   const at::Tensor dy3 = dy.view({N, C_out, L});
   const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
