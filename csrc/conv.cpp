@@ -61,15 +61,18 @@ int64_t preferred_chunk_bytes() {
   return bytes;
 }
 
-bool use_wide(int64_t batch, int64_t positions) { return batch > 1 && positions < kWideBelow; }
-
 // Whole samples per chunk so that their columns stay near the preferred size
 // and within the workspace limit; at least one, whatever the limit.
 int64_t samples_per_chunk(int64_t batch, int64_t bytes_per_sample) {
-  if (bytes_per_sample <= 0) return std::max<int64_t>(batch, 1);
   const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes());
-  return std::clamp<int64_t>(budget / bytes_per_sample, 1, std::max<int64_t>(batch, 1));
+  return std::clamp<int64_t>(budget / std::max<int64_t>(bytes_per_sample, 1), 1,
+                             std::max<int64_t>(batch, 1));
 }
+
+// A wide GEMM needs at least two samples per chunk: with one, it is the
+// per-sample GEMM run alone, and tasks do better, running samples side by
+// side (ResNeXt g32 and atrous layers in benchmarks/NOTES.md, item 10).
+bool use_wide(int64_t positions, int64_t chunk) { return chunk > 1 && positions < kWideBelow; }
 
 // Scratch memory for column buffers. On the CPU, a fresh buffer of tens of MB
 // costs more in page faults than the im2col that fills it, so each thread
@@ -132,12 +135,12 @@ ColumnPlan plan_columns(const at::Tensor& like, int64_t rows, const int64_t* win
   ColumnPlan plan{};
   const int64_t batch = like.size(0), element_size = like.element_size();
   const int64_t positions = windows[0] * windows[1];
-  plan.wide = use_wide(batch, positions);
+  const int64_t per_sample = rows * positions * element_size;  // bytes of columns
+  plan.chunk = samples_per_chunk(batch, per_sample);
+  plan.wide = use_wide(positions, plan.chunk);
   // With a wide GEMM the columns must be laid side by side anyway, so even a
   // 1x1 kernel goes through im2col (which is then a plain copy).
   plan.direct = !plan.wide && identity;
-  const int64_t per_sample = plan.direct ? 0 : rows * positions * element_size;
-  plan.chunk = samples_per_chunk(batch, per_sample);
   // Tasks run side by side on the CPU, each with its own buffer.
   const int64_t tasks_at_once = like.is_cpu() ? at::get_num_threads() : 1;
   const int64_t budget = std::min(workspace_limit() / tasks_at_once, preferred_chunk_bytes());
@@ -381,7 +384,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
     return out;
   }
 
-  const bool wide = use_wide(N, L);
+  const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
+  const bool wide = use_wide(L, chunk);
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
   const int64_t input_windows[2] = {input.size(2), input.size(3)};
   // The columns cover exactly the input's H x W windows, which with
@@ -390,7 +394,6 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
       make_window(N, C_out, image, input_windows, kernel, stride, padding, dilation);
 
   if (wide) {
-    const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
