@@ -200,8 +200,7 @@ def _check_against(ours_fn, ref_fn, tensors, gen, tol=F64):
     return ours
 
 
-@pytest.mark.parametrize("case", CONV2D_CASES, ids=_id)
-def test_conv2d_matches_torch_float64(case):
+def _check_conv2d_case(case):
     gen = torch.Generator().manual_seed(_seed(_id(case)))
     x, w, b = _make_conv_tensors(case, False, gen)
     kwargs = dict(stride=case["s"], padding=case["p"], dilation=case["d"], groups=case["groups"])
@@ -213,8 +212,7 @@ def test_conv2d_matches_torch_float64(case):
     )
 
 
-@pytest.mark.parametrize("case", CONVT_CASES + CONVT_OP_CASES, ids=_id)
-def test_conv_transpose2d_matches_torch_float64(case):
+def _check_conv_transpose2d_case(case):
     gen = torch.Generator().manual_seed(_seed(_id(case)))
     x, w, b = _make_conv_tensors(case, True, gen)
     kwargs = dict(stride=case["s"], padding=case["p"], output_padding=case["op"], groups=case["groups"], dilation=case["d"])
@@ -226,26 +224,25 @@ def test_conv_transpose2d_matches_torch_float64(case):
     )
 
 
+@pytest.mark.parametrize("case", CONV2D_CASES, ids=_id)
+def test_conv2d_matches_torch_float64(case):
+    _check_conv2d_case(case)
+
+
+@pytest.mark.parametrize("case", CONVT_CASES + CONVT_OP_CASES, ids=_id)
+def test_conv_transpose2d_matches_torch_float64(case):
+    _check_conv_transpose2d_case(case)
+
+
 @pytest.mark.parametrize("limit", [1, 3000])
 def test_sweep_subset_with_small_workspace(limit, restore_workspace_limit):
     """Every 5th sweep case again with a tiny workspace limit (one sample, or
     one band of window rows, at a time): the same results."""
     convt_ext.set_workspace_limit(limit)
     for case in CONV2D_CASES[::5]:
-        gen = torch.Generator().manual_seed(_seed(_id(case)))
-        x, w, b = _make_conv_tensors(case, False, gen)
-        kw = dict(stride=case["s"], padding=case["p"], dilation=case["d"], groups=case["groups"])
-        _check_against(lambda x, w, b: convt_ext.conv2d(x, w, b, **kw), lambda x, w, b: F.conv2d(x, w, b, **kw), (x, w, b), gen)
+        _check_conv2d_case(case)
     for case in (CONVT_CASES + CONVT_OP_CASES)[::5]:
-        gen = torch.Generator().manual_seed(_seed(_id(case)))
-        x, w, b = _make_conv_tensors(case, True, gen)
-        kw = dict(stride=case["s"], padding=case["p"], output_padding=case["op"], groups=case["groups"], dilation=case["d"])
-        _check_against(
-            lambda x, w, b: convt_ext.conv_transpose2d(x, w, b, **kw),
-            lambda x, w, b: F.conv_transpose2d(x, w, b, **kw),
-            (x, w, b),
-            gen,
-        )
+        _check_conv_transpose2d_case(case)
 
 
 @pytest.mark.parametrize("limit", [1, 700])
