@@ -375,7 +375,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
   // W_g^T: (G, C_out/G*kh*kw, C_in/G), a transposed view of the stored weight.
   const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
   const at::Tensor x = input.contiguous();
-  if (pointwise(kernel, stride, padding) && output_padding[0] == 0 && output_padding[1] == 0) {  // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
+  // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
+  if (pointwise(kernel, stride, padding) && output_padding[0] == 0 && output_padding[1] == 0) {
     const at::Tensor y = out.view({N, G, C_out / G, L});
     const at::Tensor b3 = group_bias(bias, G);
     for (int64_t i = 0; i < N; ++i) {

@@ -60,7 +60,9 @@ CONVT_HD index_t window_at(index_t i, index_t k_off, index_t s, index_t p, index
 // The window positions o in [*lo, *hi) whose tap at offset k_off lies inside
 // [0, image): solving 0 <= o*s - p + k_off*d <= image-1 for o. Positions
 // before *lo and from *hi on read padding. Used by the CPU row loops, which
-// walk these ranges instead of testing every position.
+// walk these ranges instead of testing every position. Called with p + i0
+// and image = n, it gives the positions that tap inside [i0, i0 + n): how
+// col2im finds the taps of one band of image rows.
 CONVT_HD void taps_inside(int64_t image, int64_t count, int64_t k_off, int64_t s, int64_t p,
                           int64_t d, int64_t* lo, int64_t* hi) {
   const int64_t first = p - k_off * d;              // o*s >= first
