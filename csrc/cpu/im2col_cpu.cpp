@@ -122,6 +122,7 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
     std::vector<int64_t> ow_lo(kw), ow_hi(kw), acc_lo(kw);
     for (int64_t kj = 0; kj < kw; ++kj) {
       taps_inside(W, OW, kj, sw, pw, dw, &ow_lo[kj], &ow_hi[kj]);
+      if (ow_lo[kj] == ow_hi[kj]) continue;  // kj taps only padding; skipped below
       const int64_t iw = tap<int64_t>(ow_lo[kj], kj, sw, pw, dw);
       acc_lo[kj] = (iw % sw) * phase_len + iw / sw;
     }
@@ -142,6 +143,7 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
           taps_inside(rows, OH, ki, sh, ph + ih0, dh, &oh_lo, &oh_hi);
           for (int64_t kj = 0; kj < kw; ++kj) {
             const int64_t lo = ow_lo[kj], len = ow_hi[kj] - lo;
+            if (len == 0) continue;
             const scalar_t* row = plane_cols + (ki * kw + kj) * cs_r + lo * cs_l;
             for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
               const scalar_t* src = row + oh * OW * cs_l;
