@@ -2,6 +2,7 @@
 
     pip install --no-build-isolation .            # C++ always; CUDA if torch has it and nvcc is found
     FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation .
+    CONVT_EXT_SANITIZE=1 pip install --no-build-isolation .   # ASan + UBSan, for tests
 
 --no-build-isolation matters: an isolated build would compile against a
 freshly downloaded torch, not the one that will import the extension.
@@ -25,7 +26,6 @@ except ImportError:  # pragma: no cover - the message is the point
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
 
 
 def fail(message):
@@ -88,9 +88,31 @@ def want_cuda():
     return True
 
 
+def default_archs(cuda_home):
+    """Every architecture that both the installed torch and this toolkit's nvcc
+    support, as SASS, plus PTX of the newest, which later GPUs JIT-compile:
+    e.g. "7.5;8.0;8.6;9.0;10.0;12.0+PTX" for torch 2.14 and CUDA 13."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        fail(f"could not run {nvcc} --list-gpu-arch ({exc}); set TORCH_CUDA_ARCH_LIST.")
+    toolkit = {int(m) for m in re.findall(r"compute_(\d+)", listed)}
+    torch_archs = {int(m) for a in torch.cuda.get_arch_list() for m in re.findall(r"sm_(\d+)", a)}
+    common = sorted(toolkit & torch_archs) or sorted(toolkit)[-1:]
+    if not common:
+        fail(f"{nvcc} lists no GPU architectures; set TORCH_CUDA_ARCH_LIST.")
+    names = [f"{a // 10}.{a % 10}" for a in common]
+    names[-1] += "+PTX"
+    return ";".join(names)
+
+
 def version():
     with open(os.path.join(ROOT, "convt_ext", "_version.py")) as f:
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+SANITIZE = os.environ.get("CONVT_EXT_SANITIZE", "0") == "1"
 
 
 def write_build_config(cuda, archs, cuda_release):
@@ -102,24 +124,33 @@ def write_build_config(cuda, archs, cuda_release):
         f.write(f"CUDA = {cuda!r}\n")
         f.write(f"CUDA_VERSION = {cuda_release!r}\n")
         f.write(f"CUDA_ARCHS = {archs!r}\n")
+        f.write(f"SANITIZE = {SANITIZE!r}\n")
 
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
+    if SANITIZE:
+        # AddressSanitizer + UndefinedBehaviorSanitizer, for the tests (README:
+        # "Sanitizer build"). Every UB report aborts, so a test run cannot pass over one.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx = ["-O1", "-fopenmp"] + sanitize
+        link += sanitize
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs(cpp_extension.CUDA_HOME)
         archs = [a for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
         write_build_config(True, archs, nvcc_release(cpp_extension.CUDA_HOME))
         return cpp_extension.CUDAExtension(
             "convt_ext._C",
             sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     write_build_config(False, [], None)
     return cpp_extension.CppExtension(
-        "convt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        "convt_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
     )
 
 

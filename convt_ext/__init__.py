@@ -13,24 +13,64 @@ import torch
 from ._version import __version__
 from . import _C
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
-from .functional import col2im, conv2d, conv2d_weight, conv_transpose2d, im2col
-from .matrix import EquivalentConv2d, conv_matrix, conv_transpose2d_as_conv2d, equivalent_conv2d, im2col_matrix, output_padding_for
+from .functional import (
+    col2im,
+    conv1d,
+    conv1d_weight,
+    conv2d,
+    conv2d_weight,
+    conv3d,
+    conv3d_weight,
+    conv_transpose1d,
+    conv_transpose2d,
+    conv_transpose3d,
+    im2col,
+)
+from .matrix import (
+    EquivalentConv,
+    EquivalentConv1d,
+    EquivalentConv2d,
+    EquivalentConv3d,
+    conv_matrix,
+    conv_transpose1d_as_conv1d,
+    conv_transpose2d_as_conv2d,
+    conv_transpose3d_as_conv3d,
+    equivalent_conv1d,
+    equivalent_conv2d,
+    equivalent_conv3d,
+    im2col_matrix,
+    output_padding_for,
+)
 from . import nn
 
 __all__ = [
     "__version__",
     "build_info",
     "col2im",
+    "conv1d",
+    "conv1d_weight",
     "conv2d",
     "conv2d_weight",
+    "conv3d",
+    "conv3d_weight",
+    "conv_transpose1d",
     "conv_transpose2d",
+    "conv_transpose3d",
     "im2col",
+    "release_workspace",
     "set_workspace_limit",
     "workspace_limit",
+    "EquivalentConv",
+    "EquivalentConv1d",
     "EquivalentConv2d",
+    "EquivalentConv3d",
     "conv_matrix",
+    "conv_transpose1d_as_conv1d",
     "conv_transpose2d_as_conv2d",
+    "conv_transpose3d_as_conv3d",
+    "equivalent_conv1d",
     "equivalent_conv2d",
+    "equivalent_conv3d",
     "im2col_matrix",
     "output_padding_for",
 ]
@@ -39,13 +79,22 @@ WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"
 
 
 def set_workspace_limit(bytes):
-    """Cap the column buffer of one conv2d / conv_transpose2d call at `bytes`
-    (default 1 GiB, or the CONVT_EXT_WORKSPACE_LIMIT environment variable).
-    Larger batches are processed in chunks of whole samples; results do not
-    depend on the limit. A single sample may exceed it."""
+    """Cap all the column buffers of one convolution call, over every thread,
+    at `bytes` (default 1 GiB, or the CONVT_EXT_WORKSPACE_LIMIT environment
+    variable). Larger work is split into blocks of window positions; results
+    do not depend on the limit. The only excess: one position of the last
+    spatial dimension, when even that is larger than the limit."""
     if isinstance(bytes, bool) or not isinstance(bytes, int):
         raise TypeError(f"set_workspace_limit: bytes must be an int, but got {bytes!r}")
     _C.set_workspace_limit(bytes)
+
+
+def release_workspace():
+    """Free the column buffers that threads keep between calls (on the CPU,
+    each thread keeps up to its share of the workspace limit, so that the
+    next call need not fault in fresh pages). Safe at any time: a call in
+    flight keeps the buffer it holds."""
+    _C.release_workspace()
 
 
 def workspace_limit():
@@ -60,15 +109,27 @@ def build_info():
         from . import _build_config as cfg
     except ImportError:  # built by some other route than setup.py
         cfg = None
+    archs = list(getattr(cfg, "CUDA_ARCHS", []))
     return {
         "version": __version__,
         "cuda": _C.cuda_compiled(),
-        "cuda_archs": list(getattr(cfg, "CUDA_ARCHS", [])),
+        "cuda_archs": archs,
+        # The GPU code in the build: machine code (SASS) per architecture, and
+        # PTX, which the driver compiles for GPUs newer than every SASS target.
+        "cuda_sass": [_sm(a) for a in archs],
+        "cuda_ptx": [_sm(a).replace("sm_", "compute_") for a in archs if a.endswith("+PTX")],
         "cuda_version": getattr(cfg, "CUDA_VERSION", None),
         "built_with_torch": getattr(cfg, "TORCH_VERSION", None),
+        "sanitize": getattr(cfg, "SANITIZE", False),
         "torch": torch.__version__,
         "workspace_limit": workspace_limit(),
     }
+
+
+def _sm(arch):
+    """'8.6' or '12.0+PTX' -> 'sm_86' / 'sm_120'."""
+    major, minor = arch.replace("+PTX", "").split(".")
+    return f"sm_{major}{minor}"
 
 
 def _workspace_from_env():

@@ -2,6 +2,7 @@
 
     python -m convt_ext.explain
     python -m convt_ext.explain --kernel 3 --stride 3 --padding 1 --dilation 2 --size 7
+    python -m convt_ext.explain --dims 3
 
 It answers two questions about the example of "A guide to convolution
 arithmetic for deep learning" (Dumoulin & Visin), section 4.1:
@@ -15,23 +16,36 @@ arithmetic for deep learning" (Dumoulin & Visin), section 4.1:
    swapped per group).
 
 Then it goes through stride with zero insertion and output_padding, and a
-dilated, grouped case, in the geometry the flags choose. Every claim is
+dilated, grouped case, in the geometry the flags choose. ``--dims 1`` and
+``--dims 3`` make the same claims about conv1d / conv3d (the geometry applies
+to every spatial axis; the guide's example becomes 4 → 2 pixels with a
+3-tap kernel, or 4×4×4 → 2×2×2 with a 3×3×3 kernel). Every claim is
 computed in float64 and marked ✓ when it comes out as the text says (an
 equality that holds, or an expected difference) and ✗ when it does not; the
 exit status is 0 when every claim holds. :func:`check_claims` returns the
 claims for tests.
 """
 import argparse
+import itertools
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from . import _ops
-from .functional import conv2d, conv_transpose2d
-from .matrix import conv_matrix, conv_transpose2d_as_conv2d, equivalent_conv2d, output_padding_for
+from .functional import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d  # noqa: F401
+from .matrix import (  # noqa: F401  (looked up by name: see Dims.lib)
+    conv_matrix,
+    conv_transpose1d_as_conv1d,
+    conv_transpose2d_as_conv2d,
+    conv_transpose3d_as_conv3d,
+    equivalent_conv1d,
+    equivalent_conv2d,
+    equivalent_conv3d,
+    output_padding_for,
+)
 
-__all__ = ["Walkthrough", "check_claims", "format_matrix", "main"]
+__all__ = ["Dims", "Walkthrough", "check_claims", "format_matrix", "main"]
 
 DTYPE = torch.float64
 OK, BAD = "✓", "✗"
@@ -58,6 +72,7 @@ ASCII = {
     "…": "...",
 }
 MAX_COLUMNS = 18  # matrices wider than this are summarised, not printed
+MAX_SLICED = 128  # 3-d tensors with at most this many entries print slice by slice
 
 
 # ---------------------------------------------------------------- formatting
@@ -99,8 +114,9 @@ class Walkthrough:
     """Collects claims and, when `out` is given (a callable taking one line),
     prints headed sections, text, matrices and ✓/✗ claim lines."""
 
-    def __init__(self, out=None):
+    def __init__(self, out=None, dims=2):
         self.out = out
+        self.dims = dims  # tensors print with their leading size-1 dimensions dropped down to this many
         self.claims = []
 
     def say(self, text=""):
@@ -115,8 +131,14 @@ class Walkthrough:
 
     def matrix(self, label, t, **kw):
         t = t.detach()
-        while t.dim() > 2 and t.shape[0] == 1:
+        while t.dim() > self.dims and t.shape[0] == 1:
             t = t[0]
+        if t.dim() == 3 and t.shape[-1] <= MAX_COLUMNS and t.numel() <= MAX_SLICED:
+            self.say(f"  {label} ({_size(t)}), one slice per index of the first axis:")
+            for index in range(t.shape[0]):
+                self.say(f"    [{index}, :, :]")
+                self.say(format_matrix(t[index], **kw))
+            return
         if t.dim() > 2 or (t.dim() == 2 and t.shape[1] > MAX_COLUMNS) or t.shape[-1] > MAX_COLUMNS:
             self.say(f"  {label}: a {_size(t)} tensor (too large to print)")
             return
@@ -139,43 +161,105 @@ class Walkthrough:
 # ---------------------------------------------------------------- the sections
 
 
+class Dims:
+    """The number of spatial dimensions D of a walk-through, and the names and
+    shapes that depend on it. Library functions are looked up by name when used
+    (``F.conv{D}d``, this module's ``conv_transpose{D}d_as_conv{D}d``, ...), so
+    a test that replaces one sees its claims fail."""
+
+    def __init__(self, dims):
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3, but got {dims!r}")
+        self.n = dims
+        self.conv = f"conv{dims}d"
+        self.tconv = f"conv_transpose{dims}d"
+        self.as_conv = f"conv_transpose{dims}d_as_conv{dims}d"
+        self.equivalent = f"equivalent_conv{dims}d"
+        # 180° rotation is a 2-d word; in 1-d and 3-d the kernel is reversed along every axis.
+        self.flip_name = "rot180" if dims == 2 else "flip"
+        self.flip_text = "rotated 180°" if dims == 2 else "reversed along every axis"
+        self.side = " a side" if dims > 1 else ""  # "5 pixels a side" (2-d, 3-d), "5 pixels" (1-d)
+        self.kernel_names = {1: "k", 2: "kh, kw", 3: "kd, kh, kw"}[dims]
+
+    def F(self, name):
+        """torch.nn.functional's `name` (conv / tconv)."""
+        return getattr(F, name)
+
+    def lib(self, name):
+        """convt_ext's `name`, as this module sees it now."""
+        return globals()[name]
+
+    def cube(self, n):
+        """'n×n' in 2-d, 'n' in 1-d, 'n×n×n' in 3-d."""
+        return "×".join([str(n)] * self.n)
+
+    def pixels(self, n):
+        """An image size in words: '5×5' in 2-d, '5×5×5' in 3-d, '5 pixels' in 1-d."""
+        return f"{n} pixels" if self.n == 1 else self.cube(n)
+
+    def kernel(self, k):
+        """A kernel size in words: '3×3' in 2-d, '3×3×3' in 3-d, '3-tap' in 1-d."""
+        return f"{k}-tap" if self.n == 1 else self.cube(k)
+
+    def shape(self, n):
+        return (n,) * self.n
+
+    def flip(self, t):
+        return t.flip(tuple(range(-self.n, 0)))
+
+    def first(self, t, n):
+        """t[..., :n, :n] over the D spatial dimensions."""
+        return t[(Ellipsis,) + (slice(n),) * self.n]
+
+
 def _hand_built_C(w):
-    """The guide's 4×16 matrix for a 3×3 kernel over a 4×4 input, written out
-    row by row as in its section 4.1: output pixel (r, c) reads input rows
-    r..r+2, columns c..c+2."""
-    C = torch.zeros(4, 16, dtype=w.dtype)
-    for row, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        for ki in range(3):
-            start = (r + ki) * 4 + c
-            C[row, start : start + 3] = w[ki]
+    """The guide's matrix for a kernel of 3 per axis over an input of 4 per
+    axis (4×16 in 2-d), written out as in its section 4.1: output pixel r
+    (one row of C) reads the input pixels r..r+2 along every axis, weighted by
+    w; flat indices are row-major. In 2-d: rows (0, 0), (0, 1), (1, 0),
+    (1, 1); row (r, c) holds w[ki] at columns (r + ki)·4 + c .. +2."""
+    dims = w.dim()
+    outputs = list(itertools.product(range(2), repeat=dims))
+    C = torch.zeros(len(outputs), 4**dims, dtype=w.dtype)
+    for row, out in enumerate(outputs):
+        for offset in itertools.product(range(3), repeat=dims):
+            column = 0
+            for axis in range(dims):
+                column = column * 4 + out[axis] + offset[axis]
+            C[row, column] = w[offset]
     return C
 
 
-def guide_example(wt, gen):
-    """Section 4.1's example, its two puzzles and their answers."""
-    wt.section("1. The guide's example: convolution as a matrix (section 4.1, relationship 8)")
-    x = torch.arange(1, 17, dtype=DTYPE).reshape(4, 4)
-    w = torch.rand(3, 3, generator=gen, dtype=DTYPE)
-    x1 = x.view(1, 1, 4, 4).clone().requires_grad_()
-    w1 = w.view(1, 1, 3, 3)
-    y1 = F.conv2d(x1, w1)
+def guide_example(wt, gen, dm=None):
+    """Section 4.1's example, its two puzzles and their answers (a 4×4 input
+    and a 3×3 kernel in 2-d; 4 and 3 per axis in 1-d and 3-d)."""
+    dm = dm or Dims(2)
+    conv, tconv, rot = dm.conv, dm.tconv, dm.flip_name
+    where = "" if dm.n == 2 else f", in {dm.n}-d"
+    wt.section(f"1. The guide's example: convolution as a matrix (section 4.1, relationship 8{where})")
+    n_in, n_out = 4**dm.n, 2**dm.n
+    x = torch.arange(1, n_in + 1, dtype=DTYPE).reshape(dm.shape(4))
+    w = torch.rand(dm.shape(3), generator=gen, dtype=DTYPE)
+    x1 = x.view(1, 1, *x.shape).clone().requires_grad_()
+    w1 = w.view(1, 1, *w.shape)
+    y1 = dm.F(conv)(x1, w1)
     y1.backward(torch.ones_like(y1))
-    wt.say("  x1 = arange(1, 17) as 1×1×4×4, w1 = a random 3×3 kernel, y1 = conv2d(x1, w1),")
+    wt.say(f"  x1 = arange(1, {n_in + 1}) as 1×1×{dm.cube(4)}, w1 = a random {dm.kernel(3)} kernel, y1 = {conv}(x1, w1),")
     wt.say("  y1.backward(ones_like(y1)).")
     wt.matrix("x", x)
     wt.matrix("w", w)
-    wt.matrix("y1 = conv2d(x1, w1)", y1)
+    wt.matrix(f"y1 = {conv}(x1, w1)", y1)
 
     C = _hand_built_C(w)
     wt.say()
-    wt.say("  The 4×16 matrix C, built by hand as in the guide (row = output pixel, column = input pixel):")
+    wt.say(f"  The {n_out}×{n_in} matrix C, built by hand as in the guide (row = output pixel, column = input pixel):")
     wt.matrix("C", C, zero=".")
-    wt.same("convt_ext.conv_matrix(w1, (4, 4)).to_dense() is this C", conv_matrix(w1, (4, 4)).to_dense(), C)
-    wt.same("C·x.flatten() = conv2d(x1, w1).flatten()", C @ x.flatten(), y1.detach().flatten())
+    wt.same(f"convt_ext.conv_matrix(w1, {dm.shape(4)}).to_dense() is this C", conv_matrix(w1, dm.shape(4)).to_dense(), C)
+    wt.same(f"C·x.flatten() = {conv}(x1, w1).flatten()", C @ x.flatten(), y1.detach().flatten())
 
-    ones = torch.ones(4, dtype=DTYPE)
-    ct_ones = (C.t() @ ones).view(4, 4)
-    ct_y1 = (C.t() @ y1.detach().flatten()).view(4, 4)
+    ones = torch.ones(n_out, dtype=DTYPE)
+    ct_ones = (C.t() @ ones).view(x.shape)
+    ct_y1 = (C.t() @ y1.detach().flatten()).view(x.shape)
     wt.say()
     wt.say("  Puzzle 1: torch.mm(C.t(), y1.view(-1, 1)) is not x1.grad. Why?")
     wt.matrix("x1.grad", x1.grad)
@@ -183,197 +267,211 @@ def guide_example(wt, gen):
     wt.matrix("Cᵀ·y1", ct_y1)
     wt.differ("Cᵀ·y1 ≠ x1.grad", ct_y1, x1.grad[0, 0])
     wt.same("x1.grad = Cᵀ·ones: backward multiplies Cᵀ by the upstream gradient (ones here), not by y1", x1.grad[0, 0], ct_ones)
-    (grad_by_y1,) = torch.autograd.grad(F.conv2d(x1, w1), x1, y1.detach())
+    (grad_by_y1,) = torch.autograd.grad(dm.F(conv)(x1, w1), x1, y1.detach())
     wt.same("with y1 as the upstream gradient, the input gradient is Cᵀ·y1", grad_by_y1[0, 0], ct_y1)
-    wt.same("Cᵀ·y1 = conv_transpose2d(y1, w1): the transposed convolution is Cᵀ", ct_y1, F.conv_transpose2d(y1.detach(), w1)[0, 0])
+    wt.same(f"Cᵀ·y1 = {tconv}(y1, w1): the transposed convolution is Cᵀ", ct_y1, dm.F(tconv)(y1.detach(), w1)[0, 0])
 
     wt.say()
-    wt.say("  Puzzle 2: conv_transpose2d(y1, w1) differs from conv2d(y1, w1, padding=2). Why?")
+    wt.say(f"  Puzzle 2: {tconv}(y1, w1) differs from {conv}(y1, w1, padding=2). Why?")
     yd = y1.detach()
-    transposed = F.conv_transpose2d(yd, w1)
-    flipped = w1.flip(-2, -1)
-    wt.matrix("conv_transpose2d(y1, w1)", transposed)
-    wt.matrix("conv2d(y1, w1, padding=2)", F.conv2d(yd, w1, padding=2))
-    wt.matrix("rot180(w)", flipped)
-    wt.matrix("conv2d(y1, rot180(w1), padding=2)", F.conv2d(yd, flipped, padding=2))
-    wt.differ("conv_transpose2d(y1, w1) ≠ conv2d(y1, w1, padding=2)", transposed, F.conv2d(yd, w1, padding=2))
+    transposed = dm.F(tconv)(yd, w1)
+    flipped = dm.flip(w1)
+    wt.matrix(f"{tconv}(y1, w1)", transposed)
+    wt.matrix(f"{conv}(y1, w1, padding=2)", dm.F(conv)(yd, w1, padding=2))
+    wt.matrix(f"{rot}(w)", flipped)
+    wt.matrix(f"{conv}(y1, {rot}(w1), padding=2)", dm.F(conv)(yd, flipped, padding=2))
+    wt.differ(f"{tconv}(y1, w1) ≠ {conv}(y1, w1, padding=2)", transposed, dm.F(conv)(yd, w1, padding=2))
     wt.same(
-        "conv_transpose2d(y1, w1) = conv2d(y1, rot180(w1), padding=k−1=2): the direct form needs the kernel rotated 180°",
+        f"{tconv}(y1, w1) = {conv}(y1, {rot}(w1), padding=k−1=2): the direct form needs the kernel {dm.flip_text}",
         transposed,
-        F.conv2d(yd, flipped, padding=2),
+        dm.F(conv)(yd, flipped, padding=2),
     )
-    eq = equivalent_conv2d(yd.shape, w1)
-    wt.same("equivalent_conv2d gives that rotated kernel", eq.weight, flipped)
+    eq = dm.lib(dm.equivalent)(yd.shape, w1)
+    wt.same(f"{dm.equivalent} gives that {'rotated' if dm.n == 2 else 'reversed'} kernel", eq.weight, flipped)
     i_t, k = yd.shape[-1], w.shape[-1]
     wt.claim(
-        f"relationship 8 (s=1, p=0): o′ = i′ + (k−1) = {i_t} + {k - 1} = {i_t + k - 1} pixels a side, as conv_transpose2d"
-        " and equivalent_conv2d give",
-        (i_t + k - 1,) * 2 == eq.output_size == tuple(transposed.shape[-2:]),
+        f"relationship 8 (s=1, p=0): o′ = i′ + (k−1) = {i_t} + {k - 1} = {i_t + k - 1} pixels{dm.side}, as {tconv}"
+        f" and {dm.equivalent} give",
+        dm.shape(i_t + k - 1) == eq.output_size == tuple(transposed.shape[2:]),
     )
 
     wt.say()
     wt.say("  Cᵀ is the adjoint of C, not its inverse:")
     CCt = C @ C.t()
     wt.matrix("C·Cᵀ", CCt)
-    wt.differ("C·Cᵀ ≠ I: conv2d(conv_transpose2d(y)) does not give y back", CCt, torch.eye(4, dtype=DTYPE))
-    u = torch.randn(16, generator=gen, dtype=DTYPE)
-    v = torch.randn(4, generator=gen, dtype=DTYPE)
+    wt.differ(f"C·Cᵀ ≠ I: {conv}({tconv}(y)) does not give y back", CCt, torch.eye(n_out, dtype=DTYPE))
+    u = torch.randn(n_in, generator=gen, dtype=DTYPE)
+    v = torch.randn(n_out, generator=gen, dtype=DTYPE)
     wt.claim(
         "⟨C·u, v⟩ = ⟨u, Cᵀ·v⟩ for random u, v (the definition of the adjoint)",
         torch.isclose(torch.dot(C @ u, v), torch.dot(u, C.t() @ v)),
     )
 
 
-def _equivalent_lines(wt, eq, s, p, a, d, k):
+def _equivalent_lines(wt, eq, s, p, a, d, k, dm=None):
+    dm = dm or Dims(2)
     wt.say(f"  The equivalent stride-1 convolution (relationship 14 with dilation; groups={eq.groups}):")
     wt.say(
         f"    1. insert s−1 = {eq.zero_insertion[0]} zeros between pixels: "
-        f"{eq.input_size[0]} → {eq.stretched_size[0]} pixels a side"
+        f"{eq.input_size[0]} → {eq.stretched_size[0]} pixels{dm.side}"
     )
     wt.say(
         f"    2. pad d(k−1)−p = {d}·{k - 1}−{p} = {eq.padding_low[0]} before and d(k−1)−p+a = {eq.padding_high[0]} after"
         + (" (negative: crop)" if min(eq.padding_low + eq.padding_high) < 0 else "")
-        + f": {eq.padded_size[0]} pixels a side"
+        + f": {eq.padded_size[0]} pixels{dm.side}"
     )
-    wt.say(f"    3. rotate the kernel 180°, swap in/out channels per group: {tuple(eq.weight.shape)}")
-    wt.say(f"    4. conv2d with stride 1, dilation {eq.dilation[0]}: {eq.output_size[0]} pixels a side")
+    turn = "rotate the kernel 180°" if dm.n == 2 else "reverse the kernel along every axis"
+    wt.say(f"    3. {turn}, swap in/out channels per group: {tuple(eq.weight.shape)}")
+    wt.say(f"    4. {dm.conv} with stride 1, dilation {eq.dilation[0]}: {eq.output_size[0]} pixels{dm.side}")
 
 
-def strided(wt, gen, kernel, stride, padding, dilation, size):
+def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
     """Stride: zero insertion and output_padding (relationships 12-14)."""
+    dm = dm or Dims(2)
+    conv, tconv, rot = dm.conv, dm.tconv, dm.flip_name
     k, s, p, d, i = kernel, stride, padding, dilation, size
     wt.section(f"2. Stride {s}: zero insertion and output_padding (relationships 12–14; k={k}, p={p}, d={d}, i={i})")
     o = _ops.window_count(i, k, s, p, d)
     a = (i + 2 * p - d * (k - 1) - 1) % s
-    w = torch.randn(1, 1, k, k, generator=gen, dtype=DTYPE)
-    x = torch.randint(-4, 5, (1, 1, i, i), generator=gen).to(DTYPE)
-    y = torch.randint(1, 10, (1, 1, o, o), generator=gen).to(DTYPE)
-    wt.say(f"  A conv2d with kernel {k}, stride {s}, padding {p}, dilation {d} maps {i}×{i} to")
+    w = torch.randn(1, 1, *dm.shape(k), generator=gen, dtype=DTYPE)
+    x = torch.randint(-4, 5, (1, 1, *dm.shape(i)), generator=gen).to(DTYPE)
+    y = torch.randint(1, 10, (1, 1, *dm.shape(o)), generator=gen).to(DTYPE)
+    wt.say(f"  A {conv} with kernel {k}, stride {s}, padding {p}, dilation {d} maps {dm.pixels(i)} to")
     wt.say(
         f"  o = ⌊(i + 2p − d(k−1) − 1)/s⌋ + 1 = ⌊({i} + {2 * p} − {d * (k - 1)} − 1)/{s}⌋ + 1"
-        f" = {o} pixels a side (relationship 15)."
+        f" = {o} pixels{dm.side} (relationship 15)."
     )
-    wt.claim(f"conv2d output is {o}×{o}", tuple(F.conv2d(x, w, None, s, p, d).shape[-2:]) == (o, o))
+    wt.claim(f"{conv} output is {dm.pixels(o)}", tuple(dm.F(conv)(x, w, None, s, p, d).shape[2:]) == dm.shape(o))
     wt.say(f"  The floor drops a = (i + 2p − d(k−1) − 1) mod s = {a} pixel(s): every size from {max(i - a, 1)} to {i - a + s - 1}")
     wt.say(f"  gives {o} windows, so the transposed convolution needs output_padding = a to get back to {i}.")
     wt.claim(f"output_padding_for({o}, {i}, {k}, {s}, {p}, {d}) = {a}", output_padding_for(o, i, k, s, p, d) == a)
-    z = F.conv_transpose2d(y, w, None, s, p, a, 1, d)
+    z = dm.F(tconv)(y, w, None, s, p, a, 1, d)
     try:
-        z0 = F.conv_transpose2d(y, w, None, s, p, 0, 1, d)
+        z0 = dm.F(tconv)(y, w, None, s, p, 0, 1, d)
     except RuntimeError:  # torch rejects a non-positive output size
         z0 = None
     if a and i - a < 1:
-        wt.claim(f"without output_padding there is no output at all (F.conv_transpose2d refuses size {i - a})", z0 is None)
+        wt.claim(f"without output_padding there is no output at all (F.{tconv} refuses size {i - a})", z0 is None)
     elif a:
         wt.claim(
-            f"without output_padding the transposed output is {i - a}×{i - a}, not {i}×{i}",
-            tuple(z0.shape[-2:]) == (i - a, i - a),
+            f"without output_padding the transposed output is {dm.pixels(i - a)}, not {dm.pixels(i)}",
+            tuple(z0.shape[2:]) == dm.shape(i - a),
         )
     else:
-        wt.claim(f"a = 0, so the transposed output is already {i}×{i} without output_padding", tuple(z0.shape[-2:]) == (i, i))
+        wt.claim(
+            f"a = 0, so the transposed output is already {dm.pixels(i)} without output_padding",
+            tuple(z0.shape[2:]) == dm.shape(i),
+        )
     wt.claim(
         f"relationship 14: o′ = s(i′−1) + a + d(k−1) + 1 − 2p = {s}·{o - 1} + {a} + {d * (k - 1) + 1} − {2 * p}"
-        f" = {_ops.transposed_size(o, k, s, p, a, d)} = conv_transpose2d's output size",
+        f" = {_ops.transposed_size(o, k, s, p, a, d)} = {tconv}'s output size",
         _ops.transposed_size(o, k, s, p, a, d) == z.shape[-1] == i,
     )
 
-    eq = equivalent_conv2d(y.shape, w, s, p, a, 1, d)
+    eq = dm.lib(dm.equivalent)(y.shape, w, s, p, a, 1, d)
     wt.say()
-    _equivalent_lines(wt, eq, s, p, a, d, k)
+    _equivalent_lines(wt, eq, s, p, a, d, k, dm)
     wt.matrix("y", y)
     stretched = eq.stretch(y)
     wt.matrix(f"y with {s - 1} zero(s) inserted between pixels", stretched)
     prepared = eq.pad(stretched)
     wt.matrix(f"… padded by {eq.padding_low[0]} before and {eq.padding_high[0]} after", prepared)
     wt.matrix("w", w)
-    wt.matrix("rot180(w)", eq.weight)
-    direct = F.conv2d(prepared, eq.weight, None, 1, 0, d)
-    wt.matrix(f"conv_transpose2d(y, w, stride={s}, padding={p}, output_padding={a}, dilation={d})", z)
-    wt.same("the stride-1 conv2d of the zero-inserted, padded y with rot180(w) gives it", direct, z)
-    wt.same("convt_ext.conv_transpose2d_as_conv2d gives it", conv_transpose2d_as_conv2d(y, w, None, s, p, a, 1, d), z)
-    wt.same("convt_ext.conv_transpose2d gives it", conv_transpose2d(y, w, None, s, p, a, 1, d), z)
-    C = conv_matrix(w, (i, i), s, p, d)
+    wt.matrix(f"{rot}(w)", eq.weight)
+    direct = dm.F(conv)(prepared, eq.weight, None, 1, 0, d)
+    wt.matrix(f"{tconv}(y, w, stride={s}, padding={p}, output_padding={a}, dilation={d})", z)
+    wt.same(f"the stride-1 {conv} of the zero-inserted, padded y with {rot}(w) gives it", direct, z)
+    wt.same(f"convt_ext.{dm.as_conv} gives it", dm.lib(dm.as_conv)(y, w, None, s, p, a, 1, d), z)
+    wt.same(f"convt_ext.{tconv} gives it", dm.lib(tconv)(y, w, None, s, p, a, 1, d), z)
+    C = conv_matrix(w, dm.shape(i), s, p, d)
     wt.same(
-        f"Cᵀ·y = it, with the {C.shape[0]}×{C.shape[1]} matrix C = conv_matrix(w, ({i}, {i}), {s}, {p}, {d})",
+        f"Cᵀ·y = it, with the {C.shape[0]}×{C.shape[1]} matrix C = conv_matrix(w, {dm.shape(i)}, {s}, {p}, {d})",
         C.t() @ y.flatten(),
         z.flatten(),
     )
-    wt.same("C·x = conv2d(x, w)", C @ x.flatten(), F.conv2d(x, w, None, s, p, d).flatten())
+    wt.same(f"C·x = {conv}(x, w)", C @ x.flatten(), dm.F(conv)(x, w, None, s, p, d).flatten())
     if s > 1 and o > 1:
         try:
-            plain = conv_transpose2d_as_conv2d(y, w, None, 1, p, 0, 1, d)
+            plain = dm.lib(dm.as_conv)(y, w, None, 1, p, 0, 1, d)
             got = f"a {_size(plain[0, 0])} output"
         except ValueError:
             plain, got = None, "no output at all"
         wt.claim(
-            f"without zero insertion (the stride-1 recipe) y would give {got}, not {i}×{i}",
+            f"without zero insertion (the stride-1 recipe) y would give {got}, not {dm.pixels(i)}",
             plain is None or plain.shape != z.shape,
         )
 
 
-def dilated_grouped(wt, gen, kernel, stride, padding, dilation, size, groups=2):
+def dilated_grouped(wt, gen, kernel, stride, padding, dilation, size, groups=2, dm=None):
     """Dilation and groups (relationship 15), and the backward table."""
+    dm = dm or Dims(2)
+    conv, tconv = dm.conv, dm.tconv
     k, s, p, d, i, g = kernel, stride, padding, dilation, size, groups
     c_in, c_out = 2 * g, 3 * g
     wt.section(f"3. Dilation {d} and groups {g} (relationship 15; k={k}, s={s}, p={p}, i={i}, {c_in}→{c_out} channels)")
     o = _ops.window_count(i, k, s, p, d)
     a = (i + 2 * p - d * (k - 1) - 1) % s
-    w = torch.randn(c_out, c_in // g, k, k, generator=gen, dtype=DTYPE)
-    x = torch.randn(1, c_in, i, i, generator=gen, dtype=DTYPE, requires_grad=True)
-    y = torch.randint(1, 10, (1, c_out, o, o), generator=gen).to(DTYPE)
+    w = torch.randn(c_out, c_in // g, *dm.shape(k), generator=gen, dtype=DTYPE)
+    x = torch.randn(1, c_in, *dm.shape(i), generator=gen, dtype=DTYPE, requires_grad=True)
+    y = torch.randint(1, 10, (1, c_out, *dm.shape(o)), generator=gen).to(DTYPE)
     wt.say(f"  Dilation spreads the kernel's taps d = {d} apart: it covers d(k−1)+1 = {d * (k - 1) + 1} pixels, so")
-    wt.say(f"  o = ⌊(i + 2p − k − (k−1)(d−1))/s⌋ + 1 = {o} (relationship 15). conv2d's weight is {_size(w)};")
-    wt.say("  the transposed convolution uses the same tensor as its (C_in, C_out/groups, kh, kw) weight.")
-    out = F.conv2d(x, w, None, s, p, d, g)
-    wt.claim(f"conv2d output is {c_out}×{o}×{o}", tuple(out.shape[1:]) == (c_out, o, o))
-    z = F.conv_transpose2d(y, w, None, s, p, a, g, d)
-    eq = equivalent_conv2d(y.shape, w, s, p, a, g, d)
+    wt.say(f"  o = ⌊(i + 2p − k − (k−1)(d−1))/s⌋ + 1 = {o} (relationship 15). {conv}'s weight is {_size(w)};")
+    wt.say(f"  the transposed convolution uses the same tensor as its (C_in, C_out/groups, {dm.kernel_names}) weight.")
+    out = dm.F(conv)(x, w, None, s, p, d, g)
+    wt.claim(f"{conv} output is {c_out}×{dm.cube(o)}", tuple(out.shape[1:]) == (c_out, *dm.shape(o)))
+    z = dm.F(tconv)(y, w, None, s, p, a, g, d)
+    eq = dm.lib(dm.equivalent)(y.shape, w, s, p, a, g, d)
     wt.say()
-    _equivalent_lines(wt, eq, s, p, a, d, k)
+    _equivalent_lines(wt, eq, s, p, a, d, k, dm)
     wt.matrix("channel 0 of y, zero-inserted and padded", eq.prepare(y)[0, 0])
-    wt.same("convt_ext.conv_transpose2d_as_conv2d = F.conv_transpose2d", conv_transpose2d_as_conv2d(y, w, None, s, p, a, g, d), z)
-    wt.same("convt_ext.conv_transpose2d = F.conv_transpose2d", conv_transpose2d(y, w, None, s, p, a, g, d), z)
-    unswapped = w.flip(-2, -1).reshape(eq.weight.shape)
+    wt.same(f"convt_ext.{dm.as_conv} = F.{tconv}", dm.lib(dm.as_conv)(y, w, None, s, p, a, g, d), z)
+    wt.same(f"convt_ext.{tconv} = F.{tconv}", dm.lib(tconv)(y, w, None, s, p, a, g, d), z)
+    unswapped = dm.flip(w).reshape(eq.weight.shape)
     if z.abs().max() > 0:
         wt.differ(
-            "rotating without swapping in/out channels per group (a plain reshape) gives something else",
-            F.conv2d(eq.prepare(y), unswapped, None, 1, 0, d, g),
+            "rotating without swapping in/out channels per group (a plain reshape) gives something else"
+            if dm.n == 2
+            else "reversing without swapping in/out channels per group (a plain reshape) gives something else",
+            dm.F(conv)(eq.prepare(y), unswapped, None, 1, 0, d, g),
             z,
         )
     else:
         wt.say("  (this geometry's output is all zeros: every tap lands in the cropped padding)")
-    C = conv_matrix(w, (i, i), s, p, d, g)
-    wt.say(f"  C = conv_matrix(w, ({i}, {i}), {s}, {p}, {d}, groups={g}) is {C.shape[0]}×{C.shape[1]} with {C._nnz()} stored entries.")
-    wt.same("C·x = conv2d(x, w)", C @ x.detach().flatten(), out.detach().flatten())
-    wt.same("Cᵀ·y = conv_transpose2d(y, w)", C.t() @ y.flatten(), z.flatten())
+    C = conv_matrix(w, dm.shape(i), s, p, d, g)
+    wt.say(f"  C = conv_matrix(w, {dm.shape(i)}, {s}, {p}, {d}, groups={g}) is {C.shape[0]}×{C.shape[1]} with {C._nnz()} stored entries.")
+    wt.same(f"C·x = {conv}(x, w)", C @ x.detach().flatten(), out.detach().flatten())
+    wt.same(f"Cᵀ·y = {tconv}(y, w)", C.t() @ y.flatten(), z.flatten())
 
     wt.say()
     wt.say("  The backward table: each one's input gradient is the other one.")
-    (gx,) = torch.autograd.grad(conv2d(x, w, None, s, p, d, g), x, y)
-    wt.same("x.grad of convt_ext.conv2d with upstream y = conv_transpose2d(y, w, output_padding=a)", gx, z)
+    (gx,) = torch.autograd.grad(dm.lib(conv)(x, w, None, s, p, d, g), x, y)
+    wt.same(f"x.grad of convt_ext.{conv} with upstream y = {tconv}(y, w, output_padding=a)", gx, z)
     yy = y.clone().requires_grad_()
     u = torch.randn(z.shape, generator=gen, dtype=DTYPE)
-    (gy,) = torch.autograd.grad(conv_transpose2d(yy, w, None, s, p, a, g, d), yy, u)
-    wt.same("y.grad of convt_ext.conv_transpose2d with upstream u = conv2d(u, w)", gy, F.conv2d(u, w, None, s, p, d, g))
+    (gy,) = torch.autograd.grad(dm.lib(tconv)(yy, w, None, s, p, a, g, d), yy, u)
+    wt.same(f"y.grad of convt_ext.{tconv} with upstream u = {conv}(u, w)", gy, dm.F(conv)(u, w, None, s, p, d, g))
 
     if d > s:
         b = s  # allowed because output_padding < max(stride, dilation)
-        zb = F.conv_transpose2d(y, w, None, s, p, b, g, d)
+        zb = dm.F(tconv)(y, w, None, s, p, b, g, d)
         xb = torch.randn(zb.shape[0], c_in, *zb.shape[2:], generator=gen, dtype=DTYPE)
-        direct = F.conv2d(xb, w, None, s, p, d, g)
+        direct = dm.F(conv)(xb, w, None, s, p, d, g)
         wt.say()
         wt.say(f"  output_padding may reach max(s, d) − 1 = {d - 1} here, past s − 1 = {s - 1}. With output_padding = {b}")
-        wt.say(f"  the output is {zb.shape[-1]} pixels a side, and conv2d over that size has {direct.shape[-1]} windows, not {o}:")
-        wt.claim(f"conv2d over the {zb.shape[-1]}-pixel output has more than {o} windows", direct.shape[-1] > o)
+        wt.say(
+            f"  the output is {zb.shape[-1]} pixels{dm.side}, and {conv} over that size has {direct.shape[-1]} windows,"
+            f" not {o}:"
+        )
+        wt.claim(f"{conv} over the {zb.shape[-1]}-pixel output has more than {o} windows", direct.shape[-1] > o)
         wt.claim(
-            "that transposed convolution is the adjoint of conv2d followed by a crop to the first o windows",
-            torch.isclose((direct[..., :o, :o] * y).sum(), (xb * zb).sum()),
+            f"that transposed convolution is the adjoint of {conv} followed by a crop to the first o windows",
+            torch.isclose((dm.first(direct, o) * y).sum(), (xb * zb).sum()),
         )
 
 
 # ---------------------------------------------------------------- entry points
 
-DEFAULTS = dict(kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0)
+DEFAULTS = dict(kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0, dims=2)
 
 
 def _dilations(dilation):
@@ -392,23 +490,27 @@ def geometry_problem(kernel, stride, padding, dilation, size):
     return None
 
 
-def run(wt, kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0):
-    """All sections into `wt`; returns its claims."""
+def run(wt, kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0, dims=2):
+    """All sections into `wt`, with `dims` (1, 2 or 3) spatial dimensions and
+    the geometry on every axis; returns its claims."""
+    dm = Dims(dims)
     problem = geometry_problem(kernel, stride, padding, dilation, size)
     if problem:
         raise ValueError(problem)
+    wt.dims = dims
     gen = torch.Generator().manual_seed(seed)
     d2, d3 = _dilations(dilation)
-    guide_example(wt, gen)
-    strided(wt, gen, kernel, stride, padding, d2, size)
-    dilated_grouped(wt, gen, kernel, stride, padding, d3, size)
+    guide_example(wt, gen, dm)
+    strided(wt, gen, kernel, stride, padding, d2, size, dm)
+    dilated_grouped(wt, gen, kernel, stride, padding, d3, size, dm=dm)
     return wt.claims
 
 
-def check_claims(kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0):
+def check_claims(kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0, dims=2):
     """The walk-through's claims, as a list of (claim text, holds), printing
-    nothing. `dilation` None means 1 in section 2 and 2 in section 3."""
-    return run(Walkthrough(), kernel, stride, padding, dilation, size, seed)
+    nothing. `dilation` None means 1 in section 2 and 2 in section 3; `dims`
+    is the number of spatial dimensions (1, 2 or 3)."""
+    return run(Walkthrough(), kernel, stride, padding, dilation, size, seed, dims)
 
 
 def _bounded(name, low, high):
@@ -430,7 +532,11 @@ def build_parser():
         description="Walk through the transposed convolution (Dumoulin & Visin, sections 4.1-4.3 and 5): "
         "C and its transpose, the kernel flip, zero insertion, output_padding, dilation and groups. "
         "Section 1 is the guide's fixed 4x4 example; the flags choose the geometry of sections 2 and 3. "
+        "--dims 1 or 3 makes the same claims about conv1d or conv3d (the geometry then applies to every axis). "
         "Exits 0 when every claim holds.",
+    )
+    parser.add_argument(
+        "--dims", type=_bounded("--dims", 1, 3), default=DEFAULTS["dims"], help="number of spatial dimensions: 1, 2 or 3 (default 2)"
     )
     parser.add_argument("--kernel", type=_bounded("--kernel", 1, 7), default=DEFAULTS["kernel"], help="kernel size k (default 3)")
     parser.add_argument("--stride", type=_bounded("--stride", 1, 6), default=DEFAULTS["stride"], help="stride s (default 2)")
@@ -474,7 +580,7 @@ def main(argv=None):
         parser.error(problem)
     out = _printer(sys.stdout)
     wt = Walkthrough(out)
-    claims = run(wt, args.kernel, args.stride, args.padding, args.dilation, args.size, args.seed)
+    claims = run(wt, args.kernel, args.stride, args.padding, args.dilation, args.size, args.seed, args.dims)
     failed = [text for text, holds in claims if not holds]
     wt.section("Summary")
     wt.say(f"  {len(claims) - len(failed)} of {len(claims)} claims hold.")

@@ -1,6 +1,7 @@
-"""The public functions, with torch.nn.functional's names, arguments and order.
+"""The public functions, with torch.nn.functional's names, arguments and order,
+in 1, 2 and 3 spatial dimensions.
 
-Each normalises its arguments (int or pair, string padding, unbatched input)
+Each normalises its arguments (int or tuple, string padding, unbatched input)
 and calls one torch.ops.convt_ext op; the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
@@ -11,23 +12,45 @@ from . import _ops
 
 ops = torch.ops.convt_ext
 
-__all__ = ["im2col", "col2im", "conv2d", "conv_transpose2d", "conv2d_weight"]
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "conv1d_weight",
+    "conv2d_weight",
+    "conv3d_weight",
+]
 
 _INT = (int, torch.SymInt)
+_SEQUENCE = (tuple, list, torch.Size)
+
+
+def _is_int(value):
+    return isinstance(value, _INT) and not isinstance(value, bool)
+
+
+def _ntuple(value, n, name, op):
+    """An int, or a sequence of n ints, as a tuple of n ints; anything else
+    (bools, other types, a sequence of another length) is a TypeError."""
+    if _is_int(value):
+        return (value,) * n
+    if isinstance(value, _SEQUENCE) and len(value) == n and all(_is_int(v) for v in value):
+        return tuple(value)
+    what = "a pair of ints" if n == 2 else f"a sequence of {n} ints (one per spatial dimension)"
+    raise TypeError(f"{op}: {name} must be an int or {what}, but got {name}={value!r}")
 
 
 def _pair(value, name, op):
-    """An int or a pair of ints, as a pair. bools and other types are rejected."""
-    if isinstance(value, _INT) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
-        if all(isinstance(v, _INT) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-    raise TypeError(f"{op}: {name} must be an int or a pair of ints, but got {name}={value!r}")
+    return _ntuple(value, 2, name, op)
 
 
 def _int(value, name, op):
-    if isinstance(value, _INT) and not isinstance(value, bool):
+    if _is_int(value):
         return value
     raise TypeError(f"{op}: {name} must be an int, but got {name}={value!r}")
 
@@ -37,37 +60,55 @@ def _check_tensor(value, name, op):
         raise TypeError(f"{op}: {name} must be a Tensor, but got {type(value).__name__}")
 
 
-def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
-    """Extract sliding windows, exactly like ``F.unfold``.
+def _dims_of(op, named, default):
+    """The number of spatial dimensions: the length of the sequence arguments
+    in `named` (name -> value), which must agree, else `default`."""
+    dims = None
+    for name, value in named.items():
+        if isinstance(value, _SEQUENCE):
+            if dims is None:
+                dims, first = len(value), name
+            elif len(value) != dims:
+                raise ValueError(
+                    f"{op}: {name} has {len(value)} values but {first} has {dims}: every geometry "
+                    f"argument needs one value per spatial dimension, but got {name}={value!r}, {first}={named[first]!r}"
+                )
+    dims = default if dims is None else dims
+    if dims not in (1, 2, 3):
+        raise ValueError(f"{op}: 1, 2 or 3 spatial dimensions are supported, but the arguments give {dims} ({named})")
+    return dims
 
-    ``input`` is ``(N, C, H, W)`` or unbatched ``(C, H, W)``; the result is
-    ``(N, C*kh*kw, L)`` (or ``(C*kh*kw, L)``), rows ordered (c, ki, kj) and L
-    the number of window positions. Its backward is :func:`col2im`.
+
+def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
+    """Extract sliding windows, like ``F.unfold``, in 1, 2 or 3 dimensions.
+
+    ``input`` is ``(N, C, *spatial)`` or unbatched ``(C, *spatial)``; the
+    result is ``(N, C*prod(kernel_size), L)`` (or without N), rows ordered
+    (c, kernel offset), L the number of window positions, both row-major.
+    The number of spatial dimensions D is the length of any tuple argument;
+    with ints only it is 2 for a 3-d or 4-d input (as ``F.unfold``), 3 for
+    a 5-d and 1 for a 2-d input. Its backward is :func:`col2im`.
     """
     op = "im2col"
     _check_tensor(input, "input", op)
-    return ops.im2col(
-        input,
-        _pair(kernel_size, "kernel_size", op),
-        _pair(dilation, "dilation", op),
-        _pair(padding, "padding", op),
-        _pair(stride, "stride", op),
-    )
+    named = dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
+    default = {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim())
+    if default is None:
+        raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
+    d = _dims_of(op, named, default)
+    return ops.im2col(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
 
 
 def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
-    """Sum sliding windows back into an image, exactly like ``F.fold``: the
-    adjoint (transpose) of :func:`im2col`, and its backward."""
+    """Sum sliding windows back into an image, like ``F.fold``, in 1, 2 or 3
+    dimensions: the adjoint (transpose) of :func:`im2col`, and its backward.
+    D is the length of ``output_size`` (or of any tuple argument; 2 with ints
+    only)."""
     op = "col2im"
     _check_tensor(input, "input", op)
-    return ops.col2im(
-        input,
-        _pair(output_size, "output_size", op),
-        _pair(kernel_size, "kernel_size", op),
-        _pair(dilation, "dilation", op),
-        _pair(padding, "padding", op),
-        _pair(stride, "stride", op),
-    )
+    named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
+    d = _dims_of(op, named, 2)
+    return ops.col2im(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
 
 
 def _check_bias(bias, op):
@@ -75,26 +116,91 @@ def _check_bias(bias, op):
         _check_tensor(bias, "bias", op)
 
 
-def _batched(input, op, name="input"):
-    """(input as 4-d, whether it was unbatched)."""
+def _batched(input, d, op, name="input"):
+    """(input with a batch dimension, whether it was unbatched)."""
     _check_tensor(input, name, op)
-    if input.dim() == 3:
+    if input.dim() == d + 1:
         return input.unsqueeze(0), True
-    if input.dim() == 4:
+    if input.dim() == d + 2:
         return input, False
-    raise ValueError(f"{op}: {name} must be 3-d (C, H, W) or 4-d (N, C, H, W), but got a {input.dim()}-d tensor")
+    raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
 
 
-def _same_padding(input, kernel, dilation, op):
+def _same_padding(input, kernel, dilation):
     """'same' padding: total d(k-1) per dimension, the odd pixel on the high
     side as in torch. Returns (input padded on the high side where needed,
     symmetric padding)."""
-    total = [dilation[i] * (kernel[i] - 1) for i in range(2)]
+    total = [dilation[i] * (kernel[i] - 1) for i in range(len(kernel))]
     low = [t // 2 for t in total]
-    extra = [total[i] - 2 * low[i] for i in range(2)]
+    extra = [total[i] - 2 * low[i] for i in range(len(kernel))]
     if any(extra):
-        input = F.pad(input, (0, extra[1], 0, extra[0]))
+        input = F.pad(input, [p for e in reversed(extra) for p in (0, e)])
     return input, tuple(low)
+
+
+def _conv(d, input, weight, bias, stride, padding, dilation, groups):
+    op = f"conv{d}d"
+    x, unbatched = _batched(input, d, op)
+    _check_tensor(weight, "weight", op)
+    _check_bias(bias, op)
+    stride = _ntuple(stride, d, "stride", op)
+    dilation = _ntuple(dilation, d, "dilation", op)
+    groups = _int(groups, "groups", op)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * d
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions, but got stride={stride}")
+            if weight.dim() != d + 2:
+                raise ValueError(f"{op}: weight must be {d + 2}-d, but got a {weight.dim()}-d tensor of shape {tuple(weight.shape)}")
+            x, padding = _same_padding(x, weight.shape[2:], dilation)
+        else:
+            raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
+    else:
+        padding = _ntuple(padding, d, "padding", op)
+    out = getattr(ops, op)(x, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    op = f"conv_transpose{d}d"
+    x, unbatched = _batched(input, d, op)
+    _check_tensor(weight, "weight", op)
+    _check_bias(bias, op)
+    out = getattr(ops, op)(
+        x,
+        weight,
+        bias,
+        _ntuple(stride, d, "stride", op),
+        _ntuple(padding, d, "padding", op),
+        _ntuple(output_padding, d, "output_padding", op),
+        _int(groups, "groups", op),
+        _ntuple(dilation, d, "dilation", op),
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, groups):
+    op = f"conv{d}d_weight"
+    x, _ = _batched(input, d, op)
+    dy, _ = _batched(grad_output, d, op, "grad_output")
+    if not isinstance(weight_size, _SEQUENCE):
+        raise TypeError(f"{op}: weight_size must be a sequence of {d + 2} ints, but got weight_size={weight_size!r}")
+    return getattr(ops, op)(
+        x,
+        dy,
+        [_int(v, "weight_size", op) for v in weight_size],
+        _ntuple(stride, d, "stride", op),
+        _ntuple(padding, d, "padding", op),
+        _ntuple(dilation, d, "dilation", op),
+        _int(groups, "groups", op),
+    )
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A 1-d convolution, exactly like ``F.conv1d`` (see :func:`conv2d`)."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -104,28 +210,18 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     ``padding`` may be an int, a pair, ``'valid'`` or ``'same'``. Its input
     gradient is :func:`conv_transpose2d`.
     """
-    op = "conv2d"
-    x, unbatched = _batched(input, op)
-    _check_tensor(weight, "weight", op)
-    _check_bias(bias, op)
-    stride = _pair(stride, "stride", op)
-    dilation = _pair(dilation, "dilation", op)
-    groups = _int(groups, "groups", op)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            if any(s != 1 for s in stride):
-                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions, but got stride={stride}")
-            if weight.dim() != 4:
-                raise ValueError(f"{op}: weight must be 4-d, but got a {weight.dim()}-d tensor of shape {tuple(weight.shape)}")
-            x, padding = _same_padding(x, weight.shape[2:], dilation, op)
-        else:
-            raise ValueError(f"{op}: padding must be an int, a pair of ints, 'valid' or 'same', but got padding={padding!r}")
-    else:
-        padding = _pair(padding, "padding", op)
-    out = ops.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return out.squeeze(0) if unbatched else out
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A 3-d convolution, exactly like ``F.conv3d`` (see :func:`conv2d`)."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """A 1-d transposed convolution, exactly like ``F.conv_transpose1d``
+    (see :func:`conv_transpose2d`)."""
+    return _conv_transpose(1, input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -136,37 +232,28 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     It is the adjoint of :func:`conv2d` with the same weight: C^T applied to
     its input. Its input gradient is :func:`conv2d`.
     """
-    op = "conv_transpose2d"
-    x, unbatched = _batched(input, op)
-    _check_tensor(weight, "weight", op)
-    _check_bias(bias, op)
-    out = ops.conv_transpose2d(
-        x,
-        weight,
-        bias,
-        _pair(stride, "stride", op),
-        _pair(padding, "padding", op),
-        _pair(output_padding, "output_padding", op),
-        _int(groups, "groups", op),
-        _pair(dilation, "dilation", op),
-    )
-    return out.squeeze(0) if unbatched else out
+    return _conv_transpose(2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """A 3-d transposed convolution, exactly like ``F.conv_transpose3d``
+    (see :func:`conv_transpose2d`)."""
+    return _conv_transpose(3, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv1d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """The gradient of conv1d with respect to its weight, with the argument
+    order of ``torch.nn.grad.conv1d_weight``."""
+    return _conv_weight(1, input, weight_size, grad_output, stride, padding, dilation, groups)
 
 
 def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
     """The gradient of conv2d with respect to its weight, with the argument
     order of ``torch.nn.grad.conv2d_weight``."""
-    op = "conv2d_weight"
-    x, unbatched = _batched(input, op)
-    dy, _ = _batched(grad_output, op, "grad_output")
-    if not isinstance(weight_size, (tuple, list, torch.Size)):
-        raise TypeError(f"{op}: weight_size must be a sequence of 4 ints, but got weight_size={weight_size!r}")
-    return ops.conv2d_weight(
-        x,
-        dy,
-        [_int(v, "weight_size", op) for v in weight_size],
-        _pair(stride, "stride", op),
-        _pair(padding, "padding", op),
-        _pair(dilation, "dilation", op),
-        _int(groups, "groups", op),
-    )
+    return _conv_weight(2, input, weight_size, grad_output, stride, padding, dilation, groups)
+
+
+def conv3d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """The gradient of conv3d with respect to its weight, with the argument
+    order of ``torch.nn.grad.conv3d_weight``."""
+    return _conv_weight(3, input, weight_size, grad_output, stride, padding, dilation, groups)

@@ -1,21 +1,32 @@
-"""Modules: drop-in replacements for ``torch.nn.Conv2d`` and ``torch.nn.ConvTranspose2d``.
+"""Modules: drop-in replacements for torch.nn's convolutions in 1, 2 and 3 spatial dimensions
+(``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``), and ``Unfold`` / ``Fold`` for any of them.
 
 Each subclasses the torch module, so its constructor (arguments, order, defaults and
 validation), parameters, initialisation, ``repr`` and ``state_dict`` are torch's own; only
-the convolution itself is computed by convt_ext's im2col/col2im + GEMM ops.
+the computation is convt_ext's im2col/col2im + GEMM ops. The code is shared across the number
+of spatial dimensions: each class only names its torch base and its convt_ext function.
 
     import convt_ext
-    conv = convt_ext.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
-    up = convt_ext.nn.ConvTranspose2d.from_torch(torch_module)
+    conv = convt_ext.nn.Conv3d(3, 8, 3, padding=1, padding_mode="reflect")
+    up = convt_ext.nn.ConvTranspose1d.from_torch(torch_module)
 """
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-from .functional import conv2d, conv_transpose2d
+from .functional import (
+    col2im,
+    conv1d,
+    conv2d,
+    conv3d,
+    conv_transpose1d,
+    conv_transpose2d,
+    conv_transpose3d,
+    im2col,
+)
 
-__all__ = ["Conv2d", "ConvTranspose2d"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Fold", "Unfold"]
 
 
 def _copy_from(cls, module, expected):
@@ -53,23 +64,25 @@ def _copy_from(cls, module, expected):
     return new.train(module.training)
 
 
-class Conv2d(torch.nn.Conv2d):
-    """A drop-in replacement for :class:`torch.nn.Conv2d` (same arguments, parameters,
-    initialisation and ``state_dict``; every ``padding_mode``), computed by convt_ext's
-    im2col + GEMM :func:`convt_ext.conv2d`."""
+class _ConvMixin:
+    """The forward of ``Conv{1,2,3}d``: torch's ``_conv_forward`` with convt_ext's function
+    (``_convolve``) in place of ``F.conv{1,2,3}d``. Placed before the torch base class."""
+
+    _torch_base = None  # the torch.nn class this one replaces
+    _convolve = None  # the convt_ext function, with F.conv{1,2,3}d's arguments
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
             # As torch: pad explicitly (the high side too for 'same'), then convolve unpadded.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return self._convolve(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._convolve(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod
     def from_torch(cls, module):
-        """A convt_ext Conv2d with `module`'s configuration, dtype and device, and a copy of
+        """A convt_ext module with `module`'s configuration, dtype and device, and a copy of
         its parameters (nothing is shared)."""
-        return _copy_from(cls, module, torch.nn.Conv2d)
+        return _copy_from(cls, module, cls._torch_base)
 
 
 # torch's _output_padding helper has changed signature across versions (num_spatial_dims and
@@ -77,29 +90,109 @@ class Conv2d(torch.nn.Conv2d):
 _OUTPUT_PADDING_ARGS = frozenset(inspect.signature(torch.nn.ConvTranspose2d._output_padding).parameters)
 
 
-class ConvTranspose2d(torch.nn.ConvTranspose2d):
-    """A drop-in replacement for :class:`torch.nn.ConvTranspose2d` (same arguments,
-    parameters, initialisation, ``state_dict`` and ``forward(input, output_size=None)``),
-    computed by convt_ext's GEMM + col2im :func:`convt_ext.conv_transpose2d`."""
+class _ConvTransposeMixin:
+    """The forward of ``ConvTranspose{1,2,3}d``: torch's, with convt_ext's function
+    (``_convolve``) in place of ``F.conv_transpose{1,2,3}d``."""
+
+    _torch_base = None
+    _convolve = None  # with F.conv_transpose{1,2,3}d's arguments (groups before dilation)
 
     def _resolve_output_padding(self, input, output_size):
         kwargs = {}
         if "num_spatial_dims" in _OUTPUT_PADDING_ARGS:
-            kwargs["num_spatial_dims"] = 2
+            kwargs["num_spatial_dims"] = len(self.kernel_size)
         if "dilation" in _OUTPUT_PADDING_ARGS:
             kwargs["dilation"] = self.dilation
         return self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, **kwargs)
 
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
-            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+            raise ValueError(f"Only `zeros` padding mode is supported for {self._torch_base.__name__}")
         output_padding = self._resolve_output_padding(input, output_size)
-        return conv_transpose2d(
+        return self._convolve(
             input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
 
     @classmethod
     def from_torch(cls, module):
-        """A convt_ext ConvTranspose2d with `module`'s configuration, dtype and device, and a
-        copy of its parameters (nothing is shared)."""
-        return _copy_from(cls, module, torch.nn.ConvTranspose2d)
+        """A convt_ext module with `module`'s configuration, dtype and device, and a copy of
+        its parameters (nothing is shared)."""
+        return _copy_from(cls, module, cls._torch_base)
+
+
+class Conv1d(_ConvMixin, torch.nn.Conv1d):
+    """A drop-in replacement for :class:`torch.nn.Conv1d` (same arguments, parameters,
+    initialisation and ``state_dict``; every ``padding_mode``), computed by convt_ext's
+    im2col + GEMM :func:`convt_ext.conv1d`."""
+
+    _torch_base = torch.nn.Conv1d
+    _convolve = staticmethod(conv1d)
+
+
+class Conv2d(_ConvMixin, torch.nn.Conv2d):
+    """A drop-in replacement for :class:`torch.nn.Conv2d` (same arguments, parameters,
+    initialisation and ``state_dict``; every ``padding_mode``), computed by convt_ext's
+    im2col + GEMM :func:`convt_ext.conv2d`."""
+
+    _torch_base = torch.nn.Conv2d
+    _convolve = staticmethod(conv2d)
+
+
+class Conv3d(_ConvMixin, torch.nn.Conv3d):
+    """A drop-in replacement for :class:`torch.nn.Conv3d` (same arguments, parameters,
+    initialisation and ``state_dict``; every ``padding_mode``), computed by convt_ext's
+    im2col + GEMM :func:`convt_ext.conv3d`."""
+
+    _torch_base = torch.nn.Conv3d
+    _convolve = staticmethod(conv3d)
+
+
+class ConvTranspose1d(_ConvTransposeMixin, torch.nn.ConvTranspose1d):
+    """A drop-in replacement for :class:`torch.nn.ConvTranspose1d` (same arguments,
+    parameters, initialisation, ``state_dict`` and ``forward(input, output_size=None)``),
+    computed by convt_ext's GEMM + col2im :func:`convt_ext.conv_transpose1d`."""
+
+    _torch_base = torch.nn.ConvTranspose1d
+    _convolve = staticmethod(conv_transpose1d)
+
+
+class ConvTranspose2d(_ConvTransposeMixin, torch.nn.ConvTranspose2d):
+    """A drop-in replacement for :class:`torch.nn.ConvTranspose2d` (same arguments,
+    parameters, initialisation, ``state_dict`` and ``forward(input, output_size=None)``),
+    computed by convt_ext's GEMM + col2im :func:`convt_ext.conv_transpose2d`."""
+
+    _torch_base = torch.nn.ConvTranspose2d
+    _convolve = staticmethod(conv_transpose2d)
+
+
+class ConvTranspose3d(_ConvTransposeMixin, torch.nn.ConvTranspose3d):
+    """A drop-in replacement for :class:`torch.nn.ConvTranspose3d` (same arguments,
+    parameters, initialisation, ``state_dict`` and ``forward(input, output_size=None)``),
+    computed by convt_ext's GEMM + col2im :func:`convt_ext.conv_transpose3d`."""
+
+    _torch_base = torch.nn.ConvTranspose3d
+    _convolve = staticmethod(conv_transpose3d)
+
+
+class Unfold(torch.nn.Unfold):
+    """A drop-in replacement for :class:`torch.nn.Unfold` (same arguments and ``repr``),
+    computed by :func:`convt_ext.im2col`, and for any number of spatial dimensions: 1, 2 or 3
+    (torch's is 2-d only). The number comes from the arguments as in :func:`convt_ext.im2col`:
+    the length of a tuple argument, else 2 for a 3-d or 4-d input and 3 for a 5-d one.
+
+    ``(N, C, *spatial)`` (or unbatched ``(C, *spatial)``) becomes ``(N, C*prod(kernel_size),
+    L)``, rows ordered (channel, kernel offset row-major), L the number of window positions.
+    Its backward is col2im."""
+
+    def forward(self, input):
+        return im2col(input, self.kernel_size, self.dilation, self.padding, self.stride)
+
+
+class Fold(torch.nn.Fold):
+    """A drop-in replacement for :class:`torch.nn.Fold` (same arguments and ``repr``),
+    computed by :func:`convt_ext.col2im` (the adjoint of :class:`Unfold`: overlapping
+    windows are summed), for 1, 2 or 3 spatial dimensions: ``len(output_size)`` when any
+    argument is a tuple, as in :func:`convt_ext.col2im`. Its backward is im2col."""
+
+    def forward(self, input):
+        return col2im(input, self.output_size, self.kernel_size, self.dilation, self.padding, self.stride)

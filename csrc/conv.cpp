@@ -1,23 +1,35 @@
-// conv2d, conv_transpose2d and the shared weight gradient, as GEMMs around
-// im2col/col2im. Per group g (see docs/relationships.md):
+// conv, conv_transpose and the shared weight gradient, in 1, 2 and 3 spatial
+// dimensions, as GEMMs around im2col/col2im. Per group g (see
+// docs/relationships.md):
 //
-//   conv2d            y_g  = W_g   . im2col(x)_g  + b_g
-//   conv_transpose2d  y    = col2im(W_g^T . x_g)  + b        (bias fused into col2im)
-//   conv2d_weight     dW_g = sum_n dy_g . im2col(x)_g^T
+//   conv            y_g  = W_g   . im2col(x)_g  + b_g
+//   conv_transpose  y    = col2im(W_g^T . x_g)  + b        (bias fused into col2im)
+//   conv_weight     dW_g = sum_n dy_g . im2col(x)_g^T
 //
-// conv_transpose2d is conv2d's input gradient taken as an op of its own, so
-// the two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU,
-// cuBLAS on CUDA); this file has no device-specific code.
+// conv_transpose is conv's input gradient taken as an op of its own, so the
+// two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS
+// on CUDA); this file has no device-specific code. Every geometry is lifted
+// to three spatial dimensions (Note [N-d by lifting] in im2col.h).
 //
-// Two ways to feed the GEMMs, chosen per call (ColumnPlan):
-//   wide:  with few window positions per sample, the columns of a chunk of
-//          samples are laid side by side, [cols_0 | cols_1 | ...], and one wide
-//          GEMM serves them all; chunks stay under the workspace limit.
-//   tasks: otherwise the work is split into tasks of one sample, or one band
-//          of window rows of a sample when its columns exceed the budget. Each
-//          task runs im2col/col2im and its own GEMMs into its own scratch. On
-//          the CPU the tasks run in parallel with single-threaded steps: one
-//          parallel region per call instead of one per step (see for_each_task).
+// Note [Column plans and the workspace limit]
+// Two ways to feed the GEMMs, chosen per call:
+//   wide:   with few window positions per sample, the columns of a chunk of
+//           samples are laid side by side, [cols_0 | cols_1 | ...], and one
+//           wide GEMM serves them all.
+//   blocks: otherwise each sample is split into blocks (Blocks below), and
+//           each task runs im2col (or col2im) and its GEMMs for one block
+//           into its own scratch. On the CPU the tasks run in parallel with
+//           single-threaded steps: one parallel region per call instead of
+//           one per step (see for_each_task).
+// Every column buffer of a call, on every path, counts against the
+// workspace limit, across all the tasks that run at once: the wide path's
+// two buffers together stay under it, and each of T parallel tasks gets
+// limit / T. A block is as large as that allows (and at most one position
+// of the last dimension, whatever the limit). conv_transpose splits its
+// *output* into blocks, each computing the columns of the input windows that
+// tap it, so a task owns its output pixels: no atomics, and every pixel sums
+// its taps in the same order whatever the split, so results do not depend
+// on the limit.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -34,6 +46,8 @@
 #include <array>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <unordered_set>
 #include <vector>
 
 #include "checks.h"
@@ -49,51 +63,80 @@ std::atomic<int64_t> g_workspace_limit{int64_t(1) << 30};
 // beats a thin GEMM per sample (benchmarks/NOTES.md).
 constexpr int64_t kWideBelow = 1024;
 
-// The column buffer a chunk aims for, under the workspace limit: small enough
-// that im2col's output is still in the last-level cache when the GEMM reads it
-// (and col2im's input when it is written), large enough for efficient GEMMs.
-// CONVT_EXT_CHUNK_BYTES overrides it, for tuning (benchmarks/NOTES.md).
-int64_t preferred_chunk_bytes() {
+// The column buffer a task aims for on the CPU, under the workspace limit:
+// small enough that im2col's output is still in the last-level cache when the
+// GEMM reads it (and col2im's input when it is written), large enough for
+// efficient GEMMs. CONVT_EXT_CHUNK_BYTES overrides it, for tuning
+// (benchmarks/NOTES.md). A GPU has no such cache to fit: there the workspace
+// limit alone sizes the buffers, so that its GEMMs are as large as allowed.
+int64_t preferred_chunk_bytes(const at::Tensor& like) {
   static const int64_t bytes = [] {
     const char* env = std::getenv("CONVT_EXT_CHUNK_BYTES");
     return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
   }();
-  return bytes;
+  return like.is_cpu() ? bytes : INT64_MAX;
 }
 
-// Whole samples per chunk so that their columns stay near the preferred size
-// and within the workspace limit; at least one, whatever the limit.
-int64_t samples_per_chunk(int64_t batch, int64_t bytes_per_sample) {
-  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes());
-  return std::clamp<int64_t>(budget / std::max<int64_t>(bytes_per_sample, 1), 1,
-                             std::max<int64_t>(batch, 1));
+// Tasks that run at once, each with its own column buffer.
+int64_t tasks_at_once(const at::Tensor& like) {
+  return like.is_cpu() && !at::in_parallel_region() ? std::max(1, at::get_num_threads()) : 1;
 }
 
-// A wide GEMM needs at least two samples per chunk: with one, it is the
-// per-sample GEMM run alone, and tasks do better, running samples side by
-// side (ResNeXt g32 and atrous layers in benchmarks/NOTES.md, item 10).
-bool use_wide(int64_t positions, int64_t chunk) { return chunk > 1 && positions < kWideBelow; }
+// Bytes one task's column buffers may hold.
+int64_t task_budget(const at::Tensor& like) {
+  return std::min(workspace_limit() / tasks_at_once(like), preferred_chunk_bytes(like));
+}
 
 // Scratch memory for column buffers. On the CPU, a fresh buffer of tens of MB
 // costs more in page faults than the im2col that fills it, so each thread
-// keeps its buffers (up to kKeepBytes each) for the next call. A slot is in
-// use only within one op call, and ops do not call each other here.
-constexpr int64_t kKeepBytes = int64_t(64) << 20;
+// keeps its buffers (each at most its task budget) for the next call, until
+// release_workspace(). A slot is in use only within one op call, and ops do
+// not call each other here. The registry lets release_workspace() reach
+// every thread's buffers; an op that holds a buffer keeps it alive by its
+// own reference, so a release during a call is safe.
+struct KeptBuffers {
+  std::array<at::Tensor, 2> slots;
+  KeptBuffers();
+  ~KeptBuffers();
+};
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::unordered_set<KeptBuffers*>& registry() {
+  static auto* r = new std::unordered_set<KeptBuffers*>();  // outlives thread exits at shutdown
+  return *r;
+}
+KeptBuffers::KeptBuffers() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().insert(this);
+}
+KeptBuffers::~KeptBuffers() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().erase(this);
+}
 
 at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t numel = c10::multiply_integers(sizes);
-  if (options.device().type() != c10::DeviceType::CPU ||
-      numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype()))) > kKeepBytes) {
-    return at::empty(sizes, options);
+  if (options.device().type() != c10::DeviceType::CPU) return at::empty(sizes, options);
+  thread_local KeptBuffers kept;
+  at::Tensor t;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    t = kept.slots[slot];
+    kept.slots[slot] = at::Tensor();  // the old buffer goes before a larger one comes
   }
-  thread_local std::array<at::Tensor, 2> kept;
-  at::Tensor& t = kept[slot];
   if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
-    t = at::Tensor();  // release the old buffer before taking a larger one
+    t = at::Tensor();
     // A normal tensor even under torch.inference_mode(): an inference tensor
     // kept here would refuse the in-place writes of later, normal-mode calls.
     c10::InferenceMode normal_mode(false);
     t = at::empty({numel}, options);
+  }
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    kept.slots[slot] = t;
   }
   return t.narrow(0, 0, numel).view(sizes);
 }
@@ -114,42 +157,138 @@ struct ColumnBuffer {
   }
 };
 
+// Samples per chunk of the wide path: their columns (`rows` per position,
+// and `aux_rows` more for the second buffer) within the budget, or 0 when
+// the wide path does not apply. It needs at least two samples per chunk:
+// with one, it is the per-sample GEMM run alone, and blocks do better on the
+// CPU, running samples side by side (benchmarks/NOTES.md, item 10). On a GPU,
+// where blocks run one after another, one GEMM over as many samples as the
+// limit allows always beats a launch and a thin GEMM per sample.
+int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows) {
+  const int64_t batch = like.size(0);
+  if ((like.is_cpu() && positions >= kWideBelow) || batch < 2) return 0;
+  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes(like));
+  const int64_t per_sample = (rows + aux_rows) * positions * like.element_size();
+  const int64_t chunk = std::min<int64_t>(budget / std::max<int64_t>(per_sample, 1), batch);
+  return chunk >= 2 ? chunk : 0;
+}
+
 // A 1x1 kernel with stride 1 and no padding: im2col is the identity, so the
 // image (its window positions laid out as its pixels) is its own column matrix.
 bool pointwise(at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
-  return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
-         padding[0] == 0 && padding[1] == 0;
+  for (size_t i = 0; i < kernel.size(); ++i) {
+    if (kernel[i] != 1 || stride[i] != 1 || padding[i] != 0) return false;
+  }
+  return true;
 }
 
-// How a convolution's columns are produced and consumed.
-struct ColumnPlan {
-  bool wide;      // one GEMM over the chunk's samples side by side
-  bool direct;    // a 1x1, stride-1, unpadded kernel: the input is its own column matrix
-  int64_t chunk;  // samples per column buffer (wide only)
-  int64_t band;   // window rows per task: all of them, unless one sample exceeds the budget
-  int64_t bands;  // tasks per sample
+// The blocks a sample is split into: single positions along the lifted
+// dimensions before `dim`, `count` positions along `dim`, everything after.
+// A block of window positions is thus contiguous in the flattened order.
+struct Blocks {
+  int64_t extent[kMaxDims];
+  int dim = 0;
+  int64_t count = 1;
+
+  int64_t along() const { return (extent[dim] + count - 1) / count; }
+  int64_t per_sample() const {
+    int64_t n = along();
+    for (int i = 0; i < dim; ++i) n *= extent[i];
+    return n;
+  }
+  // Block b's box [lo, hi) per dimension.
+  void at(int64_t b, int64_t* lo, int64_t* hi) const {
+    const int64_t q = b % along();
+    b /= along();
+    for (int i = kMaxDims - 1; i >= 0; --i) {
+      if (i > dim) {
+        lo[i] = 0;
+        hi[i] = extent[i];
+      } else if (i == dim) {
+        lo[i] = q * count;
+        hi[i] = std::min(lo[i] + count, extent[i]);
+      } else {
+        lo[i] = b % extent[i];
+        hi[i] = lo[i] + 1;
+        b /= extent[i];
+      }
+    }
+  }
 };
 
-// identity: im2col would copy the input unchanged (see pointwise).
-ColumnPlan plan_columns(const at::Tensor& like, int64_t rows, const int64_t* windows, bool identity) {
-  ColumnPlan plan{};
-  const int64_t batch = like.size(0), element_size = like.element_size();
-  const int64_t positions = windows[0] * windows[1];
-  const int64_t per_sample = rows * positions * element_size;  // bytes of columns
-  plan.chunk = samples_per_chunk(batch, per_sample);
-  plan.wide = use_wide(positions, plan.chunk);
-  // With a wide GEMM the columns must be laid side by side anyway, so even a
-  // 1x1 kernel goes through im2col (which is then a plain copy).
-  plan.direct = !plan.wide && identity;
-  // Tasks run side by side on the CPU, each with its own buffer.
-  const int64_t tasks_at_once = like.is_cpu() ? at::get_num_threads() : 1;
-  const int64_t budget = std::min(workspace_limit() / tasks_at_once, preferred_chunk_bytes());
-  plan.band = windows[0];
-  if (!plan.wide && !plan.direct && per_sample > budget) {
-    plan.band = std::clamp<int64_t>(budget / (rows * windows[1] * element_size), 1, windows[0]);
+// The largest blocks of `extent` whose cost(dim, count) in bytes stays within
+// the budget; cost grows with count. Whole samples when they fit.
+template <typename Cost>
+Blocks plan_blocks(const int64_t* extent, int64_t budget, const Cost& cost) {
+  Blocks b;
+  std::copy(extent, extent + kMaxDims, b.extent);
+  for (int dim = 0; dim < kMaxDims; ++dim) {
+    if (extent[dim] == 0 || cost(dim, 1) > budget) continue;
+    int64_t lo = 1, hi = extent[dim];  // the largest count with cost <= budget
+    while (lo < hi) {
+      const int64_t mid = hi - (hi - lo) / 2;
+      if (cost(dim, mid) <= budget) lo = mid; else hi = mid - 1;
+    }
+    b.dim = dim;
+    b.count = lo;
+    return b;
   }
-  plan.bands = (windows[0] + plan.band - 1) / plan.band;
-  return plan;
+  b.dim = kMaxDims - 1;
+  b.count = 1;
+  return b;
+}
+
+int64_t box_numel(const int64_t* lo, const int64_t* hi) {
+  int64_t n = 1;
+  for (int i = 0; i < kMaxDims; ++i) n *= hi[i] - lo[i];
+  return n;
+}
+
+// Row-major offset of position lo in a box of the given extents.
+int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
+  int64_t f = 0;
+  for (int i = 0; i < kMaxDims; ++i) f = f * extent[i] + lo[i];
+  return f;
+}
+
+// (N, C, *spatial) with its spatial dimensions lifted to three (a view).
+at::Tensor lifted(const at::Tensor& t) {
+  at::Tensor out = t;
+  while (out.dim() < 2 + kMaxDims) out = out.unsqueeze(2);
+  return out;
+}
+
+// im2col of the window box [lo, hi) of image (b, C, I0, I1, I2) into cols
+// (b, rows, box positions): the same columns, read from just the image
+// region they tap, with whatever padding remains before it (the relation
+// only uses the low padding; the high side is implied by the window count).
+void im2col_box(const at::Tensor& image, const at::Tensor& cols, Window3 w, const int64_t* lo,
+                const int64_t* hi) {
+  at::Tensor region = image;
+  for (int i = 0; i < kMaxDims; ++i) {
+    const int64_t top = lo[i] * w.stride[i] - w.padding[i];  // first tap, maybe < 0
+    const int64_t end = (hi[i] - 1) * w.stride[i] - w.padding[i] +
+                        w.dilation[i] * (w.kernel[i] - 1) + 1;  // one past the last tap
+    const int64_t r0 = std::clamp<int64_t>(top, 0, w.image[i]);
+    const int64_t r1 = std::clamp<int64_t>(end, r0, w.image[i]);
+    w.padding[i] = r0 - top;
+    w.image[i] = r1 - r0;
+    w.windows[i] = hi[i] - lo[i];
+    region = region.narrow(2 + i, r0, r1 - r0);
+  }
+  w.batch = image.size(0);
+  im2col_into(region, cols, w);
+}
+
+// The window positions [*o_lo, *o_hi) along one dimension whose taps reach
+// image positions [lo, hi): o*s - p + d(k-1) >= lo and o*s - p <= hi - 1.
+void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* o_lo,
+                      int64_t* o_hi) {
+  const int64_t s = w.stride[i], p = w.padding[i], span = w.dilation[i] * (w.kernel[i] - 1);
+  const int64_t first = lo + p - span;  // o*s >= first
+  *o_lo = first <= 0 ? 0 : (first + s - 1) / s;
+  *o_hi = std::min(w.windows[i], (hi - 1 + p) / s + 1);
+  *o_lo = std::min(*o_lo, *o_hi);
 }
 
 // Runs fn(begin, end) over the task indices [0, n). On the CPU the tasks run
@@ -173,40 +312,37 @@ void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
   }
 }
 
-// im2col of the window rows [oh0, oh0 + count) into cols (b, rows, count*OW):
-// the same columns, read from just the image rows they tap, with whatever
-// padding remains above them (the relation only ever uses the low padding;
-// the high side is implied by the explicit window count).
-void im2col_band(const at::Tensor& image, const at::Tensor& cols, Window<2> w, int64_t oh0,
-                 int64_t count) {
-  const int64_t top = oh0 * w.stride[0] - w.padding[0];  // first image row tapped, maybe < 0
-  const int64_t end = (oh0 + count - 1) * w.stride[0] - w.padding[0] +
-                      w.dilation[0] * (w.kernel[0] - 1) + 1;  // one past the last row tapped
-  const int64_t r0 = std::clamp<int64_t>(top, 0, w.image[0]);
-  const int64_t r1 = std::clamp<int64_t>(end, r0, w.image[0]);
-  w.batch = image.size(0);
-  w.padding[0] = r0 - top;
-  w.image[0] = r1 - r0;
-  w.windows[0] = count;
-  im2col_into(image.narrow(2, r0, r1 - r0), cols, w);
-}
-
-// Runs fn(n, first, count, cols) for every task of a non-wide plan, on the
-// task's thread: cols (K, count) are the columns of sample n's window
-// positions [first, first + count), one band of window rows.
+// Runs fn(n, first, count, cols) for every block of window positions of
+// every sample, on the task's thread: cols (K, count) are the columns of
+// sample n's window positions [first, first + count). With `direct`, the
+// input (contiguous) is its own column matrix.
 template <typename F>
-void for_each_band(const at::Tensor& x, const ColumnPlan& plan, const Window<2>& whole, int64_t K,
-                   const F& fn) {
-  const int64_t OW = whole.windows[1], L = whole.window_numel();
-  for_each_task(x, whole.batch * plan.bands, [&](int64_t begin, int64_t end) {
-    const at::Tensor cols =
-        plan.direct ? at::Tensor() : scratch(0, {K, plan.band * OW}, x.options());
+void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K, bool direct,
+                           const F& fn) {
+  const int64_t L = whole.window_numel(), elem = x.element_size();
+  int64_t inner[kMaxDims + 1];
+  inner[kMaxDims] = 1;
+  for (int i = kMaxDims - 1; i >= 0; --i) inner[i] = inner[i + 1] * whole.windows[i];
+  const Blocks blocks =
+      plan_blocks(whole.windows, direct ? INT64_MAX : task_budget(x),
+                  [&](int dim, int64_t count) { return K * elem * inner[dim + 1] * count; });
+  const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
+  const at::Tensor x5 = lifted(x);
+  for_each_task(x, whole.batch * blocks.per_sample(), [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = direct ? at::Tensor() : scratch(0, {K, max_positions}, x.options());
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.bands, oh0 = (t % plan.bands) * plan.band;
-      const int64_t count = std::min(plan.band, whole.windows[0] - oh0) * OW;
-      const at::Tensor c = plan.direct ? x.select(0, n).view({K, L}) : cols.narrow(1, 0, count);
-      if (!plan.direct) im2col_band(x.narrow(0, n, 1), c.unsqueeze(0), whole, oh0, count / OW);
-      fn(n, oh0 * OW, count, c);
+      const int64_t n = t / blocks.per_sample();
+      int64_t lo[kMaxDims], hi[kMaxDims];
+      blocks.at(t % blocks.per_sample(), lo, hi);
+      const int64_t first = flat_offset(lo, whole.windows), count = box_numel(lo, hi);
+      at::Tensor c;
+      if (direct) {
+        c = x.select(0, n).view({K, L}).narrow(1, first, count);
+      } else {
+        c = buffer.narrow(1, 0, count);
+        im2col_box(x5.narrow(0, n, 1), c.unsqueeze(0), whole, lo, hi);
+      }
+      fn(n, first, count, c);
     }
   });
 }
@@ -241,23 +377,30 @@ void group_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
-void check_conv_tensors(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, int64_t groups) {
-  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-d (N, C, H, W), but got a ",
-                    input.dim(), "-d tensor of shape ", input.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be 4-d, but got a ", weight.dim(),
-                    "-d tensor of shape ", weight.sizes());
+const char* kDimNames[] = {"", "3-d (N, C, L)", "4-d (N, C, H, W)", "5-d (N, C, D, H, W)"};
+
+void check_conv_tensors(const char* op, int dims, const at::Tensor& input,
+                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        int64_t groups) {
+  TORCH_CHECK_VALUE(input.dim() == dims + 2, op, ": input must be ", kDimNames[dims],
+                    ", but got a ", input.dim(), "-d tensor of shape ", input.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == dims + 2, op, ": weight must be ", dims + 2,
+                    "-d, but got a ", weight.dim(), "-d tensor of shape ", weight.sizes());
   check_floating(op, "input", input);
   check_same(op, "weight", weight, "input", input);
   if (bias.has_value()) check_same(op, "bias", *bias, "input", input);
   TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
-  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1, op,
-                    ": weight's kernel size must be positive, but got weight of shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
-                    ": input must have non-zero channels, height and width (only the batch may be "
-                    "empty), but got shape ",
-                    input.sizes());
+  for (int i = 0; i < dims; ++i) {
+    TORCH_CHECK_VALUE(weight.size(2 + i) >= 1, op,
+                      ": weight's kernel size must be positive, but got weight of shape ",
+                      weight.sizes());
+    // Zero channels are allowed (the sum over them is empty); zero-size
+    // images are not, as in torch.
+    TORCH_CHECK_VALUE(input.size(2 + i) > 0, op,
+                      ": input must have non-zero spatial sizes (only the batch and the channels "
+                      "may be empty), but got shape ",
+                      input.sizes());
+  }
 }
 
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t out_channels) {
@@ -272,6 +415,20 @@ at::Tensor group_bias(const std::optional<at::Tensor>& bias, int64_t groups) {
   return bias.has_value() ? bias->reshape({groups, -1, 1}) : at::Tensor();
 }
 
+// The output of a convolution over no input channels: the bias, or zeros.
+at::Tensor bias_only(at::Tensor out, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return out.zero_();
+  std::vector<int64_t> shape(out.dim(), 1);
+  shape[1] = -1;
+  return out.copy_(bias->view(shape).expand_as(out));
+}
+
+std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int dims) {
+  std::vector<int64_t> s{n, c};
+  s.insert(s.end(), spatial, spatial + dims);
+  return s;
+}
+
 }  // namespace
 
 void set_workspace_limit(int64_t bytes) {
@@ -281,13 +438,17 @@ void set_workspace_limit(int64_t bytes) {
 
 int64_t workspace_limit() { return g_workspace_limit.load(); }
 
-at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* op = "conv2d";
-  check_conv_tensors(op, input, weight, bias, groups);
+void release_workspace() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  for (KeptBuffers* kept : registry()) kept->slots = {};
+}
+
+at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
-  check_window_args(op, kernel, stride, padding, dilation);
+  check_window_args(op, dims, kernel, stride, padding, dilation);
   const int64_t N = input.size(0), C_in = input.size(1), C_out = weight.size(0);
   TORCH_CHECK_VALUE(C_out % groups == 0, op, ": weight's dimension 0 (out_channels=", C_out,
                     ") must be divisible by groups=", groups);
@@ -295,88 +456,94 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                     " channels, but weight of shape ", weight.sizes(), " with groups=", groups,
                     " expects weight.size(1)*groups=", weight.size(1) * groups);
   check_bias(op, bias, C_out);
-  int64_t windows[2];
+  int64_t windows[kMaxDims];
   window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, windows);
+  const Window3 whole = make_window(op, N, C_in, input.sizes().slice(2), windows, kernel, stride,
+                                    padding, dilation);
+  checked_numel(op, "the output", {N, C_out, whole.window_numel()});
 
   c10::DeviceGuard guard(input.device());
-  at::Tensor out = at::empty({N, C_out, windows[0], windows[1]}, input.options());
+  at::Tensor out = at::empty(shape_of(N, C_out, windows, dims), input.options());
   if (out.numel() == 0) return out;
+  if (C_in == 0) return bias_only(out, bias);
 
-  const int64_t G = groups, L = windows[0] * windows[1];
-  const int64_t K = C_in * kernel[0] * kernel[1];
+  const int64_t G = groups, L = whole.window_numel();
+  const int64_t K = whole.rows();
   const at::Tensor w3 = weight.reshape({G, C_out / G, K / G});
   const at::Tensor b3 = group_bias(bias, G);
-  const ColumnPlan plan = plan_columns(input, K, windows, pointwise(kernel, stride, padding));
-  const at::Tensor x = plan.direct ? input.contiguous() : input;
   const at::Tensor y = out.view({N, C_out, L});
-  const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
-                                      padding, dilation);
 
-  if (plan.wide) {
-    const int64_t chunk = plan.chunk;
+  if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
+    const at::Tensor x5 = lifted(input);
+    const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
-      im2col_band(x.narrow(0, n0, b), cols.samples(b), whole, 0, windows[0]);
+      im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
       const at::Tensor yw = wide_out.narrow(2, 0, b * L);
       group_gemm(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
       y.narrow(0, n0, b).copy_(yw.view({C_out, b, L}).permute({1, 0, 2}));
     }
     return out;
   }
-  // One task per band of window rows of one sample.
-  for_each_band(x, plan, whole, K, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+  const bool direct = pointwise(kernel, stride, padding);
+  const at::Tensor x = direct ? input.contiguous() : input;
+  for_each_column_block(x, whole, K, direct, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     group_gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
                c.view({G, K / G, count}), b3);
   });
   return out;
 }
 
-at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef output_padding,
-                            int64_t groups, at::IntArrayRef dilation) {
-  constexpr const char* op = "conv_transpose2d";
-  check_conv_tensors(op, input, weight, bias, groups);
+at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef output_padding, int64_t groups,
+                          at::IntArrayRef dilation) {
+  check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
-  check_window_args(op, kernel, stride, padding, dilation);
-  check_ints(op, "output_padding", output_padding, 2, 0);
+  check_window_args(op, dims, kernel, stride, padding, dilation);
+  check_ints(op, "output_padding", output_padding, dims, 0);
   const int64_t N = input.size(0), C_in = input.size(1);
   TORCH_CHECK_VALUE(C_in == weight.size(0), op, ": input has ", C_in,
                     " channels, but weight of shape ", weight.sizes(),
                     " expects weight.size(0)=", weight.size(0), " (in_channels)");
   TORCH_CHECK_VALUE(C_in % groups == 0, op, ": in_channels=", C_in,
                     " must be divisible by groups=", groups);
-  const int64_t C_out = weight.size(1) * groups;
+  const int64_t C_out = checked_mul(op, "out_channels (weight.size(1)*groups)", weight.size(1), groups);
   check_bias(op, bias, C_out);
-  int64_t image[2];
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < dims; ++i) {
     // Why output_padding < max(stride, dilation): see docs/relationships.md.
     TORCH_CHECK_VALUE(output_padding[i] < std::max(stride[i], dilation[i]), op,
                       ": output_padding must be smaller than either stride or dilation, but got "
                       "output_padding=",
                       fmt(output_padding), ", stride=", fmt(stride), ", dilation=", fmt(dilation));
-    // The guide's relationship 14, with dilation: o' = s(i'-1) + a + d(k-1) + 1 - 2p.
-    image[i] = (input.size(2 + i) - 1) * stride[i] - 2 * padding[i] +
-               dilation[i] * (kernel[i] - 1) + output_padding[i] + 1;
-    TORCH_CHECK_VALUE(image[i] >= 1, op, ": the output size (in-1)*stride - 2*padding + "
-                      "dilation*(kernel_size-1) + output_padding + 1 is ", image[i],
-                      " in dimension ", i, ", but must be positive (input of shape ",
-                      input.sizes(), ", padding=", fmt(padding), ")");
   }
+  int64_t image[kMaxDims];
+  transposed_sizes(op, input.sizes().slice(2), kernel, stride, padding, output_padding, dilation,
+                   image);
+  // The columns cover exactly the input's windows, which with output_padding
+  // >= stride is fewer than the output image has.
+  const Window3 whole = make_window(op, N, C_out, at::IntArrayRef(image, dims),
+                                    input.sizes().slice(2).data(), kernel, stride, padding,
+                                    dilation);
+  checked_numel(op, "the output", {N, C_out, whole.image_numel()});
 
   c10::DeviceGuard guard(input.device());
-  at::Tensor out = at::empty({N, C_out, image[0], image[1]}, input.options());
+  at::Tensor out = at::empty(shape_of(N, C_out, image, dims), input.options());
   if (out.numel() == 0) return out;
+  if (C_in == 0) return bias_only(out, bias);
 
-  const int64_t G = groups, L = input.size(2) * input.size(3);
-  const int64_t K = C_out * kernel[0] * kernel[1];
-  // W_g^T: (G, C_out/G*kh*kw, C_in/G), a transposed view of the stored weight.
+  const int64_t G = groups, L = whole.window_numel();
+  const int64_t K = whole.rows();
+  // W_g^T: (G, C_out/G*prod(k), C_in/G), a transposed view of the stored weight.
   const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
   const at::Tensor x = input.contiguous();
+  bool no_output_padding = true;
+  for (int i = 0; i < dims; ++i) no_output_padding &= output_padding[i] == 0;
   // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
-  if (pointwise(kernel, stride, padding) && output_padding[0] == 0 && output_padding[1] == 0) {
+  if (pointwise(kernel, stride, padding) && no_output_padding) {
     const at::Tensor y = out.view({N, G, C_out / G, L});
     const at::Tensor b3 = group_bias(bias, G);
     for (int64_t i = 0; i < N; ++i) {
@@ -385,16 +552,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
     return out;
   }
 
-  const int64_t chunk = samples_per_chunk(N, K * L * input.element_size());
-  const bool wide = use_wide(L, chunk);
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
-  const int64_t input_windows[2] = {input.size(2), input.size(3)};
-  // The columns cover exactly the input's H x W windows, which with
-  // output_padding >= stride is fewer than the output image has.
-  const Window<2> whole =
-      make_window(N, C_out, image, input_windows, kernel, stride, padding, dilation);
-
-  if (wide) {
+  if (const int64_t chunk = wide_chunk(input, L, K, C_in)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
@@ -402,35 +561,78 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
       group_gemm(cols.matrix(b).view({G, K / G, b * L}), wt3,
                  side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
                  at::Tensor());
-      Window<2> w = whole;
+      Window3 w = whole;
       w.batch = b;
       col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b), w);
     }
     return out;
   }
-  // One task per sample: its GEMM, then its col2im.
-  for_each_task(input, N, [&](int64_t begin, int64_t end) {
-    const at::Tensor cols = scratch(0, {1, K, L}, input.options());
-    Window<2> w = whole;
-    w.batch = 1;
-    for (int64_t n = begin; n < end; ++n) {
-      group_gemm(cols.view({G, K / G, L}), wt3, x.select(0, n).view({G, C_in / G, L}), at::Tensor());
-      col2im_into(cols, bias_1d, out.narrow(0, n, 1), w);
+  // Blocks of the output, each with the columns of the input windows that
+  // reach it (Note [Column plans and the workspace limit]).
+  const int64_t elem = input.element_size();
+  auto box_windows = [&](int i, int64_t lo, int64_t hi) {
+    int64_t o_lo, o_hi;
+    windows_reaching(whole, i, lo, hi, &o_lo, &o_hi);
+    return o_hi - o_lo;
+  };
+  auto cost = [&](int dim, int64_t count) {
+    int64_t positions = 1;
+    for (int i = 0; i < kMaxDims; ++i) {
+      // The largest box over the blocks' positions: single positions before
+      // dim, `count` along it (at the worst offset: its start), whole after.
+      const int64_t n = i < dim ? 1 : i == dim ? count : whole.image[i];
+      int64_t most = 0;
+      for (int64_t start : {int64_t(0), whole.image[i] / 2}) {
+        most = std::max(most, box_windows(i, start, std::min(start + n, whole.image[i])));
+      }
+      positions *= std::max<int64_t>(most, 1);
+    }
+    return K * elem * positions;
+  };
+  const Blocks blocks = plan_blocks(whole.image, task_budget(input), cost);
+  const at::Tensor x5 = lifted(x), out5 = lifted(out);
+  for_each_task(input, N * blocks.per_sample(), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks.per_sample();
+      int64_t lo[kMaxDims], hi[kMaxDims];
+      blocks.at(t % blocks.per_sample(), lo, hi);
+      Window3 w = whole;
+      w.batch = 1;
+      at::Tensor xs = x5.select(0, n), ys = out5.narrow(0, n, 1);
+      for (int i = 0; i < kMaxDims; ++i) {
+        int64_t o_lo, o_hi;
+        windows_reaching(whole, i, lo[i], hi[i], &o_lo, &o_hi);
+        xs = xs.narrow(1 + i, o_lo, o_hi - o_lo);
+        ys = ys.narrow(2 + i, lo[i], hi[i] - lo[i]);
+        // In the block's coordinates: window o_lo + o' taps o'*s - p' + k*d.
+        w.padding[i] = whole.padding[i] + lo[i] - o_lo * whole.stride[i];
+        w.image[i] = hi[i] - lo[i];
+        w.windows[i] = o_hi - o_lo;
+      }
+      const int64_t positions = w.window_numel();
+      const at::Tensor cols = scratch(0, {1, K, positions}, input.options());
+      group_gemm(cols.view({G, K / G, positions}), wt3,
+                 xs.reshape({G, C_in / G, positions}), at::Tensor());
+      col2im_into(cols, bias_1d, ys, w);
     }
   });
   return out;
 }
 
-at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
-                         at::IntArrayRef weight_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* op = "conv2d_weight";
-  check_ints(op, "weight_size", weight_size, 4, 1);
+at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
+                       const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups) {
+  check_ints(op, "weight_size", weight_size, dims + 2, 0);
   const at::IntArrayRef kernel = weight_size.slice(2);
-  check_window_args(op, kernel, stride, padding, dilation);
-  TORCH_CHECK_VALUE(input.dim() == 4 && grad_output.dim() == 4, op,
-                    ": input and grad_output must be 4-d, but got shapes ", input.sizes(), " and ",
-                    grad_output.sizes());
+  for (int64_t k : kernel) {
+    TORCH_CHECK_VALUE(k >= 1, op, ": weight_size's kernel sizes must be positive, but got weight_size=",
+                      fmt(weight_size));
+  }
+  check_window_args(op, dims, kernel, stride, padding, dilation);
+  TORCH_CHECK_VALUE(input.dim() == dims + 2 && grad_output.dim() == dims + 2, op,
+                    ": input and grad_output must be ", kDimNames[dims], ", but got shapes ",
+                    input.sizes(), " and ", grad_output.sizes());
   check_floating(op, "input", input);
   check_same(op, "grad_output", grad_output, "input", input);
   TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
@@ -440,51 +642,53 @@ at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
                     " does not fit input of shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.size(0) == N && grad_output.size(1) == C_out, op,
                     ": grad_output must have shape (", N, ", ", C_out,
-                    ", OH, OW), but got ", grad_output.sizes());
-  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
-                    ": input must have non-zero height and width, but got shape ", input.sizes());
-  int64_t natural[2];
+                    ", *spatial), but got ", grad_output.sizes());
+  for (int i = 0; i < dims; ++i) {
+    TORCH_CHECK_VALUE(input.size(2 + i) > 0, op,
+                      ": input must have non-zero spatial sizes, but got shape ", input.sizes());
+  }
+  int64_t natural[kMaxDims];
   window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, natural);
-  const int64_t windows[2] = {grad_output.size(2), grad_output.size(3)};
-  TORCH_CHECK_VALUE(windows[0] <= natural[0] && windows[1] <= natural[1], op,
-                    ": grad_output's spatial size (", windows[0], ", ", windows[1],
-                    ") exceeds the ", natural[0], "x", natural[1], " windows of the input");
+  const at::IntArrayRef windows = grad_output.sizes().slice(2);
+  for (int i = 0; i < dims; ++i) {
+    TORCH_CHECK_VALUE(windows[i] <= natural[i], op, ": grad_output's spatial size ",
+                      fmt(windows), " exceeds the ", fmt(at::IntArrayRef(natural, dims)),
+                      " windows of the input");
+  }
+  const Window3 whole = make_window(op, N, C_in, input.sizes().slice(2), windows.data(), kernel,
+                                    stride, padding, dilation);
+  checked_numel(op, "weight_size", weight_size);
 
   c10::DeviceGuard guard(input.device());
-  const int64_t G = groups, L = windows[0] * windows[1];
-  const int64_t K = C_in * kernel[0] * kernel[1];
+  const int64_t G = groups, L = whole.window_numel();
+  const int64_t K = whole.rows();
   at::Tensor grad_weight = at::zeros({G, C_out / G, K / G}, input.options());
-  if (N == 0 || L == 0) return grad_weight.view(weight_size);
+  if (N == 0 || L == 0 || grad_weight.numel() == 0) return grad_weight.view(weight_size);
 
-  const at::Tensor dy = grad_output.contiguous();
-  // (grad_output may be short of the input's windows: then the columns are not the input.)
-  const ColumnPlan plan =
-      plan_columns(input, K, windows,
-                   pointwise(kernel, stride, padding) && windows[0] == input.size(2) &&
-                       windows[1] == input.size(3));
-  const at::Tensor x = plan.direct ? input.contiguous() : input;
-  const at::Tensor dy3 = dy.view({N, C_out, L});
-  const Window<2> whole = make_window(N, C_in, input.sizes().slice(2), windows, kernel, stride,
-                                      padding, dilation);
-
-  if (plan.wide) {
-    const int64_t chunk = plan.chunk;
+  const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
+  if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
+    const at::Tensor x5 = lifted(input);
+    const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
-      im2col_band(x.narrow(0, n0, b), cols.samples(b), whole, 0, windows[0]);
+      im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
       group_gemm(grad_weight, side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L}),
                  cols.matrix(b).view({G, K / G, b * L}).transpose(1, 2), at::Tensor(), true);
     }
     return grad_weight.view(weight_size);
   }
-  // One task per band of window rows of one sample; each thread sums its
-  // tasks into its own partial gradient, and the partials are added in thread
-  // order, so the result is deterministic for a given thread count.
-  std::vector<at::Tensor> partial(input.is_cpu() ? at::get_num_threads() : 1);
-  for_each_band(x, plan, whole, K, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    at::Tensor& acc = partial[at::get_thread_num()];
+  // (grad_output may be short of the input's windows: then the columns are not the input.)
+  bool direct = pointwise(kernel, stride, padding);
+  for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
+  const at::Tensor x = direct ? input.contiguous() : input;
+  // Each thread sums its blocks into its own partial gradient, and the
+  // partials are added in thread order, so the result is deterministic for a
+  // given thread count.
+  std::vector<at::Tensor> partial(tasks_at_once(input));
+  for_each_column_block(x, whole, K, direct, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    at::Tensor& acc = partial[at::get_thread_num() % partial.size()];
     if (!acc.defined()) acc = at::zeros_like(grad_weight);
     group_gemm(acc, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
                c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);

@@ -1,12 +1,13 @@
 // The im2col and col2im ops: argument checks, allocation, then the device's
-// kernel from the WindowKernels table. The same code serves every device.
+// kernel from the WindowKernels table. The same code serves every device and
+// every number of spatial dimensions (Note [N-d by lifting] in im2col.h).
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <array>
-#include <mutex>
+#include <vector>
 
 #include "checks.h"
 #include "kernels.h"
@@ -44,75 +45,103 @@ const WindowKernels& window_kernels(c10::DeviceType type) {
   return k;
 }
 
-void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window<2>& w) {
+at::Tensor lift(const at::Tensor& image) {
+  at::Tensor t = image;
+  while (t.dim() < 2 + kMaxDims) t = t.unsqueeze(2);
+  return t;
+}
+
+void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w,
+                 const WindowKernels* kernels) {
   // An empty image still has columns to fill (with padding) when the windows
-  // lie in the padding entirely, as bands of conv.cpp can.
+  // lie in the padding entirely, as blocks of conv.cpp can.
   if (cols.numel() == 0) return;
-  window_kernels(image.device().type()).im2col(image, cols, w);
+  (kernels ? *kernels : window_kernels(image.device().type())).im2col(lift(image), cols, w);
 }
 
 void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window<2>& w) {
+                 const Window3& w, const WindowKernels* kernels) {
   if (image.numel() == 0) return;
-  window_kernels(image.device().type()).col2im(cols, bias, image, w);
+  (kernels ? *kernels : window_kernels(image.device().type())).col2im(cols, bias, lift(image), w);
+}
+
+at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
+                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                       at::IntArrayRef padding, at::IntArrayRef stride) {
+  constexpr const char* op = "im2col";
+  const int dims = spatial_dims(op, "kernel_size", kernel_size);
+  TORCH_CHECK_VALUE(input.dim() == dims + 1 || input.dim() == dims + 2, op, ": input must be ",
+                    dims + 1, "-d (C, *spatial) or ", dims + 2, "-d (N, C, *spatial) for ", dims,
+                    " spatial dimensions (the length of kernel_size=", fmt(kernel_size),
+                    "), but got a ", input.dim(), "-d tensor");
+  check_floating(op, "input", input);
+  check_window_args(op, dims, kernel_size, stride, padding, dilation);
+  const bool batched = input.dim() == dims + 2;
+  const at::Tensor x = batched ? input : input.unsqueeze(0);
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(x.size(d) > 0, op,
+                      ": input must have non-zero channels and spatial sizes (only the batch may "
+                      "be empty), but got shape ",
+                      input.sizes());
+  }
+  int64_t windows[kMaxDims];
+  window_counts(op, "input", x.sizes().slice(2), kernel_size, stride, padding, dilation, windows);
+  const Window3 w = make_window(op, x.size(0), x.size(1), x.sizes().slice(2), windows,
+                                kernel_size, stride, padding, dilation);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor cols = at::empty({w.batch, w.rows(), w.window_numel()}, x.options());
+  im2col_into(x, cols, w, kernels);
+  return batched ? cols : cols.squeeze(0);
+}
+
+at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
+                       at::IntArrayRef output_size, at::IntArrayRef kernel_size,
+                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride) {
+  constexpr const char* op = "col2im";
+  const int dims = spatial_dims(op, "output_size", output_size);
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, op,
+                    ": input must be 2-d (C*prod(kernel_size), L) or 3-d (N, C*prod(kernel_size), "
+                    "L), but got a ",
+                    input.dim(), "-d tensor");
+  check_floating(op, "input", input);
+  check_ints(op, "output_size", output_size, dims, 1);
+  check_window_args(op, dims, kernel_size, stride, padding, dilation);
+  const bool batched = input.dim() == 3;
+  const at::Tensor cols = batched ? input : input.unsqueeze(0);
+  const int64_t kernel_numel = checked_numel(op, "kernel_size", kernel_size);
+  TORCH_CHECK_VALUE(cols.size(1) > 0 && cols.size(1) % kernel_numel == 0, op,
+                    ": input's dimension ", batched ? 1 : 0,
+                    " (C*prod(kernel_size)) must be a non-zero multiple of the product of "
+                    "kernel_size=",
+                    fmt(kernel_size), ", but got shape ", input.sizes());
+  int64_t windows[kMaxDims];
+  window_counts(op, "output_size", output_size, kernel_size, stride, padding, dilation, windows);
+  const int64_t positions = checked_numel(op, "the windows", at::IntArrayRef(windows, dims));
+  TORCH_CHECK_VALUE(cols.size(2) == positions, op, ": input's dimension ", batched ? 2 : 1,
+                    " (L) must equal the number of sliding windows, ",
+                    fmt(at::IntArrayRef(windows, dims)), " = ", positions,
+                    ", for output_size=", fmt(output_size), ", kernel_size=", fmt(kernel_size),
+                    ", dilation=", fmt(dilation), ", padding=", fmt(padding), ", stride=",
+                    fmt(stride), "; but got shape ", input.sizes());
+  const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
+                                windows, kernel_size, stride, padding, dilation);
+  c10::DeviceGuard guard(cols.device());
+  std::vector<int64_t> shape{w.batch, w.channels};
+  shape.insert(shape.end(), output_size.begin(), output_size.end());
+  at::Tensor image = at::empty(shape, cols.options());
+  col2im_into(cols, at::Tensor(), image, w, kernels);
+  return batched ? image : image.squeeze(0);
 }
 
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                   at::IntArrayRef padding, at::IntArrayRef stride) {
-  constexpr const char* op = "im2col";
-  TORCH_CHECK_VALUE(input.dim() == 3 || input.dim() == 4, op,
-                    ": input must be 3-d (C, H, W) or 4-d (N, C, H, W), but got a ", input.dim(),
-                    "-d tensor");
-  check_floating(op, "input", input);
-  check_window_args(op, kernel_size, stride, padding, dilation);
-  const bool batched = input.dim() == 4;
-  const at::Tensor x = batched ? input : input.unsqueeze(0);
-  TORCH_CHECK_VALUE(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
-                    ": input must have non-zero channels, height and width (only the batch may "
-                    "be empty), but got shape ",
-                    input.sizes());
-  int64_t windows[2];
-  window_counts(op, "input", x.sizes().slice(2), kernel_size, stride, padding, dilation, windows);
-  const Window<2> w = make_window(x.size(0), x.size(1), x.sizes().slice(2), windows, kernel_size,
-                                  stride, padding, dilation);
-  c10::DeviceGuard guard(x.device());
-  at::Tensor cols = at::empty({w.batch, w.rows(), w.window_numel()}, x.options());
-  im2col_into(x, cols, w);
-  return batched ? cols : cols.squeeze(0);
+  return im2col_with(nullptr, input, kernel_size, dilation, padding, stride);
 }
 
 at::Tensor col2im(const at::Tensor& input, at::IntArrayRef output_size,
                   at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                   at::IntArrayRef stride) {
-  constexpr const char* op = "col2im";
-  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, op,
-                    ": input must be 2-d (C*kh*kw, L) or 3-d (N, C*kh*kw, L), but got a ",
-                    input.dim(), "-d tensor");
-  check_floating(op, "input", input);
-  check_ints(op, "output_size", output_size, 2, 1);
-  check_window_args(op, kernel_size, stride, padding, dilation);
-  const bool batched = input.dim() == 3;
-  const at::Tensor cols = batched ? input : input.unsqueeze(0);
-  const int64_t kernel_numel = kernel_size[0] * kernel_size[1];
-  TORCH_CHECK_VALUE(cols.size(1) > 0 && cols.size(1) % kernel_numel == 0, op,
-                    ": input's dimension ", batched ? 1 : 0,
-                    " (C*kh*kw) must be a non-zero multiple of the product of kernel_size=",
-                    fmt(kernel_size), ", but got shape ", input.sizes());
-  int64_t windows[2];
-  window_counts(op, "output_size", output_size, kernel_size, stride, padding, dilation, windows);
-  TORCH_CHECK_VALUE(cols.size(2) == windows[0] * windows[1], op, ": input's dimension ",
-                    batched ? 2 : 1, " (L) must equal the number of sliding windows, ",
-                    windows[0], "*", windows[1], "=", windows[0] * windows[1],
-                    ", for output_size=", fmt(output_size), ", kernel_size=", fmt(kernel_size),
-                    ", dilation=", fmt(dilation), ", padding=", fmt(padding), ", stride=",
-                    fmt(stride), "; but got shape ", input.sizes());
-  const Window<2> w = make_window(cols.size(0), cols.size(1) / kernel_numel, output_size, windows,
-                                  kernel_size, stride, padding, dilation);
-  c10::DeviceGuard guard(cols.device());
-  at::Tensor image =
-      at::empty({w.batch, w.channels, output_size[0], output_size[1]}, cols.options());
-  col2im_into(cols, at::Tensor(), image, w);
-  return batched ? image : image.squeeze(0);
+  return col2im_with(nullptr, input, output_size, kernel_size, dilation, padding, stride);
 }
 
 }  // namespace convt_ext

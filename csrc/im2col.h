@@ -1,23 +1,25 @@
-// The one relation behind im2col, col2im, conv2d and conv_transpose2d.
+// The one relation behind im2col, col2im, the convolutions and the matrices.
 //
 // A window of a D-dimensional image: kernel k, stride s, padding p and
 // dilation d, per dimension. Window position o (a "column") taps the image at
 //
 //     i = o*s - p + k_off*d                                   (*)
 //
-// for each kernel offset k_off in [0, k). Taps that fall outside [0, image)
-// read the zero padding.
+// for each kernel offset k_off in [0, k), in every dimension independently.
+// Taps that fall outside [0, image) read the zero padding.
 //
 //   im2col reads (*) forward:  cols[(c, k_off), o] = image[c, i]
 //   col2im reads (*) backward: image[c, i] = sum of cols[(c, k_off), o] over
 //                              every (k_off, o) whose tap (*) lands on i.
 //
-// Both directions go through the same two functions below (`tap` and
+// Both directions go through the functions below (`tap`, `window_at` and
 // `taps_inside`), so <im2col(x), c> == <x, col2im(c)> holds by construction:
 // col2im is the adjoint (transpose) of im2col, not a separate piece of math.
 //
 // This header is included by the CPU loops (cpu/im2col_cpu.cpp), the CUDA
-// kernels (cuda/im2col_cuda.cu) and the explicit matrices (matrix.cpp).
+// kernels (cuda/im2col_cuda.cu), the convolutions' planner (conv.cpp) and the
+// explicit matrices (matrix.cpp). Everything here assumes geometry that
+// checks.h has validated: every size, and image + 2*padding, fits in int64.
 #pragma once
 
 #include <cstdint>
@@ -33,8 +35,8 @@ namespace convt_ext {
 // Number of window positions along one dimension. This is the guide's
 // relationship 15 (relationship 6 when d = 1):
 //     o = floor((i + 2p - d(k-1) - 1) / s) + 1
-// Returns a value < 1 when the (padded) image is smaller than the dilated
-// kernel; callers reject that.
+// Returns 0 when the (padded) image is smaller than the dilated kernel;
+// callers reject that. checks.h computes the same count overflow-checked.
 CONVT_HD int64_t window_count(int64_t image, int64_t k, int64_t s, int64_t p, int64_t d) {
   const int64_t span = image + 2 * p - d * (k - 1) - 1;
   return span < 0 ? 0 : span / s + 1;
@@ -59,10 +61,10 @@ CONVT_HD index_t window_at(index_t i, index_t k_off, index_t s, index_t p, index
 
 // The window positions o in [*lo, *hi) whose tap at offset k_off lies inside
 // [0, image): solving 0 <= o*s - p + k_off*d <= image-1 for o. Positions
-// before *lo and from *hi on read padding. Used by the CPU row loops, which
-// walk these ranges instead of testing every position. Called with p + i0
-// and image = n, it gives the positions that tap inside [i0, i0 + n): how
-// col2im finds the taps of one band of image rows.
+// before *lo and from *hi on read padding; *lo == *hi when all of them do.
+// Called with p + i0 and image = n, it gives the positions that tap inside
+// [i0, i0 + n): how col2im finds the taps of one band of image rows. p may
+// then be negative (a band that starts after the first window's first tap).
 CONVT_HD void taps_inside(int64_t image, int64_t count, int64_t k_off, int64_t s, int64_t p,
                           int64_t d, int64_t* lo, int64_t* hi) {
   const int64_t first = p - k_off * d;              // o*s >= first
@@ -80,7 +82,9 @@ CONVT_HD void taps_inside(int64_t image, int64_t count, int64_t k_off, int64_t s
 // transposed convolution with output_padding >= stride (allowed when
 // dilation > stride) has an image whose natural window count exceeds the
 // columns it owns. PyTorch's "Note [im2col/col2im output padding]" makes the
-// same point.
+// same point. Rows of the column matrix are channel-major, then kernel
+// offsets in row-major order: row = c*prod(k) + flat(k_off), F.unfold's
+// layout in any D; columns are window positions in row-major order.
 template <int D>
 struct Window {
   int64_t batch;
@@ -107,9 +111,20 @@ struct Window {
     for (int i = 0; i < D; ++i) n *= image[i];
     return n;
   }
-  // Rows of the column matrix: one per (channel, kernel offset), channel-major,
-  // exactly F.unfold's layout: row = (c*kh + ki)*kw + kj.
   CONVT_HD int64_t rows() const { return channels * kernel_numel(); }
 };
+
+// Note [N-d by lifting]
+// The kernels are written once, for three spatial dimensions. A 1-d or 2-d
+// geometry is lifted to 3-d by leading dimensions of size 1 (image 1, one
+// window, kernel 1, stride 1, no padding, dilation 1), which the relation
+// maps onto themselves: i = 0*1 - 0 + 0*1 = 0. The column matrix does not
+// change (its rows and columns are products over the dimensions, and the
+// new factors are 1), and tensors only gain unit dimensions, so a lifted
+// call is a view of the original, not a copy. One instantiation per dtype
+// serves every D, which keeps compile time (and the CUDA fatbinary) flat.
+// checks.h's make_window does the lifting.
+constexpr int kMaxDims = 3;
+using Window3 = Window<kMaxDims>;
 
 }  // namespace convt_ext

@@ -10,21 +10,33 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
+#include <cstdlib>
+
 #include "im2col.h"
 
 namespace convt_ext {
 
 struct WindowKernels {
-  // cols[n, (c, ki, kj), (oh, ow)] = image[n, c, ih, iw], zero where the tap
-  // reads padding. image: (N, C, H, W) with any strides. cols: (N, C*kh*kw,
-  // OH*OW), any strides, written completely (no zero fill needed first).
-  void (*im2col)(const at::Tensor& image, const at::Tensor& cols, const Window<2>& w);
-  // image[n, c, ih, iw] = bias[c] (0 if bias is undefined) + the sum of its
-  // taps in cols, accumulated per element in a fixed (ki, kj) order, in at
-  // least float32. image: (N, C, H, W), any strides, written completely.
+  // cols[n, (c, k_off), o] = image[n, c, i], zero where the tap reads
+  // padding. image: (N, C, I0, I1, I2), the call lifted to three spatial
+  // dimensions (Note [N-d by lifting]), any strides. cols: (N, C*prod(k),
+  // prod(windows)), any strides, written completely (no zero fill first).
+  void (*im2col)(const at::Tensor& image, const at::Tensor& cols, const Window3& w);
+  // image[n, c, i] = bias[c] (0 if bias is undefined) + the sum of its taps
+  // in cols, accumulated per element in a fixed, row-major k_off order, in at
+  // least float32. image: (N, C, I0, I1, I2), any strides, written completely.
   void (*col2im)(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window<2>& w);
+                 const Window3& w);
 };
+
+// Largest element offset reachable in t, plus one (0 for an empty or
+// undefined tensor): what an index type must hold to address t.
+inline int64_t extent(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return 0;
+  int64_t e = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) e += (t.size(d) - 1) * std::abs(t.stride(d));
+  return e;
+}
 
 // Called once per backend from a static initialiser.
 void register_window_kernels(c10::DeviceType type, WindowKernels kernels);

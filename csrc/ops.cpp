@@ -5,40 +5,117 @@
 // only the two window kernels differ, found at run time in the WindowKernels
 // table. A build without the CUDA path therefore answers a CUDA tensor with a
 // clear "rebuild with CUDA" error instead of the dispatcher's generic one.
-// Fake (meta) kernels and autograd are registered from Python (convt_ext/_ops.py).
+// im2col/col2im take geometry lists of any length 1-3; each convolution has
+// an op per dimension (conv1d, conv2d, conv3d, ...) with torch's schema, all
+// served by one generic function (ops.h). Fake (meta) kernels and autograd
+// are registered from Python (convt_ext/_ops.py).
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "kernels.h"
 #include "ops.h"
 
-TORCH_LIBRARY(convt_ext, m) {
-  m.def("im2col(Tensor input, SymInt[2] kernel_size, SymInt[2] dilation, SymInt[2] padding, "
-        "SymInt[2] stride) -> Tensor");
-  m.def("col2im(Tensor input, SymInt[2] output_size, SymInt[2] kernel_size, SymInt[2] dilation, "
-        "SymInt[2] padding, SymInt[2] stride) -> Tensor");
-  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, SymInt[2] stride, SymInt[2] padding, "
-        "SymInt[2] dilation, SymInt groups) -> Tensor");
-  m.def("conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, SymInt[2] stride, "
-        "SymInt[2] padding, SymInt[2] output_padding, SymInt groups, SymInt[2] dilation) -> Tensor");
-  m.def("conv2d_weight(Tensor input, Tensor grad_output, SymInt[4] weight_size, SymInt[2] stride, "
-        "SymInt[2] padding, SymInt[2] dilation, SymInt groups) -> Tensor");
-  // No tensor inputs, so no dispatch key: one kernel serves every call.
-  m.def("im2col_indices(int[2] input_size, int[2] kernel_size, int[2] dilation, int[2] padding, "
-        "int[2] stride) -> Tensor",
-        &convt_ext::im2col_indices);
+namespace convt_ext {
+
+at::Tensor emulated_im2col(const at::Tensor& input, at::IntArrayRef kernel_size,
+                           at::IntArrayRef dilation, at::IntArrayRef padding,
+                           at::IntArrayRef stride, bool int32);
+at::Tensor emulated_col2im(const at::Tensor& input, at::IntArrayRef output_size,
+                           at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                           at::IntArrayRef padding, at::IntArrayRef stride, bool int32);
+
+namespace {
+
+constexpr const char* kConv[] = {"", "conv1d", "conv2d", "conv3d"};
+constexpr const char* kConvTranspose[] = {"", "conv_transpose1d", "conv_transpose2d",
+                                          "conv_transpose3d"};
+constexpr const char* kConvWeight[] = {"", "conv1d_weight", "conv2d_weight", "conv3d_weight"};
+
+template <int D>
+at::Tensor conv_nd(const at::Tensor& input, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv(kConv[D], D, input, weight, bias, stride, padding, dilation, groups);
 }
 
-#define CONVT_REGISTER_OPS(m)                          \
-  m.impl("im2col", &convt_ext::im2col);                \
-  m.impl("col2im", &convt_ext::col2im);                \
-  m.impl("conv2d", &convt_ext::conv2d);                \
-  m.impl("conv_transpose2d", &convt_ext::conv_transpose2d); \
-  m.impl("conv2d_weight", &convt_ext::conv2d_weight)
+template <int D>
+at::Tensor conv_transpose_nd(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef output_padding,
+                             int64_t groups, at::IntArrayRef dilation) {
+  return conv_transpose(kConvTranspose[D], D, input, weight, bias, stride, padding, output_padding,
+                        groups, dilation);
+}
 
-TORCH_LIBRARY_IMPL(convt_ext, CPU, m) { CONVT_REGISTER_OPS(m); }
-TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) { CONVT_REGISTER_OPS(m); }
+template <int D>
+at::Tensor conv_weight_nd(const at::Tensor& input, const at::Tensor& grad_output,
+                          at::IntArrayRef weight_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv_weight(kConvWeight[D], D, input, grad_output, weight_size, stride, padding,
+                     dilation, groups);
+}
+
+template <int D>
+void define_convolutions(torch::Library& m) {
+  const std::string n = "SymInt[" + std::to_string(D) + "]";
+  const std::string schemas[] = {
+      std::string(kConv[D]) + "(Tensor input, Tensor weight, Tensor? bias, " + n + " stride, " +
+          n + " padding, " + n + " dilation, SymInt groups) -> Tensor",
+      std::string(kConvTranspose[D]) + "(Tensor input, Tensor weight, Tensor? bias, " + n +
+          " stride, " + n + " padding, " + n + " output_padding, SymInt groups, " + n +
+          " dilation) -> Tensor",
+      std::string(kConvWeight[D]) + "(Tensor input, Tensor grad_output, SymInt[" +
+          std::to_string(D + 2) + "] weight_size, " + n + " stride, " + n + " padding, " + n +
+          " dilation, SymInt groups) -> Tensor"};
+  for (const std::string& schema : schemas) m.def(schema.c_str());
+}
+
+template <int D>
+void impl_convolutions(torch::Library& m) {
+  m.impl(kConv[D], &conv_nd<D>);
+  m.impl(kConvTranspose[D], &conv_transpose_nd<D>);
+  m.impl(kConvWeight[D], &conv_weight_nd<D>);
+}
+
+void impl_all(torch::Library& m) {
+  m.impl("im2col", &im2col);
+  m.impl("col2im", &col2im);
+  impl_convolutions<1>(m);
+  impl_convolutions<2>(m);
+  impl_convolutions<3>(m);
+}
+
+}  // namespace
+}  // namespace convt_ext
+
+TORCH_LIBRARY(convt_ext, m) {
+  m.def("im2col(Tensor input, SymInt[] kernel_size, SymInt[] dilation, SymInt[] padding, "
+        "SymInt[] stride) -> Tensor");
+  m.def("col2im(Tensor input, SymInt[] output_size, SymInt[] kernel_size, SymInt[] dilation, "
+        "SymInt[] padding, SymInt[] stride) -> Tensor");
+  convt_ext::define_convolutions<1>(m);
+  convt_ext::define_convolutions<2>(m);
+  convt_ext::define_convolutions<3>(m);
+  // No tensor inputs, so no dispatch key: one kernel serves every call.
+  m.def("im2col_indices(int[] input_size, int[] kernel_size, int[] dilation, int[] padding, "
+        "int[] stride) -> Tensor",
+        &convt_ext::im2col_indices);
+  // Test-only (CPU): the CUDA kernels' element functions on an emulated grid.
+  m.def("_emulated_im2col(Tensor input, int[] kernel_size, int[] dilation, int[] padding, "
+        "int[] stride, bool int32) -> Tensor");
+  m.def("_emulated_col2im(Tensor input, int[] output_size, int[] kernel_size, int[] dilation, "
+        "int[] padding, int[] stride, bool int32) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(convt_ext, CPU, m) {
+  convt_ext::impl_all(m);
+  m.impl("_emulated_im2col", &convt_ext::emulated_im2col);
+  m.impl("_emulated_col2im", &convt_ext::emulated_col2im);
+}
+TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) { convt_ext::impl_all(m); }
 
 namespace py = pybind11;
 
@@ -48,4 +125,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", [] { return convt_ext::has_window_kernels(c10::DeviceType::CUDA); });
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
+  m.def("release_workspace", &convt_ext::release_workspace);
 }

@@ -1,4 +1,6 @@
 // The ops convt_ext registers with the dispatcher (see ops.cpp for schemas).
+// Every op serves 1, 2 and 3 spatial dimensions with one piece of code: the
+// number comes from the length of the geometry lists (or the weight's dim).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,34 +10,48 @@
 
 namespace convt_ext {
 
-// F.unfold: (N, C, H, W) or (C, H, W) -> (N, C*kh*kw, L) or (C*kh*kw, L).
+struct WindowKernels;
+
+// F.unfold in D dimensions: (N, C, *spatial) or (C, *spatial) ->
+// (N, C*prod(k), L) or (C*prod(k), L); D = kernel_size.size().
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                   at::IntArrayRef padding, at::IntArrayRef stride);
 
-// F.fold, the adjoint of im2col.
+// F.fold in D dimensions, the adjoint of im2col; D = output_size.size().
 at::Tensor col2im(const at::Tensor& input, at::IntArrayRef output_size,
                   at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                   at::IntArrayRef stride);
 
-// F.conv2d, batched (N, C, H, W) only; the Python layer handles unbatched
-// input and string padding.
-at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// The same two ops with a given kernel table instead of the device's (the
+// test-only CPU emulation of the CUDA kernels uses it; see emulate.cpp).
+at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
+                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                       at::IntArrayRef padding, at::IntArrayRef stride);
+at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
+                       at::IntArrayRef output_size, at::IntArrayRef kernel_size,
+                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride);
 
-// F.conv_transpose2d (note: groups before dilation, as in torch).
-at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef output_padding,
-                            int64_t groups, at::IntArrayRef dilation);
+// F.convNd, batched (N, C, *spatial) only, D = dims; the Python layer handles
+// unbatched input and string padding. `op` names the op in messages.
+at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// The weight gradient of conv2d, sum_n grad_output[n] . im2col(input[n])^T per
-// group; also the weight gradient of conv_transpose2d with the roles of the
+// F.conv_transposeNd (note: groups before dilation, as in torch).
+at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef output_padding, int64_t groups,
+                          at::IntArrayRef dilation);
+
+// The weight gradient of convNd, sum_n grad_output[n] . im2col(input[n])^T per
+// group; also the weight gradient of conv_transposeNd with the roles of the
 // two tensors swapped. grad_output may cover fewer windows than input has
-// (conv_transpose2d with output_padding >= stride); those are left out.
-at::Tensor conv2d_weight(const at::Tensor& input, const at::Tensor& grad_output,
-                         at::IntArrayRef weight_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// (conv_transpose with output_padding >= stride); those are left out.
+at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
+                       const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups);
 
 // The (row, column) indices of the nonzeros of the im2col selection matrix U
 // of one channel, an int64 (2, nnz) tensor (see matrix.cpp).
@@ -44,13 +60,19 @@ at::Tensor im2col_indices(at::IntArrayRef input_size, at::IntArrayRef kernel_siz
                           at::IntArrayRef stride);
 
 // The raw kernels behind the ops, for the convolutions' orchestration: they
-// skip argument checks and write into caller-provided tensors.
-void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window<2>& w);
+// skip argument checks and write into caller-provided tensors. `image` is
+// (N, C, *spatial) for any D <= 3 (lifted here); `kernels` defaults to the
+// image's device's.
+void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w,
+                 const WindowKernels* kernels = nullptr);
 void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window<2>& w);
+                 const Window3& w, const WindowKernels* kernels = nullptr);
 
-// Bytes the convolutions may spend on one column buffer.
+// Bytes that all the column buffers of one op call may hold at once, over
+// every thread (set_workspace_limit), and the release of the buffers that
+// threads keep between calls.
 void set_workspace_limit(int64_t bytes);
 int64_t workspace_limit();
+void release_workspace();
 
 }  // namespace convt_ext

@@ -1,5 +1,6 @@
 """python -m convt_ext.explain: it runs, every claim holds (and would show ✗
 if it did not), flags choose the geometry, bad flags are refused."""
+import io
 import os
 import subprocess
 import sys
@@ -159,3 +160,101 @@ def test_format_matrix_aligns_columns():
     assert explain.format_matrix(torch.tensor([1.0, 2.0]), indent="") == "[ 1 2 ]"
     with pytest.raises(ValueError):
         explain.format_matrix(torch.zeros(2, 2, 2))
+
+
+# ---------------------------------------------------------------- --dims 1 and --dims 3
+
+
+def test_dims_3_every_claim_holds_in_ascii(monkeypatch):
+    """--dims 3 on a stream that cannot encode the Unicode symbols (in process: the fresh
+    interpreter and the encoding fallback are checked above in 2-d)."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert explain.main(["--dims", "3", "--size", "5"]) == 0
+    stream.flush()
+    out = raw.getvalue().decode("ascii")  # raises if anything non-ASCII got through
+    assert "[ok]" in out and "[FAIL]" not in out
+    for text in ("in 3-d", "1x1x4x4x4", "conv3d(x1, w1)", "conv_transpose3d(y1, w1)", "flip(w)", "C^T*ones", "Summary"):
+        assert text in out, text
+    # A small 3-d tensor prints slice by slice.
+    assert "x (4x4x4), one slice per index of the first axis:\n    [0, :, :]\n    [  1  2  3  4 ]" in out
+
+
+def test_dims_1_in_process(capsys):
+    assert explain.main(["--dims", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "✗" not in out and "claims hold" in out
+    for text in ("in 1-d", "conv1d(x1, w1)", "conv_transpose1d_as_conv1d", "flip(w)", "(C_in, C_out/groups, k)"):
+        assert text in out, text
+    # The guide's example in 1-d: the 2×4 matrix C prints in full.
+    assert "  x (4):\n    [ 1 2 3 4 ]" in out
+    assert "  C (2×4):\n" in out
+
+
+def test_dims_2_is_the_default(capsys):
+    assert explain.main(["--size", "5"]) == 0
+    default = capsys.readouterr().out
+    assert explain.main(["--size", "5", "--dims", "2"]) == 0
+    assert capsys.readouterr().out == default
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel=3, stride=3, padding=1, dilation=2, size=7),
+        dict(kernel=4, stride=2, padding=3, dilation=1, size=1),
+        dict(kernel=2, stride=1, padding=0, dilation=3, size=4, seed=2),
+    ],
+)
+def test_claims_all_hold_nd(dims, geometry):
+    claims = explain.check_claims(**geometry, dims=dims)
+    assert len(claims) >= 20
+    assert [text for text, holds in claims if not holds] == []
+    texts = [text for text, _ in claims]
+    assert "Cᵀ·y1 ≠ x1.grad" in texts
+    assert any(t.startswith(f"conv_transpose{dims}d(y1, w1) ≠ conv{dims}d(y1, w1, padding=2)") for t in texts)
+    assert any(t.startswith(f"Cᵀ·y1 = conv_transpose{dims}d(y1, w1)") for t in texts)
+    assert any(t.startswith(f"C·x = conv{dims}d(x, w)") for t in texts)
+    assert any(t.startswith(f"convt_ext.conv_transpose{dims}d_as_conv{dims}d") for t in texts)
+    assert not any("conv2d" in t for t in texts)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_claims_nd_are_computed_and_can_fail(dims, monkeypatch):
+    """Break the N-d recipe, or the direct convolution that the puzzles compare with: the
+    claims that use it turn ✗."""
+    name = f"conv_transpose{dims}d_as_conv{dims}d"
+    real = getattr(explain, name)
+    monkeypatch.setattr(explain, name, lambda *a, **k: real(*a, **k) + 1)
+    failed = [text for text, holds in explain.check_claims(dims=dims) if not holds]
+    assert failed and all(name in t for t in failed)
+    monkeypatch.undo()
+
+    real_conv = getattr(torch.nn.functional, f"conv{dims}d")
+
+    class Flipping:
+        def __getattr__(self, attr):
+            return getattr(torch.nn.functional, attr)
+
+    def flipping(input, weight, *args, **kwargs):
+        if kwargs.get("padding") == 2:
+            weight = weight.flip(tuple(range(2, weight.dim())))
+        return real_conv(input, weight, *args, **kwargs)
+
+    fake = Flipping()
+    setattr(fake, f"conv{dims}d", flipping)
+    monkeypatch.setattr(explain, "F", fake)
+    failed = [text for text, holds in explain.check_claims(dims=dims) if not holds]
+    assert any(t.startswith(f"conv_transpose{dims}d(y1, w1) ≠ conv{dims}d(y1, w1, padding=2)") for t in failed)
+
+
+@pytest.mark.parametrize("value", ["0", "4", "two"])
+def test_bad_dims_are_refused(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        explain.main(["--dims", value])
+    assert info.value.code != 0
+    captured = capsys.readouterr()
+    assert "error" in captured.err and "--dims" in captured.err
+    assert captured.out == ""

@@ -447,7 +447,7 @@ def _x(*shape):
 
 IM2COL_ERRORS = [
     # (kwargs for convt_ext.im2col, exception, regex)
-    (dict(input=_x(3, 4), kernel_size=2), ValueError, r"input"),
+    (dict(input=_x(4), kernel_size=2), ValueError, r"input"),
     (dict(input=_x(1, 1, 1, 4, 4), kernel_size=2), ValueError, r"input"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=0), ValueError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=(2, 0)), ValueError, r"kernel_size"),
@@ -469,8 +469,10 @@ IM2COL_ERRORS = [
     (dict(input=_x(1, 1, 4, 4), kernel_size=(2, False)), TypeError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size="2"), TypeError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=2.0), TypeError, r"kernel_size"),
-    (dict(input=_x(1, 1, 4, 4), kernel_size=(2, 2, 2)), TypeError, r"kernel_size"),
-    (dict(input=_x(1, 1, 4, 4), kernel_size=(2,)), TypeError, r"kernel_size"),
+    # A 3-tuple makes the call 3-d (the 4-d input is then unbatched), a 1-tuple 1-d.
+    (dict(input=_x(1, 1, 4, 4), kernel_size=(2, 2, 2)), ValueError, r"input.*kernel_size"),
+    (dict(input=_x(1, 1, 4, 4), kernel_size=(2,)), ValueError, r"input.*kernel_size"),
+    (dict(input=_x(1, 1, 4, 4), kernel_size=(2, 2), stride=(1, 1, 1)), ValueError, r"stride.*kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=None), TypeError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=2, stride=1.5), TypeError, r"stride"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=2, stride=True), TypeError, r"stride"),
@@ -512,7 +514,8 @@ COL2IM_ERRORS = [
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size="2"), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2.0), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=4.0, kernel_size=2), TypeError, r"output_size"),
-    (dict(input=_x(1, 4, 9), output_size=(4, 4, 4), kernel_size=2), TypeError, r"output_size"),
+    # Three output sizes make the call 3-d: 4 rows are not a multiple of 2*2*2.
+    (dict(input=_x(1, 4, 9), output_size=(4, 4, 4), kernel_size=2), ValueError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, stride="1"), TypeError, r"stride"),
 ]
 

@@ -568,3 +568,310 @@ def test_compile_output_size():
         close(compiled(x, *out), ref(x, output_size=list(out)))
         assert compiled(x, *out).shape[-2:] == out
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ 1-d and 3-d modules
+
+TORCH_CONV = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
+OUR_CONV = {1: cnn.Conv1d, 2: cnn.Conv2d, 3: cnn.Conv3d}
+TORCH_TCONV = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}
+OUR_TCONV = {1: cnn.ConvTranspose1d, 2: cnn.ConvTranspose2d, 3: cnn.ConvTranspose3d}
+
+# (dims, in, out, kernel_size, kwargs, input shape)
+CONV_ND_CASES = [
+    (1, 3, 4, 3, {}, (2, 3, 9)),
+    (1, 4, 6, 3, dict(stride=2, padding=1, dilation=2, groups=2), (2, 4, 11)),
+    (1, 3, 4, 4, dict(padding="same", bias=False), (2, 3, 7)),
+    (1, 3, 4, 2, dict(stride=3, padding="valid"), (3, 10)),  # unbatched
+    (3, 2, 3, 3, {}, (2, 2, 4, 5, 3)),
+    (3, 4, 4, (2, 3, 1), dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1), groups=2), (1, 4, 5, 6, 3)),
+    (3, 2, 3, (2, 3, 2), dict(padding="same", dilation=(1, 1, 2)), (1, 2, 4, 3, 5)),
+    (3, 2, 3, 2, dict(stride=2, padding=1, bias=False), (2, 4, 3, 5)),  # unbatched
+]
+
+# (dims, in, out, kernel_size, kwargs, input shape), padding_mode applied on top
+PAD_MODE_ND_CASES = [
+    (1, 3, 4, 3, dict(padding=2, stride=2), (2, 3, 8)),
+    (1, 2, 4, 4, dict(padding="same", groups=2), (2, 2, 7)),  # asymmetric 'same'
+    (1, 3, 4, 3, dict(padding=1), (3, 6)),  # unbatched
+    (3, 2, 3, 3, dict(padding=(1, 2, 1), dilation=(1, 1, 2)), (1, 2, 4, 4, 5)),
+    (3, 2, 3, (2, 3, 2), dict(padding="same"), (1, 2, 3, 4, 4)),  # asymmetric 'same'
+    (3, 2, 3, 3, dict(padding=1), (2, 3, 3, 4)),  # unbatched
+]
+
+TCONV_ND_CASES = [
+    (1, 3, 4, 3, dict(stride=2, padding=1, output_padding=1), (2, 3, 5)),
+    (1, 4, 6, 3, dict(groups=2, dilation=3, output_padding=2), (2, 4, 4)),  # output_padding >= stride
+    (1, 3, 4, 4, dict(stride=3, padding=1, bias=False), (3, 5)),  # unbatched
+    (3, 2, 3, 3, {}, (2, 2, 2, 3, 2)),
+    (3, 4, 2, (2, 3, 1), dict(stride=(2, 1, 3), padding=(1, 1, 0), output_padding=(1, 0, 2), groups=2), (1, 4, 3, 2, 3)),
+    (3, 2, 3, 2, dict(stride=2, dilation=(1, 2, 1), output_padding=(1, 1, 0), bias=False), (2, 2, 3, 2)),  # unbatched
+]
+
+
+def _nd_id(case):
+    dims, cin, cout, k, kw, shape = case
+    return f"{dims}d-{cin}-{cout}-k{k}-" + ",".join(f"{a}={b}" for a, b in kw.items()) + f"-x{list(shape)}"
+
+
+@pytest.mark.parametrize("case", CONV_ND_CASES, ids=_nd_id)
+def test_conv_nd_parity(case):
+    dims, cin, cout, k, kw, shape = case
+    via = "from_torch" if dims == 1 else "load_state_dict"
+    ours, ref = build_pair(TORCH_CONV[dims], OUR_CONV[dims], (cin, cout, k), kw, via)
+    check_parity(ours, ref, shape)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])  # zeros: test_conv_nd_parity
+@pytest.mark.parametrize("case", PAD_MODE_ND_CASES, ids=_nd_id)
+def test_conv_nd_padding_modes(case, padding_mode):
+    dims, cin, cout, k, kw, shape = case
+    ours, ref = build_pair(TORCH_CONV[dims], OUR_CONV[dims], (cin, cout, k), dict(kw, padding_mode=padding_mode), "from_torch")
+    assert ours.padding_mode == padding_mode
+    check_parity(ours, ref, shape)
+
+
+@pytest.mark.parametrize("case", TCONV_ND_CASES, ids=_nd_id)
+def test_conv_transpose_nd_parity(case):
+    dims, cin, cout, k, kw, shape = case
+    via = "load_state_dict" if dims == 1 else "from_torch"
+    ours, ref = build_pair(TORCH_TCONV[dims], OUR_TCONV[dims], (cin, cout, k), kw, via)
+    check_parity(ours, ref, shape)
+
+
+@pytest.mark.parametrize(
+    "dims, shape, output_size",
+    [
+        (1, (2, 4, 5), [9]),
+        (1, (2, 4, 5), [2, 6, 10]),
+        (1, (4, 5), [6, 10]),  # unbatched, with channels
+        (3, (1, 4, 3, 2, 3), [5, 4, 6]),
+        (3, (1, 4, 3, 2, 3), torch.Size([1, 6, 6, 3, 5])),
+        (3, (4, 3, 2, 3), (6, 4, 5)),  # unbatched
+    ],
+)
+def test_conv_transpose_nd_output_size(dims, shape, output_size):
+    ours, ref = build_pair(TORCH_TCONV[dims], OUR_TCONV[dims], (4, 6, 3), dict(stride=2, padding=1), "from_torch")
+    out = check_parity(ours, ref, shape, output_size=output_size)
+    assert list(out.shape[-dims:]) == list(output_size)[-dims:]
+
+
+@pytest.mark.parametrize(
+    "dims, shape, output_size",
+    [
+        (1, (2, 4, 5), [8]),  # too small
+        (1, (2, 4, 5), [11]),  # too large
+        (1, (2, 4, 5), [4, 9]),  # two elements for a batched 1-d input
+        (3, (1, 4, 3, 2, 3), [5, 4]),
+        (3, (1, 4, 3, 2, 3), [5, 4, 7]),
+        (3, (4, 3, 2, 3), [1, 6, 5, 4, 6]),  # five elements for an unbatched input
+    ],
+)
+def test_conv_transpose_nd_invalid_output_size(dims, shape, output_size):
+    ours, ref = build_pair(TORCH_TCONV[dims], OUR_TCONV[dims], (4, 6, 3), dict(stride=2, padding=1), "from_torch")
+    x = torch.randn(shape, dtype=DT)
+    _same_error(lambda: ref(x, output_size=output_size), lambda: ours(x, output_size=output_size))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_nd_modules_use_convt_ext_ops(dims):
+    """The 1-d and 3-d modules compute with torch.ops.convt_ext, forward and backward."""
+    for cls in (OUR_CONV[dims], OUR_TCONV[dims]):
+        m = cls(2, 3, 3, stride=2, dtype=DT)
+        x = torch.randn(1, 2, *[5] * dims, dtype=DT, requires_grad=True)
+        with OpLog() as log:
+            m(x).sum().backward()
+        assert any(op.startswith("convt_ext.") for op in log.ops), log.ops
+        assert not any("convolution" in op for op in log.ops), log.ops
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_nd_modules_same_seed_state_dict_repr(dims):
+    """Same initialisation, state_dict keys and repr as torch's; state_dicts load both ways."""
+    for torch_cls, our_cls, kw in [
+        (TORCH_CONV[dims], OUR_CONV[dims], dict(stride=2, groups=2, padding_mode="circular", padding=1)),
+        (TORCH_TCONV[dims], OUR_TCONV[dims], dict(stride=2, groups=2, output_padding=1, bias=False)),
+    ]:
+        torch.manual_seed(123)
+        ref = torch_cls(4, 6, 3, **kw, dtype=DT)
+        torch.manual_seed(123)
+        ours = our_cls(4, 6, 3, **kw, dtype=DT)
+        assert repr(ours) == repr(ref)
+        assert repr(ours).startswith(f"{our_cls.__name__}(4, 6, kernel_size={(3,) * dims}, stride={(2,) * dims}")
+        assert isinstance(ours, torch_cls) and type(ours).__name__ == torch_cls.__name__
+        sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+        assert list(sd_ours) == list(sd_ref)
+        for key in sd_ref:
+            assert torch.equal(sd_ours[key], sd_ref[key])
+        torch.manual_seed(7)
+        fresh = torch_cls(4, 6, 3, **kw, dtype=DT)
+        fresh.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 4, *[5] * dims, dtype=DT)
+        close(ours(x), fresh(x))
+        assert "drop-in" in our_cls.__doc__ and "convt_ext" in our_cls.__doc__
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_nd_from_torch(dims):
+    ref = TORCH_TCONV[dims](4, 6, 3, stride=2, dilation=2, groups=2, dtype=torch.float32)
+    ref.eval()
+    ref.bias.requires_grad_(False)
+    rng_before = torch.get_rng_state()
+    ours = OUR_TCONV[dims].from_torch(ref)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert type(ours) is OUR_TCONV[dims] and not ours.training and not ours.bias.requires_grad
+    assert repr(ours) == repr(ref)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+    x = torch.randn(2, 4, *[4] * dims)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    conv_ref = TORCH_CONV[dims](4, 6, 2, padding_mode="reflect", padding=1)
+    conv = OUR_CONV[dims].from_torch(conv_ref)
+    assert repr(conv) == repr(conv_ref) and torch.equal(conv.weight, conv_ref.weight)
+    with pytest.raises(TypeError, match=f"Conv{dims}d"):
+        OUR_CONV[dims].from_torch(TORCH_TCONV[dims](3, 4, 3))
+    with pytest.raises(TypeError, match=f"ConvTranspose{dims}d"):
+        OUR_TCONV[dims].from_torch(torch.nn.ConvTranspose2d(3, 4, 3))  # the wrong number of dimensions
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_nd_errors_are_torchs(dims):
+    for kw in (dict(padding="same", stride=2), dict(padding_mode="mirror"), dict(groups=2)):
+        _same_error(lambda: TORCH_CONV[dims](3, 4, 3, **kw), lambda: OUR_CONV[dims](3, 4, 3, **kw))
+    _same_error(
+        lambda: TORCH_TCONV[dims](3, 4, 3, padding_mode="reflect"),
+        lambda: OUR_TCONV[dims](3, 4, 3, padding_mode="reflect"),
+    )
+    ref, ours = TORCH_TCONV[dims](3, 4, 3), OUR_TCONV[dims](3, 4, 3)
+    ref.padding_mode = ours.padding_mode = "circular"
+    x = torch.randn(1, 3, *[4] * dims)
+    _same_error(lambda: ref(x), lambda: ours(x))
+
+
+def test_nd_gradcheck_small():
+    """Finite differences through a 1-d and a 3-d pair of modules (second order: test_matrix)."""
+    torch.manual_seed(0)
+    conv1 = cnn.Conv1d(1, 2, 2, stride=2, padding=1, padding_mode="replicate", dtype=DT)
+    up1 = cnn.ConvTranspose1d(2, 1, 2, stride=2, padding=1, output_padding=1, dtype=DT)
+    conv3 = cnn.Conv3d(1, 1, 2, padding=(1, 0, 0), padding_mode="circular", dtype=DT)
+    up3 = cnn.ConvTranspose3d(1, 1, (1, 2, 1), stride=(1, 2, 1), dtype=DT)
+    x1 = torch.randn(1, 1, 5, dtype=DT, requires_grad=True)
+    x3 = torch.randn(1, 1, 2, 2, 2, dtype=DT, requires_grad=True)
+
+    def apply(module, x, weight, bias):
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+    def fn(x1, x3, a, b, c, d, e, f, g, h):
+        return apply(up1, apply(conv1, x1, a, b), c, d), apply(up3, apply(conv3, x3, e, f), g, h)
+
+    inputs = (x1, x3, conv1.weight, conv1.bias, up1.weight, up1.bias, conv3.weight, conv3.bias, up3.weight, up3.bias)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ------------------------------------------------------------------ Unfold / Fold
+
+
+def one_hot_unfold(x, kernel, dilation, padding, stride):
+    """F.unfold generalised to any number of spatial dimensions, computed by torch: a grouped
+    F.conv{1,2,3}d with one one-hot kernel per kernel offset (row-major) for every channel."""
+    dims, c = len(kernel), x.shape[1]
+    k = 1
+    for v in kernel:
+        k *= v
+    one_hot = torch.eye(k, dtype=x.dtype).view(k, 1, *kernel).repeat(c, 1, *[1] * dims)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    return conv(x, one_hot, None, stride, padding, dilation, c).flatten(2)
+
+
+# (kernel_size, dilation, padding, stride, input shape)
+UNFOLD_CASES = [
+    (3, 1, 1, 2, (2, 3, 6, 7)),  # 2-d, ints, as torch.nn.Unfold
+    ((2, 3), (2, 1), (1, 0), (1, 2), (3, 5, 6)),  # 2-d, unbatched
+    ((3,), (2,), (1,), (2,), (2, 3, 9)),  # 1-d
+    ((1,), 1, 0, 1, (2, 4)),  # 1-d, unbatched
+    (2, 1, 1, 2, (1, 2, 3, 4, 5)),  # 3-d from a 5-d input
+    ((2, 1, 3), (1, 1, 2), (0, 1, 1), (2, 1, 1), (2, 3, 4, 3, 5)),  # 3-d
+]
+
+
+def _as_tuple(value, dims):
+    return tuple(value) if isinstance(value, tuple) else (value,) * dims
+
+
+@pytest.mark.parametrize("k, d, p, s, shape", UNFOLD_CASES, ids=[str(c[-1]) for c in UNFOLD_CASES])
+def test_unfold_fold_modules(k, d, p, s, shape):
+    dims = len(k) if isinstance(k, tuple) else (3 if len(shape) == 5 else 2)
+    unbatched = len(shape) == dims + 1
+    gen = torch.Generator().manual_seed(len(shape) * 10 + dims)
+    x = torch.randn(shape, generator=gen, dtype=DT, requires_grad=True)
+    xb = x[None] if unbatched else x
+    geometry = [_as_tuple(v, dims) for v in (k, d, p, s)]
+
+    unfold = cnn.Unfold(k, d, p, s)
+    assert isinstance(unfold, torch.nn.Unfold)
+    assert repr(unfold) == repr(torch.nn.Unfold(k, d, p, s))
+    cols = unfold(x)
+    want = one_hot_unfold(xb, *geometry)
+    close(cols, want[0] if unbatched else want)
+    if dims == 2:
+        close(cols, torch.nn.Unfold(k, d, p, s)(x))
+
+    # Fold is the adjoint: its output is the gradient of <unfold(x), c> with respect to x.
+    c = torch.randn(cols.shape, generator=gen, dtype=DT, requires_grad=True)
+    size = tuple(shape[-dims:])
+    fold = cnn.Fold(size, k, d, p, s)
+    assert isinstance(fold, torch.nn.Fold)
+    assert repr(fold) == repr(torch.nn.Fold(size, k, d, p, s))
+    folded = fold(c)
+    (adjoint,) = torch.autograd.grad(one_hot_unfold(xb, *geometry), xb, c[None] if unbatched else c)
+    close(folded, adjoint[0] if unbatched else adjoint)
+    if dims == 2:
+        close(folded, torch.nn.Fold(size, k, d, p, s)(c))
+
+    # The backward of each is the other.
+    (gx,) = torch.autograd.grad(cols, x, c)
+    close(gx, folded)
+    (gc,) = torch.autograd.grad(folded, c, x)
+    close(gc, cols)
+
+
+def test_unfold_fold_in_a_model_state_dict_and_public_names():
+    m = torch.nn.Sequential(cnn.Unfold((3,), padding=(1,)), cnn.Fold((6,), (3,), padding=(1,)))
+    assert m.state_dict() == {}
+    x = torch.randn(2, 3, 6, dtype=DT)
+    # Fold(Unfold(x)) multiplies every pixel by the number of windows covering it.
+    ones = torch.ones(1, 1, 6, dtype=DT)
+    close(m(x), x * m(ones))
+    assert m(ones).flatten().tolist() == [2.0, 3.0, 3.0, 3.0, 3.0, 2.0]
+    for name in ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose3d", "Unfold", "Fold"):
+        assert getattr(convt_ext.nn, name) is getattr(cnn, name)
+        assert name in cnn.__all__
+
+
+def test_compile_nd_modules():
+    """A 3-d model with Unfold/Fold traces into one graph (fullgraph=True) that calls
+    convt_ext's ops, and agrees with eager mode, gradients included. (The module code is the
+    same for every D.)"""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    k = (2, 2, 2)
+    model = torch.nn.Sequential(
+        cnn.Conv3d(2, 4, 3, stride=2, padding=1, padding_mode="circular"),
+        torch.nn.ReLU(),
+        cnn.ConvTranspose3d(4, 2, 4, stride=2, padding=1),
+        cnn.Unfold(k, stride=k),
+        cnn.Fold((6, 6, 6), k, stride=k),
+    ).to(DT)
+    recorder = GraphRecorder("aot_eager")
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    x = torch.randn(2, 2, 6, 6, 6, dtype=DT)
+    upstream = torch.randn(2, 2, 6, 6, 6, dtype=DT)
+    got, got_grads = _forward_backward(compiled, x, upstream)
+    want, want_grads = _forward_backward(model, x, upstream)
+    close(got, want)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) == 4
+    for name in want_grads:
+        close(got_grads[name], want_grads[name])
+    assert len(recorder.graphs) == 1
+    assert "convt_ext" in recorder.graphs[0] and "convolution" not in recorder.graphs[0]
+    torch._dynamo.reset()

@@ -1,17 +1,21 @@
-// CPU im2col and col2im: row loops over the relation in ../im2col.h.
+// CPU im2col and col2im: row loops over the relation in ../im2col.h, for
+// geometry lifted to three spatial dimensions (Note [N-d by lifting]).
 //
 // Both loops walk the same ranges, from taps_inside(): for a kernel offset,
 // the window positions [lo, hi) that tap inside the image. Everything before
 // lo and from hi on reads padding.
 //
-//   im2col: one task per column row (n, c, ki, kj). It writes OH*OW contiguous
-//           values: zeros, a run copied from one image row, zeros. With stride
-//           1 the run is a plain memcpy.
-//   col2im: tasks own image rows (n, c, ih), so the split is race-free
-//           without atomics. A task takes a band of rows of one (n, c) plane
+//   im2col: one task per column row (n, c, k0, k1, k2). It writes the row's
+//           window positions in order; each line of the last dimension is
+//           zeros, a run copied from one image row, zeros. With stride 1 the
+//           run is a plain memcpy.
+//   col2im: tasks own image rows (n, c, i0, ih), so the split is race-free
+//           without atomics. Along dimension 0 a row gathers its taps with
+//           window_at(), as the CUDA kernel does for every dimension.
+//           A task takes a band of rows of one (n, c, i0) plane
 //           into an L1-sized accumulator, walks the plane's column rows in
 //           memory order and adds each run of taps into it, then writes the
-//           band once. Every pixel still sums its taps in (ki, kj) order, in
+//           band once. Every pixel still sums its taps in (k0, ki, kj) order, in
 //           opmath (>= float32) precision: the order of the CUDA gather.
 //           (A gather per row, as on CUDA, reads the columns in short pieces
 //           from all over the plane and ran at a third of this speed.)
@@ -40,50 +44,72 @@ constexpr int64_t kGrainElements = 32768;
 // cache while every column row adds its runs into it.
 constexpr int64_t kAccumulatorBytes = 32 << 10;
 
+// count values at dst, dst[stride], ... set to zero.
 template <typename scalar_t>
-void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window<2>& w) {
+void zero(scalar_t* dst, int64_t count, int64_t stride) {
+  if (stride == 1) {
+    std::fill(dst, dst + count, scalar_t(0));
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j * stride] = scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
+void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   const scalar_t* x = image.const_data_ptr<scalar_t>();
   scalar_t* out = cols.mutable_data_ptr<scalar_t>();
-  const int64_t xs_n = image.stride(0), xs_c = image.stride(1), xs_h = image.stride(2),
-                xs_w = image.stride(3);
+  const int64_t xs_n = image.stride(0), xs_c = image.stride(1);
+  const int64_t xs[3] = {image.stride(2), image.stride(3), image.stride(4)};
   const int64_t cs_n = cols.stride(0), cs_r = cols.stride(1), cs_l = cols.stride(2);
-  const int64_t H = w.image[0], W = w.image[1], OH = w.windows[0], OW = w.windows[1];
-  const int64_t kh = w.kernel[0], kw = w.kernel[1];
-  const int64_t sh = w.stride[0], sw = w.stride[1], ph = w.padding[0], pw = w.padding[1];
-  const int64_t dh = w.dilation[0], dw = w.dilation[1];
+  const int64_t* K = w.kernel;
+  const int64_t* O = w.windows;
+  const int64_t kernel_numel = w.kernel_numel();
   const int64_t total_rows = w.batch * w.rows();
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, OH * OW));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, w.window_numel()));
   // A row of output positions maps onto a unit-stride run of the image row.
-  const bool unit_run = sw * xs_w == 1 && cs_l == 1;
+  const bool unit_run = w.stride[2] * xs[2] == 1 && cs_l == 1;
 
   at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t kj = r % kw;
-      const int64_t ki = (r / kw) % kh;
-      const int64_t c = (r / (kw * kh)) % w.channels;
+      // Row r is (n, c, k0, k1, k2), row-major.
+      int64_t k[3];
+      k[2] = r % K[2];
+      k[1] = (r / K[2]) % K[1];
+      k[0] = (r / (K[2] * K[1])) % K[0];
+      const int64_t c = (r / kernel_numel) % w.channels;
       const int64_t n = r / w.rows();
+      int64_t lo[3], hi[3];
+      for (int d = 0; d < 3; ++d) {
+        taps_inside(w.image[d], O[d], k[d], w.stride[d], w.padding[d], w.dilation[d], &lo[d], &hi[d]);
+      }
       const scalar_t* src = x + n * xs_n + c * xs_c;
       scalar_t* dst = out + n * cs_n + (r % w.rows()) * cs_r;
-      int64_t oh_lo, oh_hi, ow_lo, ow_hi;
-      taps_inside(H, OH, ki, sh, ph, dh, &oh_lo, &oh_hi);
-      taps_inside(W, OW, kj, sw, pw, dw, &ow_lo, &ow_hi);
-      const int64_t iw_lo = tap<int64_t>(ow_lo, kj, sw, pw, dw);
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        scalar_t* drow = dst + oh * OW * cs_l;
-        if (oh < oh_lo || oh >= oh_hi) {
-          for (int64_t ow = 0; ow < OW; ++ow) drow[ow * cs_l] = scalar_t(0);
+      // Only windows inside [lo, hi) in every dimension tap the image; the
+      // source pointer is formed for those alone.
+      for (int64_t o0 = 0; o0 < O[0]; ++o0) {
+        scalar_t* block = dst + o0 * O[1] * O[2] * cs_l;
+        if (o0 < lo[0] || o0 >= hi[0] || lo[2] == hi[2]) {
+          zero(block, O[1] * O[2], cs_l);
           continue;
         }
-        const scalar_t* srow = src + tap<int64_t>(oh, ki, sh, ph, dh) * xs_h + iw_lo * xs_w;
-        if (unit_run) {
-          std::fill(drow, drow + ow_lo, scalar_t(0));
-          std::memcpy(drow + ow_lo, srow, (ow_hi - ow_lo) * sizeof(scalar_t));
-          std::fill(drow + ow_hi, drow + OW, scalar_t(0));
-        } else {
-          for (int64_t ow = 0; ow < ow_lo; ++ow) drow[ow * cs_l] = scalar_t(0);
-          for (int64_t ow = ow_lo; ow < ow_hi; ++ow)
-            drow[ow * cs_l] = srow[(ow - ow_lo) * sw * xs_w];
-          for (int64_t ow = ow_hi; ow < OW; ++ow) drow[ow * cs_l] = scalar_t(0);
+        const scalar_t* slab = src + tap<int64_t>(o0, k[0], w.stride[0], w.padding[0], w.dilation[0]) * xs[0];
+        for (int64_t o1 = 0; o1 < O[1]; ++o1) {
+          scalar_t* drow = block + o1 * O[2] * cs_l;
+          if (o1 < lo[1] || o1 >= hi[1]) {
+            zero(drow, O[2], cs_l);
+            continue;
+          }
+          const scalar_t* srow =
+              slab + tap<int64_t>(o1, k[1], w.stride[1], w.padding[1], w.dilation[1]) * xs[1] +
+              tap<int64_t>(lo[2], k[2], w.stride[2], w.padding[2], w.dilation[2]) * xs[2];
+          zero(drow, lo[2], cs_l);
+          if (unit_run) {
+            std::memcpy(drow + lo[2], srow, (hi[2] - lo[2]) * sizeof(scalar_t));
+          } else {
+            const int64_t step = w.stride[2] * xs[2];
+            for (int64_t o2 = lo[2]; o2 < hi[2]; ++o2) drow[o2 * cs_l] = srow[(o2 - lo[2]) * step];
+          }
+          zero(drow + hi[2] * cs_l, O[2] - hi[2], cs_l);
         }
       }
     }
@@ -92,27 +118,31 @@ void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window<2
 
 template <typename scalar_t>
 void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window<2>& w) {
+                 const Window3& w) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = cols.const_data_ptr<scalar_t>();
   scalar_t* x = image.mutable_data_ptr<scalar_t>();
   const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   const int64_t bs = bias.defined() ? bias.stride(0) : 0;
-  const int64_t xs_n = image.stride(0), xs_c = image.stride(1), xs_h = image.stride(2),
-                xs_w = image.stride(3);
+  const int64_t xs_n = image.stride(0), xs_c = image.stride(1), xs_0 = image.stride(2),
+                xs_h = image.stride(3), xs_w = image.stride(4);
   const int64_t cs_n = cols.stride(0), cs_r = cols.stride(1), cs_l = cols.stride(2);
-  const int64_t H = w.image[0], W = w.image[1], OH = w.windows[0], OW = w.windows[1];
-  const int64_t kh = w.kernel[0], kw = w.kernel[1];
-  const int64_t sh = w.stride[0], sw = w.stride[1], ph = w.padding[0], pw = w.padding[1];
-  const int64_t dh = w.dilation[0], dw = w.dilation[1];
-  const int64_t total_rows = w.batch * w.channels * H;
+  // Dimension 0 is gathered (window_at per image slice); dimensions 1 and 2
+  // are the rows and columns of the banded, phase-split accumulator.
+  const int64_t I0 = w.image[0], H = w.image[1], W = w.image[2];
+  const int64_t O0 = w.windows[0], OH = w.windows[1], OW = w.windows[2];
+  const int64_t k0n = w.kernel[0], kh = w.kernel[1], kw = w.kernel[2];
+  const int64_t sh = w.stride[1], sw = w.stride[2], ph = w.padding[1], pw = w.padding[2];
+  const int64_t dh = w.dilation[1], dw = w.dilation[2];
+  const int64_t total_rows = w.batch * w.channels * I0 * H;
   const int64_t grain =
       std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, W * w.kernel_numel()));
   const bool unit_run = cs_l == 1;
   // One accumulator row per image row, phase-major: image column iw lives at
   // [(iw % sw) * phase_len + iw / sw].
+  // Only phases below W occur (a stride larger than the row has fewer).
   const int64_t phase_len = (W + sw - 1) / sw;
-  const int64_t row_len = sw * phase_len;
+  const int64_t row_len = std::min(sw, W) * phase_len;
   const int64_t band_rows =
       std::clamp<int64_t>(kAccumulatorBytes / (row_len * int64_t(sizeof(acc_t))), 1, H);
 
@@ -127,37 +157,43 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
       acc_lo[kj] = (iw % sw) * phase_len + iw / sw;
     }
     std::vector<acc_t> acc(std::min(band_rows, end - begin) * row_len);
-    // The task's rows [begin, end), one band of one (n, c) plane at a time.
+    // The task's rows [begin, end), one band of one (n, c, i0) plane at a time.
     for (int64_t plane = begin / H; plane * H < end; ++plane) {
-      const int64_t c = plane % w.channels, n = plane / w.channels;
-      const scalar_t* plane_cols = in + n * cs_n + c * kh * kw * cs_r;
+      const int64_t i0 = plane % I0, c = (plane / I0) % w.channels, n = plane / (I0 * w.channels);
+      const scalar_t* plane_cols = in + n * cs_n + c * w.kernel_numel() * cs_r;
       const int64_t first = std::max<int64_t>(begin - plane * H, 0);
       const int64_t last = std::min(end - plane * H, H);
       for (int64_t ih0 = first; ih0 < last; ih0 += band_rows) {
         const int64_t rows = std::min(band_rows, last - ih0);
         std::fill(acc.begin(), acc.begin() + rows * row_len,
                   b ? static_cast<acc_t>(b[c * bs]) : acc_t(0));
-        for (int64_t ki = 0; ki < kh; ++ki) {
-          // The window rows whose tap at ki lands in image rows [ih0, ih0 + rows).
-          int64_t oh_lo, oh_hi;
-          taps_inside(rows, OH, ki, sh, ph + ih0, dh, &oh_lo, &oh_hi);
-          for (int64_t kj = 0; kj < kw; ++kj) {
-            const int64_t lo = ow_lo[kj], len = ow_hi[kj] - lo;
-            if (len == 0) continue;
-            const scalar_t* row = plane_cols + (ki * kw + kj) * cs_r + lo * cs_l;
-            for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-              const scalar_t* src = row + oh * OW * cs_l;
-              acc_t* a = acc.data() + (tap<int64_t>(oh, ki, sh, ph, dh) - ih0) * row_len + acc_lo[kj];
-              if (unit_run) {
-                for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t]);
-              } else {
-                for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t * cs_l]);
+        for (int64_t k0 = 0; k0 < k0n; ++k0) {
+          // The window slice whose tap at k0 lands on this plane, if any.
+          const int64_t o0 = window_at<int64_t>(i0, k0, w.stride[0], w.padding[0], w.dilation[0], O0);
+          if (o0 < 0) continue;
+          for (int64_t ki = 0; ki < kh; ++ki) {
+            // The window rows whose tap at ki lands in image rows [ih0, ih0 + rows).
+            int64_t oh_lo, oh_hi;
+            taps_inside(rows, OH, ki, sh, ph + ih0, dh, &oh_lo, &oh_hi);
+            for (int64_t kj = 0; kj < kw; ++kj) {
+              const int64_t lo = ow_lo[kj], len = ow_hi[kj] - lo;
+              if (len == 0) continue;
+              const scalar_t* row = plane_cols + ((k0 * kh + ki) * kw + kj) * cs_r +
+                                    (o0 * OH * OW + lo) * cs_l;
+              for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+                const scalar_t* src = row + oh * OW * cs_l;
+                acc_t* a = acc.data() + (tap<int64_t>(oh, ki, sh, ph, dh) - ih0) * row_len + acc_lo[kj];
+                if (unit_run) {
+                  for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t]);
+                } else {
+                  for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t * cs_l]);
+                }
               }
             }
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* dst = x + n * xs_n + c * xs_c + (ih0 + r) * xs_h;
+          scalar_t* dst = x + n * xs_n + c * xs_c + i0 * xs_0 + (ih0 + r) * xs_h;
           for (int64_t phase = 0; phase < std::min(sw, W); ++phase) {
             const acc_t* a = acc.data() + r * row_len + phase * phase_len;
             scalar_t* d = dst + phase * xs_w;
@@ -170,13 +206,13 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
   });
 }
 
-void im2col_cpu(const at::Tensor& image, const at::Tensor& cols, const Window<2>& w) {
+void im2col_cpu(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "im2col_cpu",
                                   [&] { im2col_rows<scalar_t>(image, cols, w); });
 }
 
 void col2im_cpu(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                const Window<2>& w) {
+                const Window3& w) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "col2im_cpu",
                                   [&] { col2im_rows<scalar_t>(cols, bias, image, w); });
 }

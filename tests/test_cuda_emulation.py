@@ -1,0 +1,143 @@
+"""The CUDA kernels' per-element code (csrc/elements.h), run on the CPU.
+
+torch.ops.convt_ext._emulated_im2col / _emulated_col2im run the very
+functions that the __global__ kernels call, over their whole grid, with the
+index type forced to int32 or int64. CI has no GPU, so this is where the
+device logic (index decomposition, offsets, bounds, the window_at gather)
+is checked: against F.unfold / F.fold in float64 and against the CPU loops.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convt_ext
+
+from conftest import make_tensor
+
+ops = torch.ops.convt_ext
+
+
+def _cases():
+    rnd = random.Random(1234)
+    cases = []
+    for i in range(48):
+        d = (1, 2, 3)[i % 3]
+        k = [rnd.randint(1, 3) for _ in range(d)]
+        dil = [rnd.randint(1, 3) for _ in range(d)]
+        pad = [rnd.randint(0, 2) for _ in range(d)]
+        stride = [rnd.randint(1, 3) for _ in range(d)]
+        size = [rnd.randint(max(1, dil[j] * (k[j] - 1) + 1 - 2 * pad[j]), 7 if d == 3 else 9) for j in range(d)]
+        batch = 1 + i % 3  # never empty: every case computes
+        channels = rnd.randint(1, 3)
+        layout = ("contiguous", "transposed", "sliced", "offset")[i % 4]
+        cases.append((d, batch, channels, size, k, dil, pad, stride, layout))
+    return cases
+
+
+CASES = _cases()
+
+
+def _reference_unfold(x, k, dil, pad, stride):
+    """im2col by a one-hot convolution per channel, in float64: independent of convt_ext."""
+    d = len(k)
+    n, c = x.shape[:2]
+    eye = torch.eye(int(torch.tensor(k).prod()), dtype=x.dtype).reshape(-1, 1, *k)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    out = conv(x.reshape(n * c, 1, *x.shape[2:]), eye, None, stride, pad, dil)
+    return out.reshape(n, c * eye.shape[0], -1)
+
+
+def test_cases_compute_in_every_dimension():
+    dims = {c[0] for c in CASES}
+    assert dims == {1, 2, 3}
+    assert all(c[1] > 0 for c in CASES)
+    assert any(s > 1 for c in CASES for s in c[7]) and any(v > 1 for c in CASES for v in c[5])
+
+
+@pytest.mark.parametrize("int32", [True, False], ids=["int32", "int64"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}d-{i}" for i, c in enumerate(CASES)])
+def test_emulated_kernels_match_torch(case, int32, rng):
+    d, batch, channels, size, k, dil, pad, stride, layout = case
+    x = make_tensor((batch, channels, *size), rng, layout if d >= 2 else "contiguous")
+    cols = ops._emulated_im2col(x, k, dil, pad, stride, int32)
+    expected = _reference_unfold(x, k, dil, pad, stride)
+    torch.testing.assert_close(cols, expected, rtol=0, atol=0)
+    torch.testing.assert_close(cols, convt_ext.im2col(x, tuple(k), tuple(dil), tuple(pad), tuple(stride)), rtol=0, atol=0)
+    # col2im, the adjoint: <unfold(x), c> == <x, fold(c)>, and the CPU loops' sums bit for bit.
+    c = make_tensor(expected.shape, rng, layout)
+    image = ops._emulated_col2im(c, size, k, dil, pad, stride, int32)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_reference_unfold(x_ref, k, dil, pad, stride), x_ref, c)
+    torch.testing.assert_close(image, grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(image, convt_ext.col2im(c, tuple(size), tuple(k), tuple(dil), tuple(pad), tuple(stride)))
+    if d == 2:
+        torch.testing.assert_close(image, F.fold(c, size, k, dil, pad, stride), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_emulated_kernels_in_lower_precision(dtype, rng):
+    x = torch.randn(2, 3, 6, 7, generator=rng).to(dtype)
+    cols = ops._emulated_im2col(x, [3, 2], [1, 2], [1, 0], [2, 1], True)
+    assert torch.equal(cols, F.unfold(x.double(), (3, 2), (1, 2), (1, 0), (2, 1)).to(dtype))
+    image = ops._emulated_col2im(cols, [6, 7], [3, 2], [1, 2], [1, 0], [2, 1], False)
+    # opmath (float32) accumulation, as the CPU loops do.
+    assert torch.equal(image, convt_ext.col2im(cols, (6, 7), (3, 2), (1, 2), (1, 0), (2, 1)))
+
+
+@pytest.mark.parametrize(
+    "size,k,dil,pad,stride",
+    [
+        ((5, 5), (3, 3), (1, 1), (2**40, 0), (2**41, 1)),  # huge padding and stride: one window row
+        ((5,), (2,), (2**31,), (2**31,), (2**31,)),  # dilation past int32
+        ((4, 4, 4), (1, 2, 1), (1, 1, 1), (0, 2**31 - 2, 0), (1, 2**32, 1)),
+        ((7,), (3,), (1,), (2**30,), (2**31 - 1,)),
+    ],
+)
+def test_huge_geometry_takes_64bit_indexing(size, k, dil, pad, stride, rng):
+    x = torch.randn(1, 2, *size, generator=rng, dtype=torch.float64)
+    expected = convt_ext.im2col(x, k, dil, pad, stride)  # the CPU loops
+    if len(size) == 2:
+        torch.testing.assert_close(expected, F.unfold(x, k, dil, pad, stride), rtol=0, atol=0)
+    # The int32 path must refuse geometry whose coordinates do not fit ...
+    with pytest.raises(ValueError, match="32-bit"):
+        ops._emulated_im2col(x, list(k), list(dil), list(pad), list(stride), True)
+    # ... and the int64 path computes it exactly.
+    assert torch.equal(ops._emulated_im2col(x, list(k), list(dil), list(pad), list(stride), False), expected)
+    c = torch.randn(expected.shape, generator=rng, dtype=torch.float64)
+    assert torch.equal(
+        ops._emulated_col2im(c, list(size), list(k), list(dil), list(pad), list(stride), False),
+        convt_ext.col2im(c, size, k, dil, pad, stride),
+    )
+
+
+def _reach(image, k, d, p, s):
+    """The largest coordinate magnitude the elements form (csrc/elements.h, fits_index)."""
+    windows = (image + 2 * p - d * (k - 1) - 1) // s + 1
+    return (windows - 1) * s + (k - 1) * d + image + 2 * p + s
+
+
+def test_int32_boundary_of_the_geometry(rng):
+    """The int32 path is taken exactly up to the last geometry whose coordinates fit."""
+    image, k, d, s = 5, 3, 1, 2**29
+    limit = 2**31 - 1
+    # The largest padding whose coordinates fit, by bisection (reach grows with padding).
+    lo, hi = 0, 2**30
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _reach(image, k, d, mid, s) < limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    p = lo
+    x = torch.randn(1, 2, image, generator=rng, dtype=torch.float64)
+    for padding, fits in ((p, True), (p + 1, False)):
+        expected = convt_ext.im2col(x, (k,), (d,), (padding,), (s,))
+        assert expected.shape[-1] >= 1
+        if fits:
+            assert torch.equal(ops._emulated_im2col(x, [k], [d], [padding], [s], True), expected)
+        else:
+            with pytest.raises(ValueError, match="32-bit"):
+                ops._emulated_im2col(x, [k], [d], [padding], [s], True)
+        assert torch.equal(ops._emulated_im2col(x, [k], [d], [padding], [s], False), expected)
