@@ -1,8 +1,9 @@
 """Benchmark convt_ext against PyTorch's own kernels.
 
     python -m convt_ext.bench                 # the full suite (CUDA when available)
-    python -m convt_ext.bench --quick         # a few small shapes, one round (< 1 min on 2 CPU cores)
+    python -m convt_ext.bench --quick         # a few small shapes, one round (about 1 min on 2 CPU cores)
     python -m convt_ext.bench --ops conv_transpose2d --shapes dcgan --dtype bfloat16
+    python -m convt_ext.bench --dims 1,3      # only the 1-d (audio) and 3-d (video, volume) shapes
 
 For every case (op x shape x direction) each implementation is first checked
 against torch's default kernel (torch.testing.assert_close), then timed with
@@ -11,14 +12,22 @@ over R rounds. Each figure is the median over rounds; speedups are the median
 of per-round ratios torch_time / our_time (> 1: convt_ext is faster).
 
 The implementations compared:
-  convt_ext     convt_ext.im2col / col2im / conv2d / conv_transpose2d
-  torch         F.unfold / F.fold / F.conv2d / F.conv_transpose2d (torch's default:
-                oneDNN on CPU where it applies, cuDNN on CUDA)
-  torch_im2col  torch's own im2col-based kernels, torch._C._nn.thnn_conv2d
-                (groups=1, dilation=1) and torch._C._nn.slow_conv_transpose2d (groups=1)
+  convt_ext     convt_ext.im2col / col2im / conv{1,2,3}d / conv_transpose{1,2,3}d
+  torch         torch's default: F.conv{1,2,3}d / F.conv_transpose{1,2,3}d (oneDNN on CPU
+                where it applies, cuDNN on CUDA); F.unfold / F.fold for 2-d im2col/col2im
+                (1-d: the same on a unit-height image); for 3-d, where torch has no unfold,
+                strided window views (Tensor.unfold) copied into columns, and for col2im
+                their adjoint, a grouped F.conv_transpose3d with one-hot kernels
+  torch_im2col  torch's own im2col-based kernels: torch._C._nn.thnn_conv2d and slow_conv3d
+                (groups=1, dilation=1), slow_conv_transpose2d and slow_conv_transpose3d
+                (groups=1); 1-d layers as 2-d ones of unit height, as F.conv1d does
+  unfoldNd      unfoldNd.unfoldNd / foldNd for im2col/col2im, when that package is installed
 
-The report (terminal table, summary, JSON, optional PNG chart) is built from
-the list of results only; see benchmarks/README.md.
+Ceilings: a convolution's GFLOP/s is compared with the machine's measured fp32
+peak, the best GEMM rate among torch's engines (MKL's torch.mm and oneDNN's
+linear on CPU, cuBLAS on CUDA) over a few shapes; im2col/col2im's GB/s with the
+copy bandwidth. The report (terminal table, summary, JSON, PNG chart) is built
+from the list of results only; see benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +51,16 @@ from torch.utils import benchmark
 
 import convt_ext
 
-OP_NAMES = ("im2col", "col2im", "conv2d", "conv_transpose2d")
+UNFOLD_OPS = ("im2col", "col2im")
+CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+OP_NAMES = UNFOLD_OPS + CONV_OPS
+DIMS = (1, 2, 3)
 FORWARD, BACKWARD = "forward", "forward+backward"
-IMPLS = ("convt_ext", "torch", "torch_im2col")  # also the order of the first round
+IMPLS = ("convt_ext", "torch", "torch_im2col", "unfoldNd")  # also the order of the first round
+COLUMNS = {"convt_ext": "ours", "torch": "torch", "torch_im2col": "t-im2col", "unfoldNd": "unfoldNd"}
 FAILED = ("FAIL", "error")  # case statuses that make the exit status 1
+NOT_BUILT = "not built"  # the installed convt_ext lacks the op (or its 1-d/3-d form): skipped, not failed
+SLOW_CALL_S = 2.0  # a comparator whose checked call takes longer is timed by that one call, not in rounds
 CUDA_SCALE = 8  # CUDA batch = CPU batch x CUDA_SCALE unless a shape says otherwise
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (rtol, atol); atol is relative to the largest magnitude of the reference tensor.
@@ -55,6 +70,25 @@ TOLERANCES = {
     torch.float16: (1e-2, 2e-3),
     torch.bfloat16: (5e-2, 1.6e-2),
 }
+# GEMM shapes (m, k, n) of the peak measurement, C[m, n] = A[m, k] B[k, n]: square ones and the
+# tall-skinny kind an im2col convolution produces (ResNet conv2_x: 56*56 pixels, 64*9 taps, 256).
+GEMM_SHAPES = {
+    "cpu": ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 1024), (3136, 576, 256)),
+    "cpu-quick": ((1024, 1024, 1024), (3136, 576, 256)),
+    "cuda": ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 2304, 512)),
+    "cuda-quick": ((4096, 4096, 4096),),
+}
+# Between cases, every PROBE_EVERY_S seconds, the ceilings are sampled again on one shape
+# (PROBE_RUN_TIME_S of blocks per engine), so that a busy moment at the start or end does
+# not set them.
+PROBE_SHAPES = {"cpu": (1024, 1024, 1024), "cuda": (4096, 4096, 4096)}
+PROBE_EVERY_S = 10.0
+PROBE_RUN_TIME_S = 0.05
+CPU_FLAGS = ("avx2", "avx512f", "fma")
+
+
+def _prod(values):
+    return math.prod(values)
 
 
 # ---------------------------------------------------------------------- suite
@@ -64,12 +98,14 @@ TOLERANCES = {
 class Shape:
     """One layer of a network, benchmarked for the ops in `ops`.
 
-    A direct layer (transposed=False) maps (n, c_in, size, size) to c_out
-    channels with conv2d; a transposed layer maps its (small) input
-    (n, c_in, size, size) to c_out channels of a larger output with
-    conv_transpose2d. im2col/col2im use the layer's window geometry on its
-    large side (a conv2d's input, a conv_transpose2d's output): the columns
-    hold one window per pixel of the small side. All images are square.
+    A direct layer (transposed=False) maps (n, c_in, *size) to c_out channels
+    with conv{dims}d; a transposed layer maps its (small) input (n, c_in, *size)
+    to c_out channels of a larger output with conv_transpose{dims}d. dims is 1
+    (audio: (N, C, L)), 2 (images) or 3 (video, volumes: (N, C, D, H, W)); size,
+    kernel, stride, padding, output_padding and dilation are an int (the same
+    in every dimension) or a tuple of dims ints. im2col/col2im use the layer's
+    window geometry on its large side (a conv's input, a transposed conv's
+    output): the columns hold one window per element of the small side.
     """
 
     name: str
@@ -78,23 +114,47 @@ class Shape:
     n: int  # batch on CPU
     c_in: int
     c_out: int
-    size: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    output_padding: int = 0
-    dilation: int = 1
+    size: Union[int, tuple]
+    kernel: Union[int, tuple]
+    stride: Union[int, tuple] = 1
+    padding: Union[int, tuple] = 0
+    output_padding: Union[int, tuple] = 0
+    dilation: Union[int, tuple] = 1
     groups: int = 1
     transposed: bool = False
     bias: bool = False
     quick: bool = False  # part of --quick
     cuda_n: Optional[int] = None  # batch on CUDA (default n * CUDA_SCALE)
+    dims: int = 2
 
     def __post_init__(self):
-        conv = "conv_transpose2d" if self.transposed else "conv2d"
-        wrong = [op for op in self.ops if op not in ("im2col", "col2im", conv)]
+        if self.dims not in DIMS:
+            raise ValueError(f"shape {self.name}: dims must be 1, 2 or 3, not {self.dims}")
+        for name in ("size", "kernel", "stride", "padding", "output_padding", "dilation"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != self.dims:
+                raise ValueError(f"shape {self.name}: {name}={v} is not {self.dims}-d")
+        wrong = [op for op in self.ops if op not in (*UNFOLD_OPS, self.conv)]
         if wrong:
-            raise ValueError(f"shape {self.name}: ops {wrong} do not fit a {'transposed' if self.transposed else 'direct'} layer")
+            raise ValueError(f"shape {self.name}: ops {wrong} do not fit a {self.dims}-d "
+                             f"{'transposed' if self.transposed else 'direct'} layer")
+        if self.c_in % self.groups or self.c_out % self.groups:
+            raise ValueError(f"shape {self.name}: groups={self.groups} divides neither c_in nor c_out")
+
+    def _t(self, v):
+        return tuple(v) if isinstance(v, tuple) else (v,) * self.dims
+
+    @property
+    def conv(self):
+        """The convolution op of this layer: conv{dims}d or conv_transpose{dims}d."""
+        return f"conv_transpose{self.dims}d" if self.transposed else f"conv{self.dims}d"
+
+    sizes = property(lambda self: self._t(self.size))
+    kernels = property(lambda self: self._t(self.kernel))
+    strides = property(lambda self: self._t(self.stride))
+    paddings = property(lambda self: self._t(self.padding))
+    output_paddings = property(lambda self: self._t(self.output_padding))
+    dilations = property(lambda self: self._t(self.dilation))
 
     def batch(self, device):
         if torch.device(device).type == "cuda":
@@ -103,28 +163,30 @@ class Shape:
 
     @property
     def big(self):
-        """(channels, size) of the large side: the image of im2col/col2im."""
+        """(channels, sizes) of the large side: the image of im2col/col2im."""
         if self.transposed:
-            k = self.dilation * (self.kernel - 1)
-            return self.c_out, (self.size - 1) * self.stride - 2 * self.padding + k + self.output_padding + 1
-        return self.c_in, self.size
+            return self.c_out, tuple(
+                (i - 1) * s - 2 * p + d * (k - 1) + op + 1
+                for i, s, p, d, k, op in zip(self.sizes, self.strides, self.paddings, self.dilations, self.kernels,
+                                             self.output_paddings))
+        return self.c_in, self.sizes
 
     @property
     def windows(self):
-        """Window positions per dimension on the large side (the small side's size)."""
-        size = self.big[1]
-        return (size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+        """Window positions per dimension on the large side (the small side's sizes)."""
+        return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                     for i, s, p, d, k in zip(self.big[1], self.strides, self.paddings, self.dilations, self.kernels))
 
     def flops(self, batch):
-        """Forward FLOPs: 2 N C_small (C_big / G) kh kw OH OW, with OH x OW the small side;
-        for conv2d that is 2 N C_out (C_in/G) kh kw OH OW."""
+        """Forward FLOPs: 2 N C_small (C_big / G) prod(kernel) prod(small side);
+        for a direct conv that is 2 N C_out (C_in/G) kh kw OH OW in 2-d."""
         c_small, c_big = (self.c_in, self.c_out) if self.transposed else (self.c_out, self.c_in)
-        return 2 * batch * c_small * (c_big // self.groups) * self.kernel**2 * self.windows**2
+        return 2 * batch * c_small * (c_big // self.groups) * _prod(self.kernels) * _prod(self.windows)
 
     def unfold_bytes(self, batch, itemsize):
         """Bytes of the column matrix plus the image, for im2col/col2im."""
-        c, size = self.big
-        return batch * c * (self.kernel**2 * self.windows**2 + size**2) * itemsize
+        c, sizes = self.big
+        return batch * c * (_prod(self.kernels) * _prod(self.windows) + _prod(sizes)) * itemsize
 
 
 _UNFOLD = ("conv2d", "im2col", "col2im")
@@ -156,6 +218,16 @@ SUITE = [
     Shape("unet-up-2x2-512to256-16", "U-Net up-conv 2x2 s2 transposed, 512->256, 16->32, bias", ("conv_transpose2d",), 8, 512, 256, 16, 2, 2, transposed=True, bias=True),
     # autoencoder decoder: 3x3 stride 2 with output_padding
     Shape("decoder-3x3-s2-op1-128to64-28", "decoder 3x3 s2 p1 output_padding 1 transposed, 128->64, 28->56", ("conv_transpose2d",), 8, 128, 64, 28, 3, 2, 1, 1, transposed=True),
+    # 1-d (audio): (N, C, L)
+    Shape("audio-1d-k3-64-16000", "1-d 3-tap conv, 64->64 over 1 s of 16 kHz audio", ("conv1d", "im2col", "col2im"), 4, 64, 64, 16000, 3, padding=1, dims=1),
+    Shape("audio-1d-k3-64-4096", "1-d 3-tap conv, 64->64 over 4096 samples", ("conv1d", "im2col", "col2im"), 8, 64, 64, 4096, 3, padding=1, dims=1, quick=True),
+    Shape("upsample-1d-k4-s2-128to64-4000", "1-d upsampler 4-tap s2 p1 transposed, 128->64, 4000->8000", ("conv_transpose1d", "col2im"), 4, 128, 64, 4000, 4, 2, 1, transposed=True, dims=1, quick=True),
+    Shape("hifigan-1d-k16-s8-512to256-64", "HiFi-GAN first upsampler 16-tap s8 p4 transposed, 512->256, 64->512", ("conv_transpose1d",), 16, 512, 256, 64, 16, 8, 4, transposed=True, dims=1),
+    # 3-d (video, medical volumes): (N, C, D, H, W)
+    Shape("video-3x3x3-32-16x32x32", "3-d 3x3x3 conv, 32->32 on 16x32x32 (C3D/3-d U-Net style)", ("conv3d", "im2col", "col2im"), 2, 32, 32, (16, 32, 32), 3, padding=1, dims=3),
+    Shape("volume-3x3x3-s2-32to64-32", "3-d downsampling 3x3x3 stride 2, 32->64, 32^3->16^3", ("conv3d", "im2col"), 2, 32, 64, 32, 3, 2, 1, dims=3),
+    Shape("p3d-1x3x3-64-8x28x28", "3-d (1,3,3) spatial conv of a (2+1)-d block, 64->64 on 8x28x28", ("conv3d", "im2col"), 4, 64, 64, (8, 28, 28), (1, 3, 3), padding=(0, 1, 1), dims=3, quick=True),
+    Shape("unet3d-up-2x2x2-64to32-8x16x16", "3-d U-Net up-conv 2x2x2 s2 transposed, 64->32, 8x16x16->16x32x32, bias", ("conv_transpose3d", "col2im"), 8, 64, 32, (8, 16, 16), 2, 2, transposed=True, bias=True, dims=3, quick=True),
 ]
 
 
@@ -164,9 +236,12 @@ SUITE = [
 
 @dataclass
 class Impl:
-    label: str  # how the report names it
+    label: Union[str, Callable]  # how the report names it, or (shape) -> that name
     fn: Callable  # (shape, tensors) -> output tensor
     skip: Callable = lambda shape: None  # (shape) -> why it does not apply, or None
+
+    def name(self, shape):
+        return self.label(shape) if callable(self.label) else self.label
 
 
 @dataclass
@@ -180,84 +255,221 @@ def _missing(name):
     return None if hasattr(torch._C._nn, name) else f"torch._C._nn.{name} is not in torch {torch.__version__}"
 
 
-def _thnn_skip(s):
-    reason = _missing("thnn_conv2d")
+def _as_2d(s):
+    """kernel, stride, padding, output_padding, dilation of a 1-d layer as a 2-d one of unit height."""
+    return ((1, *s.kernels), (1, *s.strides), (0, *s.paddings), (0, *s.output_paddings), (1, *s.dilations))
+
+
+def _nd(s):
+    return s.kernels, s.strides, s.paddings, s.output_paddings, s.dilations
+
+
+def _slow_name(s):
+    """torch's im2col-based kernel for the layer (1-d goes through the 2-d one, as F.conv1d does)."""
+    if s.transposed:
+        return "slow_conv_transpose3d" if s.dims == 3 else "slow_conv_transpose2d"
+    return "slow_conv3d" if s.dims == 3 else "thnn_conv2d"
+
+
+def _slow_label(s):
+    return _slow_name(s) + (" (as 2-d)" if s.dims == 1 else "")
+
+
+def _slow_skip(s):
+    name = _slow_name(s)
+    reason = _missing(name)
     if reason is None and s.groups != 1:
-        reason = f"thnn_conv2d takes no groups (groups={s.groups})"
-    if reason is None and s.dilation != 1:
-        reason = f"thnn_conv2d takes no dilation (dilation={s.dilation})"
+        reason = f"{name} takes no groups (groups={s.groups})"
+    if reason is None and not s.transposed and any(d != 1 for d in s.dilations):
+        reason = f"{name} takes no dilation (dilation={s.dilation})"
     return reason
 
 
-def _slow_transpose_skip(s):
-    reason = _missing("slow_conv_transpose2d")
-    if reason is None and s.groups != 1:
-        reason = f"slow_conv_transpose2d takes no groups (groups={s.groups})"
-    return reason
+def _slow_conv(s, t):
+    x, w, b = t["x"], t["w"], t["b"]
+    k, st, p, op, d = _as_2d(s) if s.dims == 1 else _nd(s)
+    if s.dims == 1:
+        x, w = x.unsqueeze(2), w.unsqueeze(2)
+    fn = getattr(torch._C._nn, _slow_name(s))
+    y = fn(x, w, k, b, st, p, op, d) if s.transposed else fn(x, w, k, b, st, p)
+    return y.squeeze(2) if s.dims == 1 else y
+
+
+def _conv_fn(module):
+    """(shape, tensors) -> module's conv{d}d / conv_transpose{d}d of the layer (F or convt_ext)."""
+    def fn(s, t):
+        conv = getattr(module, s.conv)
+        if s.transposed:
+            return conv(t["x"], t["w"], t["b"], s.stride, s.padding, s.output_padding, s.groups, s.dilation)
+        return conv(t["x"], t["w"], t["b"], s.stride, s.padding, s.dilation, s.groups)
+    return fn
 
 
 def _unfold_args(s):
-    return s.kernel, s.dilation, s.padding, s.stride
+    return s.kernels, s.dilations, s.paddings, s.strides
 
 
-def _pair(v):
-    return (v, v)
+def _onehot(s, device, dtype):
+    """Kernels (C*K, 1, *kernel) of a grouped conv that copies tap j of channel c to output
+    channel c*K + j: im2col's row order, so the conv is im2col and its adjoint col2im."""
+    c, k = s.big[0], _prod(s.kernels)
+    eye = torch.eye(k, device=device, dtype=dtype).reshape(k, 1, *s.kernels)
+    return eye.repeat(c, *(1,) * (s.dims + 1))
+
+
+def _tensor_unfold(s, x):
+    """3-d im2col in plain torch: pad, take strided window views (Tensor.unfold), copy in (c, taps, windows) order."""
+    n, c = x.shape[:2]
+    pads = [q for p in reversed(s.paddings) for q in (p, p)]
+    v = F.pad(x, pads) if any(pads) else x
+    for dim, (k, st, d) in enumerate(zip(s.kernels, s.strides, s.dilations), start=2):
+        v = v.unfold(dim, d * (k - 1) + 1, st)  # appends the window's extent as the last dim
+        if d != 1:
+            v = v[..., ::d]
+    # (N, C, *windows, *taps) -> (N, C, *taps, *windows)
+    v = v.permute(0, 1, *range(2 + s.dims, 2 + 2 * s.dims), *range(2, 2 + s.dims))
+    return v.reshape(n, c * _prod(s.kernels), -1)
+
+
+def _torch_im2col(s, t):
+    x = t["x"]
+    if s.dims == 2:
+        return F.unfold(x, *_unfold_args(s))
+    if s.dims == 1:
+        k, st, p, _, d = _as_2d(s)
+        return F.unfold(x.unsqueeze(2), k, d, p, st)
+    return _tensor_unfold(s, x)
+
+
+def _torch_col2im(s, t):
+    x, (c, sizes) = t["x"], s.big
+    if s.dims == 2:
+        return F.fold(x, sizes, *_unfold_args(s))
+    if s.dims == 1:
+        k, st, p, _, d = _as_2d(s)
+        return F.fold(x, (1, *sizes), k, d, p, st).squeeze(2)
+    # The adjoint of the one-hot conv3d that is im2col. A transposed conv crops its padding from
+    # both ends, so the last (size + 2p - d(k-1) - 1) mod stride elements need output_padding
+    # (always < stride, as torch requires).
+    cols = x.reshape(x.shape[0], c * _prod(s.kernels), *s.windows)
+    output_padding = [(i + 2 * p - d * (k - 1) - 1) % st
+                      for i, p, d, k, st in zip(sizes, s.paddings, s.dilations, s.kernels, s.strides)]
+    return F.conv_transpose3d(cols, t["onehot"], None, s.strides, s.paddings, output_padding, c, s.dilations)
+
+
+def _torch_unfold_label(op):
+    def label(s):
+        if s.dims == 3:
+            return "Tensor.unfold" if op == "im2col" else "F.conv_transpose3d one-hot"
+        return ("F.unfold" if op == "im2col" else "F.fold") + (" (as 2-d)" if s.dims == 1 else "")
+    return label
+
+
+def _unfoldnd():
+    try:
+        import unfoldNd
+    except ImportError:
+        return None
+    return unfoldNd
+
+
+def _unfoldnd_skip(s):
+    return None if _unfoldnd() is not None else "unfoldNd is not installed (pip install unfoldNd)"
 
 
 OPS = {
     "im2col": Op("GB/s", False, {
         "convt_ext": Impl("convt_ext.im2col", lambda s, t: convt_ext.im2col(t["x"], *_unfold_args(s))),
-        "torch": Impl("F.unfold", lambda s, t: F.unfold(t["x"], *_unfold_args(s))),
+        "torch": Impl(_torch_unfold_label("im2col"), _torch_im2col),
+        "unfoldNd": Impl("unfoldNd.unfoldNd", lambda s, t: _unfoldnd().unfoldNd(t["x"], *_unfold_args(s)), _unfoldnd_skip),
     }),
     "col2im": Op("GB/s", False, {
         "convt_ext": Impl("convt_ext.col2im", lambda s, t: convt_ext.col2im(t["x"], s.big[1], *_unfold_args(s))),
-        "torch": Impl("F.fold", lambda s, t: F.fold(t["x"], s.big[1], *_unfold_args(s))),
-    }),
-    "conv2d": Op("GFLOP/s", True, {
-        "convt_ext": Impl("convt_ext.conv2d", lambda s, t: convt_ext.conv2d(
-            t["x"], t["w"], t["b"], s.stride, s.padding, s.dilation, s.groups)),
-        "torch": Impl("F.conv2d", lambda s, t: F.conv2d(t["x"], t["w"], t["b"], s.stride, s.padding, s.dilation, s.groups)),
-        "torch_im2col": Impl("thnn_conv2d", lambda s, t: torch._C._nn.thnn_conv2d(
-            t["x"], t["w"], _pair(s.kernel), t["b"], _pair(s.stride), _pair(s.padding)), _thnn_skip),
-    }),
-    "conv_transpose2d": Op("GFLOP/s", True, {
-        "convt_ext": Impl("convt_ext.conv_transpose2d", lambda s, t: convt_ext.conv_transpose2d(
-            t["x"], t["w"], t["b"], s.stride, s.padding, s.output_padding, s.groups, s.dilation)),
-        "torch": Impl("F.conv_transpose2d", lambda s, t: F.conv_transpose2d(
-            t["x"], t["w"], t["b"], s.stride, s.padding, s.output_padding, s.groups, s.dilation)),
-        "torch_im2col": Impl("slow_conv_transpose2d", lambda s, t: torch._C._nn.slow_conv_transpose2d(
-            t["x"], t["w"], _pair(s.kernel), t["b"], _pair(s.stride), _pair(s.padding),
-            _pair(s.output_padding), _pair(s.dilation)), _slow_transpose_skip),
+        "torch": Impl(_torch_unfold_label("col2im"), _torch_col2im),
+        "unfoldNd": Impl("unfoldNd.foldNd", lambda s, t: _unfoldnd().foldNd(t["x"], s.big[1], *_unfold_args(s)), _unfoldnd_skip),
     }),
 }
+for _op in CONV_OPS:
+    OPS[_op] = Op("GFLOP/s", True, {
+        "convt_ext": Impl(f"convt_ext.{_op}", _conv_fn(convt_ext)),
+        "torch": Impl(f"F.{_op}", _conv_fn(F)),
+        "torch_im2col": Impl(_slow_label, _slow_conv, _slow_skip),
+    })
+
+
+_PROBED = {}
+
+
+def not_built(op, dims, device="cpu"):
+    """Why the convt_ext in use cannot run `op` on dims-d input, or None when it can.
+
+    A build that predates an op (or its 1-d/3-d form) lacks the function, or
+    raises on a tiny call; such cases are reported as "not built", not as
+    failures. Only the probe's exception decides: a wrong result on a real
+    case is still a FAIL."""
+    key = (op, dims, str(device))
+    if key not in _PROBED:
+        _PROBED[key] = _probe(op, dims, device)
+    return _PROBED[key]
+
+
+def _probe(op, dims, device):
+    fn = getattr(convt_ext, op, None)
+    if fn is None:
+        return f"convt_ext {convt_ext.__version__} has no {op} (rebuild: pip install --no-build-isolation .)"
+    two, three = (2,) * dims, (3,) * dims
+
+    def zeros(*shape):
+        return torch.zeros(*shape, device=device)
+
+    try:
+        if op == "im2col":
+            fn(zeros(1, 1, *three), two)
+        elif op == "col2im":
+            fn(zeros(1, 2**dims, 2**dims), three, two)
+        elif op.startswith("conv_transpose"):
+            fn(zeros(1, 1, *two), zeros(1, 1, *two))
+        else:
+            fn(zeros(1, 1, *three), zeros(1, 1, *two))
+    except Exception as exc:  # noqa: BLE001 - the build's answer, reported
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return f"convt_ext.{op} does not take {dims}-d input in this build ({first})"
+    return None
 
 
 def make_inputs(op, s, batch, device, dtype, requires_grad):
     """The tensors of one case: x (image, columns or conv input), w and b
-    (None for im2col/col2im). Weights are scaled by 1/sqrt(fan-in)."""
+    (None for im2col/col2im), and for 3-d col2im the one-hot kernels of
+    torch's version. Weights are scaled by 1/sqrt(fan-in)."""
     def randn(*shape, scale=1.0):
         t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
         return t.requires_grad_(requires_grad)
 
-    c_big, size = s.big
-    if op == "im2col":
-        return {"x": randn(batch, c_big, size, size), "w": None, "b": None}
-    if op == "col2im":
-        return {"x": randn(batch, c_big * s.kernel**2, s.windows**2), "w": None, "b": None}
+    c_big, sizes = s.big
+    if op in UNFOLD_OPS:
+        x = randn(batch, c_big, *sizes) if op == "im2col" else randn(batch, c_big * _prod(s.kernels), _prod(s.windows))
+        onehot = _onehot(s, device, dtype) if s.dims == 3 and op == "col2im" else None
+        return {"x": x, "w": None, "b": None, "onehot": onehot}
+    taps = _prod(s.kernels)
     if s.transposed:
-        w_shape = (s.c_in, s.c_out // s.groups, s.kernel, s.kernel)
-        fan_in = s.c_in // s.groups * s.kernel**2 / s.stride**2
+        w_shape = (s.c_in, s.c_out // s.groups, *s.kernels)
+        fan_in = s.c_in // s.groups * taps / _prod(s.strides)
     else:
-        w_shape = (s.c_out, s.c_in // s.groups, s.kernel, s.kernel)
-        fan_in = s.c_in // s.groups * s.kernel**2
+        w_shape = (s.c_out, s.c_in // s.groups, *s.kernels)
+        fan_in = s.c_in // s.groups * taps
     return {
-        "x": randn(batch, s.c_in, s.size, s.size),
+        "x": randn(batch, s.c_in, *s.sizes),
         "w": randn(*w_shape, scale=1 / math.sqrt(max(fan_in, 1))),
         "b": randn(s.c_out) if s.bias else None,
     }
 
 
 # ------------------------------------------------------------------ measuring
+
+
+def op_label(op, dims):
+    """im2col/col2im are one op for every dims: "im2col" (2-d), "im2col-1d", "im2col-3d"."""
+    return f"{op}-{dims}d" if op in UNFOLD_OPS and dims != 2 else op
 
 
 @dataclass(frozen=True)
@@ -268,7 +480,7 @@ class Case:
 
     @property
     def label(self):
-        return f"{self.op} {'fwd' if self.direction == FORWARD else 'fwd+bwd'} {self.shape.name}"
+        return f"{op_label(self.op, self.shape.dims)} {'fwd' if self.direction == FORWARD else 'fwd+bwd'} {self.shape.name}"
 
 
 def measure(fn, min_run_time):
@@ -296,13 +508,13 @@ def check(actual, expected, dtype, names):
 
 def _backend(case, t):
     """The kernel torch's default dispatch picks (Mkldnn, Cudnn, Slow2d, ...)."""
-    if case.op not in ("conv2d", "conv_transpose2d") or not hasattr(torch._C, "_select_conv_backend"):
+    if case.op not in CONV_OPS or not hasattr(torch._C, "_select_conv_backend"):
         return None
     s = case.shape
     try:
         b = torch._C._select_conv_backend(
-            t["x"], t["w"], t["b"], _pair(s.stride), _pair(s.padding), _pair(s.dilation),
-            s.transposed, _pair(s.output_padding), s.groups, None)
+            t["x"], t["w"], t["b"], s.strides, s.paddings, s.dilations,
+            s.transposed, s.output_paddings, s.groups, None)
     except Exception:  # noqa: BLE001 - private API, informational only
         return None
     members = type(b).__members__
@@ -318,23 +530,30 @@ def run_case(case, device, dtype, rounds, min_run_time):
     """Check every implementation of one case against torch's default, then
     time those that pass in `rounds` interleaved rounds. Returns a dict (the
     JSON record); status "ok", "FAIL"/"error" when convt_ext is wrong or
-    raises, "skipped" when torch's default raises (no reference)."""
+    raises, "skipped" when torch's default raises (no reference), "not built"
+    when the convt_ext in use lacks the op or its 1-d/3-d form."""
     op, s = OPS[case.op], case.shape
     backward = case.direction == BACKWARD
     batch = s.batch(device)
-    torch.manual_seed(0)
-    t = make_inputs(case.op, s, batch, device, dtype, requires_grad=backward)
-    leaves = [v for v in (t["x"], t["w"], t["b"]) if v is not None]
-    names = ["grad_input", "grad_weight", "grad_bias"][: len(leaves)] if backward else ["output"]
     record = {
-        "op": case.op, "direction": case.direction, "shape": s.name, "batch": batch,
-        "torch_backend": _backend(case, t), "status": "ok", "error": None, "impls": {},
+        "op": case.op, "dims": s.dims, "direction": case.direction, "shape": s.name, "batch": batch,
+        "torch_backend": None, "status": "ok", "error": None, "impls": {},
         "load_average": _load(),  # other processes on the machine skew timings
     }
-    if case.op in ("im2col", "col2im"):
-        record["bytes"] = s.unfold_bytes(batch, t["x"].element_size())
+    if case.op in UNFOLD_OPS:
+        record["bytes"] = s.unfold_bytes(batch, torch.empty((), dtype=dtype).element_size())
     else:
         record["flops"] = s.flops(batch) * (3 if backward else 1)
+    reason = not_built(case.op, s.dims, device)
+    if reason:
+        record.update(status=NOT_BUILT, error=reason)
+        return record
+
+    torch.manual_seed(0)
+    t = make_inputs(case.op, s, batch, device, dtype, requires_grad=backward)
+    record["torch_backend"] = _backend(case, t)
+    leaves = [v for v in (t["x"], t["w"], t["b"]) if v is not None]
+    names = ["grad_input", "grad_weight", "grad_bias"][: len(leaves)] if backward else ["output"]
 
     def runner(impl):
         if not backward:
@@ -355,28 +574,39 @@ def run_case(case, device, dtype, rounds, min_run_time):
         record.update(status="skipped", error=f"torch: {type(exc).__name__}: {exc}".splitlines()[0])
         return record
 
-    timed = {}
+    timed, once = {}, {}
     for key in IMPLS:
         impl = op.impls.get(key)
         if impl is None:
             continue
-        entry = record["impls"][key] = {"label": impl.label, "status": "ok", "note": None}
+        entry = record["impls"][key] = {"label": impl.name(s), "status": "ok", "note": None}
         reason = impl.skip(s)
         if reason:
             entry.update(status="n/a", note=reason)
             continue
         fn = runner(impl)
         try:
-            problem = check(as_tuple(fn()), expected, dtype, names)
+            begun = time.perf_counter()
+            got = as_tuple(fn())
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - begun
+            problem = check(got, expected, dtype, names)
+            del got
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             problem, entry["status"] = f"{type(exc).__name__}: {exc}".splitlines()[0], "error"
         if problem is None:
-            timed[key] = fn
+            if key != "convt_ext" and elapsed > SLOW_CALL_S:
+                # e.g. unfoldNd's one-hot conv3d, which oneDNN runs for seconds on some 3-d shapes
+                once[key] = elapsed
+                entry.update(timed_once=True, note=f"one call took {elapsed:.1f} s: timed by that call, not in rounds")
+            else:
+                timed[key] = fn
             continue
         if key == "convt_ext":
             entry["status"] = "error" if entry["status"] == "error" else "FAIL"
             record.update(status=entry["status"], error=problem)
-        else:  # torch's internal kernel: unsupported here (no backward, dtype) or off
+        else:  # torch's internal kernel or unfoldNd: unsupported here (no backward, dtype) or off
             entry.update(status="n/a" if entry["status"] == "error" else "mismatch")
         entry["note"] = problem
     if record["status"] != "ok":
@@ -390,12 +620,14 @@ def run_case(case, device, dtype, rounds, min_run_time):
             median, times = measure(timed[key], min_run_time)
             record["impls"][key]["round_median_s"].append(median)
             record["impls"][key]["round_times_s"].append(times)
-    for key in timed:
+    for key, elapsed in once.items():
+        record["impls"][key].update(round_median_s=[elapsed] * rounds, round_times_s=[[elapsed]])
+    for key in (*timed, *once):
         entry = record["impls"][key]
         entry["median_s"] = statistics.median(entry["round_median_s"])
     ours = record["impls"]["convt_ext"]["round_median_s"]
     record["speedup"] = {}
-    for key in timed:
+    for key in (*timed, *once):
         if key != "convt_ext":
             ratios = [a / b for a, b in zip(record["impls"][key]["round_median_s"], ours)]
             record["speedup"][key] = {"median": statistics.median(ratios), "rounds": ratios}
@@ -406,21 +638,99 @@ def _load():
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def reference_rates(device, quick, min_run_time):
-    """sgemm GFLOP/s (torch.mm of two float32 n x n matrices, n = 2048, or 1024
-    with --quick) and copy GB/s (dst.copy_(src) of 64 MiB, counting the bytes
-    read plus the bytes written). %peak is relative to these whatever the
-    benchmark dtype: torch.mm in float16 runs at ~1 GFLOP/s on CPU, no peak."""
-    n = 1024 if quick else 2048
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    c = torch.empty_like(a)
-    t_mm, _ = measure(lambda: torch.mm(a, b, out=c), min_run_time)
+def gemm_engines(device):
+    """{name: (what it calls, fn(a, b, b_t, c))}: the GEMMs torch has on this device.
+    On CPU: torch.mm (MKL in the usual builds) and oneDNN's linear; on CUDA: cuBLAS."""
+    def mm(a, b, bt, c):
+        return torch.mm(a, b, out=c)
+
+    if device.type == "cuda":
+        return {"cuBLAS": ("torch.mm", mm)}
+    engines = {("MKL" if torch.backends.mkl.is_available() else "BLAS"): ("torch.mm", mm)}
+    if torch.backends.mkldnn.is_available():
+        def onednn(a, b, bt, c):
+            return torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+        engines["oneDNN"] = ('torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")', onednn)
+    return engines
+
+
+def reference_rates(device, quick, min_run_time, probe=False):
+    """The ceilings, measured: the fp32 peak (the best GFLOP/s of every GEMM
+    engine on every shape of GEMM_SHAPES: whatever the hardware's FMA units
+    reach through the best code torch has) and the copy bandwidth
+    (dst.copy_(src) of 64 MiB, counting the bytes read plus the bytes
+    written). A ceiling is what the machine reaches at best, so each rate
+    comes from the fastest timed block (at least 0.2 s of blocks each), not
+    the median: on a shared machine a descheduled thread would otherwise
+    lower the ceiling below what convolutions reach. Always float32, whatever
+    the benchmark dtype: torch.mm in float16 runs at ~1 GFLOP/s on CPU, no peak.
+    probe=True: a short sample between cases, on PROBE_SHAPES only."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if probe:
+        shapes, min_run_time = (PROBE_SHAPES[kind],), PROBE_RUN_TIME_S
+    else:
+        shapes, min_run_time = GEMM_SHAPES[kind + ("-quick" if quick else "")], max(min_run_time, 0.2)
+    gemm = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        bt, c = b.t().contiguous(), torch.empty(m, n, device=device)
+        for engine, (call, fn) in gemm_engines(device).items():
+            entry = {"engine": engine, "call": call, "m": m, "k": k, "n": n}
+            try:
+                if not probe:
+                    err = (fn(a, b, bt, c) - a @ b).abs().max().item() / max((a @ b).abs().max().item(), 1.0)
+                    if not err < 1e-3:
+                        raise RuntimeError(f"wrong product (relative error {err:.1e})")
+                _, times = measure(lambda: fn(a, b, bt, c), min_run_time)
+                entry["gflops"] = 2 * m * k * n / min(times) / 1e9
+            except Exception as exc:  # noqa: BLE001 - an engine this build lacks: left out of the peak
+                entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            gemm.append(entry)
+        del a, b, bt, c
     src = torch.ones(64 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t_copy, _ = measure(lambda: dst.copy_(src), min_run_time)
+    _, times = measure(lambda: dst.copy_(src), min_run_time)
+    best = max((g for g in gemm if "gflops" in g), key=lambda g: g["gflops"])
     return {
-        "gemm_gflops": 2 * n**3 / t_mm / 1e9, "gemm_n": n, "gemm_dtype": "float32",
-        "copy_gbps": 2 * src.nbytes / t_copy / 1e9, "copy_bytes": src.nbytes,
+        "peak_gflops": best["gflops"], "peak_engine": best["engine"], "peak_shape": [best["m"], best["k"], best["n"]],
+        "gemm": gemm, "gemm_dtype": "float32", "statistic": "fastest block",
+        "copy_gbps": 2 * src.nbytes / min(times) / 1e9, "copy_bytes": src.nbytes,
+    }
+
+
+def combine_references(start, end, probes, machine):
+    """The ceilings of the run: for every engine and shape the best of its
+    measurements at the start, at the end and (PROBE_SHAPES) between cases;
+    the peak is their max, the copy bandwidth the max of all its measurements.
+    On a shared machine the load of other processes comes and goes, and a
+    ceiling taken at a busy moment would sit below what the cases reached."""
+    table = {}
+    for when, ref in [("start", start), ("end", end)] + [("during", p) for p in probes]:
+        for g in ref["gemm"]:
+            entry = table.setdefault((g["engine"], g["m"], g["k"], g["n"]), {
+                "engine": g["engine"], "call": g["call"], "m": g["m"], "k": g["k"], "n": g["n"],
+                "gflops": None, "start": None, "end": None, "during": None})
+            if "gflops" in g:
+                entry[when] = max(entry[when] or 0.0, g["gflops"])
+                entry["gflops"] = max(entry["gflops"] or 0.0, g["gflops"])
+            elif entry["gflops"] is None:
+                entry["error"] = g.get("error")
+    gemm = list(table.values())
+    for g in gemm:
+        if g["gflops"] is not None:
+            g.pop("error", None)
+    best = max((g for g in gemm if g["gflops"]), key=lambda g: g["gflops"])
+    engines = {}
+    for g in gemm:
+        if g["gflops"] and g["gflops"] > engines.get(g["engine"], 0):
+            engines[g["engine"]] = g["gflops"]
+    copies = [ref["copy_gbps"] for ref in (start, end, *probes)]
+    return {
+        "peak_gflops": best["gflops"], "peak_engine": best["engine"], "peak_shape": [best["m"], best["k"], best["n"]],
+        "peak_by_engine": engines, "gemm": gemm, "gemm_dtype": "float32", "statistic": "fastest block",
+        "copy_gbps": max(copies), "copy_bytes": start["copy_bytes"],
+        "cpu_capability": machine.get("cpu_capability"), "cpu_flags": machine.get("cpu_flags"),
+        "start": start, "end": end, "probes": probes,
     }
 
 
@@ -435,6 +745,28 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cpu_flags():
+    """{avx2, avx512f, fma: bool} and the list of avx512* flags, from /proc/cpuinfo (None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    info = {flag: flag in flags for flag in CPU_FLAGS}
+    info["avx512"] = sorted(f for f in set(flags) if f.startswith("avx512"))
+    return info
+
+
+def _describe_flags(flags):
+    if not flags:
+        return "CPU flags unknown"
+    have = [f for f in CPU_FLAGS if flags[f]]
+    lack = [f for f in CPU_FLAGS if not flags[f]]
+    return " ".join(have) + (f", no {' '.join(lack)}" if lack else "")
+
+
 def machine_info(device):
     config = torch.__config__.show()
     onednn = re.search(r"MKL-DNN v([\w.]+)", config)
@@ -445,11 +777,14 @@ def machine_info(device):
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+        "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available(),
         "mkldnn": {"available": torch.backends.mkldnn.is_available(),
                    "enabled": torch.backends.mkldnn.enabled,
                    "version": onednn.group(1) if onednn else None},
+        "unfoldNd": getattr(_unfoldnd(), "__version__", "installed") if _unfoldnd() is not None else None,
         "convt_ext": convt_ext.build_info(),
         "load_average": _load(),
     }
@@ -485,62 +820,108 @@ def _speedup(r, key):
     return r.get("speedup", {}).get(key, {}).get("median")
 
 
-def _rate(r, reference):
-    """(rate, unit, percent of the reference rate) of our median time."""
-    t = r["impls"]["convt_ext"].get("median_s")
-    if not t:
-        return None, "", None
-    if "flops" in r:
-        rate = r["flops"] / t / 1e9
-        return rate, "GFLOP/s", 100 * rate / reference["gemm_gflops"]
-    rate = r["bytes"] / t / 1e9
-    return rate, "GB/s", 100 * rate / reference["copy_gbps"]
+def add_rates(r, reference):
+    """Every timed implementation's rate and its share of the ceiling: GFLOP/s
+    over the fp32 peak for convolutions, GB/s over the copy bandwidth for
+    im2col/col2im. Sets r["rate"] (ours, plus every implementation under "impls")."""
+    conv = "flops" in r
+    ceiling = reference["peak_gflops"] if conv else reference["copy_gbps"]
+    work = r["flops"] if conv else r["bytes"]
+    by_impl = {}
+    for key, e in r["impls"].items():
+        if e.get("median_s"):
+            rate = work / e["median_s"] / 1e9
+            by_impl[key] = {"value": rate, "percent_of_ceiling": 100 * rate / ceiling}
+    ours = by_impl.get("convt_ext", {})
+    r["rate"] = {
+        "unit": "GFLOP/s" if conv else "GB/s",
+        "ceiling": "peak_gflops" if conv else "copy_gbps", "ceiling_value": ceiling,
+        "value": ours.get("value"), "percent_of_ceiling": ours.get("percent_of_ceiling"),
+        "impls": by_impl,
+    }
+    return r
+
+
+def _pct(r, key):
+    return r.get("rate", {}).get("impls", {}).get(key, {}).get("percent_of_ceiling")
 
 
 def format_table(results):
-    head = ("op", "dir", "shape", "ours ms", "torch ms", "t-im2col ms", "ours rate", "%peak", "vs torch", "vs im2col", "check")
+    present = [k for k in IMPLS if any(k in r["impls"] for r in results)] or ["convt_ext", "torch"]
+    comparators = [k for k in present if k != "convt_ext"]
+    head = ("op", "dir", "shape", *(f"{COLUMNS[k]} ms" for k in present), "ours rate", "%peak", "torch %peak",
+            *(f"vs {COLUMNS[k]}" for k in comparators), "check")
     rows = []
     for r in results:
         ms = []
-        for key in IMPLS:
+        for key in present:
             e = r["impls"].get(key)
-            ms.append(f"{e['median_s'] * 1e3:.2f}" if e and "median_s" in e else ("-" if e is None else e["status"]))
-        rate, unit, pct = (r["rate"][k] for k in ("value", "unit", "percent_of_reference"))
+            if e and "median_s" in e:
+                ms.append(f"{e['median_s'] * 1e3:.2f}{'*' if e.get('timed_once') else ''}")
+            else:
+                ms.append("-" if e is None else e["status"])
+        rate = r.get("rate", {})
+        value, unit = rate.get("value"), rate.get("unit", "")
+        pcts = [_pct(r, k) for k in ("convt_ext", "torch")]
         rows.append((
-            r["op"], "fwd" if r["direction"] == FORWARD else "fwd+bwd", r["shape"], *ms,
-            f"{rate:.1f} {unit}" if rate else "-", f"{pct:.0f}%" if pct else "-",
-            _fmt_x(_speedup(r, "torch")), "-" if "torch_im2col" not in r["impls"] else _fmt_x(_speedup(r, "torch_im2col")),
+            op_label(r["op"], r.get("dims", 2)), "fwd" if r["direction"] == FORWARD else "fwd+bwd", r["shape"], *ms,
+            f"{value:.1f} {unit}" if value else "-", *(f"{p:.0f}%" if p else "-" for p in pcts),
+            *("-" if k not in r["impls"] else _fmt_x(_speedup(r, k)) for k in comparators),
             r["status"],
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     left = 3  # op, dir, shape left-aligned; numbers right-aligned
+
     def line(cells):
         return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), line("-" * w for w in widths)] + [line(row) for row in rows]
+    if any(e.get("timed_once") for r in results for e in r["impls"].values()):
+        out.append(f"*: one call took over {SLOW_CALL_S:g} s, so that call is its time (not timed in rounds)")
+    unbuilt = {}
     for r in results:
-        if r["status"] != "ok":
-            out.append(f"{r['status']}: {r['op']} {r['direction']} {r['shape']}: {r['error']}")
+        label = op_label(r["op"], r.get("dims", 2))
+        if r["status"] == NOT_BUILT:  # one line per op: every shape has the same reason
+            unbuilt.setdefault(label, r["error"])
+        elif r["status"] != "ok":
+            out.append(f"{r['status']}: {label} {r['direction']} {r['shape']}: {r['error']}")
+    out += [f"{NOT_BUILT}: {label}: {reason}" for label, reason in unbuilt.items()]
     return "\n".join(out)
 
 
+def _stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(results):
-    """Per op and direction: median / min / max of the per-shape speedups."""
+    """Per op, dims and direction: median / min / max of the per-shape speedups,
+    and of the rates and their share of the ceiling (the fp32 peak for convolutions)."""
     summary = []
     for op in OP_NAMES:
-        for direction in (FORWARD, BACKWARD):
-            group = [r for r in results if r["op"] == op and r["direction"] == direction]
-            if not group:
-                continue
-            entry = {"op": op, "direction": direction, "shapes": len(group),
-                     "failures": sum(r["status"] in FAILED for r in group),
-                     "skipped": sum(r["status"] == "skipped" for r in group)}
-            for key in ("torch", "torch_im2col"):
-                values = [v for v in (_speedup(r, key) for r in group) if v is not None]
-                if values:
-                    entry[f"vs_{key}"] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                                          "geomean": math.exp(statistics.fmean(math.log(v) for v in values)),
-                                          "wins": sum(v > 1 for v in values), "shapes": len(values)}
-            summary.append(entry)
+        for dims in DIMS:
+            for direction in (FORWARD, BACKWARD):
+                group = [r for r in results if r["op"] == op and r.get("dims", 2) == dims and r["direction"] == direction]
+                if not group:
+                    continue
+                entry = {"op": op, "dims": dims, "label": op_label(op, dims), "direction": direction, "shapes": len(group),
+                         "failures": sum(r["status"] in FAILED for r in group),
+                         "skipped": sum(r["status"] == "skipped" for r in group),
+                         "not_built": sum(r["status"] == NOT_BUILT for r in group)}
+                for key in IMPLS[1:]:
+                    values = [v for v in (_speedup(r, key) for r in group) if v is not None]
+                    if values:
+                        entry[f"vs_{key}"] = {**_stats(values),
+                                              "geomean": math.exp(statistics.fmean(math.log(v) for v in values)),
+                                              "wins": sum(v > 1 for v in values), "shapes": len(values)}
+                rates = {}
+                for key in ("convt_ext", "torch"):
+                    timed = [r["rate"]["impls"][key] for r in group if key in r.get("rate", {}).get("impls", {})]
+                    if timed:
+                        rates[key] = {"value": _stats([e["value"] for e in timed]),
+                                      "percent_of_ceiling": _stats([e["percent_of_ceiling"] for e in timed])}
+                if rates:
+                    entry["rate"] = {"unit": OPS[op].rate,
+                                     "ceiling": "peak_gflops" if op in CONV_OPS else "copy_gbps", **rates}
+                summary.append(entry)
     return summary
 
 
@@ -548,18 +929,37 @@ def format_summary(summary):
     out = []
     for e in summary:
         parts = []
-        for key, what in (("torch", "torch default"), ("torch_im2col", "torch im2col kernel")):
+        for key, what in (("torch", "torch default"), ("torch_im2col", "torch im2col kernel"), ("unfoldNd", "unfoldNd")):
             v = e.get(f"vs_{key}")
             if v:
                 parts.append(f"median {v['median']:.2f}x vs {what} (min {v['min']:.2f}x, max {v['max']:.2f}x, "
                              f"faster on {v['wins']}/{v['shapes']})")
+        rate = e.get("rate", {})
+        if "convt_ext" in rate:
+            ours, pct = rate["convt_ext"]["value"], rate["convt_ext"]["percent_of_ceiling"]
+            of = "peak" if rate["ceiling"] == "peak_gflops" else "copy bandwidth"
+            text = (f"ours {ours['median']:.1f} {rate['unit']} = {pct['median']:.0f}% of {of} "
+                    f"({pct['min']:.0f}-{pct['max']:.0f}%)")
+            if "torch" in rate:
+                text += f", torch {rate['torch']['percent_of_ceiling']['median']:.0f}%"
+            parts.append(text)
         text = "; ".join(parts) or "nothing timed"
         if e["failures"]:
             text += f"; {e['failures']} FAILED"
         if e["skipped"]:
             text += f"; {e['skipped']} skipped (torch raised)"
-        out.append(f"{e['op']} {e['direction']}: {text}")
+        if e["not_built"]:
+            text += f"; {e['not_built']} not built"
+        out.append(f"{e['label']} {e['direction']}: {text}")
     return "\n".join(out)
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot(results, path, title):
@@ -573,14 +973,20 @@ def plot(results, path, title):
     timed = [r for r in results if "speedup" in r]
     if not timed:
         return None
-    labels = [f"{r['op']} {'fwd' if r['direction'] == FORWARD else 'fwd+bwd'} {r['shape']}" for r in timed]
-    fig = Figure(figsize=(9, 1.2 + 0.28 * len(timed)))
+    keys = [(k, what) for k, what in (("torch", "vs torch default"), ("torch_im2col", "vs torch im2col kernel"),
+                                      ("unfoldNd", "vs unfoldNd"))
+            if any(_speedup(r, k) for r in timed)]
+    labels = [f"{op_label(r['op'], r.get('dims', 2))} {'fwd' if r['direction'] == FORWARD else 'fwd+bwd'} {r['shape']}"
+              for r in timed]
+    fig = Figure(figsize=(9, 1.2 + 0.1 * (len(keys) + 1) * len(timed)))
     ax = fig.add_subplot()
     ys = range(len(timed))
-    for offset, key, label in ((-0.2, "torch", "vs torch default"), (0.2, "torch_im2col", "vs torch im2col kernel")):
+    height = 0.8 / max(len(keys), 1)
+    for i, (key, label) in enumerate(keys):
+        offset = (i - (len(keys) - 1) / 2) * height
         vals = [_speedup(r, key) or float("nan") for r in timed]
         # bars grow from 1 (parity): right where convt_ext is faster, left where slower
-        bars = ax.barh([y + offset for y in ys], [v - 1 for v in vals], left=1, height=0.4, label=label)
+        bars = ax.barh([y + offset for y in ys], [v - 1 for v in vals], left=1, height=height, label=label)
         ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=6, padding=2)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
@@ -589,7 +995,7 @@ def plot(results, path, title):
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup of convt_ext (torch time / convt_ext time; > 1: convt_ext faster)")
+    ax.set_xlabel("speedup of convt_ext (other time / convt_ext time; > 1: convt_ext faster)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -610,11 +1016,11 @@ def default_out(device_type):
 # ------------------------------------------------------------------------ main
 
 
-def select_cases(ops, shape_filters, quick, backward):
+def select_cases(ops, shape_filters, quick, backward, dims=DIMS):
     cases = []
     for op in ops:
         for s in SUITE:
-            if op not in s.ops or (quick and not s.quick):
+            if op not in s.ops or (quick and not s.quick) or s.dims not in dims:
                 continue
             if shape_filters and not any(f in s.name for f in shape_filters):
                 continue
@@ -644,8 +1050,9 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--ops", default=",".join(OP_NAMES), help=f"comma list from {','.join(OP_NAMES)}")
+    p.add_argument("--dims", default="1,2,3", help="comma list from 1,2,3: the shapes' dimensionality")
     p.add_argument("--shapes", help="comma list of substrings; run the shapes whose name contains one")
-    p.add_argument("--quick", action="store_true", help="a few small shapes, 1 round, 1024^2 GEMM reference")
+    p.add_argument("--quick", action="store_true", help="a few small shapes, 1 round, smaller GEMMs for the peak")
     p.add_argument("--rounds", type=int, help="interleaved rounds per case (default 3, 1 with --quick)")
     p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.3, 0.05 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
@@ -657,6 +1064,12 @@ def parse_args(argv):
     unknown = [o for o in args.ops if o not in OP_NAMES]
     if unknown or not args.ops:
         p.error(f"--ops: unknown {unknown}; choose from {','.join(OP_NAMES)}")
+    try:
+        args.dims = tuple(sorted({int(d) for d in args.dims.split(",") if d.strip()}))
+    except ValueError:
+        args.dims = ()
+    if not args.dims or any(d not in DIMS for d in args.dims):
+        p.error("--dims: a comma list from 1,2,3")
     args.shapes = [f.strip() for f in args.shapes.split(",") if f.strip()] if args.shapes else []
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
@@ -665,11 +1078,18 @@ def parse_args(argv):
     return args
 
 
+def _fmt_reference(ref):
+    engines = ", ".join(f"{e} {v:.1f}" for e, v in ref.get("peak_by_engine", {}).items())
+    m, k, n = ref["peak_shape"]
+    return (f"fp32 peak {ref['peak_gflops']:.1f} GFLOP/s ({ref['peak_engine']}, {m}x{k}x{n} GEMM"
+            f"{'; best per engine: ' + engines if engines else ''}), copy {ref['copy_gbps']:.1f} GB/s")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.list:
         for s in SUITE:
-            print(f"{s.name:32} {','.join(s.ops):34} {'quick ' if s.quick else ''}{s.description}")
+            print(f"{s.name:32} {s.dims}-d {','.join(s.ops):34} {'quick ' if s.quick else ''}{s.description}")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -678,10 +1098,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    cases = select_cases(args.ops, args.shapes, args.quick, not args.no_backward)
+    cases = select_cases(args.ops, args.shapes, args.quick, not args.no_backward, args.dims)
     if not cases:
-        print(f"error: no case matches --ops {','.join(args.ops)} --shapes {','.join(args.shapes)}"
-              f"{' --quick' if args.quick else ''} (see --list)", file=sys.stderr)
+        print(f"error: no case matches --ops {','.join(args.ops)} --dims {','.join(map(str, args.dims))} "
+              f"--shapes {','.join(args.shapes)}{' --quick' if args.quick else ''} (see --list)", file=sys.stderr)
         return 2
 
     started = time.perf_counter()
@@ -696,41 +1116,50 @@ def main(argv=None):
     print(f"convt_ext {convt_ext.__version__} vs torch {torch.__version__} on {device} "
           f"({machine.get('gpu') or machine['cpu']}, {args.dtype}, {torch.get_num_threads()} threads); "
           f"torch default = {default}")
+    print(f"CPU capability {machine['cpu_capability']} ({_describe_flags(machine['cpu_flags'])}); "
+          f"unfoldNd {machine['unfoldNd'] or 'not installed'}")
     ref_start = reference_rates(device, args.quick, args.min_run_time)
-    print(f"reference: GEMM {ref_start['gemm_gflops']:.1f} GFLOP/s ({ref_start['gemm_n']}^2 {ref_start['gemm_dtype']}), "
-          f"copy {ref_start['copy_gbps']:.1f} GB/s; {len(cases)} cases x {args.rounds} rounds")
+    print(f"ceilings: {_fmt_reference(ref_start)}; {len(cases)} cases x {args.rounds} rounds")
 
-    results = [run_case(c, device, dtype, args.rounds, args.min_run_time) for c in _progress(cases)]
+    results, probes, last_probe = [], [], time.perf_counter()
+    for i, case in enumerate(_progress(cases)):
+        if time.perf_counter() - last_probe > PROBE_EVERY_S:  # sample the ceilings again
+            probe = reference_rates(device, args.quick, args.min_run_time, probe=True)
+            probes.append(dict(probe, before_case=i, elapsed_s=time.perf_counter() - started))
+            last_probe = time.perf_counter()
+        results.append(run_case(case, device, dtype, args.rounds, args.min_run_time))
 
     ref_end = reference_rates(device, args.quick, args.min_run_time)
-    reference = {
-        "gemm_gflops": max(ref_start["gemm_gflops"], ref_end["gemm_gflops"]),
-        "copy_gbps": max(ref_start["copy_gbps"], ref_end["copy_gbps"]),
-        "start": ref_start, "end": ref_end,
-    }
+    reference = combine_references(ref_start, ref_end, probes, machine)
     for r in results:
-        rate, unit, pct = _rate(r, reference)
-        r["rate"] = {"value": rate, "unit": unit, "percent_of_reference": pct}
+        add_rates(r, reference)
     table = format_table(results)
     summary = summarize(results)
     failures = sum(r["status"] in FAILED for r in results)
+    unbuilt = sorted({op_label(r["op"], r["dims"]) for r in results if r["status"] == NOT_BUILT})
     print()
     print(table)
     print()
-    print(f"reference (best of start/end): GEMM {reference['gemm_gflops']:.1f} GFLOP/s "
-          f"(start {ref_start['gemm_gflops']:.1f}, end {ref_end['gemm_gflops']:.1f}), copy {reference['copy_gbps']:.1f} GB/s")
-    print("speedup = torch time / convt_ext time (> 1: convt_ext faster); median over shapes of the per-round medians:")
+    during = f", best of {len(probes)} samples during the run {max(p['peak_gflops'] for p in probes):.1f}" if probes else ""
+    print(f"ceilings (best of all measurements): {_fmt_reference(reference)} "
+          f"(peak at start {ref_start['peak_gflops']:.1f}, at end {ref_end['peak_gflops']:.1f}{during})")
+    print("%peak = ours GFLOP/s over that fp32 peak (convolutions) or GB/s over the copy bandwidth (im2col/col2im)")
+    print("speedup = other time / convt_ext time (> 1: convt_ext faster); median over shapes of the per-round medians:")
     print(format_summary(summary))
+    if unbuilt:
+        print(f"not built: this convt_ext lacks {', '.join(unbuilt)}; those cases were skipped "
+              f"(rebuild: pip install --no-build-isolation .)")
 
     out = args.out or default_out(device.type)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "schema": 1,
+        "schema": 2,
         "command": ["python", "-m", "convt_ext.bench", *(sys.argv[1:] if argv is None else argv)],
         "settings": {
-            "device": str(device), "dtype": args.dtype, "ops": args.ops, "shapes": args.shapes, "quick": args.quick,
-            "rounds": args.rounds, "min_run_time_s": args.min_run_time, "backward": not args.no_backward,
-            "cuda_scale": CUDA_SCALE, "tolerances": {"rtol": TOLERANCES[dtype][0], "atol_x_max_abs": TOLERANCES[dtype][1]},
+            "device": str(device), "dtype": args.dtype, "ops": args.ops, "dims": list(args.dims), "shapes": args.shapes,
+            "quick": args.quick, "rounds": args.rounds, "min_run_time_s": args.min_run_time,
+            "backward": not args.no_backward, "cuda_scale": CUDA_SCALE,
+            "tolerances": {"rtol": TOLERANCES[dtype][0], "atol_x_max_abs": TOLERANCES[dtype][1]},
             "tf32": False if device.type == "cuda" else None,
         },
         "machine": machine,
@@ -739,15 +1168,20 @@ def main(argv=None):
         "results": results,
         "summary": summary,
         "failures": failures,
+        "not_built": unbuilt,
         "elapsed_s": time.perf_counter() - started,
     }
     out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {out}")
     title = (f"convt_ext vs torch {torch.__version__}, {machine.get('gpu') or machine['cpu']}, "
-             f"{torch.get_num_threads()} threads, {args.dtype}, {machine['date'][:10]}")
+             f"{torch.get_num_threads()} threads, {args.dtype}, {machine['date'][:10]}\n"
+             f"fp32 peak {reference['peak_gflops']:.0f} GFLOP/s ({reference['peak_engine']}), "
+             f"copy {reference['copy_gbps']:.0f} GB/s, CPU capability {machine['cpu_capability']}")
     chart = plot(results, out.with_suffix(".png"), title)
     if chart:
-        print(f"wrote {chart}")
+        print(f"chart: {chart}")
+    else:
+        print(f"chart: none ({'nothing was timed' if _has_matplotlib() else 'matplotlib is not installed'})")
     if failures:
         print(f"{failures} case(s) FAILED the check against torch", file=sys.stderr)
         return 1

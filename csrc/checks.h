@@ -92,15 +92,25 @@ inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t 
   return static_cast<int64_t>(r);
 }
 
-// The number of elements of a tensor of these sizes, overflow-checked.
-inline int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes) {
+// The number of elements of a tensor of these sizes, overflow-checked;
+// `context` says which arguments made them so large.
+inline int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes,
+                             const std::string& context = "") {
+  // Its bytes, at 8 per element (float64, the widest dtype), must fit too.
   wide_int n = 1;
   for (int64_t s : sizes) {
     n *= s;
-    TORCH_CHECK_VALUE(n <= kInt64Max, op, ": ", what, " of shape ", fmt(sizes),
-                      " would have more than 2^63-1 elements");
+    TORCH_CHECK_VALUE(n <= kInt64Max / 8, op, ": ", what, " of shape ", fmt(sizes),
+                      " would need more than 2^63-1 bytes", context);
   }
   return static_cast<int64_t>(n);
+}
+
+// The geometry arguments, for messages about sizes they make too large.
+inline std::string geometry(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  return " (kernel_size=" + fmt(kernel_size) + ", stride=" + fmt(stride) + ", padding=" +
+         fmt(padding) + ", dilation=" + fmt(dilation) + ")";
 }
 
 // Window positions per dimension for an image (relationship 15, in 128-bit
@@ -133,8 +143,9 @@ inline void transposed_sizes(const char* op, c10::IntArrayRef input, c10::IntArr
     const wide_int size = wide_int(input[i] - 1) * stride[i] - 2 * wide_int(padding[i]) +
                           wide_int(dilation[i]) * (kernel_size[i] - 1) + output_padding[i] + 1;
     TORCH_CHECK_VALUE(size <= kInt64Max, op, ": the output size overflows int64 in dimension ", i,
-                      " (stride=", fmt(stride), ", dilation=", fmt(dilation), ", output_padding=",
-                      fmt(output_padding), ")");
+                      " (stride=", fmt(stride), ", padding=", fmt(padding), ", dilation=",
+                      fmt(dilation), ", output_padding=", fmt(output_padding), ", kernel_size=",
+                      fmt(kernel_size), ")");
     TORCH_CHECK_VALUE(size >= 1, op, ": the output size (in-1)*stride - 2*padding + "
                       "dilation*(kernel_size-1) + output_padding + 1 is ",
                       static_cast<int64_t>(size), " in dimension ", i,
@@ -174,13 +185,16 @@ inline Window3 make_window(const char* op, int64_t batch, int64_t channels,
                       " and dilation=", fmt(dilation),
                       " are too large: window coordinates would overflow int64");
   }
-  const int64_t kernel_numel = checked_numel(op, "kernel_size", kernel_size);
-  const int64_t positions = checked_numel(op, "the windows", c10::IntArrayRef(windows, dims));
-  const int64_t pixels = checked_numel(op, "the image", image);
+  const std::string context = geometry(kernel_size, stride, padding, dilation);
+  const int64_t kernel_numel = checked_numel(op, "kernel_size", kernel_size, context);
+  const int64_t positions =
+      checked_numel(op, "the windows", c10::IntArrayRef(windows, dims), context);
+  const int64_t pixels = checked_numel(op, "the image", image, context);
   checked_numel(op, "the column matrix",
                 {batch, checked_mul(op, "the column matrix's rows", channels, kernel_numel),
-                 positions});
-  checked_numel(op, "the image", {batch, channels, pixels});
+                 positions},
+                context);
+  checked_numel(op, "the image", {batch, channels, pixels}, context);
   return w;
 }
 

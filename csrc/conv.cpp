@@ -460,7 +460,8 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, windows);
   const Window3 whole = make_window(op, N, C_in, input.sizes().slice(2), windows, kernel, stride,
                                     padding, dilation);
-  checked_numel(op, "the output", {N, C_out, whole.window_numel()});
+  checked_numel(op, "the output", {N, C_out, whole.window_numel()},
+                geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
   at::Tensor out = at::empty(shape_of(N, C_out, windows, dims), input.options());
@@ -528,7 +529,8 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   const Window3 whole = make_window(op, N, C_out, at::IntArrayRef(image, dims),
                                     input.sizes().slice(2).data(), kernel, stride, padding,
                                     dilation);
-  checked_numel(op, "the output", {N, C_out, whole.image_numel()});
+  checked_numel(op, "the output", {N, C_out, whole.image_numel()},
+                geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
   at::Tensor out = at::empty(shape_of(N, C_out, image, dims), input.options());

@@ -17,19 +17,6 @@
 namespace convt_ext {
 namespace {
 
-template <typename index_t>
-ImageStrides<index_t> image_strides(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          {static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3)),
-           static_cast<index_t>(t.stride(4))}};
-}
-
-template <typename index_t>
-ColumnStrides<index_t> column_strides(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          static_cast<index_t>(t.stride(2))};
-}
-
 // The grid: one element per index in [0, total), as the grid-stride loops do.
 template <typename index_t, typename F>
 void emulate_grid(int64_t total, const F& element) {

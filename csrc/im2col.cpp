@@ -116,18 +116,22 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                     fmt(kernel_size), ", but got shape ", input.sizes());
   int64_t windows[kMaxDims];
   window_counts(op, "output_size", output_size, kernel_size, stride, padding, dilation, windows);
-  const int64_t positions = checked_numel(op, "the windows", at::IntArrayRef(windows, dims));
+  const int64_t positions =
+      checked_numel(op, "the windows", at::IntArrayRef(windows, dims),
+                    " for output_size=" + fmt(output_size) +
+                        geometry(kernel_size, stride, padding, dilation));
   TORCH_CHECK_VALUE(cols.size(2) == positions, op, ": input's dimension ", batched ? 2 : 1,
                     " (L) must equal the number of sliding windows, ",
                     fmt(at::IntArrayRef(windows, dims)), " = ", positions,
                     ", for output_size=", fmt(output_size), ", kernel_size=", fmt(kernel_size),
                     ", dilation=", fmt(dilation), ", padding=", fmt(padding), ", stride=",
                     fmt(stride), "; but got shape ", input.sizes());
+  std::vector<int64_t> shape{cols.size(0), cols.size(1) / kernel_numel};
+  shape.insert(shape.end(), output_size.begin(), output_size.end());
+  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size));
   const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
                                 windows, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(cols.device());
-  std::vector<int64_t> shape{w.batch, w.channels};
-  shape.insert(shape.end(), output_size.begin(), output_size.end());
   at::Tensor image = at::empty(shape, cols.options());
   col2im_into(cols, at::Tensor(), image, w, kernels);
   return batched ? image : image.squeeze(0);

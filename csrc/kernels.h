@@ -12,6 +12,7 @@
 
 #include <cstdlib>
 
+#include "elements.h"
 #include "im2col.h"
 
 namespace convt_ext {
@@ -36,6 +37,21 @@ inline int64_t extent(const at::Tensor& t) {
   int64_t e = 1;
   for (int64_t d = 0; d < t.dim(); ++d) e += (t.size(d) - 1) * std::abs(t.stride(d));
   return e;
+}
+
+// A lifted image's and a column matrix's strides in a kernel's index type
+// (the int32 path only after fits_index() has proven that they fit).
+template <typename index_t>
+ImageStrides<index_t> image_strides(const at::Tensor& t) {
+  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
+          {static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3)),
+           static_cast<index_t>(t.stride(4))}};
+}
+
+template <typename index_t>
+ColumnStrides<index_t> column_strides(const at::Tensor& t) {
+  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
+          static_cast<index_t>(t.stride(2))};
 }
 
 // Called once per backend from a static initialiser.

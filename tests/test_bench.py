@@ -1,7 +1,13 @@
 """Tests of the benchmark tool (python -m convt_ext.bench): a quick run end to
-end, the suite's coverage, and that a wrong result is caught, not timed."""
+end, the ceilings (fp32 peak, copy bandwidth), the suite's coverage and
+geometry (1-d, 2-d and 3-d), torch's references, the chart, that a wrong
+result is caught, not timed, and that an op the build lacks is "not built"."""
+import contextlib
+import io
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,31 +20,46 @@ from convt_ext import bench
 
 SMALL = "dcgan-64to3-32"  # a --quick shape with both im2col and conv_transpose2d
 QUICK = ["--quick", "--ops", "im2col,conv_transpose2d", "--shapes", SMALL, "--min-run-time", "0.02"]
+README = Path(bench.__file__).resolve().parents[1] / "README.md"
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401  (an optional extra of the package, installed by the README's command)
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "x.json"
-    code = bench.main(QUICK + ["--out", str(out)])
-    return code, out
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = bench.main(QUICK + ["--out", str(out)])
+    return code, out, stdout.getvalue()
 
 
 def test_quick_run_writes_a_complete_report(quick_run):
-    code, out = quick_run
+    code, out, _ = quick_run
     assert code == 0
     report = json.loads(out.read_text())
+    assert report["schema"] == 2
     machine = report["machine"]
-    for key in ("cpu", "torch", "torch_threads", "convt_ext", "date", "mkldnn"):
+    for key in ("cpu", "torch", "torch_threads", "convt_ext", "date", "mkldnn", "cpu_capability"):
         assert machine[key] is not None, key
     assert machine["convt_ext"]["version"] == convt_ext.__version__
-    assert report["reference"]["gemm_gflops"] > 0
-    assert report["reference"]["copy_gbps"] > 0
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if Path("/proc/cpuinfo").exists():
+        flags = machine["cpu_flags"]
+        assert all(isinstance(flags[f], bool) for f in ("avx2", "avx512f", "fma"))
+        assert flags["avx512f"] == ("avx512f" in flags["avx512"])
+    assert report["failures"] == 0 and report["not_built"] == []
     results = report["results"]
     measured = {(r["op"], r["direction"]) for r in results}
     assert measured == {("im2col", "forward"), ("conv_transpose2d", "forward"), ("conv_transpose2d", "forward+backward")}
-    assert report["failures"] == 0
     for r in results:
-        assert r["shape"] == SMALL
+        assert r["shape"] == SMALL and r["dims"] == 2
         assert r["status"] == "ok"
         assert r["impls"]["convt_ext"]["status"] == "ok"
         assert r["speedup"]["torch"]["median"] > 0
@@ -46,27 +67,143 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert r["rate"]["value"] > 0
         if r["op"] == "conv_transpose2d":  # groups=1: torch's slow_conv_transpose2d applies
             assert r["impls"]["torch_im2col"]["status"] in ("ok", "n/a")
+        else:  # unfoldNd is an optional comparator
+            assert r["impls"]["unfoldNd"]["status"] == ("ok" if bench._unfoldnd() else "n/a")
     assert {(s["op"], s["direction"]) for s in report["summary"]} == measured
 
 
-def test_quick_run_writes_a_chart_if_matplotlib_is_installed(quick_run):
-    code, out = quick_run
+def test_the_peak_is_the_best_gemm_of_torchs_engines(quick_run):
+    _, out, stdout = quick_run
+    ref = json.loads(out.read_text())["reference"]
+    rates = [g["gflops"] for g in ref["gemm"] if g["gflops"]]
+    engines = {g["engine"] for g in ref["gemm"] if g["gflops"]}
+    assert len({(g["m"], g["k"], g["n"]) for g in ref["gemm"]}) >= 2, "a few shapes"
+    assert ref["peak_gflops"] == max(rates) > 0
+    assert ref["peak_by_engine"][ref["peak_engine"]] == ref["peak_gflops"]
+    assert engines & {"MKL", "BLAS"}
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN" in engines
+    for g in ref["gemm"]:  # the best of the measurements at the start, at the end and between cases
+        assert g["gflops"] == max(v for v in (g["start"], g["end"], g["during"]) if v)
+    assert ref["copy_gbps"] > 0
+    assert ref["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"fp32 peak {ref['peak_gflops']:.1f} GFLOP/s ({ref['peak_engine']}" in stdout
+
+
+def test_every_convolution_reports_its_share_of_the_peak(quick_run):
+    _, out, stdout = quick_run
+    report = json.loads(out.read_text())
+    peak, copy = report["reference"]["peak_gflops"], report["reference"]["copy_gbps"]
+    for r in report["results"]:
+        rate = r["rate"]
+        conv = r["op"] in bench.CONV_OPS
+        assert rate["unit"] == ("GFLOP/s" if conv else "GB/s")
+        assert rate["ceiling_value"] == (peak if conv else copy)
+        for key, e in rate["impls"].items():
+            work = r["flops"] if conv else r["bytes"]
+            assert e["value"] == pytest.approx(work / r["impls"][key]["median_s"] / 1e9)
+            assert e["percent_of_ceiling"] == pytest.approx(100 * e["value"] / rate["ceiling_value"])
+        assert rate["percent_of_ceiling"] == rate["impls"]["convt_ext"]["percent_of_ceiling"]
+    for s in report["summary"]:
+        pct = s["rate"]["convt_ext"]["percent_of_ceiling"]
+        assert pct["min"] <= pct["median"] <= pct["max"]
+        assert s["rate"]["ceiling"] == ("peak_gflops" if s["op"] in bench.CONV_OPS else "copy_gbps")
+    assert re.search(r"conv_transpose2d forward: .*ours [\d.]+ GFLOP/s = \d+% of peak", stdout)
+    assert re.search(r"im2col forward: .*ours [\d.]+ GB/s = \d+% of copy bandwidth", stdout)
+
+
+def test_the_chart_comes_by_default(quick_run):
+    """With matplotlib (which the README's command installs) every run writes a PNG next to the
+    JSON and ends by printing its path; without it, the run still succeeds and says why there is none."""
+    code, out, stdout = quick_run
     png = out.with_suffix(".png")
-    try:
-        import matplotlib  # noqa: F401  (an optional extra: CI runs without it)
-    except ImportError:
-        assert code == 0 and not png.exists()
-    else:
+    last = stdout.rstrip().splitlines()[-1]
+    if _has_matplotlib():
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert last == f"chart: {png}"
+    else:
+        assert code == 0 and not png.exists()
+        assert last == "chart: none (matplotlib is not installed)"
+
+
+@pytest.mark.skipif(not README.exists(), reason="not run from a checkout")
+def test_the_readme_command_installs_matplotlib():
+    bench_line = next(line for line in README.read_text().splitlines() if line.rstrip().endswith("python -P -m convt_ext.bench"))
+    first_install = bench_line.split("&&")[0].split()
+    assert first_install[:2] == ["pip", "install"] and "matplotlib" in first_install
 
 
 def test_the_chart_is_optional(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    record = {"op": "im2col", "direction": bench.FORWARD, "shape": SMALL,
+    record = {"op": "im2col", "dims": 2, "direction": bench.FORWARD, "shape": SMALL,
               "speedup": {"torch": {"median": 2.0}}}
     assert bench.plot([record], tmp_path / "x.png", "title") is None
     assert not (tmp_path / "x.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def _canned_reference(device, quick, min_run_time, probe=False):
+    gemm = [{"engine": "MKL", "call": "torch.mm", "m": 8, "k": 8, "n": 8, "gflops": 100.0}]
+    return {"peak_gflops": 100.0, "peak_engine": "MKL", "peak_shape": [8, 8, 8], "gemm": gemm,
+            "gemm_dtype": "float32", "copy_gbps": 10.0, "copy_bytes": 1}
+
+
+def _canned_case(case, device, dtype, rounds, min_run_time):
+    impls = {k: {"label": k, "status": "ok", "note": None, "round_median_s": [0.01], "median_s": 0.01}
+             for k in ("convt_ext", "torch")}
+    return {"op": case.op, "dims": case.shape.dims, "direction": case.direction, "shape": case.shape.name,
+            "batch": 1, "torch_backend": None, "status": "ok", "error": None, "impls": impls, "load_average": None,
+            "flops": 1e9, "speedup": {"torch": {"median": 1.0, "rounds": [1.0]}}}
+
+
+def test_a_run_without_matplotlib_succeeds_and_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
+    monkeypatch.setattr(bench, "run_case", _canned_case)
+    out = tmp_path / "x.json"
+    assert bench.main(["--quick", "--ops", "conv2d", "--no-backward", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed" in text
+    assert text.rstrip().splitlines()[-1] == "chart: none (matplotlib is not installed)"
+    assert out.exists() and not out.with_suffix(".png").exists()
+    report = json.loads(out.read_text())
+    assert report["results"][0]["rate"]["value"] == pytest.approx(100.0)  # 1 GFLOP in 10 ms
+    assert report["results"][0]["rate"]["percent_of_ceiling"] == pytest.approx(100.0)
+
+
+def _ref(gflops, copy, shape=(8, 8, 8)):
+    m, k, n = shape
+    gemm = [{"engine": e, "call": "x", "m": m, "k": k, "n": n, "gflops": v} for e, v in gflops.items()]
+    best = max(gemm, key=lambda g: g["gflops"])
+    return {"peak_gflops": best["gflops"], "peak_engine": best["engine"], "peak_shape": list(shape), "gemm": gemm,
+            "copy_gbps": copy, "copy_bytes": 1}
+
+
+def test_the_ceilings_are_the_best_of_every_measurement():
+    """A busy moment at the start or the end does not set the ceilings: samples between cases count too."""
+    start = _ref({"MKL": 80.0, "oneDNN": 70.0}, 9.0, (2048, 2048, 2048))
+    end = _ref({"MKL": 90.0, "oneDNN": 60.0}, 8.0, (2048, 2048, 2048))
+    probes = [_ref({"MKL": 150.0, "oneDNN": 170.0}, 17.0, (1024, 1024, 1024)), _ref({"MKL": 60.0}, 20.0, (1024, 1024, 1024))]
+    ref = bench.combine_references(start, end, probes, {"cpu_capability": "AVX2", "cpu_flags": None})
+    assert ref["peak_gflops"] == 170.0 and ref["peak_engine"] == "oneDNN" and ref["peak_shape"] == [1024, 1024, 1024]
+    assert ref["peak_by_engine"] == {"MKL": 150.0, "oneDNN": 170.0}
+    assert ref["copy_gbps"] == 20.0
+    big = next(g for g in ref["gemm"] if g["engine"] == "MKL" and g["m"] == 2048)
+    assert (big["gflops"], big["start"], big["end"], big["during"]) == (90.0, 80.0, 90.0, None)
+    small = next(g for g in ref["gemm"] if g["engine"] == "MKL" and g["m"] == 1024)
+    assert (small["gflops"], small["during"]) == (150.0, 150.0)
+    assert ref["cpu_capability"] == "AVX2" and len(ref["probes"]) == 2
+
+
+def test_a_run_samples_the_ceilings_between_cases(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
+    monkeypatch.setattr(bench, "run_case", _canned_case)
+    monkeypatch.setattr(bench, "PROBE_EVERY_S", 0.0)
+    out = tmp_path / "x.json"
+    assert bench.main(["--quick", "--ops", "conv2d", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    probes = report["reference"]["probes"]
+    assert len(probes) == len(report["results"]) and [p["before_case"] for p in probes] == list(range(len(probes)))
 
 
 def test_suite_covers_the_required_layers():
@@ -78,25 +215,134 @@ def test_suite_covers_the_required_layers():
     def has(pred):
         return any(pred(s) for s in suite)
 
-    assert has(lambda s: "conv2d" in s.ops and s.kernel == 3 and s.stride == 1), "ResNet-like 3x3"
-    assert has(lambda s: "conv2d" in s.ops and s.kernel == 3 and s.stride == 2), "strided 3x3"
-    assert has(lambda s: "conv2d" in s.ops and s.kernel == 7 and s.stride == 2 and s.c_in == 3 and s.size == 224), "7x7 stem"
-    assert has(lambda s: "conv2d" in s.ops and s.kernel == 1), "1x1"
-    assert has(lambda s: "conv_transpose2d" in s.ops and s.kernel == 4 and s.stride == 2 and s.padding == 1), "4x4 s2 transposed"
-    assert has(lambda s: "conv_transpose2d" in s.ops and s.kernel == 2 and s.stride == 2), "U-Net 2x2 up-conv"
+    def conv(s, op, kernel, stride=None):
+        return op in s.ops and s.kernels == kernel and (stride is None or s.strides == stride)
+
+    # 2-d
+    assert has(lambda s: conv(s, "conv2d", (3, 3), (1, 1))), "ResNet-like 3x3"
+    assert has(lambda s: conv(s, "conv2d", (3, 3), (2, 2))), "strided 3x3"
+    assert has(lambda s: conv(s, "conv2d", (7, 7), (2, 2)) and s.c_in == 3 and s.sizes == (224, 224)), "7x7 stem"
+    assert has(lambda s: conv(s, "conv2d", (1, 1))), "1x1"
+    assert has(lambda s: conv(s, "conv_transpose2d", (4, 4), (2, 2)) and s.paddings == (1, 1)), "4x4 s2 transposed"
+    assert has(lambda s: conv(s, "conv_transpose2d", (2, 2), (2, 2))), "U-Net 2x2 up-conv"
+    # 1-d (audio)
+    for length in (16000, 4096):
+        assert has(lambda s: conv(s, "conv1d", (3,)) and (s.c_in, s.c_out) == (64, 64) and s.sizes == (length,)), length
+    assert has(lambda s: conv(s, "conv_transpose1d", (4,), (2,))), "1-d upsampler k4 s2"
+    # 3-d (video, volumes)
+    assert has(lambda s: conv(s, "conv3d", (3, 3, 3), (1, 1, 1)) and (s.c_in, s.c_out) == (32, 32)
+               and s.sizes == (16, 32, 32)), "3x3x3 conv3d"
+    assert has(lambda s: conv(s, "conv_transpose3d", (2, 2, 2), (2, 2, 2)) and (s.c_in, s.c_out) == (64, 32)
+               and s.sizes == (8, 16, 16)), "3-d U-Net up-conv"
+    assert has(lambda s: conv(s, "conv3d", (1, 3, 3))), "(1,3,3) kernel"
     for op in bench.OP_NAMES:
         assert has(lambda s: op in s.ops), op
         assert has(lambda s: op in s.ops and s.quick), f"--quick runs {op}"
+    for op in bench.UNFOLD_OPS:
+        for dims in bench.DIMS:
+            assert has(lambda s: op in s.ops and s.dims == dims and s.quick), f"--quick runs {op} in {dims}-d"
 
 
 @pytest.mark.parametrize("shape", bench.SUITE, ids=lambda s: s.name)
 def test_suite_geometry_is_valid(shape):
-    """torch accepts every case's tensors (on the meta device: no compute)."""
+    """torch accepts every case's tensors (on the meta device: no compute), with the sizes the
+    rates are computed from."""
+    n = shape.batch("cpu")
+    c_big, big = shape.big
+    assert len(big) == len(shape.windows) == shape.dims
+    assert all(w >= 1 for w in shape.windows)
     for op in shape.ops:
-        t = bench.make_inputs(op, shape, shape.batch("cpu"), "meta", torch.float32, requires_grad=False)
+        t = bench.make_inputs(op, shape, n, "meta", torch.float32, requires_grad=False)
         out = bench.OPS[op].impls["torch"].fn(shape, t)
-        if op in ("conv2d", "conv_transpose2d"):
-            assert tuple(out.shape[1:]) == (shape.c_out, *(2 * [shape.windows if not shape.transposed else shape.big[1]]))
+        if op == "im2col":
+            assert tuple(out.shape) == (n, c_big * math.prod(shape.kernels), math.prod(shape.windows))
+        elif op == "col2im":
+            assert tuple(out.shape) == (n, c_big, *big)
+        else:
+            assert op == shape.conv
+            assert tuple(out.shape) == (n, shape.c_out, *(big if shape.transposed else shape.windows))
+            assert shape.flops(n) > 0
+
+
+TINY = bench.Shape("tiny-transposed", "a tiny 4x4 s2 p1 transposed layer", ("conv_transpose2d", "im2col"),
+                   2, 4, 3, 5, 4, 2, 1, transposed=True)
+# Small N-d layers with every kind of geometry (uneven kernels, strides, padding, dilation).
+TINY_ND = [
+    bench.Shape("tiny-1d", "1-d", ("conv1d", "im2col", "col2im"), 2, 3, 4, 11, 3, 2, 1, dilation=2, bias=True, dims=1),
+    bench.Shape("tiny-1d-t", "1-d transposed", ("conv_transpose1d", "col2im"), 2, 4, 3, 6, 4, 2, 1, 1,
+                transposed=True, dims=1),
+    bench.Shape("tiny-3d", "3-d", ("conv3d", "im2col", "col2im"), 2, 3, 4, (5, 6, 7), (2, 3, 2), (1, 2, 2),
+                (0, 1, 1), dilation=(1, 1, 2), dims=3),
+    bench.Shape("tiny-3d-t", "3-d transposed", ("conv_transpose3d", "col2im"), 2, 4, 2, (3, 4, 2), (2, 3, 3),
+                (2, 2, 1), (0, 1, 1), (1, 1, 0), bias=True, transposed=True, dims=3),
+]
+
+
+@pytest.mark.parametrize("shape", [s for s in TINY_ND if "im2col" in s.ops], ids=lambda s: s.name)
+def test_torchs_nd_im2col_and_col2im_are_right(shape):
+    """The references the N-d cases are checked against: torch's im2col equals a one-hot
+    conv (and unfoldNd when installed), and its col2im is the adjoint, <U x, c> = <x, U^T c>."""
+    torch.manual_seed(0)
+    im = bench.make_inputs("im2col", shape, 2, "cpu", torch.float64, False)
+    col = bench.make_inputs("col2im", shape, 2, "cpu", torch.float64, False)
+    cols = bench.OPS["im2col"].impls["torch"].fn(shape, im)
+    image = bench.OPS["col2im"].impls["torch"].fn(shape, col)
+    conv = getattr(torch.nn.functional, f"conv{shape.dims}d")
+    onehot = conv(im["x"], bench._onehot(shape, "cpu", torch.float64), None, shape.strides, shape.paddings,
+                  shape.dilations, shape.big[0])
+    torch.testing.assert_close(cols, onehot.reshape(cols.shape), rtol=0, atol=0)
+    assert torch.dot(cols.flatten(), col["x"].flatten()).item() == pytest.approx(
+        torch.dot(im["x"].flatten(), image.flatten()).item(), rel=1e-12)
+    if bench._unfoldnd() is not None:
+        for op, t, ref in (("im2col", im, cols), ("col2im", col, image)):
+            torch.testing.assert_close(bench.OPS[op].impls["unfoldNd"].fn(shape, t), ref)
+
+
+@pytest.mark.parametrize("direction", [bench.FORWARD, bench.BACKWARD])
+@pytest.mark.parametrize("shape", TINY_ND, ids=lambda s: s.name)
+def test_nd_cases_run_or_are_not_built(shape, direction):
+    """On the build in use each N-d case either passes its check against torch and is
+    timed, or, where the build lacks the op's N-d form, is "not built": never a failure."""
+    for op in shape.ops:
+        if direction == bench.BACKWARD and not bench.OPS[op].backward:
+            continue
+        record = bench.run_case(bench.Case(op, shape, direction), torch.device("cpu"), torch.float64, 1, 0.01)
+        reason = bench.not_built(op, shape.dims)
+        if reason is None:
+            assert record["status"] == "ok", record["error"]
+            assert record["impls"]["torch"]["status"] == "ok"
+            if op in bench.CONV_OPS:  # n/a where the slow kernel takes no dilation (tiny-1d, tiny-3d)
+                assert record["impls"]["torch_im2col"]["status"] in ("ok", "n/a")
+            assert record["speedup"]["torch"]["median"] > 0
+        else:
+            assert record["status"] == bench.NOT_BUILT and record["error"] == reason
+            assert "speedup" not in record
+
+
+def test_the_2d_ops_are_built():
+    for op in ("im2col", "col2im", "conv2d", "conv_transpose2d"):
+        assert bench.not_built(op, 2) is None
+
+
+def test_a_case_the_build_lacks_is_not_built_not_failed(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "not_built", lambda op, dims, device="cpu": f"no {op} here")
+    record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
+    assert record["status"] == bench.NOT_BUILT and record["error"] == "no conv_transpose2d here"
+    entry = bench.summarize([record])[0]
+    assert entry["not_built"] == 1 and entry["failures"] == 0
+    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
+    out = tmp_path / "x.json"
+    assert bench.main(["--quick", "--dims", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["failures"] == 0 and report["not_built"]
+    assert all(r["status"] == bench.NOT_BUILT for r in report["results"])
+    assert "not built: conv1d: no conv1d here" in capsys.readouterr().out
+
+
+def test_dims_selects_the_shapes():
+    cases = bench.select_cases(bench.OP_NAMES, [], False, True, dims=(1, 3))
+    assert cases and {c.shape.dims for c in cases} == {1, 3}
+    assert {c.op for c in cases} == {"im2col", "col2im", "conv1d", "conv3d", "conv_transpose1d", "conv_transpose3d"}
 
 
 def test_check_flags_a_mismatch():
@@ -104,10 +350,6 @@ def test_check_flags_a_mismatch():
     assert bench.check((a,), (a.clone(),), torch.float32, ["output"]) is None
     problem = bench.check((a * 1.01,), (a,), torch.float32, ["output"])
     assert problem and problem.startswith("output:")
-
-
-TINY = bench.Shape("tiny-transposed", "a tiny 4x4 s2 p1 transposed layer", ("conv_transpose2d", "im2col"),
-                   2, 4, 3, 5, 4, 2, 1, transposed=True)
 
 
 @pytest.mark.parametrize("direction", [bench.FORWARD, bench.BACKWARD])
@@ -122,6 +364,17 @@ def test_a_wrong_result_is_caught_and_not_timed(monkeypatch, direction):
     assert "speedup" not in record and "median_s" not in record["impls"]["torch"]
 
 
+def test_a_very_slow_comparator_is_timed_by_one_call(monkeypatch):
+    monkeypatch.setattr(bench, "SLOW_CALL_S", 0.0)
+    record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 2, 0.01)
+    assert record["status"] == "ok"
+    assert "timed_once" not in record["impls"]["convt_ext"]  # ours is always timed in rounds
+    assert len(record["impls"]["convt_ext"]["round_times_s"]) == 2
+    torch_entry = record["impls"]["torch"]
+    assert torch_entry["timed_once"] and torch_entry["median_s"] > 0
+    assert record["speedup"]["torch"]["median"] > 0
+
+
 def test_a_failure_makes_the_exit_code_nonzero(monkeypatch, tmp_path):
     impls = bench.OPS["im2col"].impls
     right = impls["convt_ext"].fn
@@ -133,7 +386,8 @@ def test_a_failure_makes_the_exit_code_nonzero(monkeypatch, tmp_path):
 
     monkeypatch.setitem(impls, "convt_ext", bench.Impl("perturbed", shifted))
     out = tmp_path / "x.json"
-    code = bench.main(["--quick", "--ops", "im2col", "--shapes", SMALL, "--min-run-time", "0.01", "--out", str(out)])
+    code = bench.main(["--quick", "--ops", "im2col", "--dims", "2", "--shapes", SMALL, "--min-run-time", "0.01",
+                       "--out", str(out)])
     assert code == 1
     report = json.loads(out.read_text())
     assert report["failures"] == 1 and report["results"][0]["status"] == "FAIL"
@@ -149,7 +403,7 @@ def test_runs_as_a_module_outside_the_checkout(tmp_path):
     proc = subprocess.run([sys.executable, "-P", "-m", "convt_ext.bench", "--list"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert SMALL in proc.stdout
+    assert SMALL in proc.stdout and "video-3x3x3" in proc.stdout and "3-d" in proc.stdout
 
 
 def test_a_case_torch_cannot_run_is_skipped_not_failed(monkeypatch):

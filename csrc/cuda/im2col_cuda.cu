@@ -48,19 +48,6 @@ int blocks_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
 
-template <typename index_t>
-ImageStrides<index_t> image_strides(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          {static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3)),
-           static_cast<index_t>(t.stride(4))}};
-}
-
-template <typename index_t>
-ColumnStrides<index_t> column_strides(const at::Tensor& t) {
-  return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
-          static_cast<index_t>(t.stride(2))};
-}
-
 void im2col_cuda(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   const int64_t total = w.batch * w.channels * w.window_numel();
   if (total == 0) return;
