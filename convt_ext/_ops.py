@@ -87,7 +87,6 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
 
 
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
-    d = weight.dim() - 2
     windows = _windows(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     return input.new_empty((input.shape[0], weight.shape[0], *windows))
 
