@@ -251,13 +251,6 @@ int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
   return f;
 }
 
-// (N, C, *spatial) with its spatial dimensions lifted to three (a view).
-at::Tensor lifted(const at::Tensor& t) {
-  at::Tensor out = t;
-  while (out.dim() < 2 + kMaxDims) out = out.unsqueeze(2);
-  return out;
-}
-
 // im2col of the window box [lo, hi) of image (b, C, I0, I1, I2) into cols
 // (b, rows, box positions): the same columns, read from just the image
 // region they tap, with whatever padding remains before it (the relation
@@ -327,7 +320,7 @@ void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K,
       plan_blocks(whole.windows, direct ? INT64_MAX : task_budget(x),
                   [&](int dim, int64_t count) { return K * elem * inner[dim + 1] * count; });
   const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
-  const at::Tensor x5 = lifted(x);
+  const at::Tensor x5 = lift(x);
   for_each_task(x, whole.batch * blocks.per_sample(), [&](int64_t begin, int64_t end) {
     const at::Tensor buffer = direct ? at::Tensor() : scratch(0, {K, max_positions}, x.options());
     for (int64_t t = begin; t < end; ++t) {
@@ -477,7 +470,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
-    const at::Tensor x5 = lifted(input);
+    const at::Tensor x5 = lift(input);
     const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
@@ -592,7 +585,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
     return K * elem * positions;
   };
   const Blocks blocks = plan_blocks(whole.image, task_budget(input), cost);
-  const at::Tensor x5 = lifted(x), out5 = lifted(out);
+  const at::Tensor x5 = lift(x), out5 = lift(out);
   for_each_task(input, N * blocks.per_sample(), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks.per_sample();
@@ -671,7 +664,7 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
-    const at::Tensor x5 = lifted(input);
+    const at::Tensor x5 = lift(input);
     const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);

@@ -45,10 +45,10 @@ const WindowKernels& window_kernels(c10::DeviceType type) {
   return k;
 }
 
-at::Tensor lift(const at::Tensor& image) {
-  at::Tensor t = image;
-  while (t.dim() < 2 + kMaxDims) t = t.unsqueeze(2);
-  return t;
+at::Tensor lift(const at::Tensor& t) {
+  at::Tensor out = t;
+  while (out.dim() < 2 + kMaxDims) out = out.unsqueeze(2);
+  return out;
 }
 
 void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w,

@@ -59,6 +59,10 @@ at::Tensor im2col_indices(at::IntArrayRef input_size, at::IntArrayRef kernel_siz
                           at::IntArrayRef dilation, at::IntArrayRef padding,
                           at::IntArrayRef stride);
 
+// (N, C, *spatial) with its spatial dimensions lifted to three, a view
+// (Note [N-d by lifting] in im2col.h).
+at::Tensor lift(const at::Tensor& t);
+
 // The raw kernels behind the ops, for the convolutions' orchestration: they
 // skip argument checks and write into caller-provided tensors. `image` is
 // (N, C, *spatial) for any D <= 3 (lifted here); `kernels` defaults to the
