@@ -1,7 +1,9 @@
-"""Fake (meta) kernels and autograd for the torch.ops.convt_ext ops.
+"""Fake (meta) kernels, autograd (reverse and forward mode) and vmap rules for
+the torch.ops.convt_ext ops.
 
 The autograd formulas are the point of the library: every backward is another
-convt_ext op, so double backward works and the duality is plain to see.
+convt_ext op, so double backward works and the duality is plain to see. Every
+op is linear in each argument, so each tangent is the op itself applied to it.
 
     op                 grad wrt its image input          grad wrt the other input
     im2col             col2im                            -
@@ -13,7 +15,9 @@ convt_ext op, so double backward works and the duality is plain to see.
 for N = 1, 2, 3, with one generic formula per op.
 """
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 
@@ -69,10 +73,24 @@ def _spatial_dims_of_grad(grad):
     return tuple(range(2, grad.dim()))
 
 
+def _output_format(dims, a, b=None):
+    """The memory format of a convolution's output: Note [Memory format] in
+    csrc/conv.cpp, torch's rule, channels_last when the input or the weight is."""
+    cl = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
+    if cl is None or (a.is_cuda and a.dtype == torch.float64):
+        return torch.contiguous_format
+    if any(t is not None and suggest_memory_format(t) == cl for t in (a, b)):
+        return cl
+    return torch.contiguous_format
+
+
+def _empty(like, shape, memory_format=torch.contiguous_format):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
 # ---------------------------------------------------------------- fake kernels
 
 
-@torch.library.register_fake("convt_ext::im2col")
 def _im2col_fake(input, kernel_size, dilation, padding, stride):
     d = len(kernel_size)
     windows = _windows(input.shape[-d:], kernel_size, stride, padding, dilation, "im2col")
@@ -80,7 +98,6 @@ def _im2col_fake(input, kernel_size, dilation, padding, stride):
     return input.new_empty(input.shape[: -d - 1] + shape)
 
 
-@torch.library.register_fake("convt_ext::col2im")
 def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
     channels = input.shape[-2] // _prod(kernel_size)
     return input.new_empty(input.shape[:-2] + (channels,) + tuple(output_size))
@@ -88,7 +105,7 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
 
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
     windows = _windows(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return input.new_empty((input.shape[0], weight.shape[0], *windows))
+    return _empty(input, (input.shape[0], weight.shape[0], *windows), _output_format(len(windows), input, weight))
 
 
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation):
@@ -101,33 +118,71 @@ def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, g
         )
         for i in range(d)
     ]
-    return input.new_empty((input.shape[0], weight.shape[1] * groups, *size))
+    return _empty(input, (input.shape[0], weight.shape[1] * groups, *size), _output_format(d, input, weight))
 
 
 def _conv_weight_fake(input, grad_output, weight_size, stride, padding, dilation, groups):
-    return input.new_empty(tuple(weight_size))
+    return _empty(input, tuple(weight_size), _output_format(len(weight_size) - 2, input))
 
 
-# ---------------------------------------------------------------- autograd
+# ---------------------------------------------------------------- calls
+#
+# Note [Autograd and torch.func]
+# Each op's derivatives live in one torch.autograd.Function below (backward,
+# and jvp for forward mode), which serves two ways in:
+#   - the op's Autograd kernel (_autograd_kernel) applies it whenever an input
+#     requires grad or a forward-mode dual level is open, so torch.ops calls
+#     get backward, double backward and torch.autograd.forward_ad;
+#   - under torch.func transforms (grad, jvp, vjp, jacrev, jacfwd, hessian,
+#     vmap), functorch can only take an autograd.Function through its own
+#     entry point, before the dispatcher, so the Python calls (_call: the
+#     functions below, and every backward and jvp formula) apply it there.
+# The vmap rules (_register_vmap) fold the vmapped dimension into the batch,
+# or into the groups when a weight is vmapped.
 
 
-def _im2col_setup(ctx, inputs, output):
-    input, kernel_size, dilation, padding, stride = inputs
-    ctx.image_size = input.shape[-len(kernel_size) :]
-    ctx.args = (kernel_size, dilation, padding, stride)
+def _transforms_active():
+    return torch._C._are_functorch_transforms_active()
 
 
-def _im2col_backward(ctx, grad):
-    # <im2col(x), g> = <x, col2im(g)>: the adjoint of im2col is col2im.
-    return ops.col2im(grad, ctx.image_size, *ctx.args), None, None, None, None
+class _Args:
+    """An op's non-tensor arguments as one opaque value. torch.func flattens
+    an autograd.Function's arguments as pytrees but pairs their tangents one
+    to one with the arguments, so a tuple argument (a stride) would misalign
+    them."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values):
+        self.values = tuple(values)
 
 
-def _col2im_setup(ctx, inputs, output):
-    ctx.args = inputs[2:]
+def _apply(function, args):
+    return function.apply(*args[: function.tensors], _Args(args[function.tensors :]))
 
 
-def _col2im_backward(ctx, grad):
-    return ops.im2col(grad, *ctx.args), None, None, None, None, None
+def _unpack(inputs):
+    """An autograd.Function's inputs as the op's arguments."""
+    return (*inputs[:-1], *inputs[-1].values)
+
+
+def _call(function, op, *args):
+    if _transforms_active():
+        return _apply(function, args)
+    return op(*args)
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def im2col(input, kernel_size, dilation, padding, stride):
+    return _call(_Im2col, ops.im2col, input, kernel_size, dilation, padding, stride)
+
+
+def col2im(input, output_size, kernel_size, dilation, padding, stride):
+    return _call(_Col2im, ops.col2im, input, output_size, kernel_size, dilation, padding, stride)
 
 
 def _ops_for(d):
@@ -139,32 +194,153 @@ def _ops_for(d):
     )
 
 
-def _conv_setup(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-    ctx.args = (stride, padding, dilation, groups)
+def conv(input, weight, bias, stride, padding, dilation, groups):
+    return _call(_Conv, _ops_for(len(stride))[0], input, weight, bias, stride, padding, dilation, groups)
 
 
-def _conv_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.args
-    d = weight.dim() - 2
-    _, conv_transpose, conv_weight = _ops_for(d)
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        # The input gradient is C^T applied to the upstream gradient: a transposed
-        # convolution, with the output_padding that brings the size back to the input's.
-        output_padding = [
-            output_padding_to_reach(grad.shape[2 + i], input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-            for i in range(d)
-        ]
-        grad_input = conv_transpose(grad, weight, None, stride, padding, output_padding, groups, dilation)
-    if ctx.needs_input_grad[1]:
-        grad_weight = conv_weight(input, grad, weight.shape, stride, padding, dilation, groups)
+def conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    op = _ops_for(len(stride))[1]
+    return _call(_ConvTranspose, op, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_weight(input, grad_output, weight_size, stride, padding, dilation, groups):
+    op = _ops_for(len(stride))[2]
+    return _call(_ConvWeight, op, input, grad_output, weight_size, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------- derivatives
+
+
+def _sum(*terms):
+    """The sum of the terms that are not None (a tangent's parts)."""
+    terms = [t for t in terms if t is not None]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _in_format(t, dims, input, weight):
+    """t in the memory format torch gives the same gradient (Note [Memory
+    format] in csrc/conv.cpp): that of the forward's input and weight, not of
+    the upstream gradient. (Not under torch.func, whose vmap has no
+    channels_last.)"""
+    if t is None or _transforms_active():
+        return t
+    return t.contiguous(memory_format=_output_format(dims, input, weight))
+
+
+# Each Function takes the op's tensor arguments, then an _Args of the rest.
+
+
+class _Im2col(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensors = 1
+
+    @staticmethod
+    def forward(*inputs):
+        return _below_autograd(ops.im2col, *_unpack(inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, dilation, padding, stride = _unpack(inputs)
+        ctx.image_size = input.shape[-len(kernel_size) :]
+        ctx.args = (kernel_size, dilation, padding, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # <im2col(x), g> = <x, col2im(g)>: the adjoint of im2col is col2im.
+        return col2im(grad, ctx.image_size, *ctx.args), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return im2col(tangent, *ctx.args)
+
+
+class _Col2im(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensors = 1
+
+    @staticmethod
+    def forward(*inputs):
+        return _below_autograd(ops.col2im, *_unpack(inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.output_size, *ctx.args = _unpack(inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return im2col(grad, *ctx.args), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return col2im(tangent, ctx.output_size, *ctx.args)
+
+
+def _bias_grad(ctx, grad):
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum((0,) + _spatial_dims_of_grad(grad))
-    return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad.sum((0,) + tuple(range(2, grad.dim())))
+    return None
+
+
+def _bias_tangent(tangent, like):
+    """A bias tangent broadcast to the output `like`."""
+    return tangent.view((1, -1) + (1,) * (like.dim() - 2)).expand_as(like)
+
+
+class _Conv(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensors = 3
+
+    @staticmethod
+    def forward(*inputs):
+        return _below_autograd(_ops_for(inputs[1].dim() - 2)[0], *_unpack(inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups = _unpack(inputs)
+        ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.args = (stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        d = len(stride)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # The input gradient is C^T applied to the upstream gradient: a transposed
+            # convolution, with the output_padding that brings the size back to the input's.
+            output_padding = [
+                output_padding_to_reach(grad.shape[2 + i], input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                for i in range(d)
+            ]
+            grad_input = conv_transpose(grad, weight, None, stride, padding, output_padding, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_weight = conv_weight(input, grad, weight.shape, stride, padding, dilation, groups)
+        return (
+            _in_format(grad_input, d, input, weight),
+            _in_format(grad_weight, d, input, weight),
+            _bias_grad(ctx, grad),
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        out = None
+        if t_input is not None:
+            out, t_bias = conv(t_input, weight, t_bias, stride, padding, dilation, groups), None
+        if t_weight is not None:
+            out, t_bias = _sum(out, conv(input, t_weight, t_bias, stride, padding, dilation, groups)), None
+        if t_bias is not None:
+            like = conv(input, weight, None, stride, padding, dilation, groups) if out is None else out
+            out = _sum(out, _bias_tangent(t_bias, like)) if out is not None else _bias_tangent(t_bias, like).clone()
+        return out
 
 
 def _crop_to(t, like):
@@ -174,69 +350,234 @@ def _crop_to(t, like):
     return t[(Ellipsis,) + tuple(slice(0, n) for n in like.shape[2:])]
 
 
-def _conv_transpose_setup(ctx, inputs, output):
-    input, weight, bias, stride, padding, output_padding, groups, dilation = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-    ctx.args = (stride, padding, dilation, groups)
+class _ConvTranspose(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensors = 3
+
+    @staticmethod
+    def forward(*inputs):
+        return _below_autograd(_ops_for(inputs[1].dim() - 2)[1], *_unpack(inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, output_padding, groups, dilation = _unpack(inputs)
+        ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.args = (stride, padding, output_padding, groups, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, _, groups, dilation = ctx.args
+        d = len(stride)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # The adjoint of a transposed convolution is the direct one.
+            grad_input = _crop_to(conv(grad, weight, None, stride, padding, dilation, groups), input)
+        if ctx.needs_input_grad[1]:
+            grad_weight = conv_weight(grad, input, weight.shape, stride, padding, dilation, groups)
+        return (
+            _in_format(grad_input, d, input, weight),
+            _in_format(grad_weight, d, input, weight),
+            _bias_grad(ctx, grad),
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _):
+        input, weight = ctx.saved_tensors
+        out = None
+        if t_input is not None:
+            out, t_bias = conv_transpose(t_input, weight, t_bias, *ctx.args), None
+        if t_weight is not None:
+            out, t_bias = _sum(out, conv_transpose(input, t_weight, t_bias, *ctx.args)), None
+        if t_bias is not None:
+            like = conv_transpose(input, weight, None, *ctx.args) if out is None else out
+            out = _sum(out, _bias_tangent(t_bias, like)) if out is not None else _bias_tangent(t_bias, like).clone()
+        return out
 
 
-def _conv_transpose_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.args
-    conv, _, conv_weight = _ops_for(weight.dim() - 2)
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        # The adjoint of a transposed convolution is the direct one.
-        grad_input = _crop_to(conv(grad, weight, None, stride, padding, dilation, groups), input)
-    if ctx.needs_input_grad[1]:
-        grad_weight = conv_weight(grad, input, weight.shape, stride, padding, dilation, groups)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum((0,) + _spatial_dims_of_grad(grad))
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+class _ConvWeight(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensors = 2
+
+    @staticmethod
+    def forward(*inputs):
+        return _below_autograd(_ops_for(inputs[0].dim() - 2)[2], *_unpack(inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, grad_output, weight_size, stride, padding, dilation, groups = _unpack(inputs)
+        ctx.save_for_backward(input, grad_output)
+        ctx.save_for_forward(input, grad_output)
+        ctx.weight_size = weight_size
+        ctx.args = (stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # conv_weight(x, dy) is bilinear: <G, conv_weight(x, dy)> = <conv(x, G), dy>
+        # = <x, conv_transpose(dy, G)>.
+        input, grad_output = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        d = grad.dim() - 2
+        grad_input = grad_grad_output = None
+        if ctx.needs_input_grad[0]:
+            # dy may cover fewer windows than x has (the weight gradient of a transposed
+            # convolution with output_padding >= stride). The missing windows contribute
+            # nothing, so give them zeros: then the output_padding that restores x's size
+            # is the natural one, below the stride.
+            natural = _windows(input.shape[2:], grad.shape[2:], stride, padding, dilation)
+            short = [natural[i] - grad_output.shape[2 + i] for i in range(d)]
+            pad = [p for i in reversed(range(d)) for p in (0, short[i])]
+            dy = F.pad(grad_output, pad) if any(short) else grad_output
+            output_padding = [
+                output_padding_to_reach(natural[i], input.shape[2 + i], grad.shape[2 + i], stride[i], padding[i], dilation[i])
+                for i in range(d)
+            ]
+            grad_input = conv_transpose(dy, grad, None, stride, padding, output_padding, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_grad_output = _crop_to(conv(input, grad, None, stride, padding, dilation, groups), grad_output)
+        return grad_input, grad_grad_output, None
+
+    @staticmethod
+    def jvp(ctx, t_input, t_grad_output, _):
+        input, grad_output = ctx.saved_tensors
+        out = None
+        if t_input is not None:
+            out = conv_weight(t_input, grad_output, ctx.weight_size, *ctx.args)
+        if t_grad_output is not None:
+            out = _sum(out, conv_weight(input, t_grad_output, ctx.weight_size, *ctx.args))
+        return out
 
 
-def _conv_weight_setup(ctx, inputs, output):
-    input, grad_output, weight_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(input, grad_output)
-    ctx.args = (stride, padding, dilation, groups)
+def _autograd_kernel(function, name):
+    """The Autograd kernel of op `name`: `function` when derivatives are
+    wanted (Note [Autograd and torch.func]), else straight below autograd."""
+    op = getattr(ops, name).default
+
+    def kernel(keyset, *args):
+        if torch._C.is_grad_enabled() and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0):
+            if _transforms_active():
+                raise RuntimeError(
+                    f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "
+                    f"that need derivatives; call convt_ext.{name}() (the Python function) instead, "
+                    f"which carries its derivatives to torch.func"
+                )
+            return _apply(function, args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
 
 
-def _conv_weight_backward(ctx, grad):
-    # conv_weight(x, dy) is bilinear: <G, conv_weight(x, dy)> = <conv(x, G), dy>
-    # = <x, conv_transpose(dy, G)>.
-    input, grad_output = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.args
-    d = grad.dim() - 2
-    conv, conv_transpose, _ = _ops_for(d)
-    grad_input = grad_grad_output = None
-    if ctx.needs_input_grad[0]:
-        # dy may cover fewer windows than x has (the weight gradient of a transposed
-        # convolution with output_padding >= stride). The missing windows contribute
-        # nothing, so give them zeros: then the output_padding that restores x's size
-        # is the natural one, below the stride.
-        natural = _windows(input.shape[2:], grad.shape[2:], stride, padding, dilation)
-        short = [natural[i] - grad_output.shape[2 + i] for i in range(d)]
-        pad = [p for i in reversed(range(d)) for p in (0, short[i])]
-        dy = F.pad(grad_output, pad) if any(short) else grad_output
-        output_padding = [
-            output_padding_to_reach(natural[i], input.shape[2 + i], grad.shape[2 + i], stride[i], padding[i], dilation[i])
-            for i in range(d)
-        ]
-        grad_input = conv_transpose(dy, grad, None, stride, padding, output_padding, groups, dilation)
-    if ctx.needs_input_grad[1]:
-        grad_grad_output = _crop_to(conv(input, grad, None, stride, padding, dilation, groups), grad_output)
-    return grad_input, grad_grad_output, None, None, None, None, None
+# ---------------------------------------------------------------- vmap
 
 
-torch.library.register_autograd("convt_ext::im2col", _im2col_backward, setup_context=_im2col_setup)
-torch.library.register_autograd("convt_ext::col2im", _col2im_backward, setup_context=_col2im_setup)
-for _d in (1, 2, 3):
-    torch.library.register_fake(f"convt_ext::conv{_d}d")(_conv_fake)
-    torch.library.register_fake(f"convt_ext::conv_transpose{_d}d")(_conv_transpose_fake)
-    torch.library.register_fake(f"convt_ext::conv{_d}d_weight")(_conv_weight_fake)
-    torch.library.register_autograd(f"convt_ext::conv{_d}d", _conv_backward, setup_context=_conv_setup)
-    torch.library.register_autograd(
-        f"convt_ext::conv_transpose{_d}d", _conv_transpose_backward, setup_context=_conv_transpose_setup
+def _fold(t, bdim, size):
+    """t with its vmapped dimension first (expanded when it has none)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _fold_batch(op, size, x, bdim, *args):
+    """op over the vmapped dimension folded into the batch (dimension 0)."""
+    x = _fold(x, bdim, size)
+    out = op(x.flatten(0, 1), *args)
+    return out.unflatten(0, (size, -1)), 0
+
+
+def _vmap_window_op(op, batched_dims):
+    """The vmap rule of im2col or col2im; batched_dims(args): the number of
+    dimensions of a batched input."""
+
+    def rule(info, in_dims, input, *args):
+        if input.dim() - (in_dims[0] is not None) == batched_dims(args):
+            return _fold_batch(op, info.batch_size, input, in_dims[0], *args)
+        # Unbatched: the vmapped dimension is the batch.
+        return op(_fold(input, in_dims[0], info.batch_size), *args), 0
+
+    return rule
+
+
+def _channels_into_groups(t, bdim, size):
+    """(N, C, ...) vmapped over B -> (N, B*C, ...): the vmapped copies side by
+    side along the channels, each to be convolved by its own groups."""
+    return _fold(t, bdim, size).movedim(0, 1).flatten(1, 2)
+
+
+def _params_into_groups(t, bdim, size):
+    """A weight (or bias) vmapped over B -> its B copies stacked along dimension 0."""
+    return _fold(t, bdim, size).flatten(0, 1)
+
+
+def _vmap_conv(info, in_dims, input, weight, bias, stride, padding, dilation, groups):
+    op = _ops_for(len(stride))[0]
+    bx, bw, bb = in_dims[:3]
+    B = info.batch_size
+    if bw is None and bb is None:
+        return _fold_batch(op, B, input, bx, weight, bias, stride, padding, dilation, groups)
+    # A vmapped weight: B convolutions side by side as B*groups groups.
+    out = op(
+        _channels_into_groups(input, bx, B),
+        _params_into_groups(weight, bw, B),
+        None if bias is None else _params_into_groups(bias, bb, B),
+        stride,
+        padding,
+        dilation,
+        groups * B,
     )
-    torch.library.register_autograd(f"convt_ext::conv{_d}d_weight", _conv_weight_backward, setup_context=_conv_weight_setup)
+    return out.unflatten(1, (B, -1)), 1
+
+
+def _vmap_conv_transpose(info, in_dims, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    op = _ops_for(len(stride))[1]
+    bx, bw, bb = in_dims[:3]
+    B = info.batch_size
+    if bw is None and bb is None:
+        return _fold_batch(op, B, input, bx, weight, bias, stride, padding, output_padding, groups, dilation)
+    out = op(
+        _channels_into_groups(input, bx, B),
+        _params_into_groups(weight, bw, B),
+        None if bias is None else _params_into_groups(bias, bb, B),
+        stride,
+        padding,
+        output_padding,
+        groups * B,
+        dilation,
+    )
+    return out.unflatten(1, (B, -1)), 1
+
+
+def _vmap_conv_weight(info, in_dims, input, grad_output, weight_size, stride, padding, dilation, groups):
+    op = _ops_for(len(stride))[2]
+    B = info.batch_size
+    size = [B * weight_size[0], *weight_size[1:]]
+    out = op(
+        _channels_into_groups(input, in_dims[0], B),
+        _channels_into_groups(grad_output, in_dims[1], B),
+        size,
+        stride,
+        padding,
+        dilation,
+        groups * B,
+    )
+    return out.unflatten(0, (B, -1)), 0
+
+
+# ---------------------------------------------------------------- registration
+
+_lib = torch.library.Library("convt_ext", "IMPL")  # the Autograd kernels; kept for the process
+
+
+def _register(name, fake, function, vmap):
+    torch.library.register_fake(f"convt_ext::{name}")(fake)
+    _lib.impl(name, _autograd_kernel(function, name), "Autograd", with_keyset=True)
+    torch.library.register_vmap(f"convt_ext::{name}", vmap)
+
+
+_register("im2col", _im2col_fake, _Im2col, _vmap_window_op(ops.im2col, lambda args: len(args[0]) + 2))
+_register("col2im", _col2im_fake, _Col2im, _vmap_window_op(ops.col2im, lambda args: 3))
+for _d in (1, 2, 3):
+    _register(f"conv{_d}d", _conv_fake, _Conv, _vmap_conv)
+    _register(f"conv_transpose{_d}d", _conv_transpose_fake, _ConvTranspose, _vmap_conv_transpose)
+    _register(f"conv{_d}d_weight", _conv_weight_fake, _ConvWeight, _vmap_conv_weight)

@@ -2,15 +2,14 @@
 in 1, 2 and 3 spatial dimensions.
 
 Each normalises its arguments (int or tuple, string padding, unbatched input)
-and calls one torch.ops.convt_ext op; the ops check the geometry and raise
+and calls one torch.ops.convt_ext op (through convt_ext._ops, which carries
+its derivatives to torch.func); the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
 import torch
 import torch.nn.functional as F
 
 from . import _ops
-
-ops = torch.ops.convt_ext
 
 __all__ = [
     "im2col",
@@ -103,7 +102,7 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
     if default is None:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
     d = _dims_of(op, named, default)
-    return ops.im2col(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
+    return _ops.im2col(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
 
 
 def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
@@ -115,7 +114,7 @@ def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     _check_tensor(input, "input", op)
     named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
     d = _dims_of(op, named, 2)
-    return ops.col2im(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
+    return _ops.col2im(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
 
 
 def _check_bias(bias, op):
@@ -166,7 +165,7 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
     else:
         padding = _ntuple(padding, d, "padding", op)
-    out = getattr(ops, op)(x, weight, bias, stride, padding, dilation, groups)
+    out = _ops.conv(x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -175,7 +174,7 @@ def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, gro
     x, unbatched = _batched(input, d, op)
     _check_tensor(weight, "weight", op)
     _check_bias(bias, op)
-    out = getattr(ops, op)(
+    out = _ops.conv_transpose(
         x,
         weight,
         bias,
@@ -194,7 +193,7 @@ def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, 
     dy, _ = _batched(grad_output, d, op, "grad_output")
     if not isinstance(weight_size, _SEQUENCE):
         raise TypeError(f"{op}: weight_size must be a sequence of {d + 2} ints, but got weight_size={weight_size!r}")
-    return getattr(ops, op)(
+    return _ops.conv_weight(
         x,
         dy,
         [_int(v, "weight_size", op) for v in weight_size],

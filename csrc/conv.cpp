@@ -30,6 +30,26 @@
 // tap it, so a task owns its output pixels: no atomics, and every pixel sums
 // its taps in the same order whatever the split, so results do not depend
 // on the limit.
+//
+// Note [Determinism across thread counts]
+// Every output and gradient is bitwise the same for any
+// torch.set_num_threads(). The plan (wide or blocks, the block size) depends
+// on the shapes, the workspace limit and tasks_at_once(), a constant of the
+// machine; a block's GEMM runs single-threaded, and an output element is
+// written by one block only. The weight gradient sums over blocks: each of
+// for_each_task's fixed ranges of tasks keeps its own partial sum, and the
+// partials are added in range order. The wide path's GEMMs run multi-threaded
+// in MKL/oneDNN, which split the output, never the reduction, over threads
+// (tests/test_dropin.py checks all three ops at 1-4 threads).
+//
+// Note [Memory format]
+// As torch's CPU convolutions (thnn_conv_use_channels_last and
+// mkldnn_conv_use_channels_last in ATen), the output is channels_last
+// (channels_last_3d) when the input or the weight is: output_format(). conv
+// writes it directly, its GEMMs storing through the transposed view of each
+// sample's (C_out, L) matrix; conv_transpose and conv_weight compute in
+// contiguous memory and convert at the end (benchmarks/NOTES.md measures the
+// copy). convt_ext/_ops.py mirrors the rule in the fake kernels.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -47,6 +67,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
 #include <unordered_set>
 #include <vector>
 
@@ -77,9 +98,14 @@ int64_t preferred_chunk_bytes(const at::Tensor& like) {
   return like.is_cpu() ? bytes : INT64_MAX;
 }
 
-// Tasks that run at once, each with its own column buffer.
+// The fixed ranges that the tasks of a call are split into, each run by one
+// thread, and so the most tasks that run at once, each with its own column
+// buffer. A constant of the machine, not torch.get_num_threads(): the plan,
+// and every sum, is then the same for any thread count
+// (Note [Determinism across thread counts]).
 int64_t tasks_at_once(const at::Tensor& like) {
-  return like.is_cpu() && !at::in_parallel_region() ? std::max(1, at::get_num_threads()) : 1;
+  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return like.is_cpu() && !at::in_parallel_region() ? cores : 1;
 }
 
 // Bytes one task's column buffers may hold.
@@ -284,29 +310,33 @@ void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* 
   *o_lo = std::min(*o_lo, *o_hi);
 }
 
-// Runs fn(begin, end) over the task indices [0, n). On the CPU the tasks run
-// in parallel and everything inside a task runs single-threaded (ATen and
-// MKL do not nest parallel regions). One region per call keeps both cores
+// Runs fn(range, begin, end) over the task indices [0, n), split into at
+// most tasks_at_once() fixed ranges. On the CPU the ranges run in parallel
+// and everything inside a task runs single-threaded (ATen and MKL do not
+// nest parallel regions). One region per call keeps both cores
 // busy without a barrier after every small GEMM; such barriers cost a
 // scheduler tick each time another process holds a core (benchmarks/NOTES.md).
 // Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
 // whole device.
 template <typename F>
 void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
-  if (like.is_cpu() && n > 1 && !at::in_parallel_region()) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ranges = std::min(n, tasks_at_once(like));
+  if (like.is_cpu() && ranges > 1) {
+    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
       // Worker threads start with default thread-local state: keep the GEMMs
       // below autograd, as on the calling thread.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      fn(begin, end);
+      // Range r: n / ranges tasks, one more for the first n % ranges.
+      const int64_t q = n / ranges, extra = n % ranges;
+      for (int64_t r = r0; r < r1; ++r) fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
     });
   } else {
-    fn(0, n);
+    fn(0, 0, n);
   }
 }
 
-// Runs fn(n, first, count, cols) for every block of window positions of
-// every sample, on the task's thread: cols (K, count) are the columns of
+// Runs fn(range, n, first, count, cols) for every block of window positions
+// of every sample, on the task's thread (range: for_each_task's): cols (K, count) are the columns of
 // sample n's window positions [first, first + count). With `direct`, the
 // input (contiguous) is its own column matrix.
 template <typename F>
@@ -321,7 +351,7 @@ void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K,
                   [&](int dim, int64_t count) { return K * elem * inner[dim + 1] * count; });
   const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
   const at::Tensor x5 = lift(x);
-  for_each_task(x, whole.batch * blocks.per_sample(), [&](int64_t begin, int64_t end) {
+  for_each_task(x, whole.batch * blocks.per_sample(), [&](int64_t range, int64_t begin, int64_t end) {
     const at::Tensor buffer = direct ? at::Tensor() : scratch(0, {K, max_positions}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks.per_sample();
@@ -335,7 +365,7 @@ void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K,
         c = buffer.narrow(1, 0, count);
         im2col_box(x5.narrow(0, n, 1), c.unsqueeze(0), whole, lo, hi);
       }
-      fn(n, first, count, c);
+      fn(range, n, first, count, c);
     }
   });
 }
@@ -416,6 +446,20 @@ at::Tensor bias_only(at::Tensor out, const std::optional<at::Tensor>& bias) {
   return out.copy_(bias->view(shape).expand_as(out));
 }
 
+// Note [Memory format]. `b` may be undefined.
+at::MemoryFormat output_format(int dims, const at::Tensor& a, const at::Tensor& b) {
+  const at::MemoryFormat cl = dims == 2   ? at::MemoryFormat::ChannelsLast
+                              : dims == 3 ? at::MemoryFormat::ChannelsLast3d
+                                          : at::MemoryFormat::Contiguous;
+  // cuDNN has no channels_last float64 kernels: torch's CUDA convolutions
+  // return float64 contiguous.
+  if (cl == at::MemoryFormat::Contiguous || (a.is_cuda() && a.scalar_type() == at::kDouble)) {
+    return at::MemoryFormat::Contiguous;
+  }
+  const bool either = a.suggest_memory_format() == cl || (b.defined() && b.suggest_memory_format() == cl);
+  return either ? cl : at::MemoryFormat::Contiguous;
+}
+
 std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int dims) {
   std::vector<int64_t> s{n, c};
   s.insert(s.end(), spatial, spatial + dims);
@@ -457,7 +501,9 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
                 geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
-  at::Tensor out = at::empty(shape_of(N, C_out, windows, dims), input.options());
+  // The GEMMs write a channels_last output through its strides (Note [Memory format]).
+  at::Tensor out = at::empty(shape_of(N, C_out, windows, dims),
+                             input.options().memory_format(output_format(dims, input, weight)));
   if (out.numel() == 0) return out;
   if (C_in == 0) return bias_only(out, bias);
 
@@ -483,18 +529,21 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   }
   const bool direct = pointwise(kernel, stride, padding);
   const at::Tensor x = direct ? input.contiguous() : input;
-  for_each_column_block(x, whole, K, direct, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+  for_each_column_block(x, whole, K, direct, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     group_gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
                c.view({G, K / G, count}), b3);
   });
   return out;
 }
 
-at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
-                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef output_padding, int64_t groups,
-                          at::IntArrayRef dilation) {
+namespace {
+
+// conv_transpose and conv_weight, computed in contiguous memory.
+at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor& input,
+                                     const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                     int64_t groups, at::IntArrayRef dilation) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
@@ -586,7 +635,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   };
   const Blocks blocks = plan_blocks(whole.image, task_budget(input), cost);
   const at::Tensor x5 = lift(x), out5 = lift(out);
-  for_each_task(input, N * blocks.per_sample(), [&](int64_t begin, int64_t end) {
+  for_each_task(input, N * blocks.per_sample(), [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks.per_sample();
       int64_t lo[kMaxDims], hi[kMaxDims];
@@ -614,10 +663,10 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   return out;
 }
 
-at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
-                       const at::Tensor& grad_output, at::IntArrayRef weight_size,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t groups) {
+at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& input,
+                                  const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups) {
   check_ints(op, "weight_size", weight_size, dims + 2, 0);
   const at::IntArrayRef kernel = weight_size.slice(2);
   for (int64_t k : kernel) {
@@ -678,12 +727,12 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   bool direct = pointwise(kernel, stride, padding);
   for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
   const at::Tensor x = direct ? input.contiguous() : input;
-  // Each thread sums its blocks into its own partial gradient, and the
-  // partials are added in thread order, so the result is deterministic for a
-  // given thread count.
+  // Each range of tasks sums its blocks into its own partial gradient, and the
+  // partials are added in range order: the ranges are fixed, so the result is
+  // the same for any thread count (Note [Determinism across thread counts]).
   std::vector<at::Tensor> partial(tasks_at_once(input));
-  for_each_column_block(x, whole, K, direct, [&](int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    at::Tensor& acc = partial[at::get_thread_num() % partial.size()];
+  for_each_column_block(x, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    at::Tensor& acc = partial[range];
     if (!acc.defined()) acc = at::zeros_like(grad_weight);
     group_gemm(acc, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
                c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);
@@ -692,6 +741,30 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
     if (p.defined()) grad_weight.add_(p);
   }
   return grad_weight.view(weight_size);
+}
+
+}  // namespace
+
+// Note [Memory format]: the output converted at the end.
+at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef output_padding, int64_t groups,
+                          at::IntArrayRef dilation) {
+  return conv_transpose_contiguous(op, dims, input, weight, bias, stride, padding, output_padding,
+                                   groups, dilation)
+      .contiguous(output_format(dims, input, weight));
+}
+
+// As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
+// format follows the input alone.
+at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
+                       const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups) {
+  return conv_weight_contiguous(op, dims, input, grad_output, weight_size, stride, padding,
+                                dilation, groups)
+      .contiguous(output_format(dims, input, at::Tensor()));
 }
 
 }  // namespace convt_ext

@@ -9,6 +9,18 @@
 // an op per dimension (conv1d, conv2d, conv3d, ...) with torch's schema, all
 // served by one generic function (ops.h). Fake (meta) kernels and autograd
 // are registered from Python (convt_ext/_ops.py).
+//
+// Note [Autocast]
+// The convolutions follow torch's autocast rule for its own (the
+// "lower_precision_fp" list): under torch.autocast every floating input but
+// float64 is cast to the autocast dtype, and the op runs in it. The kernels
+// sit at the AutocastCPU and AutocastCUDA keys, in C++ like ATen's, so eager
+// mode, autograd (the casts are differentiable) and torch.compile's tracing
+// all meet the same rule. im2col, col2im and the weight gradients are not
+// registered there: they keep their inputs' dtype, as F.unfold, F.fold and
+// torch.nn.grad do.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
@@ -80,6 +92,63 @@ void impl_convolutions(torch::Library& m) {
   m.impl(kConvWeight[D], &conv_weight_nd<D>);
 }
 
+using SymInts = c10::SymIntArrayRef;
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, SymInts, SymInts, SymInts,
+                                 c10::SymInt);
+using ConvTransposeSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, SymInts, SymInts,
+                                          SymInts, c10::SymInt, SymInts);
+
+// The casts of Note [Autocast], with the autocast key excluded for the call.
+template <c10::DeviceType Device>
+struct AutocastCast {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{
+      at::autocast::get_autocast_dispatch_key_from_device_type(Device)};
+  at::ScalarType dtype = at::autocast::get_autocast_dtype(Device);
+  template <typename T>
+  T operator()(const T& t) const {
+    return at::autocast::cached_cast(dtype, t, Device);
+  }
+};
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow((std::string("convt_ext::") + name).c_str(), "")
+      .typed<Signature>();
+}
+
+template <c10::DeviceType Device, int D>
+at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, SymInts stride, SymInts padding,
+                         SymInts dilation, c10::SymInt groups) {
+  static const auto op = op_handle<ConvSignature>(kConv[D]);
+  const AutocastCast<Device> cast;
+  return op.call(cast(input), cast(weight), cast(bias), stride, padding, dilation, groups);
+}
+
+template <c10::DeviceType Device, int D>
+at::Tensor conv_transpose_autocast(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, SymInts stride,
+                                   SymInts padding, SymInts output_padding, c10::SymInt groups,
+                                   SymInts dilation) {
+  static const auto op = op_handle<ConvTransposeSignature>(kConvTranspose[D]);
+  const AutocastCast<Device> cast;
+  return op.call(cast(input), cast(weight), cast(bias), stride, padding, output_padding, groups,
+                 dilation);
+}
+
+template <c10::DeviceType Device>
+void impl_autocast(torch::Library& m) {
+  m.impl(kConv[1], &conv_autocast<Device, 1>);
+  m.impl(kConv[2], &conv_autocast<Device, 2>);
+  m.impl(kConv[3], &conv_autocast<Device, 3>);
+  m.impl(kConvTranspose[1], &conv_transpose_autocast<Device, 1>);
+  m.impl(kConvTranspose[2], &conv_transpose_autocast<Device, 2>);
+  m.impl(kConvTranspose[3], &conv_transpose_autocast<Device, 3>);
+}
+
 void impl_all(torch::Library& m) {
   m.impl("im2col", &im2col);
   m.impl("col2im", &col2im);
@@ -116,6 +185,8 @@ TORCH_LIBRARY_IMPL(convt_ext, CPU, m) {
   m.impl("_emulated_col2im", &convt_ext::emulated_col2im);
 }
 TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) { convt_ext::impl_all(m); }
+TORCH_LIBRARY_IMPL(convt_ext, AutocastCPU, m) { convt_ext::impl_autocast<c10::DeviceType::CPU>(m); }
+TORCH_LIBRARY_IMPL(convt_ext, AutocastCUDA, m) { convt_ext::impl_autocast<c10::DeviceType::CUDA>(m); }
 
 namespace py = pybind11;
 
