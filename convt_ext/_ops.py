@@ -73,15 +73,27 @@ def _spatial_dims_of_grad(grad):
     return tuple(range(2, grad.dim()))
 
 
+def _onednn_takes(dtype):
+    """Whether torch's CPU convolutions take oneDNN for dtype (csrc/conv.cpp)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    probe = {
+        torch.float32: lambda: True,
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }.get(dtype)
+    return probe is not None and probe()
+
+
 def _output_format(dims, a, b=None):
     """The memory format of a convolution's output: Note [Memory format] in
-    csrc/conv.cpp, torch's rule, channels_last when the input or the weight is."""
+    csrc/conv.cpp (torch's rule): channels_last when the input or the weight
+    is, where torch's own path for the dtype keeps it."""
     cl = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
-    if cl is None or (a.is_cuda and a.dtype == torch.float64):
+    if cl is None or not any(t is not None and suggest_memory_format(t) == cl for t in (a, b)):
         return torch.contiguous_format
-    if any(t is not None and suggest_memory_format(t) == cl for t in (a, b)):
-        return cl
-    return torch.contiguous_format
+    kept = a.dtype != torch.float64 if a.is_cuda else dims == 2 or _onednn_takes(a.dtype)
+    return cl if kept else torch.contiguous_format
 
 
 def _empty(like, shape, memory_format=torch.contiguous_format):

@@ -9,11 +9,15 @@ of spatial dimensions: each class only names its torch base and its convt_ext fu
     import convt_ext
     conv = convt_ext.nn.Conv3d(3, 8, 3, padding=1, padding_mode="reflect")
     up = convt_ext.nn.ConvTranspose1d.from_torch(torch_module)
+
+Every module also compiles with torch.jit.script (Note [TorchScript]).
 """
 import inspect
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .functional import (
     col2im,
@@ -27,6 +31,83 @@ from .functional import (
 )
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Fold", "Unfold"]
+
+# Note [TorchScript]
+# TorchScript cannot compile convt_ext.functional (it checks Python types, and
+# routes torch.func transforms through autograd.Functions), so each module's
+# forward has two paths: eager, through convt_ext.functional (marked
+# @torch.jit.unused, so the compiler skips it), and, under
+# torch.jit.is_scripting(), the script_* functions below, which take the
+# module's attributes (already validated by torch's constructors) to the
+# dispatcher ops directly. A saved script module needs `import convt_ext`
+# where it is loaded, to register the ops.
+
+
+def script_conv(
+    d: int,
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> Tensor:
+    unbatched = input.dim() == d + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if d == 1:
+        out = torch.ops.convt_ext.conv1d(input, weight, bias, stride, padding, dilation, groups)
+    elif d == 2:
+        out = torch.ops.convt_ext.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        out = torch.ops.convt_ext.conv3d(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def script_conv_transpose(
+    d: int,
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    groups: int,
+    dilation: List[int],
+) -> Tensor:
+    unbatched = input.dim() == d + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if d == 1:
+        out = torch.ops.convt_ext.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    elif d == 2:
+        out = torch.ops.convt_ext.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    else:
+        out = torch.ops.convt_ext.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return out.squeeze(0) if unbatched else out
+
+
+def _geometry(value):
+    """A geometry argument of Unfold/Fold for script_window_op: a list, and
+    whether it was a sequence (which fixes the number of dimensions)."""
+    return (list(value), True) if isinstance(value, (tuple, list)) else ([int(value)], False)
+
+
+def script_window_op(input: Tensor, geometry: List[List[int]], sequences: List[bool], fold: bool) -> Tensor:
+    """im2col (fold=False) or col2im (fold=True) with the dimension rule of
+    convt_ext.im2col/col2im: the length of a sequence argument, else from
+    the input's dimensions (im2col) or 2 (col2im)."""
+    d = 2 if fold else {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim(), 2)
+    for i in range(len(geometry)):
+        if sequences[i]:
+            d = len(geometry[i])
+    args: List[List[int]] = []
+    for g in geometry:
+        args.append(g if len(g) == d else [g[0]] * d)
+    if fold:
+        return torch.ops.convt_ext.col2im(input, args[0], args[1], args[2], args[3], args[4])
+    return torch.ops.convt_ext.im2col(input, args[0], args[1], args[2], args[3])
 
 
 def _copy_from(cls, module, expected):
@@ -71,12 +152,36 @@ class _ConvMixin:
     _torch_base = None  # the torch.nn class this one replaces
     _convolve = None  # the convt_ext function, with F.conv{1,2,3}d's arguments
 
-    def _conv_forward(self, input, weight, bias):
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_conv_forward(input, weight, bias)
+        return self._eager_conv_forward(input, weight, bias)
+
+    @torch.jit.unused
+    def _eager_conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if self.padding_mode != "zeros":
             # As torch: pad explicitly (the high side too for 'same'), then convolve unpadded.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._convolve(input, weight, bias, self.stride, 0, self.dilation, self.groups)
         return self._convolve(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _scripted_conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        d = len(self.kernel_size)
+        padding = [0] * d
+        twice = self._reversed_padding_repeated_twice  # (low, high) pairs, last dimension first
+        if self.padding_mode != "zeros":
+            input = F.pad(input, twice, mode=self.padding_mode)
+        elif isinstance(self.padding, str):
+            # 'same': the low side symmetric, any odd pixel padded on the high side.
+            extra: List[int] = []
+            for i in range(d):
+                padding[d - 1 - i] = twice[2 * i]
+                extra += [0, twice[2 * i + 1] - twice[2 * i]]
+            if sum(extra) > 0:
+                input = F.pad(input, extra)
+        else:
+            padding = [p for p in self.padding]
+        return script_conv(d, input, weight, bias, [s for s in self.stride], padding, [x for x in self.dilation], self.groups)
 
     @classmethod
     def from_torch(cls, module):
@@ -105,7 +210,22 @@ class _ConvTransposeMixin:
             kwargs["dilation"] = self.dilation
         return self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, **kwargs)
 
-    def forward(self, input, output_size=None):
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            if self.padding_mode != "zeros":
+                raise ValueError("Only `zeros` padding mode is supported for ConvTranspose")
+            d = len(self.kernel_size)
+            output_padding = self._output_padding(
+                input, output_size, self.stride, self.padding, self.kernel_size, d, self.dilation
+            )
+            return script_conv_transpose(
+                d, input, self.weight, self.bias, [s for s in self.stride], [p for p in self.padding],
+                output_padding, self.groups, [x for x in self.dilation],
+            )  # fmt: skip
+        return self._eager_forward(input, output_size)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, output_size: Optional[List[int]]) -> Tensor:
         if self.padding_mode != "zeros":
             raise ValueError(f"Only `zeros` padding mode is supported for {self._torch_base.__name__}")
         output_padding = self._resolve_output_padding(input, output_size)
@@ -184,7 +304,19 @@ class Unfold(torch.nn.Unfold):
     L)``, rows ordered (channel, kernel offset row-major), L the number of window positions.
     Its backward is col2im."""
 
-    def forward(self, input):
+    def __init__(self, kernel_size, dilation=1, padding=0, stride=1):
+        super().__init__(kernel_size, dilation, padding, stride)
+        pairs = [_geometry(v) for v in (kernel_size, dilation, padding, stride)]
+        self._geometry: List[List[int]] = [g for g, _ in pairs]
+        self._sequences: List[bool] = [s for _, s in pairs]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return script_window_op(input, self._geometry, self._sequences, False)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return im2col(input, self.kernel_size, self.dilation, self.padding, self.stride)
 
 
@@ -194,5 +326,17 @@ class Fold(torch.nn.Fold):
     windows are summed), for 1, 2 or 3 spatial dimensions: ``len(output_size)`` when any
     argument is a tuple, as in :func:`convt_ext.col2im`. Its backward is im2col."""
 
-    def forward(self, input):
+    def __init__(self, output_size, kernel_size, dilation=1, padding=0, stride=1):
+        super().__init__(output_size, kernel_size, dilation, padding, stride)
+        pairs = [_geometry(v) for v in (output_size, kernel_size, dilation, padding, stride)]
+        self._geometry: List[List[int]] = [g for g, _ in pairs]
+        self._sequences: List[bool] = [s for _, s in pairs]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return script_window_op(input, self._geometry, self._sequences, True)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return col2im(input, self.output_size, self.kernel_size, self.dilation, self.padding, self.stride)

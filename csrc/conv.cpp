@@ -43,9 +43,11 @@
 // (tests/test_dropin.py checks all three ops at 1-4 threads).
 //
 // Note [Memory format]
-// As torch's CPU convolutions (thnn_conv_use_channels_last and
-// mkldnn_conv_use_channels_last in ATen), the output is channels_last
-// (channels_last_3d) when the input or the weight is: output_format(). conv
+// As torch's convolutions (thnn_conv_use_channels_last,
+// mkldnn_conv_use_channels_last and cudnn_conv_suggest_memory_format in
+// ATen), the output is channels_last (channels_last_3d) when the input or
+// the weight is, where torch's own path for the dtype keeps it:
+// output_format(). The gradients follow the forward's input and weight. conv
 // writes it directly, its GEMMs storing through the transposed view of each
 // sample's (C_out, L) matrix; conv_transpose and conv_weight compute in
 // contiguous memory and convert at the end (benchmarks/NOTES.md measures the
@@ -57,7 +59,9 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
@@ -243,9 +247,15 @@ struct Blocks {
 };
 
 // The largest blocks of `extent` whose cost(dim, count) in bytes stays within
-// the budget; cost grows with count. Whole samples when they fit.
+// the budget; cost grows with count. Whole samples when they fit, and when
+// the `samples` are fewer than the tasks that run at once, small enough that
+// every task gets a block.
 template <typename Cost>
-Blocks plan_blocks(const int64_t* extent, int64_t budget, const Cost& cost) {
+Blocks plan_blocks(const int64_t* extent, int64_t budget, int64_t samples, int64_t tasks,
+                   const Cost& cost) {
+  if (samples < tasks && extent[0] > 0) {
+    budget = std::min(budget, std::max<int64_t>(1, cost(0, extent[0]) / tasks * samples));
+  }
   Blocks b;
   std::copy(extent, extent + kMaxDims, b.extent);
   for (int dim = 0; dim < kMaxDims; ++dim) {
@@ -310,28 +320,35 @@ void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* 
   *o_lo = std::min(*o_lo, *o_hi);
 }
 
-// Runs fn(range, begin, end) over the task indices [0, n), split into at
-// most tasks_at_once() fixed ranges. On the CPU the ranges run in parallel
-// and everything inside a task runs single-threaded (ATen and MKL do not
-// nest parallel regions). One region per call keeps both cores
-// busy without a barrier after every small GEMM; such barriers cost a
-// scheduler tick each time another process holds a core (benchmarks/NOTES.md).
+// Runs fn(range, begin, end) over the task indices [0, n), split into
+// min(n, tasks_at_once()) fixed ranges. On the CPU the ranges run in
+// parallel, and everything inside a task runs single-threaded (ATen and MKL
+// do not nest parallel regions). One region per call keeps both cores busy
+// without a barrier after every small GEMM; such barriers cost a scheduler
+// tick each time another process holds a core (benchmarks/NOTES.md).
 // Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
 // whole device.
 template <typename F>
 void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
   const int64_t ranges = std::min(n, tasks_at_once(like));
-  if (like.is_cpu() && ranges > 1) {
-    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+  if (ranges <= 0) return;
+  // Range r: n / ranges tasks, one more for the first n % ranges.
+  const int64_t q = n / ranges, extra = n % ranges;
+  auto run = [&](int64_t r) {
+    fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
+  };
+  if (like.is_cpu() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // Two ranges at least, so that even one task runs inside a parallel
+    // region, where BLAS is single-threaded: a multi-threaded GEMM may split
+    // its reduction by the thread count (Note [Determinism across thread counts]).
+    at::parallel_for(0, std::max<int64_t>(ranges, 2), 1, [&](int64_t r0, int64_t r1) {
       // Worker threads start with default thread-local state: keep the GEMMs
       // below autograd, as on the calling thread.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      // Range r: n / ranges tasks, one more for the first n % ranges.
-      const int64_t q = n / ranges, extra = n % ranges;
-      for (int64_t r = r0; r < r1; ++r) fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
+      for (int64_t r = r0; r < std::min(r1, ranges); ++r) run(r);
     });
   } else {
-    fn(0, 0, n);
+    for (int64_t r = 0; r < ranges; ++r) run(r);
   }
 }
 
@@ -347,7 +364,7 @@ void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K,
   inner[kMaxDims] = 1;
   for (int i = kMaxDims - 1; i >= 0; --i) inner[i] = inner[i + 1] * whole.windows[i];
   const Blocks blocks =
-      plan_blocks(whole.windows, direct ? INT64_MAX : task_budget(x),
+      plan_blocks(whole.windows, direct ? INT64_MAX : task_budget(x), whole.batch, tasks_at_once(x),
                   [&](int dim, int64_t count) { return K * elem * inner[dim + 1] * count; });
   const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
   const at::Tensor x5 = lift(x);
@@ -400,6 +417,15 @@ void group_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
+// group_gemm over the columns of out and b, split into for_each_task's
+// ranges: a multi-threaded GEMM with a fixed split.
+void group_gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& add) {
+  for_each_task(out, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
+    group_gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
+  });
+}
+
 const char* kDimNames[] = {"", "3-d (N, C, L)", "4-d (N, C, H, W)", "5-d (N, C, D, H, W)"};
 
 void check_conv_tensors(const char* op, int dims, const at::Tensor& input,
@@ -446,18 +472,31 @@ at::Tensor bias_only(at::Tensor out, const std::optional<at::Tensor>& bias) {
   return out.copy_(bias->view(shape).expand_as(out));
 }
 
+// Whether torch's CPU convolutions take oneDNN for this dtype, the path that
+// keeps channels_last_3d (its other 3-d paths are contiguous only).
+bool onednn_takes(at::ScalarType dtype) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (dtype == at::kFloat) return true;
+  const char* probe = dtype == at::kBFloat16 ? "mkldnn::_is_mkldnn_bf16_supported"
+                      : dtype == at::kHalf   ? "mkldnn::_is_mkldnn_fp16_supported"
+                                             : nullptr;
+  if (probe == nullptr) return false;
+  const auto handle = c10::Dispatcher::singleton().findOp({probe, ""});
+  return handle.has_value() && handle->typed<bool()>().call();
+}
+
 // Note [Memory format]. `b` may be undefined.
 at::MemoryFormat output_format(int dims, const at::Tensor& a, const at::Tensor& b) {
   const at::MemoryFormat cl = dims == 2   ? at::MemoryFormat::ChannelsLast
                               : dims == 3 ? at::MemoryFormat::ChannelsLast3d
                                           : at::MemoryFormat::Contiguous;
-  // cuDNN has no channels_last float64 kernels: torch's CUDA convolutions
-  // return float64 contiguous.
-  if (cl == at::MemoryFormat::Contiguous || (a.is_cuda() && a.scalar_type() == at::kDouble)) {
-    return at::MemoryFormat::Contiguous;
-  }
   const bool either = a.suggest_memory_format() == cl || (b.defined() && b.suggest_memory_format() == cl);
-  return either ? cl : at::MemoryFormat::Contiguous;
+  if (cl == at::MemoryFormat::Contiguous || !either) return at::MemoryFormat::Contiguous;
+  // cuDNN has no channels_last float64 kernels; torch's 3-d CPU convolutions
+  // keep channels_last_3d only on oneDNN.
+  const bool kept = a.is_cuda() ? a.scalar_type() != at::kDouble
+                                : dims == 2 || onednn_takes(a.scalar_type());
+  return kept ? cl : at::MemoryFormat::Contiguous;
 }
 
 std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int dims) {
@@ -522,7 +561,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
       const int64_t b = std::min(chunk, N - n0);
       im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
       const at::Tensor yw = wide_out.narrow(2, 0, b * L);
-      group_gemm(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
+      group_gemm_columns(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
       y.narrow(0, n0, b).copy_(yw.view({C_out, b, L}).permute({1, 0, 2}));
     }
     return out;
@@ -590,9 +629,17 @@ at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor&
   if (pointwise(kernel, stride, padding) && no_output_padding) {
     const at::Tensor y = out.view({N, G, C_out / G, L});
     const at::Tensor b3 = group_bias(bias, G);
-    for (int64_t i = 0; i < N; ++i) {
-      group_gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+    if (N < tasks_at_once(input)) {  // few samples: split each one's columns
+      for (int64_t i = 0; i < N; ++i) {
+        group_gemm_columns(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+      }
+      return out;
     }
+    for_each_task(input, N, [&](int64_t, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        group_gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+      }
+    });
     return out;
   }
 
@@ -602,9 +649,10 @@ at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor&
     const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
-      group_gemm(cols.matrix(b).view({G, K / G, b * L}), wt3,
-                 side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
-                 at::Tensor());
+      group_gemm_columns(
+          cols.matrix(b).view({G, K / G, b * L}), wt3,
+          side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
+          at::Tensor());
       Window3 w = whole;
       w.batch = b;
       col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b), w);
@@ -633,7 +681,7 @@ at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor&
     }
     return K * elem * positions;
   };
-  const Blocks blocks = plan_blocks(whole.image, task_budget(input), cost);
+  const Blocks blocks = plan_blocks(whole.image, task_budget(input), N, tasks_at_once(input), cost);
   const at::Tensor x5 = lift(x), out5 = lift(out);
   for_each_task(input, N * blocks.per_sample(), [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -710,6 +758,21 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
   if (N == 0 || L == 0 || grad_weight.numel() == 0) return grad_weight.view(weight_size);
 
   const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
+  // Each range of tasks sums into its own partial gradient, and the partials
+  // are added in range order: the ranges are fixed, so the result is the
+  // same for any thread count (Note [Determinism across thread counts]).
+  std::vector<at::Tensor> partial(tasks_at_once(input));
+  auto accumulate = [&](int64_t range, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor& acc = partial[range];
+    if (!acc.defined()) acc = at::zeros_like(grad_weight);
+    group_gemm(acc, a, b, at::Tensor(), true);
+  };
+  auto sum_partials = [&] {
+    for (const at::Tensor& p : partial) {
+      if (p.defined()) grad_weight.add_(p);
+    }
+    return grad_weight.view(weight_size);
+  };
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
@@ -718,29 +781,25 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
       im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
-      group_gemm(grad_weight, side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L}),
-                 cols.matrix(b).view({G, K / G, b * L}).transpose(1, 2), at::Tensor(), true);
+      const at::Tensor dy = side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L});
+      const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
+      // The reduction over the chunk's positions, split into fixed ranges.
+      for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
+        accumulate(range, dy.narrow(2, begin, end - begin),
+                   c.narrow(2, begin, end - begin).transpose(1, 2));
+      });
     }
-    return grad_weight.view(weight_size);
+    return sum_partials();
   }
   // (grad_output may be short of the input's windows: then the columns are not the input.)
   bool direct = pointwise(kernel, stride, padding);
   for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
   const at::Tensor x = direct ? input.contiguous() : input;
-  // Each range of tasks sums its blocks into its own partial gradient, and the
-  // partials are added in range order: the ranges are fixed, so the result is
-  // the same for any thread count (Note [Determinism across thread counts]).
-  std::vector<at::Tensor> partial(tasks_at_once(input));
   for_each_column_block(x, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    at::Tensor& acc = partial[range];
-    if (!acc.defined()) acc = at::zeros_like(grad_weight);
-    group_gemm(acc, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
-               c.view({G, K / G, count}).transpose(1, 2), at::Tensor(), true);
+    accumulate(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
+               c.view({G, K / G, count}).transpose(1, 2));
   });
-  for (const at::Tensor& p : partial) {
-    if (p.defined()) grad_weight.add_(p);
-  }
-  return grad_weight.view(weight_size);
+  return sum_partials();
 }
 
 }  // namespace
