@@ -437,12 +437,18 @@ def _probe(op, dims, device):
     return None
 
 
-def make_inputs(op, s, batch, device, dtype, requires_grad):
+def make_inputs(op, s, batch, device, dtype, requires_grad, channels_last=False):
     """The tensors of one case: x (image, columns or conv input), w and b
     (None for im2col/col2im), and for 3-d col2im the one-hot kernels of
-    torch's version. Weights are scaled by 1/sqrt(fan-in)."""
+    torch's version. Weights are scaled by 1/sqrt(fan-in). With
+    channels_last, a 2-d or 3-d convolution's x and w are channels_last
+    (channels_last_3d), for every implementation alike."""
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}.get(s.dims) if channels_last else None
+
     def randn(*shape, scale=1.0):
         t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+        if layout is not None and len(shape) == s.dims + 2:
+            t = t.contiguous(memory_format=layout)
         return t.requires_grad_(requires_grad)
 
     c_big, sizes = s.big
@@ -493,10 +499,13 @@ def measure(fn, min_run_time):
 
 
 def check(actual, expected, dtype, names):
-    """None when every actual tensor is close to its expected one, else a
-    one-line description of the first mismatch."""
+    """None when every actual tensor is close to its expected one, with its
+    strides (memory format), else a one-line description of the first
+    mismatch."""
     rtol, atol = TOLERANCES[dtype]
     for name, a, e in zip(names, actual, expected):
+        if a.shape == e.shape and a.stride() != e.stride() and a.dim() >= 4:
+            return f"{name}: strides {a.stride()} where torch's are {e.stride()} (memory format)"
         scale = max(e.detach().abs().max().item(), 1.0) if e.numel() else 1.0
         try:
             torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale)
@@ -526,7 +535,7 @@ def _backend(case, t):
     return name or f"backend#{b.value}"
 
 
-def run_case(case, device, dtype, rounds, min_run_time):
+def run_case(case, device, dtype, rounds, min_run_time, channels_last=False):
     """Check every implementation of one case against torch's default, then
     time those that pass in `rounds` interleaved rounds. Returns a dict (the
     JSON record); status "ok", "FAIL"/"error" when convt_ext is wrong or
@@ -550,7 +559,7 @@ def run_case(case, device, dtype, rounds, min_run_time):
         return record
 
     torch.manual_seed(0)
-    t = make_inputs(case.op, s, batch, device, dtype, requires_grad=backward)
+    t = make_inputs(case.op, s, batch, device, dtype, requires_grad=backward, channels_last=channels_last)
     record["torch_backend"] = _backend(case, t)
     leaves = [v for v in (t["x"], t["w"], t["b"]) if v is not None]
     names = ["grad_input", "grad_weight", "grad_bias"][: len(leaves)] if backward else ["output"]
@@ -1057,6 +1066,8 @@ def parse_args(argv):
     p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.3, 0.05 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--channels-last", action="store_true",
+                   help="2-d/3-d convolutions on channels_last inputs and weights (both sides)")
     p.add_argument("--out", type=Path, help="JSON path (the PNG goes next to it)")
     p.add_argument("--list", action="store_true", help="print the suite and exit")
     args = p.parse_args(argv)
@@ -1114,7 +1125,8 @@ def main(argv=None):
     else:
         default = f"oneDNN {machine['mkldnn']['version']} where torch's dispatch picks it (see torch_backend in the JSON)"
     print(f"convt_ext {convt_ext.__version__} vs torch {torch.__version__} on {device} "
-          f"({machine.get('gpu') or machine['cpu']}, {args.dtype}, {torch.get_num_threads()} threads); "
+          f"({machine.get('gpu') or machine['cpu']}, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+          f"{torch.get_num_threads()} threads); "
           f"torch default = {default}")
     print(f"CPU capability {machine['cpu_capability']} ({_describe_flags(machine['cpu_flags'])}); "
           f"unfoldNd {machine['unfoldNd'] or 'not installed'}")
@@ -1127,7 +1139,7 @@ def main(argv=None):
             probe = reference_rates(device, args.quick, args.min_run_time, probe=True)
             probes.append(dict(probe, before_case=i, elapsed_s=time.perf_counter() - started))
             last_probe = time.perf_counter()
-        results.append(run_case(case, device, dtype, args.rounds, args.min_run_time))
+        results.append(run_case(case, device, dtype, args.rounds, args.min_run_time, args.channels_last))
 
     ref_end = reference_rates(device, args.quick, args.min_run_time)
     reference = combine_references(ref_start, ref_end, probes, machine)
@@ -1158,7 +1170,7 @@ def main(argv=None):
         "settings": {
             "device": str(device), "dtype": args.dtype, "ops": args.ops, "dims": list(args.dims), "shapes": args.shapes,
             "quick": args.quick, "rounds": args.rounds, "min_run_time_s": args.min_run_time,
-            "backward": not args.no_backward, "cuda_scale": CUDA_SCALE,
+            "backward": not args.no_backward, "cuda_scale": CUDA_SCALE, "channels_last": args.channels_last,
             "tolerances": {"rtol": TOLERANCES[dtype][0], "atol_x_max_abs": TOLERANCES[dtype][1]},
             "tf32": False if device.type == "cuda" else None,
         },
@@ -1174,7 +1186,8 @@ def main(argv=None):
     out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {out}")
     title = (f"convt_ext vs torch {torch.__version__}, {machine.get('gpu') or machine['cpu']}, "
-             f"{torch.get_num_threads()} threads, {args.dtype}, {machine['date'][:10]}\n"
+             f"{torch.get_num_threads()} threads, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+             f"{machine['date'][:10]}\n"
              f"fp32 peak {reference['peak_gflops']:.0f} GFLOP/s ({reference['peak_engine']}), "
              f"copy {reference['copy_gbps']:.0f} GB/s, CPU capability {machine['cpu_capability']}")
     chart = plot(results, out.with_suffix(".png"), title)

@@ -514,14 +514,22 @@ def _opcheck_sets(rng):
         # grad_output covering fewer windows than the input has (the transposed-conv
         # case: 6x6 natural windows, 2 and 1 fewer, as with output_padding (2, 1)).
         (ops.conv2d_weight.default, (r(1, 2, 9, 8), r(1, 2, 4, 5), [2, 2, 2, 2], [1, 1], [0, 0], [3, 2], 1)),
+        # channels_last operands: the fake kernels must give the real strides.
+        (ops.conv2d.default, (cl(r(2, 4, 7, 6)), r(6, 2, 3, 2), r(6), [2, 1], [1, 0], [1, 2], 2)),
+        (ops.conv_transpose2d.default, (r(2, 4, 3, 4), cl(r(4, 3, 3, 2)), r(6), [2, 1], [1, 0], [1, 0], 2, [1, 1])),
+        (ops.conv2d_weight.default, (cl(r(2, 4, 7, 6)), r(2, 6, 4, 5), [6, 2, 3, 2], [2, 1], [1, 0], [1, 1], 2)),
     ]
 
 
-@pytest.mark.parametrize("index", range(15))
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("index", range(18))
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(index, requires_grad, rng):
     sets = _opcheck_sets(rng)
-    assert len(sets) == 15
+    assert len(sets) == 18
     op, args = sets[index]
     args = tuple(a.requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
@@ -541,6 +549,32 @@ def test_fake_kernels_give_real_shapes(rng):
         with FakeTensorMode():
             out = fn(torch.empty(xs), torch.empty(ws), **kwargs)
         assert tuple(out.shape) == tuple(ref.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["input", "weight", "neither"])
+def test_fake_kernels_give_real_strides(layout, dtype):
+    """Fake and real outputs agree on strides (torch.compile relies on it),
+    channels_last ones included, and both agree with torch's layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [
+        (F.conv2d, convt_ext.conv2d, (2, 4, 9, 8), (6, 2, 3, 2), dict(stride=2, padding=1, groups=2), torch.channels_last),
+        (F.conv_transpose2d, convt_ext.conv_transpose2d, (2, 4, 3, 4), (4, 3, 3, 2), dict(stride=2, groups=2), torch.channels_last),
+        (F.conv3d, convt_ext.conv3d, (2, 4, 5, 4, 3), (6, 4, 3, 2, 2), dict(padding=1), torch.channels_last_3d),
+        (F.conv_transpose3d, convt_ext.conv_transpose3d, (2, 4, 3, 4, 3), (4, 3, 2, 2, 2), dict(stride=2), torch.channels_last_3d),
+    ]
+    for ref_fn, fn, xs, ws, kwargs, fmt in cases:
+        def make(shape, which, empty=False):
+            t = torch.empty(shape, dtype=dtype) if empty else torch.randn(shape).to(dtype)
+            return t.contiguous(memory_format=fmt) if layout == which else t
+
+        x, w = make(xs, "input"), make(ws, "weight")
+        real, ref = fn(x, w, **kwargs), ref_fn(x, w, **kwargs)
+        with FakeTensorMode():
+            fake = fn(make(xs, "input", True), make(ws, "weight", True), **kwargs)
+        assert fake.stride() == real.stride(), (fn.__name__, layout)
+        assert real.stride() == ref.stride(), (fn.__name__, layout)
 
 
 # ------------------------------------------------------------------ torch.compile

@@ -774,6 +774,14 @@ DET_CASES = [
     pytest.param(convt_ext.conv3d, F.conv3d, (8, 8, 8, 8, 8), (8, 4, 3, 3, 3), 8, dict(padding=1, groups=2), id="conv3d"),
     pytest.param(convt_ext.conv3d, F.conv3d, (2, 8, 12, 10, 9), (16, 8, 3, 3, 3), 16, dict(stride=2, padding=1),
                  id="conv3d-batch2"),
+    # The remaining plans: a 1x1 layer (its input is its own column matrix), one sample with a
+    # long reduction and a small weight (the GEMM a multi-threaded BLAS would split), the
+    # transposed 1x1 path with one sample, and a 1-d wide layer.
+    pytest.param(convt_ext.conv2d, F.conv2d, (4, 64, 20, 20), (96, 64, 1, 1), 96, {}, id="conv2d-1x1"),
+    pytest.param(convt_ext.conv2d, F.conv2d, (1, 4, 96, 96), (4, 4, 3, 3), 4, dict(padding=1), id="conv2d-long-reduction"),
+    pytest.param(convt_ext.conv_transpose2d, F.conv_transpose2d, (1, 64, 24, 24), (64, 48, 1, 1), 48, {},
+                 id="conv_transpose2d-1x1-batch1"),
+    pytest.param(convt_ext.conv1d, F.conv1d, (6, 32, 200), (48, 32, 5), 48, dict(padding=2, stride=3), id="conv1d-wide"),
 ]
 
 
