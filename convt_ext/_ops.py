@@ -239,7 +239,13 @@ def _in_format(t, dims, input, weight):
     channels_last.)"""
     if t is None or _transforms_active():
         return t
-    return t.contiguous(memory_format=_output_format(dims, input, weight))
+    fmt = _output_format(dims, input, weight)
+    if fmt == torch.contiguous_format and t.is_contiguous():
+        return t
+    # torch's strides for the format: where it coincides with another (size-1
+    # dimensions), t.contiguous(memory_format=fmt) would keep t's own.
+    out = torch.empty_like(t, memory_format=fmt)
+    return t if out.stride() == t.stride() else out.copy_(t)
 
 
 # Each Function takes the op's tensor arguments, then an _Args of the rest.

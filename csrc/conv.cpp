@@ -499,6 +499,22 @@ at::MemoryFormat output_format(int dims, const at::Tensor& a, const at::Tensor& 
   return kept ? cl : at::MemoryFormat::Contiguous;
 }
 
+// The input in planar (NCHW) memory. A channels_last input costs one copy
+// here; read in place, every im2col row would gather at a stride of C
+// (benchmarks/NOTES.md measures both).
+at::Tensor planar(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::Contiguous ? input : input.contiguous();
+}
+
+// t (contiguous) with the strides torch gives a new tensor of format `fmt`.
+// Not t.contiguous(fmt), which keeps t where the two formats coincide (size-1
+// dimensions) but its strides differ from torch's.
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::Contiguous) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(fmt));
+  return out.strides() == t.strides() ? t : out.copy_(t);
+}
+
 std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int dims) {
   std::vector<int64_t> s{n, c};
   s.insert(s.end(), spatial, spatial + dims);
@@ -540,6 +556,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
                 geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
+  const at::Tensor image = planar(input);
   // The GEMMs write a channels_last output through its strides (Note [Memory format]).
   at::Tensor out = at::empty(shape_of(N, C_out, windows, dims),
                              input.options().memory_format(output_format(dims, input, weight)));
@@ -555,7 +572,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
-    const at::Tensor x5 = lift(input);
+    const at::Tensor x5 = lift(image);
     const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
@@ -567,7 +584,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
     return out;
   }
   const bool direct = pointwise(kernel, stride, padding);
-  const at::Tensor x = direct ? input.contiguous() : input;
+  const at::Tensor x = direct ? image.contiguous() : image;
   for_each_column_block(x, whole, K, direct, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     group_gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
                c.view({G, K / G, count}), b3);
@@ -752,6 +769,7 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
   checked_numel(op, "weight_size", weight_size);
 
   c10::DeviceGuard guard(input.device());
+  const at::Tensor image = planar(input);
   const int64_t G = groups, L = whole.window_numel();
   const int64_t K = whole.rows();
   at::Tensor grad_weight = at::zeros({G, C_out / G, K / G}, input.options());
@@ -776,7 +794,7 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
-    const at::Tensor x5 = lift(input);
+    const at::Tensor x5 = lift(image);
     const int64_t lo[kMaxDims] = {0, 0, 0};
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
@@ -794,7 +812,7 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
   // (grad_output may be short of the input's windows: then the columns are not the input.)
   bool direct = pointwise(kernel, stride, padding);
   for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
-  const at::Tensor x = direct ? input.contiguous() : input;
+  const at::Tensor x = direct ? image.contiguous() : image;
   for_each_column_block(x, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     accumulate(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
                c.view({G, K / G, count}).transpose(1, 2));
@@ -810,9 +828,9 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
                           at::IntArrayRef dilation) {
-  return conv_transpose_contiguous(op, dims, input, weight, bias, stride, padding, output_padding,
-                                   groups, dilation)
-      .contiguous(output_format(dims, input, weight));
+  return in_format(conv_transpose_contiguous(op, dims, input, weight, bias, stride, padding,
+                                             output_padding, groups, dilation),
+                   output_format(dims, input, weight));
 }
 
 // As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
@@ -821,9 +839,9 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups) {
-  return conv_weight_contiguous(op, dims, input, grad_output, weight_size, stride, padding,
-                                dilation, groups)
-      .contiguous(output_format(dims, input, at::Tensor()));
+  return in_format(conv_weight_contiguous(op, dims, input, grad_output, weight_size, stride,
+                                          padding, dilation, groups),
+                   output_format(dims, input, at::Tensor()));
 }
 
 }  // namespace convt_ext

@@ -757,6 +757,79 @@ def test_torchscript(cls, args, kwargs, in_shape, output_size, rng):
     close64(gg, nonzero(gw))
 
 
+def test_torchscript_save_and_load(tmp_path, rng):
+    """A scripted model of convt_ext modules (2-d 'same' padding with an even kernel, a
+    1-d transposed layer, a 3-d Unfold) survives torch.jit.save / torch.jit.load and still
+    computes torch's result."""
+    torch.manual_seed(0)
+    ref2 = torch.nn.Conv2d(3, 4, (4, 3), padding="same", dtype=DT)
+    ref1 = torch.nn.ConvTranspose1d(4, 2, 3, stride=2, dtype=DT)
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = cnn.Conv2d.from_torch(ref2), cnn.ConvTranspose1d.from_torch(ref1), cnn.Unfold((2, 2, 2))
+
+        def forward(self, x, s, v):
+            return self.a(x), self.b(s), self.c(v)
+
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(Three()), str(path))
+    loaded = torch.jit.load(str(path))
+    x, s, v = randn((2, 3, 7, 6), rng), randn((2, 4, 9), rng), randn((1, 2, 4, 3, 3), rng)
+    a, b, c = loaded(x, s, v)
+    close64(a, nonzero(ref2(x)))
+    close64(b, nonzero(ref1(s)))
+    close64(c, nonzero(F.conv3d(v.flatten(0, 1).unsqueeze(1), torch.eye(8, dtype=DT).view(8, 1, 2, 2, 2))
+                                  .view(1, 2 * 8, -1)))
+
+
+def test_bare_op_under_torch_func_raises_clearly(rng):
+    """torch.ops.convt_ext.* called directly under torch.func with differentiable inputs is
+    a RuntimeError that names the Python function to call (never a silent wrong gradient)."""
+    x, w = randn((1, 2, 5, 5), rng), randn((3, 2, 3, 3), rng)
+    with pytest.raises(RuntimeError, match=r"convt_ext\.conv2d\(\)"):
+        torch.func.grad(lambda x: torch.ops.convt_ext.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1).sum())(x)
+    g = torch.func.grad(lambda x: convt_ext.conv2d(x, w).sum())(x)
+    close64(g, nonzero(torch.func.grad(lambda x: F.conv2d(x, w).sum())(x)))
+
+
+def test_amp_training_with_grad_scaler(rng):
+    """A small encoder-decoder of convt_ext modules trains under CPU autocast (bfloat16)
+    with a GradScaler exactly as the same torch.nn model does: activations in bfloat16,
+    float32 parameters and gradients, and parameters that stay close to torch's over a
+    few steps."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1))
+    ours = torch.nn.Sequential(cnn.Conv2d.from_torch(ref[0]), torch.nn.ReLU(), cnn.ConvTranspose2d.from_torch(ref[2]))
+    x, target = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    initial = [p.detach().clone() for p in ref.parameters()]
+    losses = {}
+    for name, model in (("torch", ref), ("ours", ours)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        losses[name] = []
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+                assert out.dtype == torch.bfloat16
+                loss = F.mse_loss(out.float(), target)
+            scaler.scale(loss).backward()
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            losses[name].append(loss.item())
+    assert losses["ours"] == pytest.approx(losses["torch"], rel=2e-2)
+    for p, q, p0 in zip(ours.parameters(), ref.parameters(), initial):
+        assert p.dtype == torch.float32
+        # Training moved each parameter, and ours moved as torch's did, to bfloat16 rounding.
+        moved = (q - p0).abs().max()
+        assert moved > 1e-3
+        assert (p - q).abs().max() < 0.05 * moved
+
+
 # ------------------------------------------------------------------ 5. determinism across thread counts
 
 DET_CASES = [
