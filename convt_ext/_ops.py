@@ -17,7 +17,6 @@ for N = 1, 2, 3, with one generic formula per op.
 import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 
@@ -73,27 +72,33 @@ def _spatial_dims_of_grad(grad):
     return tuple(range(2, grad.dim()))
 
 
-def _onednn_takes(dtype):
-    """Whether torch's CPU convolutions take oneDNN for dtype (csrc/conv.cpp)."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    probe = {
-        torch.float32: lambda: True,
-        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-    }.get(dtype)
-    return probe is not None and probe()
-
-
-def _output_format(dims, a, b=None):
-    """The memory format of a convolution's output: Note [Memory format] in
-    csrc/conv.cpp (torch's rule): channels_last when the input or the weight
-    is, where torch's own path for the dtype keeps it."""
-    cl = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
-    if cl is None or not any(t is not None and suggest_memory_format(t) == cl for t in (a, b)):
+def _output_format(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """The memory format torch's own convolution gives its output (and
+    gradients) for these arguments, asked of torch as its fake kernels do:
+    Note [Memory format] in csrc/conv.cpp, which asks the same."""
+    if weight.dim() < 4:
         return torch.contiguous_format
-    kept = a.dtype != torch.float64 if a.is_cuda else dims == 2 or _onednn_takes(a.dtype)
-    return cl if kept else torch.contiguous_format
+    try:
+        backend = torch._C._select_conv_backend(
+            input, weight, bias, list(stride), list(padding), list(dilation), transposed, list(output_padding), groups
+        )
+        return torch._C._conv_determine_backend_memory_format(input, weight, backend)
+    except RuntimeError:  # shapes torch refuses but convt_ext computes (zero input channels)
+        return torch.contiguous_format
+
+
+def _conv_format(input, weight, bias, stride, padding, dilation, groups):
+    return _output_format(input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def _conv_transpose_format(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    return _output_format(input, weight, bias, stride, padding, dilation, True, output_padding, groups)
+
+
+def _conv_weight_format(input, weight_size, stride, padding, dilation, groups):
+    """torch.nn.grad's: that of the convolution with a new, contiguous weight."""
+    weight = torch.empty(tuple(weight_size), dtype=input.dtype, device=input.device)
+    return _conv_format(input, weight, None, stride, padding, dilation, groups)
 
 
 def _empty(like, shape, memory_format=torch.contiguous_format):
@@ -117,7 +122,8 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
 
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
     windows = _windows(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return _empty(input, (input.shape[0], weight.shape[0], *windows), _output_format(len(windows), input, weight))
+    fmt = _conv_format(input, weight, bias, stride, padding, dilation, groups)
+    return _empty(input, (input.shape[0], weight.shape[0], *windows), fmt)
 
 
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation):
@@ -130,11 +136,12 @@ def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, g
         )
         for i in range(d)
     ]
-    return _empty(input, (input.shape[0], weight.shape[1] * groups, *size), _output_format(d, input, weight))
+    fmt = _conv_transpose_format(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _empty(input, (input.shape[0], weight.shape[1] * groups, *size), fmt)
 
 
 def _conv_weight_fake(input, grad_output, weight_size, stride, padding, dilation, groups):
-    return _empty(input, tuple(weight_size), _output_format(len(weight_size) - 2, input))
+    return _empty(input, tuple(weight_size), _conv_weight_format(input, weight_size, stride, padding, dilation, groups))
 
 
 # ---------------------------------------------------------------- calls
@@ -232,23 +239,16 @@ def _sum(*terms):
     return out
 
 
-def _in_format(t, dims, input, weight):
-    """t in the memory format torch gives the same gradient (Note [Memory
-    format] in csrc/conv.cpp): that of the forward's input and weight, not of
-    the upstream gradient. (Not under torch.func, whose vmap has no
-    channels_last.)"""
-    if t is None or _transforms_active():
+def _in_format(t, fmt):
+    """t with the strides torch gives a gradient of format fmt, that of the
+    forward's output (Note [Memory format] in csrc/conv.cpp). Not under
+    torch.func, whose vmap has no channels_last."""
+    if t is None or fmt is None or _transforms_active():
         return t
-    fmt = _output_format(dims, input, weight)
-    if fmt == torch.contiguous_format and t.is_contiguous():
-        return t
-    # torch's strides for the format: where it coincides with another (size-1
-    # dimensions), t.contiguous(memory_format=fmt) would keep t's own.
+    # Not t.contiguous(memory_format=fmt), which keeps t where two formats
+    # coincide (size-1 dimensions) though its strides differ from torch's.
     out = torch.empty_like(t, memory_format=fmt)
     return t if out.stride() == t.stride() else out.copy_(t)
-
-
-# Each Function takes the op's tensor arguments, then an _Args of the rest.
 
 
 class _Im2col(torch.autograd.Function):
@@ -322,6 +322,8 @@ class _Conv(torch.autograd.Function):
         ctx.save_for_forward(input, weight)
         ctx.has_bias = bias is not None
         ctx.args = (stride, padding, dilation, groups)
+        # (Not under torch.func: see _in_format.)
+        ctx.format = None if _transforms_active() else _conv_format(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -340,8 +342,8 @@ class _Conv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = conv_weight(input, grad, weight.shape, stride, padding, dilation, groups)
         return (
-            _in_format(grad_input, d, input, weight),
-            _in_format(grad_weight, d, input, weight),
+            _in_format(grad_input, ctx.format),
+            _in_format(grad_weight, ctx.format),
             _bias_grad(ctx, grad),
             None,
         )
@@ -383,12 +385,14 @@ class _ConvTranspose(torch.autograd.Function):
         ctx.save_for_forward(input, weight)
         ctx.has_bias = bias is not None
         ctx.args = (stride, padding, output_padding, groups, dilation)
+        ctx.format = (
+            None if _transforms_active() else _conv_transpose_format(input, weight, bias, *ctx.args)
+        )
 
     @staticmethod
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
         stride, padding, _, groups, dilation = ctx.args
-        d = len(stride)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             # The adjoint of a transposed convolution is the direct one.
@@ -396,8 +400,8 @@ class _ConvTranspose(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = conv_weight(grad, input, weight.shape, stride, padding, dilation, groups)
         return (
-            _in_format(grad_input, d, input, weight),
-            _in_format(grad_weight, d, input, weight),
+            _in_format(grad_input, ctx.format),
+            _in_format(grad_weight, ctx.format),
             _bias_grad(ctx, grad),
             None,
         )

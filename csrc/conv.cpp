@@ -43,15 +43,23 @@
 // (tests/test_dropin.py checks all three ops at 1-4 threads).
 //
 // Note [Memory format]
-// As torch's convolutions (thnn_conv_use_channels_last,
-// mkldnn_conv_use_channels_last and cudnn_conv_suggest_memory_format in
-// ATen), the output is channels_last (channels_last_3d) when the input or
-// the weight is, where torch's own path for the dtype keeps it:
-// output_format(). The gradients follow the forward's input and weight. conv
-// writes it directly, its GEMMs storing through the transposed view of each
-// sample's (C_out, L) matrix; conv_transpose and conv_weight compute in
-// contiguous memory and convert at the end (benchmarks/NOTES.md measures the
-// copy). convt_ext/_ops.py mirrors the rule in the fake kernels.
+// The output has the memory format torch's convolution would give it, asked
+// of torch itself (output_format()): channels_last (channels_last_3d) when
+// the input or the weight is, where the backend torch picks keeps it (not
+// cuDNN in float64, not the CPU's slow 3-d kernels, which torch picks for
+// float64, and for 1x1 layers on one thread). The gradients follow the
+// forward's.
+// convt_ext/_ops.py mirrors the rule in the fake kernels. How each op gets
+// there (benchmarks/NOTES.md measures the alternatives):
+//   - a 1x1 layer (stride 1, no padding) on a channels_last input needs no
+//     columns: the image is the (N*L, C) matrix of its pixels' rows
+//     (pixel_rows), and every op is one GEMM per group on such matrices,
+//     whose output is channels_last by construction;
+//   - otherwise the input is made planar (NCHW) once (planar(): read in
+//     place, im2col would gather at a stride of C); conv with one group
+//     stores its GEMMs through the transposed view of a channels_last
+//     output; everything else is computed planar and converted once at the
+//     end (in_format()).
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -59,9 +67,9 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <ATen/Context.h>
+#include <ATen/native/ConvUtils.h>
+#include <c10/util/strides.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
@@ -472,47 +480,57 @@ at::Tensor bias_only(at::Tensor out, const std::optional<at::Tensor>& bias) {
   return out.copy_(bias->view(shape).expand_as(out));
 }
 
-// Whether torch's CPU convolutions take oneDNN for this dtype, the path that
-// keeps channels_last_3d (its other 3-d paths are contiguous only).
-bool onednn_takes(at::ScalarType dtype) {
-  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
-  if (dtype == at::kFloat) return true;
-  const char* probe = dtype == at::kBFloat16 ? "mkldnn::_is_mkldnn_bf16_supported"
-                      : dtype == at::kHalf   ? "mkldnn::_is_mkldnn_fp16_supported"
-                                             : nullptr;
-  if (probe == nullptr) return false;
-  const auto handle = c10::Dispatcher::singleton().findOp({probe, ""});
-  return handle.has_value() && handle->typed<bool()>().call();
+// Note [Memory format]: torch's own choice for the same convolution, asked of
+// torch (the backend it would select, and that backend's memory format), as
+// torch's fake kernels do. `transposed` with conv_transpose's arguments.
+at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                               at::IntArrayRef output_padding, int64_t groups) {
+  if (weight.dim() < 4) return at::MemoryFormat::Contiguous;  // 1-d: no channels_last
+  try {
+    const at::native::ConvBackend backend = at::native::select_conv_backend(
+        input, weight, bias, c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(padding),
+        c10::fromIntArrayRefSlow(dilation), transposed, c10::fromIntArrayRefSlow(output_padding),
+        c10::SymInt(groups), std::nullopt);
+    return at::native::_determine_backend_memory_format(input, weight, backend);
+  } catch (const c10::Error&) {
+    // Shapes torch refuses but convt_ext computes (zero input channels).
+    return at::MemoryFormat::Contiguous;
+  }
 }
 
-// Note [Memory format]. `b` may be undefined.
-at::MemoryFormat output_format(int dims, const at::Tensor& a, const at::Tensor& b) {
-  const at::MemoryFormat cl = dims == 2   ? at::MemoryFormat::ChannelsLast
-                              : dims == 3 ? at::MemoryFormat::ChannelsLast3d
-                                          : at::MemoryFormat::Contiguous;
-  const bool either = a.suggest_memory_format() == cl || (b.defined() && b.suggest_memory_format() == cl);
-  if (cl == at::MemoryFormat::Contiguous || !either) return at::MemoryFormat::Contiguous;
-  // cuDNN has no channels_last float64 kernels; torch's 3-d CPU convolutions
-  // keep channels_last_3d only on oneDNN.
-  const bool kept = a.is_cuda() ? a.scalar_type() != at::kDouble
-                                : dims == 2 || onednn_takes(a.scalar_type());
-  return kept ? cl : at::MemoryFormat::Contiguous;
+at::MemoryFormat conv_format(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const std::vector<int64_t> none(stride.size(), 0);
+  return output_format(input, weight, bias, stride, padding, dilation, false, none, groups);
 }
 
-// The input in planar (NCHW) memory. A channels_last input costs one copy
-// here; read in place, every im2col row would gather at a stride of C
-// (benchmarks/NOTES.md measures both).
+// torch.nn.grad's: that of the convolution with a new, contiguous weight
+// (allocated, never written).
+at::MemoryFormat conv_weight_format(const at::Tensor& input, at::IntArrayRef weight_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups) {
+  return conv_format(input, at::empty(weight_size, input.options()), std::nullopt, stride,
+                     padding, dilation, groups);
+}
+
+// The input in planar (NCHW) memory (Note [Memory format]).
 at::Tensor planar(const at::Tensor& input) {
   return input.suggest_memory_format() == at::MemoryFormat::Contiguous ? input : input.contiguous();
 }
 
-// t (contiguous) with the strides torch gives a new tensor of format `fmt`.
-// Not t.contiguous(fmt), which keeps t where the two formats coincide (size-1
-// dimensions) but its strides differ from torch's.
+// t with the strides torch gives a new tensor of format `fmt`. Not
+// t.contiguous(fmt), which keeps t where two formats coincide (size-1
+// dimensions) though its strides differ from torch's.
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
-  if (fmt == at::MemoryFormat::Contiguous) return t;
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(fmt));
-  return out.strides() == t.strides() ? t : out.copy_(t);
+  const bool same = fmt == at::MemoryFormat::ChannelsLast
+                        ? t.strides() == at::IntArrayRef(c10::get_channels_last_strides_2d(t.sizes()))
+                    : fmt == at::MemoryFormat::ChannelsLast3d
+                        ? t.strides() == at::IntArrayRef(c10::get_channels_last_strides_3d(t.sizes()))
+                        : t.strides() == at::IntArrayRef(c10::contiguous_strides(t.sizes()));
+  return same ? t : at::empty(t.sizes(), t.options().memory_format(fmt)).copy_(t);
 }
 
 std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int dims) {
@@ -535,9 +553,40 @@ void release_workspace() {
   for (KeptBuffers* kept : registry()) kept->slots = {};
 }
 
-at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
-                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+namespace {
+
+// The pixels of a channels_last image (N, C, *spatial) as the rows of an
+// (N*L, C) matrix: a view (Note [Memory format]).
+at::Tensor pixel_rows(const at::Tensor& t) { return t.movedim(1, -1).reshape({-1, t.size(1)}); }
+
+// A 1x1 layer (stride 1, no padding) on a channels_last input: for each group
+// g, rows(out)_g = rows(a)_g . b_g (+ bias_g), over fixed ranges of rows.
+// b_g(g) is the group's (C_in/G, C_out/G) matrix.
+template <typename B>
+at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
+                           const std::optional<at::Tensor>& bias, const B& b_g) {
+  if (out.numel() == 0) return out;
+  const at::Tensor x = pixel_rows(a), y = pixel_rows(out);
+  const int64_t ci = x.size(1) / groups, co = y.size(1) / groups;
+  for_each_task(a, x.size(0), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t g = 0; g < groups; ++g) {
+      at::Tensor yg = y.narrow(0, begin, end - begin).narrow(1, g * co, co);
+      const at::Tensor xg = x.narrow(0, begin, end - begin).narrow(1, g * ci, ci);
+      if (bias.has_value()) {
+        at::addmm_out(yg, bias->narrow(0, g * co, co), xg, b_g(g));
+      } else {
+        at::mm_out(yg, xg, b_g(g));
+      }
+    }
+  });
+  return out;
+}
+
+// conv, conv_transpose and conv_weight: the output in planar (NCHW) memory,
+// or already in `format` where they write it directly (Note [Memory format]).
+at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
@@ -556,10 +605,20 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
                 geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format = conv_format(input, weight, bias, stride, padding, dilation, groups);
+  const bool channels_last = format != at::MemoryFormat::Contiguous;
+  const std::vector<int64_t> shape = shape_of(N, C_out, windows, dims);
+  if (channels_last && C_in > 0 && pointwise(kernel, stride, padding) && input.is_contiguous(format)) {
+    const at::Tensor w = weight.reshape({C_out, C_in / groups});
+    const int64_t co = C_out / groups;
+    return pixel_rows_gemm(input, at::empty(shape, input.options().memory_format(format)), groups,
+                           bias, [&](int64_t g) { return w.narrow(0, g * co, co).t(); });
+  }
   const at::Tensor image = planar(input);
-  // The GEMMs write a channels_last output through its strides (Note [Memory format]).
-  at::Tensor out = at::empty(shape_of(N, C_out, windows, dims),
-                             input.options().memory_format(output_format(dims, input, weight)));
+  // With one group the GEMMs store a channels_last output through the
+  // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
+  // that way are slow, so those convert at the end.
+  at::Tensor out = at::empty(shape, input.options().memory_format(groups == 1 ? format : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   if (C_in == 0) return bias_only(out, bias);
 
@@ -592,14 +651,11 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   return out;
 }
 
-namespace {
-
-// conv_transpose and conv_weight, computed in contiguous memory.
-at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor& input,
-                                     const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                     int64_t groups, at::IntArrayRef dilation) {
+at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef output_padding, int64_t groups,
+                               at::IntArrayRef dilation) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
@@ -639,9 +695,18 @@ at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor&
   const int64_t K = whole.rows();
   // W_g^T: (G, C_out/G*prod(k), C_in/G), a transposed view of the stored weight.
   const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
-  const at::Tensor x = input.contiguous();
   bool no_output_padding = true;
   for (int i = 0; i < dims; ++i) no_output_padding &= output_padding[i] == 0;
+  const at::MemoryFormat format = output_format(input, weight, bias, stride, padding, dilation,
+                                                true, output_padding, groups);
+  if (format != at::MemoryFormat::Contiguous && pointwise(kernel, stride, padding) &&
+      no_output_padding && input.is_contiguous(format)) {
+    const at::Tensor w = weight.reshape({C_in, C_out / G});
+    const int64_t ci = C_in / G;
+    return pixel_rows_gemm(input, at::empty(out.sizes(), input.options().memory_format(format)),
+                           G, bias, [&](int64_t g) { return w.narrow(0, g * ci, ci); });
+  }
+  const at::Tensor x = input.contiguous();
   // col2im of a 1x1 kernel is the identity: the GEMM writes the output.
   if (pointwise(kernel, stride, padding) && no_output_padding) {
     const at::Tensor y = out.view({N, G, C_out / G, L});
@@ -728,10 +793,10 @@ at::Tensor conv_transpose_contiguous(const char* op, int dims, const at::Tensor&
   return out;
 }
 
-at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& input,
-                                  const at::Tensor& grad_output, at::IntArrayRef weight_size,
-                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
+                            const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups) {
   check_ints(op, "weight_size", weight_size, dims + 2, 0);
   const at::IntArrayRef kernel = weight_size.slice(2);
   for (int64_t k : kernel) {
@@ -812,6 +877,23 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
   // (grad_output may be short of the input's windows: then the columns are not the input.)
   bool direct = pointwise(kernel, stride, padding);
   for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
+  const at::MemoryFormat format =
+      direct ? conv_weight_format(input, weight_size, stride, padding, dilation, groups)
+             : at::MemoryFormat::Contiguous;
+  if (direct && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
+    // dW_g = rows(dy)_g^T . rows(x)_g, the sum over pixels split into fixed ranges.
+    const at::Tensor x = pixel_rows(input), dy = pixel_rows(grad_output.contiguous(format));
+    const int64_t ci = C_in / G, co = C_out / G;
+    for_each_task(input, x.size(0), [&](int64_t range, int64_t begin, int64_t end) {
+      at::Tensor& acc = partial[range];
+      if (!acc.defined()) acc = at::zeros_like(grad_weight);
+      for (int64_t g = 0; g < G; ++g) {
+        acc.select(0, g).addmm_(dy.narrow(0, begin, end - begin).narrow(1, g * co, co).t(),
+                                x.narrow(0, begin, end - begin).narrow(1, g * ci, ci));
+      }
+    });
+    return sum_partials();
+  }
   const at::Tensor x = direct ? image.contiguous() : image;
   for_each_column_block(x, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     accumulate(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
@@ -823,14 +905,23 @@ at::Tensor conv_weight_contiguous(const char* op, int dims, const at::Tensor& in
 }  // namespace
 
 // Note [Memory format]: the output converted at the end.
+at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  // (The format after the op, which checks the arguments first.)
+  at::Tensor out = conv_impl(op, dims, input, weight, bias, stride, padding, dilation, groups);
+  return in_format(out, conv_format(input, weight, bias, stride, padding, dilation, groups));
+}
+
 at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
                           at::IntArrayRef dilation) {
-  return in_format(conv_transpose_contiguous(op, dims, input, weight, bias, stride, padding,
-                                             output_padding, groups, dilation),
-                   output_format(dims, input, weight));
+  at::Tensor out = conv_transpose_impl(op, dims, input, weight, bias, stride, padding,
+                                       output_padding, groups, dilation);
+  return in_format(out, output_format(input, weight, bias, stride, padding, dilation, true,
+                                      output_padding, groups));
 }
 
 // As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
@@ -839,9 +930,10 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups) {
-  return in_format(conv_weight_contiguous(op, dims, input, grad_output, weight_size, stride,
-                                          padding, dilation, groups),
-                   output_format(dims, input, at::Tensor()));
+  at::Tensor grad_weight = conv_weight_impl(op, dims, input, grad_output, weight_size, stride,
+                                            padding, dilation, groups);
+  return in_format(grad_weight,
+                   conv_weight_format(input, weight_size, stride, padding, dilation, groups));
 }
 
 }  // namespace convt_ext

@@ -381,18 +381,25 @@ def _formats(t, D):
     return (t.is_contiguous(), t.is_contiguous(memory_format=CL[D]))
 
 
+def _strides(t):
+    """t's strides where they mean something: a size-1 dimension's stride is arbitrary
+    (torch itself gives a 1x1 weight gradient either layout's, path by path)."""
+    return tuple(st if n != 1 else None for n, st in zip(t.shape, t.stride()))
+
+
 @pytest.mark.parametrize("which", ["input", "weight", "both", "neither"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["conv", "convt"])
 @pytest.mark.parametrize("D", [2, 3])
-def test_channels_last_output_and_gradient_formats(D, kind, dtype, which, rng):
+@pytest.mark.parametrize("geometry", ["3-stride2", "1x1"])
+def test_channels_last_output_and_gradient_formats(geometry, D, kind, dtype, which, rng):
     """Input and/or weight in channels_last(_3d): output, input gradient and weight
-    gradient are contiguous in the same memory format as torch's (torch's actual result
-    for the same tensors; for every upstream-gradient layout), with the same values; the
-    caller's tensors are unchanged (values and strides)."""
+    gradient have torch's strides (torch's actual result for the same tensors; for every
+    upstream-gradient layout), with the same values; the caller's tensors are unchanged
+    (values and strides). 1x1 layers take convt_ext's pixel-row GEMMs."""
     ours, ref = _fns(kind, D)
     size = (6, 5) if D == 2 else (5, 4, 3)
-    k = (3,) * D
+    k = (3 if geometry == "3-stride2" else 1,) * D
     for groups in (1, 2):
         x = randn((2, 4) + size, rng, dtype)
         w = randn(((6, 4 // groups) if kind == "conv" else (4, 6 // groups)) + k, rng, dtype)
@@ -401,15 +408,16 @@ def test_channels_last_output_and_gradient_formats(D, kind, dtype, which, rng):
             x = x.contiguous(memory_format=CL[D])
         if which in ("weight", "both"):
             w = w.contiguous(memory_format=CL[D])
-        kw = dict(stride=2, padding=1, groups=groups)
-        if kind == "convt":
+        kw = dict(stride=2, padding=1, groups=groups) if geometry == "3-stride2" else dict(groups=groups)
+        if kind == "convt" and geometry == "3-stride2":
             kw["output_padding"] = 1
         saved = [(t.clone(), t.stride()) for t in (x, w, b)]
         leaves = [t.requires_grad_(True) for t in (x, w, b)]
         want = ref(*leaves, **kw)
         got = ours(*leaves, **kw)
         assert want.is_contiguous() != want.is_contiguous(memory_format=CL[D])  # the shapes tell them apart
-        assert _formats(got, D) == _formats(want, D), (which, _formats(got, D), _formats(want, D))
+        assert _formats(got, D) == _formats(want, D), (which, groups, _formats(got, D), _formats(want, D), want.stride(), x.stride(), w.stride())
+        assert _strides(got) == _strides(want)
         if dtype == torch.float64:
             close64(got, want)
         else:
@@ -419,6 +427,7 @@ def test_channels_last_output_and_gradient_formats(D, kind, dtype, which, rng):
             got_g = torch.autograd.grad(got, leaves, up, retain_graph=True)
             for name, g, e in zip(("input", "weight", "bias"), got_g, want_g):
                 assert _formats(g, D) == _formats(e, D), (name, which, _formats(g, D), _formats(e, D))
+                assert _strides(g) == _strides(e), (name, g.stride(), e.stride())
                 if dtype == torch.float64:
                     close64(g, e)
                 else:
