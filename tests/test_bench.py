@@ -147,7 +147,7 @@ def _canned_reference(device, quick, min_run_time, probe=False):
             "gemm_dtype": "float32", "copy_gbps": 10.0, "copy_bytes": 1}
 
 
-def _canned_case(case, device, dtype, rounds, min_run_time):
+def _canned_case(case, device, dtype, rounds, min_run_time, channels_last=False):
     impls = {k: {"label": k, "status": "ok", "note": None, "round_median_s": [0.01], "median_s": 0.01}
              for k in ("convt_ext", "torch")}
     return {"op": case.op, "dims": case.shape.dims, "direction": case.direction, "shape": case.shape.name,
@@ -413,3 +413,20 @@ def test_a_case_torch_cannot_run_is_skipped_not_failed(monkeypatch):
     record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
     assert record["status"] == "skipped" and "not implemented" in record["error"]
     assert bench.summarize([record])[0]["failures"] == 0
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+def test_channels_last_cases_run_on_channels_last_tensors_and_check_strides(direction, monkeypatch):
+    """--channels-last gives both sides channels_last inputs and weights, and the check
+    compares the outputs' strides with torch's as well as their values."""
+    t = bench.make_inputs("conv_transpose2d", TINY, 2, "cpu", torch.float32, False, channels_last=True)
+    assert t["x"].is_contiguous(memory_format=torch.channels_last) and not t["x"].is_contiguous()
+    assert t["w"].is_contiguous(memory_format=torch.channels_last) and not t["w"].is_contiguous()
+    d = bench.FORWARD if direction == "forward" else bench.BACKWARD
+    record = bench.run_case(bench.Case("conv_transpose2d", TINY, d), torch.device("cpu"), torch.float64, 1, 0.01,
+                            channels_last=True)
+    assert record["status"] == "ok", record
+    # A planar result is a failure of the check, even with the right values.
+    planar = torch.ones(2, 3, 4, 4)
+    assert "memory format" in bench.check([planar], [planar.contiguous(memory_format=torch.channels_last)],
+                                          torch.float32, ["output"])
