@@ -302,9 +302,22 @@ def _bias_grad(ctx, grad):
     return None
 
 
-def _bias_tangent(tangent, like):
-    """A bias tangent broadcast to the output `like`."""
-    return tangent.view((1, -1) + (1,) * (like.dim() - 2)).expand_as(like)
+def _convolution_jvp(op, ctx, t_input, t_weight, t_bias):
+    """The tangent of op(input, weight, bias, *ctx.args), linear in each of
+    the three: op(t_input, weight, t_bias) + op(input, t_weight), any of the
+    tangents absent."""
+    input, weight = ctx.saved_tensors
+    terms = []
+    if t_input is not None:
+        terms.append(op(t_input, weight, t_bias, *ctx.args))
+        t_bias = None
+    if t_weight is not None:
+        terms.append(op(input, t_weight, t_bias, *ctx.args))
+        t_bias = None
+    if t_bias is not None:  # the bias's alone: broadcast over the output's shape
+        like = op(input, weight, None, *ctx.args)
+        terms.append(t_bias.view((1, -1) + (1,) * (like.dim() - 2)).expand_as(like).clone())
+    return _sum(*terms)
 
 
 class _Conv(torch.autograd.Function):
@@ -350,17 +363,7 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, _):
-        input, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.args
-        out = None
-        if t_input is not None:
-            out, t_bias = conv(t_input, weight, t_bias, stride, padding, dilation, groups), None
-        if t_weight is not None:
-            out, t_bias = _sum(out, conv(input, t_weight, t_bias, stride, padding, dilation, groups)), None
-        if t_bias is not None:
-            like = conv(input, weight, None, stride, padding, dilation, groups) if out is None else out
-            out = _sum(out, _bias_tangent(t_bias, like)) if out is not None else _bias_tangent(t_bias, like).clone()
-        return out
+        return _convolution_jvp(conv, ctx, t_input, t_weight, t_bias)
 
 
 def _crop_to(t, like):
@@ -408,16 +411,7 @@ class _ConvTranspose(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, _):
-        input, weight = ctx.saved_tensors
-        out = None
-        if t_input is not None:
-            out, t_bias = conv_transpose(t_input, weight, t_bias, *ctx.args), None
-        if t_weight is not None:
-            out, t_bias = _sum(out, conv_transpose(input, t_weight, t_bias, *ctx.args)), None
-        if t_bias is not None:
-            like = conv_transpose(input, weight, None, *ctx.args) if out is None else out
-            out = _sum(out, _bias_tangent(t_bias, like)) if out is not None else _bias_tangent(t_bias, like).clone()
-        return out
+        return _convolution_jvp(conv_transpose, ctx, t_input, t_weight, t_bias)
 
 
 class _ConvWeight(torch.autograd.Function):

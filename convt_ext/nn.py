@@ -88,10 +88,12 @@ def script_conv_transpose(
     return out.squeeze(0) if unbatched else out
 
 
-def _geometry(value):
-    """A geometry argument of Unfold/Fold for script_window_op: a list, and
-    whether it was a sequence (which fixes the number of dimensions)."""
-    return (list(value), True) if isinstance(value, (tuple, list)) else ([int(value)], False)
+def _geometry_lists(*values):
+    """Unfold/Fold's geometry arguments for script_window_op: each as a list,
+    and whether it was a sequence (which fixes the number of dimensions)."""
+    lists: List[List[int]] = [list(v) if isinstance(v, (tuple, list)) else [int(v)] for v in values]
+    sequences: List[bool] = [isinstance(v, (tuple, list)) for v in values]
+    return lists, sequences
 
 
 def script_window_op(input: Tensor, geometry: List[List[int]], sequences: List[bool], fold: bool) -> Tensor:
@@ -306,9 +308,7 @@ class Unfold(torch.nn.Unfold):
 
     def __init__(self, kernel_size, dilation=1, padding=0, stride=1):
         super().__init__(kernel_size, dilation, padding, stride)
-        pairs = [_geometry(v) for v in (kernel_size, dilation, padding, stride)]
-        self._geometry: List[List[int]] = [g for g, _ in pairs]
-        self._sequences: List[bool] = [s for _, s in pairs]
+        self._geometry, self._sequences = _geometry_lists(kernel_size, dilation, padding, stride)
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
@@ -328,9 +328,7 @@ class Fold(torch.nn.Fold):
 
     def __init__(self, output_size, kernel_size, dilation=1, padding=0, stride=1):
         super().__init__(output_size, kernel_size, dilation, padding, stride)
-        pairs = [_geometry(v) for v in (output_size, kernel_size, dilation, padding, stride)]
-        self._geometry: List[List[int]] = [g for g, _ in pairs]
-        self._sequences: List[bool] = [s for _, s in pairs]
+        self._geometry, self._sequences = _geometry_lists(output_size, kernel_size, dilation, padding, stride)
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
