@@ -251,13 +251,21 @@ def _in_format(t, fmt):
     return t if out.stride() == t.stride() else out.copy_(t)
 
 
+def _forward(select):
+    """A Function's forward: the op that select(inputs) names, below autograd."""
+    return staticmethod(lambda *inputs: _below_autograd(select(inputs), *_unpack(inputs)))
+
+
+def _save(ctx, *tensors):
+    """Tensors for both backward and jvp."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
 class _Im2col(torch.autograd.Function):
     generate_vmap_rule = True
     tensors = 1
-
-    @staticmethod
-    def forward(*inputs):
-        return _below_autograd(ops.im2col, *_unpack(inputs))
+    forward = _forward(lambda inputs: ops.im2col)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -278,10 +286,7 @@ class _Im2col(torch.autograd.Function):
 class _Col2im(torch.autograd.Function):
     generate_vmap_rule = True
     tensors = 1
-
-    @staticmethod
-    def forward(*inputs):
-        return _below_autograd(ops.col2im, *_unpack(inputs))
+    forward = _forward(lambda inputs: ops.col2im)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -323,16 +328,12 @@ def _convolution_jvp(op, ctx, t_input, t_weight, t_bias):
 class _Conv(torch.autograd.Function):
     generate_vmap_rule = True
     tensors = 3
-
-    @staticmethod
-    def forward(*inputs):
-        return _below_autograd(_ops_for(inputs[1].dim() - 2)[0], *_unpack(inputs))
+    forward = _forward(lambda inputs: _ops_for(inputs[1].dim() - 2)[0])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = _unpack(inputs)
-        ctx.save_for_backward(input, weight)
-        ctx.save_for_forward(input, weight)
+        _save(ctx, input, weight)
         ctx.has_bias = bias is not None
         ctx.args = (stride, padding, dilation, groups)
         # (Not under torch.func: see _in_format.)
@@ -376,16 +377,12 @@ def _crop_to(t, like):
 class _ConvTranspose(torch.autograd.Function):
     generate_vmap_rule = True
     tensors = 3
-
-    @staticmethod
-    def forward(*inputs):
-        return _below_autograd(_ops_for(inputs[1].dim() - 2)[1], *_unpack(inputs))
+    forward = _forward(lambda inputs: _ops_for(inputs[1].dim() - 2)[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, output_padding, groups, dilation = _unpack(inputs)
-        ctx.save_for_backward(input, weight)
-        ctx.save_for_forward(input, weight)
+        _save(ctx, input, weight)
         ctx.has_bias = bias is not None
         ctx.args = (stride, padding, output_padding, groups, dilation)
         ctx.format = (
@@ -417,16 +414,12 @@ class _ConvTranspose(torch.autograd.Function):
 class _ConvWeight(torch.autograd.Function):
     generate_vmap_rule = True
     tensors = 2
-
-    @staticmethod
-    def forward(*inputs):
-        return _below_autograd(_ops_for(inputs[0].dim() - 2)[2], *_unpack(inputs))
+    forward = _forward(lambda inputs: _ops_for(inputs[0].dim() - 2)[2])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, grad_output, weight_size, stride, padding, dilation, groups = _unpack(inputs)
-        ctx.save_for_backward(input, grad_output)
-        ctx.save_for_forward(input, grad_output)
+        _save(ctx, input, grad_output)
         ctx.weight_size = weight_size
         ctx.args = (stride, padding, dilation, groups)
 
