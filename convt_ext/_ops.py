@@ -120,6 +120,22 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
     return input.new_empty(input.shape[:-2] + (channels,) + tuple(output_size))
 
 
+def _check_out(op, out, like):
+    """Fake kernels of the out= variants: the real op's shape rule on out."""
+    if tuple(out.shape) != tuple(like.shape):
+        raise ValueError(f"{op}: out must have shape {tuple(like.shape)}, but got {tuple(out.shape)}")
+
+
+@torch.library.register_fake("convt_ext::im2col.out")
+def _im2col_out_fake(input, kernel_size, dilation, padding, stride, *, out):
+    _check_out("im2col", out, _im2col_fake(input, kernel_size, dilation, padding, stride))
+
+
+@torch.library.register_fake("convt_ext::col2im.out")
+def _col2im_out_fake(input, output_size, kernel_size, dilation, padding, stride, *, out):
+    _check_out("col2im", out, _col2im_fake(input, output_size, kernel_size, dilation, padding, stride))
+
+
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
     windows = _windows(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     fmt = _conv_format(input, weight, bias, stride, padding, dilation, groups)

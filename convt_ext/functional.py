@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from . import _ops
 
+ops = torch.ops.convt_ext
+
 __all__ = [
     "im2col",
     "col2im",
@@ -85,7 +87,7 @@ def _dims_of(op, named, default):
     return dims
 
 
-def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
+def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
     """Extract sliding windows, like ``F.unfold``, in 1, 2 or 3 dimensions.
 
     ``input`` is ``(N, C, *spatial)`` or unbatched ``(C, *spatial)``; the
@@ -94,6 +96,10 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
     The number of spatial dimensions D is the length of any tuple argument;
     with ints only it is 2 for a 3-d or 4-d input (as ``F.unfold``), 3 for
     a 5-d and 1 for a 2-d input. Its backward is :func:`col2im`.
+
+    ``out``: a tensor of the result's exact shape, dtype and device (any
+    strides) to write into and return, so that a loop reuses one column
+    buffer; like torch's out= functions it has no gradient.
     """
     op = "im2col"
     _check_tensor(input, "input", op)
@@ -102,19 +108,29 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1):
     if default is None:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
     d = _dims_of(op, named, default)
-    return _ops.im2col(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
+    args = [_ntuple(v, d, k, op) for k, v in named.items()]
+    if out is not None:
+        _check_tensor(out, "out", op)
+        ops.im2col.out(input, *args, out=out)
+        return out
+    return _ops.im2col(input, *args)
 
 
-def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
     """Sum sliding windows back into an image, like ``F.fold``, in 1, 2 or 3
     dimensions: the adjoint (transpose) of :func:`im2col`, and its backward.
     D is the length of ``output_size`` (or of any tuple argument; 2 with ints
-    only)."""
+    only). ``out`` as in :func:`im2col`."""
     op = "col2im"
     _check_tensor(input, "input", op)
     named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
     d = _dims_of(op, named, 2)
-    return _ops.col2im(input, *(_ntuple(v, d, k, op) for k, v in named.items()))
+    args = [_ntuple(v, d, k, op) for k, v in named.items()]
+    if out is not None:
+        _check_tensor(out, "out", op)
+        ops.col2im.out(input, *args, out=out)
+        return out
+    return _ops.col2im(input, *args)
 
 
 def _check_bias(bias, op):

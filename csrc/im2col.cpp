@@ -3,6 +3,7 @@
 // every number of spatial dimensions (Note [N-d by lifting] in im2col.h).
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -65,9 +66,32 @@ void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
   (kernels ? *kernels : window_kernels(image.device().type())).col2im(cols, bias, lift(image), w);
 }
 
+namespace {
+
+// The caller's `out` for a result of `shape`, checked before anything is
+// written: dtype and device as `input`'s, the exact shape, and memory that
+// neither overlaps itself (an expanded tensor) nor `input`. Any strides.
+at::Tensor checked_out(const char* op, const at::Tensor& out, at::IntArrayRef shape,
+                       const at::Tensor& input) {
+  check_same(op, "out", out, "input", input);
+  TORCH_CHECK_VALUE(out.sizes() == shape, op, ": out must have shape ", shape, ", but got ",
+                    out.sizes());
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                    ": out must not overlap itself (an expanded tensor), but got strides ",
+                    out.strides());
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, input) == at::MemOverlapStatus::No, op,
+                    ": out must not share memory with input");
+  // The write, for autograd's checks on tensors saved for a backward.
+  out.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
+}  // namespace
+
 at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
                        at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-                       at::IntArrayRef padding, at::IntArrayRef stride) {
+                       at::IntArrayRef padding, at::IntArrayRef stride,
+                       const std::optional<at::Tensor>& out) {
   constexpr const char* op = "im2col";
   const int dims = spatial_dims(op, "kernel_size", kernel_size);
   TORCH_CHECK_VALUE(input.dim() == dims + 1 || input.dim() == dims + 2, op, ": input must be ",
@@ -89,14 +113,23 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
   const Window3 w = make_window(op, x.size(0), x.size(1), x.sizes().slice(2), windows,
                                 kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(x.device());
-  at::Tensor cols = at::empty({w.batch, w.rows(), w.window_numel()}, x.options());
+  const std::vector<int64_t> shape{w.batch, w.rows(), w.window_numel()};
+  at::Tensor cols;
+  if (out.has_value()) {
+    const at::IntArrayRef wanted = at::IntArrayRef(shape).slice(batched ? 0 : 1);
+    cols = checked_out(op, *out, wanted, input);
+    if (!batched) cols = cols.unsqueeze(0);
+  } else {
+    cols = at::empty(shape, x.options());
+  }
   im2col_into(x, cols, w, kernels);
-  return batched ? cols : cols.squeeze(0);
+  return out.has_value() ? *out : batched ? cols : cols.squeeze(0);
 }
 
 at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                        at::IntArrayRef output_size, at::IntArrayRef kernel_size,
-                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride) {
+                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride,
+                       const std::optional<at::Tensor>& out) {
   constexpr const char* op = "col2im";
   const int dims = spatial_dims(op, "output_size", output_size);
   TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, op,
@@ -132,9 +165,15 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
   const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
                                 windows, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(cols.device());
-  at::Tensor image = at::empty(shape, cols.options());
+  at::Tensor image;
+  if (out.has_value()) {
+    image = checked_out(op, *out, at::IntArrayRef(shape).slice(batched ? 0 : 1), input);
+    if (!batched) image = image.unsqueeze(0);
+  } else {
+    image = at::empty(shape, cols.options());
+  }
   col2im_into(cols, at::Tensor(), image, w, kernels);
-  return batched ? image : image.squeeze(0);
+  return out.has_value() ? *out : batched ? image : image.squeeze(0);
 }
 
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
@@ -142,10 +181,21 @@ at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntA
   return im2col_with(nullptr, input, kernel_size, dilation, padding, stride);
 }
 
+void im2col_out(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                at::IntArrayRef padding, at::IntArrayRef stride, const at::Tensor& out) {
+  im2col_with(nullptr, input, kernel_size, dilation, padding, stride, out);
+}
+
 at::Tensor col2im(const at::Tensor& input, at::IntArrayRef output_size,
                   at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                   at::IntArrayRef stride) {
   return col2im_with(nullptr, input, output_size, kernel_size, dilation, padding, stride);
+}
+
+void col2im_out(const at::Tensor& input, at::IntArrayRef output_size,
+                at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
+                at::IntArrayRef stride, const at::Tensor& out) {
+  col2im_with(nullptr, input, output_size, kernel_size, dilation, padding, stride, out);
 }
 
 }  // namespace convt_ext

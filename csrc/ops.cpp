@@ -21,6 +21,7 @@
 // torch.nn.grad do.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
@@ -152,6 +153,8 @@ void impl_autocast(torch::Library& m) {
 void impl_all(torch::Library& m) {
   m.impl("im2col", &im2col);
   m.impl("col2im", &col2im);
+  m.impl("im2col.out", &im2col_out);
+  m.impl("col2im.out", &col2im_out);
   impl_convolutions<1>(m);
   impl_convolutions<2>(m);
   impl_convolutions<3>(m);
@@ -165,6 +168,12 @@ TORCH_LIBRARY(convt_ext, m) {
         "SymInt[] stride) -> Tensor");
   m.def("col2im(Tensor input, SymInt[] output_size, SymInt[] kernel_size, SymInt[] dilation, "
         "SymInt[] padding, SymInt[] stride) -> Tensor");
+  // out= variants return nothing (the Python functions return out), so
+  // torch.compile can functionalize them.
+  m.def("im2col.out(Tensor input, SymInt[] kernel_size, SymInt[] dilation, SymInt[] padding, "
+        "SymInt[] stride, *, Tensor(a!) out) -> ()");
+  m.def("col2im.out(Tensor input, SymInt[] output_size, SymInt[] kernel_size, "
+        "SymInt[] dilation, SymInt[] padding, SymInt[] stride, *, Tensor(a!) out) -> ()");
   convt_ext::define_convolutions<1>(m);
   convt_ext::define_convolutions<2>(m);
   convt_ext::define_convolutions<3>(m);
@@ -185,6 +194,11 @@ TORCH_LIBRARY_IMPL(convt_ext, CPU, m) {
   m.impl("_emulated_col2im", &convt_ext::emulated_col2im);
 }
 TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) { convt_ext::impl_all(m); }
+// out= has no derivative, as torch's out= functions.
+TORCH_LIBRARY_IMPL(convt_ext, Autograd, m) {
+  m.impl("im2col.out", torch::autograd::autogradNotImplementedFallback());
+  m.impl("col2im.out", torch::autograd::autogradNotImplementedFallback());
+}
 TORCH_LIBRARY_IMPL(convt_ext, AutocastCPU, m) { convt_ext::impl_autocast<c10::DeviceType::CPU>(m); }
 TORCH_LIBRARY_IMPL(convt_ext, AutocastCUDA, m) { convt_ext::impl_autocast<c10::DeviceType::CUDA>(m); }
 

@@ -22,14 +22,25 @@ at::Tensor col2im(const at::Tensor& input, at::IntArrayRef output_size,
                   at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                   at::IntArrayRef stride);
 
-// The same two ops with a given kernel table instead of the device's (the
-// test-only CPU emulation of the CUDA kernels uses it; see emulate.cpp).
+// Their out= variants (im2col.out, col2im.out): the result written into the
+// caller's tensor of the exact shape, any strides, so a loop can reuse it.
+void im2col_out(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                at::IntArrayRef padding, at::IntArrayRef stride, const at::Tensor& out);
+void col2im_out(const at::Tensor& input, at::IntArrayRef output_size,
+                at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
+                at::IntArrayRef stride, const at::Tensor& out);
+
+// The same ops with a given kernel table instead of the device's (the
+// test-only CPU emulation of the CUDA kernels uses it; see emulate.cpp), and
+// an optional out.
 at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
                        at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-                       at::IntArrayRef padding, at::IntArrayRef stride);
+                       at::IntArrayRef padding, at::IntArrayRef stride,
+                       const std::optional<at::Tensor>& out = std::nullopt);
 at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                        at::IntArrayRef output_size, at::IntArrayRef kernel_size,
-                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride);
+                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride,
+                       const std::optional<at::Tensor>& out = std::nullopt);
 
 // F.convNd, batched (N, C, *spatial) only, D = dims; the Python layer handles
 // unbatched input and string padding. `op` names the op in messages.

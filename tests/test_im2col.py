@@ -695,3 +695,63 @@ def test_cuda_gradcheck(shape, k, d, p, s):
     c = randn(F.unfold(torch.zeros(shape), k, d, p, s).shape, gen, device="cuda").requires_grad_()
     f = lambda t: convt_ext.col2im(t, shape[-2:], k, d, p, s)  # noqa: E731
     assert gradcheck(f, (c,)) and gradgradcheck(f, (c,))
+
+
+# ------------------------------------------------------------------ out=
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_out_writes_torchs_result_into_the_callers_tensor(batched, layout, rng):
+    """im2col(..., out=) and col2im(..., out=) write F.unfold's / F.fold's result into the
+    given tensor (any strides), return that very tensor, and bump its version."""
+    x = randn((2, 3, 9, 7), rng)
+    x = x if batched else x[0]
+    kw = dict(kernel_size=(3, 2), dilation=(1, 2), padding=1, stride=(2, 1))
+    want = F.unfold(x, **kw)
+    if layout == "transposed":
+        cols = torch.full(want.shape[:-2] + want.shape[-2:][::-1], 7.0, dtype=want.dtype).transpose(-1, -2)
+    else:
+        cols = torch.full_like(want, 7.0)
+    before = cols._version
+    got = convt_ext.im2col(x, kw["kernel_size"], kw["dilation"], kw["padding"], kw["stride"], out=cols)
+    assert got is cols and cols._version > before
+    assert torch.equal(cols, want)
+    image = torch.full_like(x, 7.0) if layout == "contiguous" else torch.full(x.shape[::-1], 7.0, dtype=x.dtype).permute(*reversed(range(x.dim())))
+    got = convt_ext.col2im(want, (9, 7), kw["kernel_size"], kw["dilation"], kw["padding"], kw["stride"], out=image)
+    assert got is image
+    torch.testing.assert_close(image, F.fold(want, (9, 7), **kw), rtol=1e-12, atol=1e-12)
+
+
+def test_out_is_checked_before_anything_is_written(rng):
+    x = randn((2, 3, 6, 6), rng)
+    want = F.unfold(x, 3)
+    cases = [
+        (torch.zeros(2, 27, 15, dtype=x.dtype), ValueError, "out must have shape"),
+        (torch.zeros(want.shape, dtype=torch.float32), TypeError, "out must have the input's dtype"),
+        (torch.zeros(1, dtype=x.dtype).expand(want.shape), ValueError, "overlap itself"),
+        ("not a tensor", TypeError, "out must be a Tensor"),
+    ]
+    for out, error, message in cases:
+        snapshot = out.clone() if isinstance(out, torch.Tensor) else None
+        with pytest.raises(error, match=message):
+            convt_ext.im2col(x, 3, out=out)
+        if snapshot is not None:
+            assert torch.equal(out, snapshot)
+    image = randn((1, 4, 2, 2), rng)
+    with pytest.raises(ValueError, match="share memory with input"):
+        convt_ext.im2col(image, 1, out=image.view(1, 4, 4))
+
+
+def test_out_has_no_gradient_and_compiles(rng):
+    x = randn((2, 3, 6, 5), rng).requires_grad_(True)
+    out = torch.empty(2, 12, 20, dtype=x.dtype)
+    convt_ext.im2col(x, 2, out=out)
+    assert not out.requires_grad  # as torch's out= functions: no graph through out
+    f = torch.compile(lambda x, o: convt_ext.im2col(x, 2, out=o), backend="aot_eager", fullgraph=True)
+    o = torch.zeros(2, 12, 20, dtype=x.dtype)
+    f(x.detach(), o)
+    assert torch.equal(o, F.unfold(x.detach(), 2))
+    torch.library.opcheck(ops.im2col.out, (x.detach(), [2, 2], [1, 1], [0, 0], [1, 1]), {"out": torch.empty(2, 12, 20, dtype=x.dtype)})
+    cols = F.unfold(x.detach(), 2)
+    torch.library.opcheck(ops.col2im.out, (cols, [6, 5], [2, 2], [1, 1], [0, 0], [1, 1]), {"out": torch.empty(2, 3, 6, 5, dtype=x.dtype)})
