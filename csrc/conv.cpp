@@ -9,38 +9,8 @@
 // conv_transpose is conv's input gradient taken as an op of its own, so the
 // two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS
 // on CUDA); this file has no device-specific code. Every geometry is lifted
-// to three spatial dimensions (Note [N-d by lifting] in im2col.h).
-//
-// Note [Column plans and the workspace limit]
-// Two ways to feed the GEMMs, chosen per call:
-//   wide:   with few window positions per sample, the columns of a chunk of
-//           samples are laid side by side, [cols_0 | cols_1 | ...], and one
-//           wide GEMM serves them all.
-//   blocks: otherwise each sample is split into blocks (Blocks below), and
-//           each task runs im2col (or col2im) and its GEMMs for one block
-//           into its own scratch. On the CPU the tasks run in parallel with
-//           single-threaded steps: one parallel region per call instead of
-//           one per step (see for_each_task).
-// Every column buffer of a call, on every path, counts against the
-// workspace limit, across all the tasks that run at once: the wide path's
-// two buffers together stay under it, and each of T parallel tasks gets
-// limit / T. A block is as large as that allows (and at most one position
-// of the last dimension, whatever the limit). conv_transpose splits its
-// *output* into blocks, each computing the columns of the input windows that
-// tap it, so a task owns its output pixels: no atomics, and every pixel sums
-// its taps in the same order whatever the split, so results do not depend
-// on the limit.
-//
-// Note [Determinism across thread counts]
-// Every output and gradient is bitwise the same for any
-// torch.set_num_threads(). The plan (wide or blocks, the block size) depends
-// on the shapes, the workspace limit and tasks_at_once(), a constant of the
-// machine; a block's GEMM runs single-threaded, and an output element is
-// written by one block only. The weight gradient sums over blocks: each of
-// for_each_task's fixed ranges of tasks keeps its own partial sum, and the
-// partials are added in range order. The wide path's GEMMs run multi-threaded
-// in MKL/oneDNN, which split the output, never the reduction, over threads
-// (tests/test_dropin.py checks all three ops at 1-4 threads).
+// to three spatial dimensions (Note [N-d by lifting] in im2col.h), and every
+// call planned by plan.h (Note [Column plans and the workspace limit]).
 //
 // Note [Memory format]
 // The output has the memory format torch's convolution would give it, asked
@@ -69,147 +39,18 @@
 #include <ATen/ops/zeros_like.h>
 #include <ATen/native/ConvUtils.h>
 #include <c10/util/strides.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
-#include <cstdlib>
-#include <mutex>
-#include <thread>
-#include <unordered_set>
 #include <vector>
 
 #include "checks.h"
 #include "ops.h"
+#include "plan.h"
 
 namespace convt_ext {
 
 namespace {
-
-std::atomic<int64_t> g_workspace_limit{int64_t(1) << 30};
-
-// Below this many window positions per sample, one wide GEMM over the chunk
-// beats a thin GEMM per sample (benchmarks/NOTES.md).
-constexpr int64_t kWideBelow = 1024;
-
-// The column buffer a task aims for on the CPU, under the workspace limit:
-// small enough that im2col's output is still in the last-level cache when the
-// GEMM reads it (and col2im's input when it is written), large enough for
-// efficient GEMMs. CONVT_EXT_CHUNK_BYTES overrides it, for tuning
-// (benchmarks/NOTES.md). A GPU has no such cache to fit: there the workspace
-// limit alone sizes the buffers, so that its GEMMs are as large as allowed.
-int64_t preferred_chunk_bytes(const at::Tensor& like) {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("CONVT_EXT_CHUNK_BYTES");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
-  }();
-  return like.is_cpu() ? bytes : INT64_MAX;
-}
-
-// The fixed ranges that the tasks of a call are split into, each run by one
-// thread, and so the most tasks that run at once, each with its own column
-// buffer. A constant of the machine, not torch.get_num_threads(): the plan,
-// and every sum, is then the same for any thread count
-// (Note [Determinism across thread counts]).
-int64_t tasks_at_once(const at::Tensor& like) {
-  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return like.is_cpu() && !at::in_parallel_region() ? cores : 1;
-}
-
-// Bytes one task's column buffers may hold.
-int64_t task_budget(const at::Tensor& like) {
-  return std::min(workspace_limit() / tasks_at_once(like), preferred_chunk_bytes(like));
-}
-
-// Scratch memory for column buffers. On the CPU, a fresh buffer of tens of MB
-// costs more in page faults than the im2col that fills it, so each thread
-// keeps its buffers (each at most its task budget) for the next call, until
-// release_workspace(). A slot is in use only within one op call, and ops do
-// not call each other here. The registry lets release_workspace() reach
-// every thread's buffers; an op that holds a buffer keeps it alive by its
-// own reference, so a release during a call is safe.
-struct KeptBuffers {
-  std::array<at::Tensor, 2> slots;
-  KeptBuffers();
-  ~KeptBuffers();
-};
-
-std::mutex& registry_mutex() {
-  static std::mutex m;
-  return m;
-}
-std::unordered_set<KeptBuffers*>& registry() {
-  static auto* r = new std::unordered_set<KeptBuffers*>();  // outlives thread exits at shutdown
-  return *r;
-}
-KeptBuffers::KeptBuffers() {
-  std::lock_guard<std::mutex> lock(registry_mutex());
-  registry().insert(this);
-}
-KeptBuffers::~KeptBuffers() {
-  std::lock_guard<std::mutex> lock(registry_mutex());
-  registry().erase(this);
-}
-
-at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (options.device().type() != c10::DeviceType::CPU) return at::empty(sizes, options);
-  thread_local KeptBuffers kept;
-  at::Tensor t;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex());
-    t = kept.slots[slot];
-    kept.slots[slot] = at::Tensor();  // the old buffer goes before a larger one comes
-  }
-  if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
-    t = at::Tensor();
-    // A normal tensor even under torch.inference_mode(): an inference tensor
-    // kept here would refuse the in-place writes of later, normal-mode calls.
-    c10::InferenceMode normal_mode(false);
-    t = at::empty({numel}, options);
-  }
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex());
-    kept.slots[slot] = t;
-  }
-  return t.narrow(0, 0, numel).view(sizes);
-}
-
-// Storage for the columns of up to `chunk` samples laid side by side:
-// (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)
-// matrix [cols_0 | ... | cols_{b-1}] for one wide GEMM.
-struct ColumnBuffer {
-  at::Tensor data;
-  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions,
-               const at::TensorOptions& options)
-      : data(scratch(slot, {rows, chunk, positions}, options)) {}
-  // (b, rows, L), the per-sample view that im2col writes and col2im reads.
-  at::Tensor samples(int64_t b) const { return data.narrow(1, 0, b).permute({1, 0, 2}); }
-  // (rows, b*L) = [cols_0 | ... | cols_{b-1}].
-  at::Tensor matrix(int64_t b) const {
-    return data.narrow(1, 0, b).view({data.size(0), b * data.size(2)});
-  }
-};
-
-// Samples per chunk of the wide path: their columns (`rows` per position,
-// and `aux_rows` more for the second buffer) within the budget, or 0 when
-// the wide path does not apply. It needs at least two samples per chunk:
-// with one, it is the per-sample GEMM run alone, and blocks do better on the
-// CPU, running samples side by side (benchmarks/NOTES.md, item 10). On a GPU,
-// where blocks run one after another, one GEMM over as many samples as the
-// limit allows always beats a launch and a thin GEMM per sample.
-int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows) {
-  const int64_t batch = like.size(0);
-  if ((like.is_cpu() && positions >= kWideBelow) || batch < 2) return 0;
-  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes(like));
-  const int64_t per_sample = (rows + aux_rows) * positions * like.element_size();
-  const int64_t chunk = std::min<int64_t>(budget / std::max<int64_t>(per_sample, 1), batch);
-  return chunk >= 2 ? chunk : 0;
-}
 
 // A 1x1 kernel with stride 1 and no padding: im2col is the identity, so the
 // image (its window positions laid out as its pixels) is its own column matrix.
@@ -218,81 +59,6 @@ bool pointwise(at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef p
     if (kernel[i] != 1 || stride[i] != 1 || padding[i] != 0) return false;
   }
   return true;
-}
-
-// The blocks a sample is split into: single positions along the lifted
-// dimensions before `dim`, `count` positions along `dim`, everything after.
-// A block of window positions is thus contiguous in the flattened order.
-struct Blocks {
-  int64_t extent[kMaxDims];
-  int dim = 0;
-  int64_t count = 1;
-
-  int64_t along() const { return (extent[dim] + count - 1) / count; }
-  int64_t per_sample() const {
-    int64_t n = along();
-    for (int i = 0; i < dim; ++i) n *= extent[i];
-    return n;
-  }
-  // Block b's box [lo, hi) per dimension.
-  void at(int64_t b, int64_t* lo, int64_t* hi) const {
-    const int64_t q = b % along();
-    b /= along();
-    for (int i = kMaxDims - 1; i >= 0; --i) {
-      if (i > dim) {
-        lo[i] = 0;
-        hi[i] = extent[i];
-      } else if (i == dim) {
-        lo[i] = q * count;
-        hi[i] = std::min(lo[i] + count, extent[i]);
-      } else {
-        lo[i] = b % extent[i];
-        hi[i] = lo[i] + 1;
-        b /= extent[i];
-      }
-    }
-  }
-};
-
-// The largest blocks of `extent` whose cost(dim, count) in bytes stays within
-// the budget; cost grows with count. Whole samples when they fit, and when
-// the `samples` are fewer than the tasks that run at once, small enough that
-// every task gets a block.
-template <typename Cost>
-Blocks plan_blocks(const int64_t* extent, int64_t budget, int64_t samples, int64_t tasks,
-                   const Cost& cost) {
-  if (samples < tasks && extent[0] > 0) {
-    budget = std::min(budget, std::max<int64_t>(1, cost(0, extent[0]) / tasks * samples));
-  }
-  Blocks b;
-  std::copy(extent, extent + kMaxDims, b.extent);
-  for (int dim = 0; dim < kMaxDims; ++dim) {
-    if (extent[dim] == 0 || cost(dim, 1) > budget) continue;
-    int64_t lo = 1, hi = extent[dim];  // the largest count with cost <= budget
-    while (lo < hi) {
-      const int64_t mid = hi - (hi - lo) / 2;
-      if (cost(dim, mid) <= budget) lo = mid; else hi = mid - 1;
-    }
-    b.dim = dim;
-    b.count = lo;
-    return b;
-  }
-  b.dim = kMaxDims - 1;
-  b.count = 1;
-  return b;
-}
-
-int64_t box_numel(const int64_t* lo, const int64_t* hi) {
-  int64_t n = 1;
-  for (int i = 0; i < kMaxDims; ++i) n *= hi[i] - lo[i];
-  return n;
-}
-
-// Row-major offset of position lo in a box of the given extents.
-int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
-  int64_t f = 0;
-  for (int i = 0; i < kMaxDims; ++i) f = f * extent[i] + lo[i];
-  return f;
 }
 
 // im2col of the window box [lo, hi) of image (b, C, I0, I1, I2) into cols
@@ -326,38 +92,6 @@ void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* 
   *o_lo = first <= 0 ? 0 : (first + s - 1) / s;
   *o_hi = std::min(w.windows[i], (hi - 1 + p) / s + 1);
   *o_lo = std::min(*o_lo, *o_hi);
-}
-
-// Runs fn(range, begin, end) over the task indices [0, n), split into
-// min(n, tasks_at_once()) fixed ranges. On the CPU the ranges run in
-// parallel, and everything inside a task runs single-threaded (ATen and MKL
-// do not nest parallel regions). One region per call keeps both cores busy
-// without a barrier after every small GEMM; such barriers cost a scheduler
-// tick each time another process holds a core (benchmarks/NOTES.md).
-// Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
-// whole device.
-template <typename F>
-void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
-  const int64_t ranges = std::min(n, tasks_at_once(like));
-  if (ranges <= 0) return;
-  // Range r: n / ranges tasks, one more for the first n % ranges.
-  const int64_t q = n / ranges, extra = n % ranges;
-  auto run = [&](int64_t r) {
-    fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
-  };
-  if (like.is_cpu() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-    // Two ranges at least, so that even one task runs inside a parallel
-    // region, where BLAS is single-threaded: a multi-threaded GEMM may split
-    // its reduction by the thread count (Note [Determinism across thread counts]).
-    at::parallel_for(0, std::max<int64_t>(ranges, 2), 1, [&](int64_t r0, int64_t r1) {
-      // Worker threads start with default thread-local state: keep the GEMMs
-      // below autograd, as on the calling thread.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t r = r0; r < std::min(r1, ranges); ++r) run(r);
-    });
-  } else {
-    for (int64_t r = 0; r < ranges; ++r) run(r);
-  }
 }
 
 // Runs fn(range, n, first, count, cols) for every block of window positions
@@ -540,18 +274,6 @@ std::vector<int64_t> shape_of(int64_t n, int64_t c, const int64_t* spatial, int 
 }
 
 }  // namespace
-
-void set_workspace_limit(int64_t bytes) {
-  TORCH_CHECK_VALUE(bytes > 0, "set_workspace_limit: bytes must be positive, but got ", bytes);
-  g_workspace_limit.store(bytes);
-}
-
-int64_t workspace_limit() { return g_workspace_limit.load(); }
-
-void release_workspace() {
-  std::lock_guard<std::mutex> lock(registry_mutex());
-  for (KeptBuffers* kept : registry()) kept->slots = {};
-}
 
 namespace {
 

@@ -1,0 +1,191 @@
+// The column planner: how a convolution's columns are split into tasks
+// under the workspace limit, the scratch buffers they use, and the fixed
+// ranges the tasks run in. Every convolution in conv.cpp plans through it.
+//
+// Note [Column plans and the workspace limit]
+// Two ways to feed the GEMMs, chosen per call:
+//   wide:   with few window positions per sample, the columns of a chunk of
+//           samples are laid side by side, [cols_0 | cols_1 | ...], and one
+//           wide GEMM serves them all.
+//   blocks: otherwise each sample is split into blocks (Blocks), and
+//           each task runs im2col (or col2im) and its GEMMs for one block
+//           into its own scratch. On the CPU the tasks run in parallel with
+//           single-threaded steps: one parallel region per call instead of
+//           one per step (for_each_task).
+// Every column buffer of a call, on every path, counts against the
+// workspace limit, across all the tasks that run at once: the wide path's
+// two buffers together stay under it, and each of T parallel tasks gets
+// limit / T. A block is as large as that allows (and at most one position
+// of the last dimension, whatever the limit). conv_transpose splits its
+// *output* into blocks, each computing the columns of the input windows that
+// tap it, so a task owns its output pixels: no atomics, and every pixel sums
+// its taps in the same order whatever the split, so results do not depend
+// on the limit.
+//
+// Note [Determinism across thread counts]
+// Every output and gradient is bitwise the same for any
+// torch.set_num_threads(). The plan (wide or blocks, the block size) depends
+// on the shapes, the workspace limit and tasks_at_once(), a constant of the
+// machine; a block's GEMM runs single-threaded, and an output element is
+// written by one block only. The weight gradient sums over blocks: each of
+// for_each_task's fixed ranges of tasks keeps its own partial sum, and the
+// partials are added in range order. Every CPU GEMM runs inside a parallel
+// region, where BLAS is single-threaded: a multi-threaded BLAS may split a
+// long reduction by the thread count. So the wide path's GEMMs too are split
+// into for_each_task's fixed ranges, of columns (or, for the weight
+// gradient, of the reduction, with a partial per range). tests/test_dropin.py
+// checks the three ops at 1-4 threads.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "im2col.h"
+
+namespace convt_ext {
+
+// The most tasks that run at once, each with its own column buffer: a
+// constant of the machine (its core count), not torch.get_num_threads(), so
+// the plan and every sum are the same for any thread count; 1 off the CPU
+// or inside a parallel region.
+int64_t tasks_at_once(const at::Tensor& like);
+
+// Bytes one task's column buffers may hold.
+int64_t task_budget(const at::Tensor& like);
+
+// A (sizes) view of this thread's kept scratch buffer `slot` (0 or 1), grown
+// as needed; a fresh tensor off the CPU.
+at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Samples per chunk of the wide path, or 0 when it does not apply.
+int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows);
+
+// Storage for the columns of up to `chunk` samples laid side by side:
+// (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)
+// matrix [cols_0 | ... | cols_{b-1}] for one wide GEMM.
+struct ColumnBuffer {
+  at::Tensor data;
+  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions,
+               const at::TensorOptions& options)
+      : data(scratch(slot, {rows, chunk, positions}, options)) {}
+  // (b, rows, L), the per-sample view that im2col writes and col2im reads.
+  at::Tensor samples(int64_t b) const { return data.narrow(1, 0, b).permute({1, 0, 2}); }
+  // (rows, b*L) = [cols_0 | ... | cols_{b-1}].
+  at::Tensor matrix(int64_t b) const {
+    return data.narrow(1, 0, b).view({data.size(0), b * data.size(2)});
+  }
+};
+
+// The blocks a sample is split into: single positions along the lifted
+// dimensions before `dim`, `count` positions along `dim`, everything after.
+// A block of window positions is thus contiguous in the flattened order.
+struct Blocks {
+  int64_t extent[kMaxDims];
+  int dim = 0;
+  int64_t count = 1;
+
+  int64_t along() const { return (extent[dim] + count - 1) / count; }
+  int64_t per_sample() const {
+    int64_t n = along();
+    for (int i = 0; i < dim; ++i) n *= extent[i];
+    return n;
+  }
+  // Block b's box [lo, hi) per dimension.
+  void at(int64_t b, int64_t* lo, int64_t* hi) const {
+    const int64_t q = b % along();
+    b /= along();
+    for (int i = kMaxDims - 1; i >= 0; --i) {
+      if (i > dim) {
+        lo[i] = 0;
+        hi[i] = extent[i];
+      } else if (i == dim) {
+        lo[i] = q * count;
+        hi[i] = std::min(lo[i] + count, extent[i]);
+      } else {
+        lo[i] = b % extent[i];
+        hi[i] = lo[i] + 1;
+        b /= extent[i];
+      }
+    }
+  }
+};
+
+// The largest blocks of `extent` whose cost(dim, count) in bytes stays within
+// the budget; cost grows with count. Whole samples when they fit, and when
+// the `samples` are fewer than the tasks that run at once, small enough that
+// every task gets a block.
+template <typename Cost>
+Blocks plan_blocks(const int64_t* extent, int64_t budget, int64_t samples, int64_t tasks,
+                   const Cost& cost) {
+  if (samples < tasks && extent[0] > 0) {
+    budget = std::min(budget, std::max<int64_t>(1, cost(0, extent[0]) / tasks * samples));
+  }
+  Blocks b;
+  std::copy(extent, extent + kMaxDims, b.extent);
+  for (int dim = 0; dim < kMaxDims; ++dim) {
+    if (extent[dim] == 0 || cost(dim, 1) > budget) continue;
+    int64_t lo = 1, hi = extent[dim];  // the largest count with cost <= budget
+    while (lo < hi) {
+      const int64_t mid = hi - (hi - lo) / 2;
+      if (cost(dim, mid) <= budget) lo = mid; else hi = mid - 1;
+    }
+    b.dim = dim;
+    b.count = lo;
+    return b;
+  }
+  b.dim = kMaxDims - 1;
+  b.count = 1;
+  return b;
+}
+
+inline int64_t box_numel(const int64_t* lo, const int64_t* hi) {
+  int64_t n = 1;
+  for (int i = 0; i < kMaxDims; ++i) n *= hi[i] - lo[i];
+  return n;
+}
+
+// Row-major offset of position lo in a box of the given extents.
+inline int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
+  int64_t f = 0;
+  for (int i = 0; i < kMaxDims; ++i) f = f * extent[i] + lo[i];
+  return f;
+}
+
+// Runs fn(range, begin, end) over the task indices [0, n), split into
+// min(n, tasks_at_once()) fixed ranges. On the CPU the ranges run in
+// parallel, and everything inside a task runs single-threaded (ATen and MKL
+// do not nest parallel regions). One region per call keeps both cores busy
+// without a barrier after every small GEMM; such barriers cost a scheduler
+// tick each time another process holds a core (benchmarks/NOTES.md).
+// Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
+// whole device.
+template <typename F>
+void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
+  const int64_t ranges = std::min(n, tasks_at_once(like));
+  if (ranges <= 0) return;
+  // Range r: n / ranges tasks, one more for the first n % ranges.
+  const int64_t q = n / ranges, extra = n % ranges;
+  auto run = [&](int64_t r) {
+    fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
+  };
+  if (like.is_cpu() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // Two ranges at least, so that even one task runs inside a parallel
+    // region, where BLAS is single-threaded: a multi-threaded GEMM may split
+    // its reduction by the thread count (Note [Determinism across thread counts]).
+    at::parallel_for(0, std::max<int64_t>(ranges, 2), 1, [&](int64_t r0, int64_t r1) {
+      // Worker threads start with default thread-local state: keep the GEMMs
+      // below autograd, as on the calling thread.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t r = r0; r < std::min(r1, ranges); ++r) run(r);
+    });
+  } else {
+    for (int64_t r = 0; r < ranges; ++r) run(r);
+  }
+}
+
+}  // namespace convt_ext
