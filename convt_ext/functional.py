@@ -87,6 +87,15 @@ def _dims_of(op, named, default):
     return dims
 
 
+def _window_op(op, input, args, out):
+    """im2col or col2im (`op`), into `out` when one is given."""
+    if out is None:
+        return getattr(_ops, op)(input, *args)
+    _check_tensor(out, "out", op)
+    getattr(ops, op).out(input, *args, out=out)
+    return out
+
+
 def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
     """Extract sliding windows, like ``F.unfold``, in 1, 2 or 3 dimensions.
 
@@ -108,12 +117,7 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
     if default is None:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
     d = _dims_of(op, named, default)
-    args = [_ntuple(v, d, k, op) for k, v in named.items()]
-    if out is not None:
-        _check_tensor(out, "out", op)
-        ops.im2col.out(input, *args, out=out)
-        return out
-    return _ops.im2col(input, *args)
+    return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
 
 
 def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
@@ -125,12 +129,7 @@ def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, 
     _check_tensor(input, "input", op)
     named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
     d = _dims_of(op, named, 2)
-    args = [_ntuple(v, d, k, op) for k, v in named.items()]
-    if out is not None:
-        _check_tensor(out, "out", op)
-        ops.col2im.out(input, *args, out=out)
-        return out
-    return _ops.col2im(input, *args)
+    return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
 
 
 def _check_bias(bias, op):
