@@ -305,10 +305,13 @@ at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
 }
 
 // conv, conv_transpose and conv_weight: the output in planar (NCHW) memory,
-// or already in `format` where they write it directly (Note [Memory format]).
+// or already in the format torch would give it where they write it directly
+// (Note [Memory format]). That format goes to *format_out, found right after
+// the argument checks.
 at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     at::MemoryFormat* format_out) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
@@ -327,7 +330,8 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
                 geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
-  const at::MemoryFormat format = conv_format(input, weight, bias, stride, padding, dilation, groups);
+  const at::MemoryFormat format = *format_out =
+      conv_format(input, weight, bias, stride, padding, dilation, groups);
   const bool channels_last = format != at::MemoryFormat::Contiguous;
   const std::vector<int64_t> shape = shape_of(N, C_out, windows, dims);
   if (channels_last && C_in > 0 && pointwise(kernel, stride, padding) && input.is_contiguous(format)) {
@@ -377,7 +381,7 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef output_padding, int64_t groups,
-                               at::IntArrayRef dilation) {
+                               at::IntArrayRef dilation, at::MemoryFormat* format_out) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
@@ -409,6 +413,8 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
                 geometry(kernel, stride, padding, dilation));
 
   c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format = *format_out = output_format(
+      input, weight, bias, stride, padding, dilation, true, output_padding, groups);
   at::Tensor out = at::empty(shape_of(N, C_out, image, dims), input.options());
   if (out.numel() == 0) return out;
   if (C_in == 0) return bias_only(out, bias);
@@ -419,8 +425,6 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
   const at::Tensor wt3 = weight.reshape({G, C_in / G, K / G}).transpose(1, 2);
   bool no_output_padding = true;
   for (int i = 0; i < dims; ++i) no_output_padding &= output_padding[i] == 0;
-  const at::MemoryFormat format = output_format(input, weight, bias, stride, padding, dilation,
-                                                true, output_padding, groups);
   if (format != at::MemoryFormat::Contiguous && pointwise(kernel, stride, padding) &&
       no_output_padding && input.is_contiguous(format)) {
     const at::Tensor w = weight.reshape({C_in, C_out / G});
@@ -518,7 +522,8 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
 at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
                             const at::Tensor& grad_output, at::IntArrayRef weight_size,
                             at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups) {
+                            at::IntArrayRef dilation, int64_t groups,
+                            at::MemoryFormat* format_out) {
   check_ints(op, "weight_size", weight_size, dims + 2, 0);
   const at::IntArrayRef kernel = weight_size.slice(2);
   for (int64_t k : kernel) {
@@ -556,6 +561,8 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   checked_numel(op, "weight_size", weight_size);
 
   c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format = *format_out =
+      conv_weight_format(input, weight_size, stride, padding, dilation, groups);
   const at::Tensor image = planar(input);
   const int64_t G = groups, L = whole.window_numel();
   const int64_t K = whole.rows();
@@ -599,9 +606,6 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   // (grad_output may be short of the input's windows: then the columns are not the input.)
   bool direct = pointwise(kernel, stride, padding);
   for (int i = 0; i < dims; ++i) direct &= windows[i] == input.size(2 + i);
-  const at::MemoryFormat format =
-      direct ? conv_weight_format(input, weight_size, stride, padding, dilation, groups)
-             : at::MemoryFormat::Contiguous;
   if (direct && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
     // dW_g = rows(dy)_g^T . rows(x)_g, the sum over pixels split into fixed ranges.
     const at::Tensor x = pixel_rows(input), dy = pixel_rows(grad_output.contiguous(format));
@@ -630,9 +634,10 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  // (The format after the op, which checks the arguments first.)
-  at::Tensor out = conv_impl(op, dims, input, weight, bias, stride, padding, dilation, groups);
-  return in_format(out, conv_format(input, weight, bias, stride, padding, dilation, groups));
+  at::MemoryFormat format;
+  at::Tensor out =
+      conv_impl(op, dims, input, weight, bias, stride, padding, dilation, groups, &format);
+  return in_format(out, format);
 }
 
 at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
@@ -640,10 +645,10 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
                           at::IntArrayRef dilation) {
+  at::MemoryFormat format;
   at::Tensor out = conv_transpose_impl(op, dims, input, weight, bias, stride, padding,
-                                       output_padding, groups, dilation);
-  return in_format(out, output_format(input, weight, bias, stride, padding, dilation, true,
-                                      output_padding, groups));
+                                       output_padding, groups, dilation, &format);
+  return in_format(out, format);
 }
 
 // As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
@@ -652,10 +657,10 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups) {
+  at::MemoryFormat format;
   at::Tensor grad_weight = conv_weight_impl(op, dims, input, grad_output, weight_size, stride,
-                                            padding, dilation, groups);
-  return in_format(grad_weight,
-                   conv_weight_format(input, weight_size, stride, padding, dilation, groups));
+                                            padding, dilation, groups, &format);
+  return in_format(grad_weight, format);
 }
 
 }  // namespace convt_ext
