@@ -317,10 +317,14 @@ class _Col2im(torch.autograd.Function):
         return col2im(tangent, ctx.output_size, *ctx.args)
 
 
-def _bias_grad(ctx, grad):
+def _convolution_grads(ctx, grad, grad_input, grad_weight):
+    """A convolution's backward result: the input and weight gradients in the
+    forward's memory format, the bias gradient (the upstream gradient summed
+    over all but the channels), nothing for the _Args."""
+    grad_bias = None
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        return grad.sum((0,) + tuple(range(2, grad.dim())))
-    return None
+        grad_bias = grad.sum((0,) + tuple(range(2, grad.dim())))
+    return _in_format(grad_input, ctx.format), _in_format(grad_weight, ctx.format), grad_bias, None
 
 
 def _convolution_jvp(op, ctx, t_input, t_weight, t_bias):
@@ -371,12 +375,7 @@ class _Conv(torch.autograd.Function):
             grad_input = conv_transpose(grad, weight, None, stride, padding, output_padding, groups, dilation)
         if ctx.needs_input_grad[1]:
             grad_weight = conv_weight(input, grad, weight.shape, stride, padding, dilation, groups)
-        return (
-            _in_format(grad_input, ctx.format),
-            _in_format(grad_weight, ctx.format),
-            _bias_grad(ctx, grad),
-            None,
-        )
+        return _convolution_grads(ctx, grad, grad_input, grad_weight)
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, _):
@@ -415,12 +414,7 @@ class _ConvTranspose(torch.autograd.Function):
             grad_input = _crop_to(conv(grad, weight, None, stride, padding, dilation, groups), input)
         if ctx.needs_input_grad[1]:
             grad_weight = conv_weight(grad, input, weight.shape, stride, padding, dilation, groups)
-        return (
-            _in_format(grad_input, ctx.format),
-            _in_format(grad_weight, ctx.format),
-            _bias_grad(ctx, grad),
-            None,
-        )
+        return _convolution_grads(ctx, grad, grad_input, grad_weight)
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, _):
