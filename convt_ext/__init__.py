@@ -56,8 +56,11 @@ __all__ = [
     "conv_transpose1d",
     "conv_transpose2d",
     "conv_transpose3d",
+    "engine_info",
+    "gemm_engine",
     "im2col",
     "release_workspace",
+    "set_gemm_engine",
     "set_workspace_limit",
     "workspace_limit",
     "EquivalentConv",
@@ -76,6 +79,41 @@ __all__ = [
 ]
 
 WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"
+GEMM_ENGINE_ENV = "CONVT_EXT_GEMM_ENGINE"
+GEMM_ENGINES = ("auto", "benchmark", "aten", "onednn", "brgemm")
+
+
+def set_gemm_engine(engine):
+    """Choose how the convolutions multiply (Note [The GEMM engine] in
+    csrc/gemm.h; also the CONVT_EXT_GEMM_ENGINE environment variable):
+
+    - "auto" (default): a fixed rule, oneDNN for float32 on non-Intel CPUs
+      with AVX-512 (where MKL runs its AVX2 code), at::mm (MKL, cuBLAS)
+      everywhere else;
+    - "benchmark": time every engine on each GEMM shape at its first use and
+      keep the fastest, like torch.backends.cudnn.benchmark (results may then
+      differ between processes in the last bits; acts as "auto" under
+      torch.use_deterministic_algorithms(True));
+    - "aten", "onednn" or "brgemm": that engine, wherever it can run the
+      GEMM (at::mm otherwise).
+
+    Results agree with torch to rounding whatever the engine."""
+    if not isinstance(engine, str):
+        raise TypeError(f"set_gemm_engine: engine must be a str, but got {engine!r}")
+    _C.set_gemm_engine(engine)
+
+
+def gemm_engine():
+    """The current GEMM engine setting (see set_gemm_engine)."""
+    return _C.gemm_engine()
+
+
+def engine_info():
+    """What the GEMM engine layer does here: the setting, the engines this
+    build and CPU can run, the rule's inputs (AVX-512, CPU vendor) and its
+    choice per CPU dtype, what "benchmark" mode timed and chose per GEMM
+    shape (seconds per engine), and how many GEMM calls each engine ran."""
+    return _C.engine_report()
 
 
 def set_workspace_limit(bytes):
@@ -123,6 +161,7 @@ def build_info():
         "sanitize": getattr(cfg, "SANITIZE", False),
         "torch": torch.__version__,
         "workspace_limit": workspace_limit(),
+        "gemm_engine": gemm_engine(),
     }
 
 
@@ -142,4 +181,14 @@ def _workspace_from_env():
         raise ValueError(f"{WORKSPACE_ENV} must be a positive number of bytes, but got {value!r}") from exc
 
 
+def _gemm_engine_from_env():
+    value = os.environ.get(GEMM_ENGINE_ENV)
+    if not value:
+        return
+    if value not in GEMM_ENGINES:
+        raise ValueError(f"{GEMM_ENGINE_ENV} must be one of {', '.join(GEMM_ENGINES)}, but got {value!r}")
+    set_gemm_engine(value)
+
+
 _workspace_from_env()
+_gemm_engine_from_env()

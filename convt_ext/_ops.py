@@ -160,6 +160,14 @@ def _conv_weight_fake(input, grad_output, weight_size, stride, padding, dilation
     return _empty(input, tuple(weight_size), _conv_weight_format(input, weight_size, stride, padding, dilation, groups))
 
 
+@torch.library.register_fake("convt_ext::_conv_transpose_backward")
+def _conv_transpose_backward_fake(grad_output, input, weight, stride, padding, output_padding, groups, dilation):
+    expected = _conv_transpose_fake(input, weight, None, stride, padding, output_padding, groups, dilation).shape
+    if tuple(grad_output.shape) != tuple(expected):
+        raise ValueError(f"_conv_transpose_backward: grad_output must have the output's shape {tuple(expected)}, but got {tuple(grad_output.shape)}")
+    return _empty(input, input.shape), _empty(input, weight.shape)
+
+
 # ---------------------------------------------------------------- calls
 #
 # Note [Autograd and torch.func]
@@ -407,8 +415,16 @@ class _ConvTranspose(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
-        stride, padding, _, groups, dilation = ctx.args
+        stride, padding, output_padding, groups, dilation = ctx.args
         grad_input = grad_weight = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not torch.is_grad_enabled() and not _transforms_active():
+            # Both from one im2col of grad (Note [One column buffer for
+            # conv_transpose's backward] in csrc/conv.cpp); the two ops below
+            # state the same, and are differentiable for double backward.
+            grad_input, grad_weight = ops._conv_transpose_backward(
+                grad, input, weight, stride, padding, output_padding, groups, dilation
+            )
+            return _convolution_grads(ctx, grad, grad_input, grad_weight)
         if ctx.needs_input_grad[0]:
             # The adjoint of a transposed convolution is the direct one.
             grad_input = _crop_to(conv(grad, weight, None, stride, padding, dilation, groups), input)

@@ -1086,6 +1086,8 @@ def parse_args(argv):
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--channels-last", action="store_true",
                    help="2-d/3-d convolutions on channels_last inputs and weights (both sides)")
+    p.add_argument("--gemm-engine", choices=list(convt_ext.GEMM_ENGINES),
+                   help="convt_ext's GEMM engine (convt_ext.set_gemm_engine; default: its setting, 'auto')")
     p.add_argument("--out", type=Path, help="JSON path (the PNG goes next to it)")
     p.add_argument("--list", action="store_true", help="print the suite and exit")
     args = p.parse_args(argv)
@@ -1126,6 +1128,8 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gemm_engine:
+        convt_ext.set_gemm_engine(args.gemm_engine)
     dtype = DTYPES[args.dtype]
     cases = select_cases(args.ops, args.shapes, args.quick, not args.no_backward, args.dims)
     if not cases:
@@ -1148,6 +1152,9 @@ def main(argv=None):
           f"torch default = {default}")
     print(f"CPU capability {machine['cpu_capability']} ({_describe_flags(machine['cpu_flags'])}); "
           f"unfoldNd {machine['unfoldNd'] or 'not installed'}")
+    engines = convt_ext.engine_info()
+    print(f"convt_ext GEMM engine: {engines['setting']} (the rule picks {engines['rule']['float32']} for float32 here; "
+          f"available: {', '.join(engines['available'])})")
     ref_start = reference_rates(device, args.quick, args.min_run_time)
     print(f"ceilings: {_fmt_reference(ref_start)}; {len(cases)} cases x {args.rounds} rounds")
 
@@ -1193,6 +1200,8 @@ def main(argv=None):
             "tf32": False if device.type == "cuda" else None,
         },
         "machine": machine,
+        # The GEMM engine setting, and per engine how many GEMMs it ran.
+        "gemm": convt_ext.engine_info(),
         "reference": reference,
         "suite": [asdict(s) for s in SUITE],
         "results": results,
@@ -1205,7 +1214,7 @@ def main(argv=None):
     print(f"\nwrote {out}")
     title = (f"convt_ext vs torch {torch.__version__}, {machine.get('gpu') or machine['cpu']}, "
              f"{torch.get_num_threads()} threads, {args.dtype}{', channels_last' if args.channels_last else ''}, "
-             f"{machine['date'][:10]}\n"
+             f"GEMM {engines['setting']}, {machine['date'][:10]}\n"
              f"fp32 peak {reference['peak_gflops']:.0f} GFLOP/s ({reference['peak_engine']}), "
              f"copy {reference['copy_gbps']:.0f} GB/s, CPU capability {machine['cpu_capability']}")
     chart = plot(results, out.with_suffix(".png"), title)

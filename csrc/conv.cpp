@@ -7,8 +7,9 @@
 //   conv_weight     dW_g = sum_n dy_g . im2col(x)_g^T
 //
 // conv_transpose is conv's input gradient taken as an op of its own, so the
-// two are adjoints. The GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS
-// on CUDA); this file has no device-specific code. Every geometry is lifted
+// two are adjoints. Every GEMM goes through the engine layer (gemm.h: MKL,
+// oneDNN or its ukernel on the CPU, cuBLAS on CUDA); this file has no
+// device-specific code. Every geometry is lifted
 // to three spatial dimensions (Note [N-d by lifting] in im2col.h), and every
 // call planned by plan.h (Note [Column plans and the workspace limit]).
 //
@@ -30,11 +31,7 @@
 //     stores its GEMMs through the transposed view of a channels_last
 //     output; everything else is computed planar and converted once at the
 //     end (in_format()).
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/native/ConvUtils.h>
@@ -45,6 +42,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm.h"
 #include "ops.h"
 #include "plan.h"
 
@@ -136,35 +134,12 @@ at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
   return buf.matrix(b);
 }
 
-// For every group g: out[g] = add[g] + a[g] . b[g]. `add` broadcasts (a bias
-// of shape (G, M, 1)) or is undefined; with accumulate, out[g] += a[g] . b[g].
-// All operands are (G, ., .) views; strided views go to BLAS as they are.
-void group_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                const at::Tensor& add, bool accumulate = false) {
-  if (a.size(0) == 1) {
-    at::Tensor o = out.select(0, 0);
-    if (accumulate) {
-      o.addmm_(a.select(0, 0), b.select(0, 0));
-    } else if (add.defined()) {
-      at::addmm_out(o, add.select(0, 0), a.select(0, 0), b.select(0, 0));
-    } else {
-      at::mm_out(o, a.select(0, 0), b.select(0, 0));
-    }
-  } else if (accumulate) {
-    out.baddbmm_(a, b);
-  } else if (add.defined()) {
-    at::baddbmm_out(const_cast<at::Tensor&>(out), add, a, b);
-  } else {
-    at::bmm_out(const_cast<at::Tensor&>(out), a, b);
-  }
-}
-
-// group_gemm over the columns of out and b, split into for_each_task's
-// ranges: a multi-threaded GEMM with a fixed split.
-void group_gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+// gemm over the columns of out and b, split into for_each_task's ranges: a
+// multi-threaded GEMM with a fixed split.
+void gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         const at::Tensor& add) {
   for_each_task(out, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
-    group_gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
+    gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
   });
 }
 
@@ -294,11 +269,8 @@ at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
     for (int64_t g = 0; g < groups; ++g) {
       at::Tensor yg = y.narrow(0, begin, end - begin).narrow(1, g * co, co);
       const at::Tensor xg = x.narrow(0, begin, end - begin).narrow(1, g * ci, ci);
-      if (bias.has_value()) {
-        at::addmm_out(yg, bias->narrow(0, g * co, co), xg, b_g(g));
-      } else {
-        at::mm_out(yg, xg, b_g(g));
-      }
+      gemm(yg.unsqueeze(0), xg.unsqueeze(0), b_g(g).unsqueeze(0),
+           bias.has_value() ? bias->narrow(0, g * co, co).view({1, 1, co}) : at::Tensor());
     }
   });
   return out;
@@ -363,7 +335,7 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
       const int64_t b = std::min(chunk, N - n0);
       im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
       const at::Tensor yw = wide_out.narrow(2, 0, b * L);
-      group_gemm_columns(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
+      gemm_columns(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
       y.narrow(0, n0, b).copy_(yw.view({C_out, b, L}).permute({1, 0, 2}));
     }
     return out;
@@ -371,7 +343,7 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   const bool direct = pointwise(kernel, stride, padding);
   const at::Tensor x = direct ? image.contiguous() : image;
   for_each_column_block(x, whole, K, direct, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    group_gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
+    gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
                c.view({G, K / G, count}), b3);
   });
   return out;
@@ -439,13 +411,13 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
     const at::Tensor b3 = group_bias(bias, G);
     if (N < tasks_at_once(input)) {  // few samples: split each one's columns
       for (int64_t i = 0; i < N; ++i) {
-        group_gemm_columns(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+        gemm_columns(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
       }
       return out;
     }
     for_each_task(input, N, [&](int64_t, int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        group_gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+        gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
       }
     });
     return out;
@@ -457,7 +429,7 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
     const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
-      group_gemm_columns(
+      gemm_columns(
           cols.matrix(b).view({G, K / G, b * L}), wt3,
           side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
           at::Tensor());
@@ -511,7 +483,7 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
       }
       const int64_t positions = w.window_numel();
       const at::Tensor cols = scratch(0, {1, K, positions}, input.options());
-      group_gemm(cols.view({G, K / G, positions}), wt3,
+      gemm(cols.view({G, K / G, positions}), wt3,
                  xs.reshape({G, C_in / G, positions}), at::Tensor());
       col2im_into(cols, bias_1d, ys, w);
     }
@@ -577,7 +549,7 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   auto accumulate = [&](int64_t range, const at::Tensor& a, const at::Tensor& b) {
     at::Tensor& acc = partial[range];
     if (!acc.defined()) acc = at::zeros_like(grad_weight);
-    group_gemm(acc, a, b, at::Tensor(), true);
+    gemm(acc, a, b, at::Tensor(), true);
   };
   auto sum_partials = [&] {
     for (const at::Tensor& p : partial) {
@@ -614,8 +586,9 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
       at::Tensor& acc = partial[range];
       if (!acc.defined()) acc = at::zeros_like(grad_weight);
       for (int64_t g = 0; g < G; ++g) {
-        acc.select(0, g).addmm_(dy.narrow(0, begin, end - begin).narrow(1, g * co, co).t(),
-                                x.narrow(0, begin, end - begin).narrow(1, g * ci, ci));
+        gemm(acc.narrow(0, g, 1),
+             dy.narrow(0, begin, end - begin).narrow(1, g * co, co).t().unsqueeze(0),
+             x.narrow(0, begin, end - begin).narrow(1, g * ci, ci).unsqueeze(0), at::Tensor(), true);
       }
     });
     return sum_partials();
@@ -628,7 +601,105 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   return sum_partials();
 }
 
+// Note [One column buffer for conv_transpose's backward]
+// Both gradients of y = conv_transpose(x, W) multiply the columns of the
+// upstream gradient dy, the columns of its windows that the input's pixels
+// fed: dx = conv(dy, W) = W . im2col(dy) per group, and dW = x . im2col(dy)^T
+// summed over samples. Taken as the two ops that state the duality, they run
+// im2col(dy) twice; here each block of columns is formed once and both GEMMs
+// read it while it is in cache. grad_input and the weight gradient come out
+// planar (the autograd layer gives them the forward's format).
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
+    const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  check_conv_tensors(op, dims, input, weight, std::nullopt, groups);
+  check_same(op, "grad_output", grad_output, "input", input);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  check_window_args(op, dims, kernel, stride, padding, dilation);
+  check_ints(op, "output_padding", output_padding, dims, 0);
+  const int64_t N = input.size(0), C_in = input.size(1);
+  TORCH_CHECK_VALUE(C_in == weight.size(0) && C_in % groups == 0, op, ": input has ", C_in,
+                    " channels, but weight of shape ", weight.sizes(), " with groups=", groups,
+                    " expects weight.size(0)=", weight.size(0), ", divisible by groups");
+  const int64_t C_out = checked_mul(op, "out_channels (weight.size(1)*groups)", weight.size(1), groups);
+  int64_t image[kMaxDims];
+  transposed_sizes(op, input.sizes().slice(2), kernel, stride, padding, output_padding, dilation,
+                   image);
+  const std::vector<int64_t> expected = shape_of(N, C_out, image, dims);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op,
+                    ": grad_output must have the output's shape ", at::IntArrayRef(expected),
+                    ", but got ", grad_output.sizes());
+  // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
+  const Window3 whole = make_window(op, N, C_out, at::IntArrayRef(image, dims),
+                                    input.sizes().slice(2).data(), kernel, stride, padding,
+                                    dilation);
+
+  c10::DeviceGuard guard(input.device());
+  const int64_t G = groups, L = whole.window_numel(), K = whole.rows();
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_weight = at::zeros({G, C_in / G, K / G}, input.options());
+  if (grad_input.numel() == 0 || K == 0) {
+    return {grad_input.zero_(), grad_weight.view(weight.sizes())};
+  }
+  const at::Tensor dy = planar(grad_output);
+  const at::Tensor x3 = input.contiguous().view({N, C_in, L});
+  const at::Tensor w3 = weight.reshape({G, C_in / G, K / G});
+  const at::Tensor gi = grad_input.view({N, C_in, L});
+  std::vector<at::Tensor> partial(tasks_at_once(input));  // as in conv_weight_impl
+  auto accumulate = [&](int64_t range, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor& acc = partial[range];
+    if (!acc.defined()) acc = at::zeros_like(grad_weight);
+    gemm(acc, a, b, at::Tensor(), true);
+  };
+  auto results = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    for (const at::Tensor& p : partial) {
+      if (p.defined()) grad_weight.add_(p);
+    }
+    return {grad_input, grad_weight.view(weight.sizes())};
+  };
+  if (const int64_t chunk = wide_chunk(input, L, K, 2 * C_in)) {
+    const ColumnBuffer cols(0, chunk, K, L, input.options());
+    const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
+    const at::Tensor wide_out = scratch(2, {G, C_in / G, chunk * L}, input.options());
+    const at::Tensor dy5 = lift(dy);
+    const int64_t lo[kMaxDims] = {0, 0, 0};
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t b = std::min(chunk, N - n0);
+      im2col_box(dy5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
+      const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
+      const at::Tensor gw = wide_out.narrow(2, 0, b * L);
+      gemm_columns(gw, w3, c, at::Tensor());
+      gi.narrow(0, n0, b).copy_(gw.view({C_in, b, L}).permute({1, 0, 2}));
+      const at::Tensor xs = side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L});
+      for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
+        accumulate(range, xs.narrow(2, begin, end - begin),
+                   c.narrow(2, begin, end - begin).transpose(1, 2));
+      });
+    }
+    return results();
+  }
+  bool direct = pointwise(kernel, stride, padding);
+  for (int i = 0; i < dims; ++i) direct &= output_padding[i] == 0;
+  const at::Tensor image_dy = direct ? dy.contiguous() : dy;
+  for_each_column_block(image_dy, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    const at::Tensor cg = c.view({G, K / G, count});
+    gemm(gi.select(0, n).narrow(1, first, count).view({G, C_in / G, count}), w3, cg);
+    accumulate(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),
+               cg.transpose(1, 2));
+  });
+  return results();
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
+    const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  return conv_transpose_backward_impl(op, dims, grad_output, input, weight, stride, padding,
+                                      output_padding, groups, dilation);
+}
 
 // Note [Memory format]: the output converted at the end.
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,

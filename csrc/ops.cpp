@@ -25,9 +25,11 @@
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
+#include "gemm.h"
 #include "kernels.h"
 #include "ops.h"
 
@@ -69,6 +71,18 @@ at::Tensor conv_weight_nd(const at::Tensor& input, const at::Tensor& grad_output
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return conv_weight(kConvWeight[D], D, input, grad_output, weight_size, stride, padding,
                      dilation, groups);
+}
+
+// Both gradients of conv_transposeNd at once; D from the weight.
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_any(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+    int64_t groups, at::IntArrayRef dilation) {
+  const int64_t d = weight.dim() - 2;
+  TORCH_CHECK_VALUE(d >= 1 && d <= 3, "_conv_transpose_backward: weight must be 3-d to 5-d, but got shape ",
+                    weight.sizes());
+  return conv_transpose_backward(kConvTranspose[d], static_cast<int>(d), grad_output, input,
+                                 weight, stride, padding, output_padding, groups, dilation);
 }
 
 template <int D>
@@ -158,6 +172,7 @@ void impl_all(torch::Library& m) {
   impl_convolutions<1>(m);
   impl_convolutions<2>(m);
   impl_convolutions<3>(m);
+  m.impl("_conv_transpose_backward", &conv_transpose_backward_any);
 }
 
 }  // namespace
@@ -177,6 +192,11 @@ TORCH_LIBRARY(convt_ext, m) {
   convt_ext::define_convolutions<1>(m);
   convt_ext::define_convolutions<2>(m);
   convt_ext::define_convolutions<3>(m);
+  // Both gradients of conv_transpose{1,2,3}d from one set of columns (Note
+  // [One column buffer for conv_transpose's backward]); no derivative of its own.
+  m.def("_conv_transpose_backward(Tensor grad_output, Tensor input, Tensor weight, "
+        "SymInt[] stride, SymInt[] padding, SymInt[] output_padding, SymInt groups, "
+        "SymInt[] dilation) -> (Tensor, Tensor)");
   // No tensor inputs, so no dispatch key: one kernel serves every call.
   m.def("im2col_indices(int[] input_size, int[] kernel_size, int[] dilation, int[] padding, "
         "int[] stride) -> Tensor",
@@ -211,4 +231,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
   m.def("release_workspace", &convt_ext::release_workspace);
+  m.def("set_gemm_engine", &convt_ext::set_gemm_engine, py::arg("engine"));
+  m.def("gemm_engine", &convt_ext::gemm_engine);
+  m.def("engine_report", [] {
+    const convt_ext::EngineReport r = convt_ext::engine_report();
+    py::dict d, rule, calls;
+    for (const auto& [dtype, engine] : r.rule) rule[py::str(dtype)] = engine;
+    for (int i = 0; i < convt_ext::kEngines; ++i) {
+      calls[py::str(convt_ext::engine_name(static_cast<convt_ext::Engine>(i)))] = r.calls[i];
+    }
+    py::list timed;
+    for (const auto& t : r.benchmarked) {
+      py::dict row, seconds;
+      for (int i = 0; i < convt_ext::kEngines; ++i) {
+        if (t.seconds[i] >= 0) {
+          seconds[py::str(convt_ext::engine_name(static_cast<convt_ext::Engine>(i)))] = t.seconds[i];
+        }
+      }
+      row["device"] = t.device;
+      row["dtype"] = t.dtype;
+      row["groups"] = t.groups;
+      row["m"] = t.m;
+      row["n"] = t.n;
+      row["k"] = t.k;
+      row["layout"] = t.layout;
+      row["engine"] = t.engine;
+      row["seconds"] = seconds;
+      timed.append(row);
+    }
+    d["setting"] = r.setting;
+    d["available"] = r.available;
+    d["cpu_avx512"] = r.cpu_avx512;
+    d["cpu_vendor"] = r.cpu_vendor;
+    d["rule"] = rule;
+    d["benchmarked"] = timed;
+    d["calls"] = calls;
+    return d;
+  });
+  m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),
+        py::arg("avx512"), py::arg("vendor"), py::arg("onednn_available"));
 }

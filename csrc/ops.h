@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+
 #include "im2col.h"
 
 namespace convt_ext {
@@ -63,6 +65,13 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups);
+
+// Both gradients of conv_transposeNd, input and weight, from one im2col of
+// grad_output (Note [One column buffer for conv_transpose's backward]), planar.
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
+    const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation);
 
 // The (row, column) indices of the nonzeros of the im2col selection matrix U
 // of one channel, an int64 (2, nnz) tensor (see matrix.cpp).

@@ -59,7 +59,7 @@ namespace {
 // every thread's buffers; an op that holds a buffer keeps it alive by its
 // own reference, so a release during a call is safe.
 struct KeptBuffers {
-  std::array<at::Tensor, 2> slots;
+  std::array<at::Tensor, 3> slots;
   KeptBuffers();
   ~KeptBuffers();
 };

@@ -58,7 +58,7 @@ int64_t tasks_at_once(const at::Tensor& like);
 // Bytes one task's column buffers may hold.
 int64_t task_budget(const at::Tensor& like);
 
-// A (sizes) view of this thread's kept scratch buffer `slot` (0 or 1), grown
+// A (sizes) view of this thread's kept scratch buffer `slot` (0, 1 or 2), grown
 // as needed; a fresh tensor off the CPU.
 at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 

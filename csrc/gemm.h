@@ -1,0 +1,83 @@
+// The GEMM engine: the one layer through which every convolution multiplies
+// (conv, conv_transpose and the weight gradient, on every path).
+//
+// Note [The GEMM engine]
+// A convolution here is im2col + GEMM, so it is as fast as its GEMM. Torch
+// offers more than one CPU GEMM, and which is fastest depends on the machine:
+//   aten:    at::mm/bmm (MKL on the CPU, cuBLAS on CUDA), any dtype. MKL
+//            checks the CPU's vendor, not its instructions: on AMD CPUs with
+//            AVX-512 it runs its AVX2 code, at about 40% of the FMA peak;
+//   onednn:  oneDNN's matmul, through the dispatcher
+//            (mkldnn::_linear_pointwise), float32/bfloat16/float16 on the
+//            CPU, where torch was built with oneDNN; 85-93% of the peak on
+//            those AMD CPUs (issue 10), but below MKL on AVX2 CPUs;
+//   brgemm:  oneDNN's ukernel (at::native::cpublas::brgemm), float32 on the
+//            CPU, blocked here into cache-sized tiles; operands whose rows
+//            are contiguous (conv's forward GEMM), aten for the others.
+// The setting (set_gemm_engine, CONVT_EXT_GEMM_ENGINE) is one of:
+//   "auto"       the rule below, proved by benchmarks/NOTES.md item 18;
+//   "benchmark"  time every engine that can run a GEMM shape once, on its
+//                first use, and keep the fastest for that shape, as
+//                torch.backends.cudnn.benchmark does. Timings are noisy, so
+//                two processes may choose differently and their results
+//                differ in the last bits; under
+//                torch.use_deterministic_algorithms(True) it acts as "auto";
+//   an engine    forced, where it supports the operands (aten otherwise).
+// The rule: onednn for float32 on a non-Intel CPU with AVX-512, aten
+// everywhere else. Every engine computes the same products, each with its
+// own summation order, so the results agree to rounding (the float64 parity
+// tests hold for all, since float64 always runs on aten), and for a fixed
+// setting they are bitwise the same for any thread count: every engine runs
+// single-threaded inside for_each_task's fixed ranges (Note [Determinism
+// across thread counts] in plan.h). engine_info() reports the setting, the
+// rule's inputs and choices, what benchmark mode chose, and how many GEMMs
+// each engine ran.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <string>
+#include <vector>
+
+namespace convt_ext {
+
+enum class Engine : int { Aten = 0, OneDNN = 1, Brgemm = 2 };
+constexpr int kEngines = 3;
+const char* engine_name(Engine e);
+
+// For every group g: out[g] = add[g] + a[g] . b[g], where add broadcasts (a
+// bias of shape (G, M, 1)) or is undefined; with accumulate, out[g] +=
+// a[g] . b[g]. All operands are (G, ., .) views, strided as they come.
+void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+          const at::Tensor& add = at::Tensor(), bool accumulate = false);
+
+// The setting: "auto", "benchmark", "aten", "onednn" or "brgemm".
+void set_gemm_engine(const std::string& setting);
+std::string gemm_engine();
+
+// What engine_info() reports.
+struct EngineReport {
+  std::string setting;
+  std::vector<std::string> available;  // the engines this build and CPU can run
+  bool cpu_avx512 = false;
+  std::string cpu_vendor;
+  // The rule's choice for each CPU dtype (float64, float32, bfloat16, float16).
+  std::vector<std::pair<std::string, std::string>> rule;
+  // Benchmark mode's choices: one row per GEMM shape timed.
+  struct Timed {
+    std::string device, dtype, layout;  // layout: a's and b's orientation, 'n' or 't'
+    int64_t groups, m, n, k;
+    std::string engine;
+    std::array<double, kEngines> seconds;  // -1 where an engine cannot run it
+  };
+  std::vector<Timed> benchmarked;
+  std::array<int64_t, kEngines> calls;  // GEMM calls each engine ran
+};
+EngineReport engine_report();
+
+// The rule, as a function of its inputs, for tests on any machine.
+std::string rule_engine(const std::string& device, const std::string& dtype, bool avx512,
+                        const std::string& vendor, bool onednn_available);
+
+}  // namespace convt_ext

@@ -1,0 +1,344 @@
+"""The GEMM engine layer (Note [The GEMM engine] in csrc/gemm.h) and the
+shared column buffer of conv_transpose's backward.
+
+Every engine must give torch's results (computed by torch in float64 from the
+same float32 values) on every path of every convolution: the wide path (few
+window positions, several samples), the block path, grouped GEMMs, 1x1
+layers, channels_last pixel rows, and the weight gradient. Each test also
+checks, through engine_info()'s call counters, that the engine it forces
+actually ran GEMMs, so a silent fallback to at::mm cannot pass for it.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convt_ext
+
+ENGINES = convt_ext.engine_info()["available"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_engine():
+    before = convt_ext.gemm_engine()
+    yield
+    convt_ext.set_gemm_engine(before)
+
+
+def _calls():
+    return dict(convt_ext.engine_info()["calls"])
+
+
+# (dims, N, C_in, C_out, groups, size, kernel, stride, padding, dilation, output_padding)
+LAYERS = [
+    (2, 4, 8, 6, 1, 6, 3, 1, 1, 1, 0),  # few positions: the wide path
+    (2, 2, 6, 4, 2, 40, 3, 2, 1, 1, 1),  # 400+ positions, grouped: blocks
+    (2, 3, 8, 12, 1, 9, 1, 1, 0, 1, 0),  # 1x1: the image is its own columns
+    (1, 3, 4, 6, 2, 50, 5, 2, 2, 2, 1),
+    (3, 2, 4, 4, 1, 6, 3, 2, 1, 1, 1),
+]
+
+
+def _fns(d):
+    return (
+        getattr(convt_ext, f"conv{d}d"),
+        getattr(F, f"conv{d}d"),
+        getattr(convt_ext, f"conv_transpose{d}d"),
+        getattr(F, f"conv_transpose{d}d"),
+    )
+
+
+def _run_layer(layer, memory_format=None):
+    """Our conv and conv_transpose in float32, forward and every gradient,
+    against torch in float64 on the same values; returns nothing, asserts."""
+    d, n, ci, co, g, size, k, s, p, dl, op = layer
+    conv, tconv, convt, tconvt = _fns(d)
+    gen = torch.Generator().manual_seed(hash(layer) % 1000)
+    x = torch.randn(n, ci, *([size] * d), generator=gen)
+    w = torch.randn(co, ci // g, *([k] * d), generator=gen)
+    b = torch.randn(co, generator=gen)
+    if memory_format is not None:
+        x = x.to(memory_format=memory_format)
+        w = w.to(memory_format=memory_format)
+
+    def check(ours, theirs, args, **kw):
+        ins = [a.clone().requires_grad_() for a in args]
+        ref = [a.double().requires_grad_() for a in args]
+        y = ours(*ins, **kw)
+        r = theirs(*ref, **kw)
+        torch.testing.assert_close(y, r.float(), atol=2e-4, rtol=2e-4)
+        gy = torch.randn(r.shape, generator=gen)
+        got = torch.autograd.grad(y, ins, gy)
+        want = torch.autograd.grad(r, ref, gy.double())
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e.float(), atol=2e-3, rtol=2e-3)
+
+    check(conv, tconv, (x, w, b), stride=s, padding=p, dilation=dl, groups=g)
+    wt = torch.randn(ci, co // g, *([k] * d), generator=gen)
+    xt = torch.randn(n, ci, *([max(2, size // 2)] * d), generator=gen)
+    bt = torch.randn(co, generator=gen)
+    check(convt, tconvt, (xt, wt, bt), stride=s, padding=p, output_padding=op if s > op or dl > op else 0,
+          groups=g, dilation=dl)
+
+
+@pytest.mark.parametrize("engine", ["aten", "onednn", "brgemm", "benchmark", "auto"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: f"{l[0]}d-n{l[1]}-g{l[4]}-s{l[5]}-k{l[6]}")
+def test_engine_matches_torch(engine, layer):
+    if engine in ("onednn", "brgemm") and engine not in ENGINES:
+        pytest.skip(f"{engine} does not run on this CPU/build")
+    convt_ext.set_gemm_engine(engine)
+    before = _calls()
+    _run_layer(layer)
+    after = _calls()
+    ran = {e: after[e] - before[e] for e in after}
+    assert sum(ran.values()) > 0
+    if engine == "onednn":
+        # oneDNN runs every float32 GEMM: any operand layout.
+        assert ran["onednn"] > 0 and ran["brgemm"] == 0
+    elif engine == "brgemm":
+        # The ukernel takes row-major operands only: conv's forward GEMM.
+        assert ran["brgemm"] > 0 and ran["onednn"] == 0
+    elif engine == "aten":
+        assert ran["onednn"] == 0 and ran["brgemm"] == 0
+
+
+@pytest.mark.parametrize("engine", [e for e in ("aten", "onednn", "brgemm")])
+def test_engine_channels_last(engine):
+    if engine not in ENGINES:
+        pytest.skip(f"{engine} does not run here")
+    convt_ext.set_gemm_engine(engine)
+    before = _calls()
+    # 1x1 layers on channels_last input: GEMMs on the (N*L, C) pixel rows.
+    _run_layer((2, 2, 8, 12, 2, 7, 1, 1, 0, 1, 0), torch.channels_last)
+    _run_layer((2, 3, 6, 4, 1, 8, 3, 2, 1, 1, 1), torch.channels_last)
+    ran = _calls()[engine] - before[engine]
+    assert ran > 0
+
+
+def test_float64_and_half_fall_back_to_aten():
+    """oneDNN and the ukernel take float32 (oneDNN also half types where the
+    CPU has the instructions); float64 always runs on at::mm."""
+    for engine in ENGINES:
+        convt_ext.set_gemm_engine(engine)
+        x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+        w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+        before = _calls()
+        y = convt_ext.conv2d(x, w, padding=1)
+        after = _calls()
+        torch.testing.assert_close(y, F.conv2d(x, w, padding=1), atol=1e-12, rtol=1e-12)
+        assert after["aten"] > before["aten"]
+        assert after["onednn"] == before["onednn"] and after["brgemm"] == before["brgemm"]
+
+
+def test_bfloat16_every_engine():
+    x = torch.randn(2, 8, 10, 10)
+    w = torch.randn(4, 8, 3, 3)
+    ref = F.conv2d(x.bfloat16().double(), w.bfloat16().double(), padding=1)
+    for engine in ENGINES:
+        convt_ext.set_gemm_engine(engine)
+        y = convt_ext.conv2d(x.bfloat16(), w.bfloat16(), padding=1)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref, atol=0.3, rtol=0.02)
+
+
+@pytest.mark.parametrize("engine", ["aten", "onednn", "brgemm"])
+def test_engine_bits_do_not_depend_on_thread_count(engine):
+    if engine not in ENGINES:
+        pytest.skip(f"{engine} does not run here")
+    convt_ext.set_gemm_engine(engine)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 20, 20, generator=gen)
+    w = torch.randn(8, 8, 3, 3, generator=gen)
+    dy = torch.randn(3, 8, 20, 20, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(
+                (
+                    convt_ext.conv2d(x, w, padding=1),
+                    convt_ext.conv2d_weight(x, w.shape, dy, padding=1),
+                    convt_ext.conv_transpose2d(x, w, padding=1),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_benchmark_mode_times_and_keeps_the_fastest():
+    convt_ext.set_gemm_engine("benchmark")
+    x = torch.randn(2, 16, 33, 31)
+    w = torch.randn(24, 16, 3, 3)
+    y = convt_ext.conv2d(x, w, padding=1)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), atol=2e-4, rtol=2e-4)
+    rows = [r for r in convt_ext.engine_info()["benchmarked"] if r["m"] == 24 and r["k"] == 16 * 9]
+    assert rows, convt_ext.engine_info()["benchmarked"]
+    for r in rows:
+        assert set(r["seconds"]) <= set(ENGINES) and "aten" in r["seconds"]
+        assert all(s > 0 for s in r["seconds"].values())
+        assert r["engine"] == min(r["seconds"], key=r["seconds"].get)
+    # The choice is kept: a second call times nothing new.
+    count = len(convt_ext.engine_info()["benchmarked"])
+    convt_ext.conv2d(x, w, padding=1)
+    assert len(convt_ext.engine_info()["benchmarked"]) == count
+
+
+def test_benchmark_mode_is_the_rule_under_deterministic_algorithms():
+    convt_ext.set_gemm_engine("benchmark")
+    x = torch.randn(2, 5, 17, 19)
+    w = torch.randn(7, 5, 3, 3)
+    count = len(convt_ext.engine_info()["benchmarked"])
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = convt_ext.conv2d(x, w, padding=1)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), atol=2e-4, rtol=2e-4)
+    assert len(convt_ext.engine_info()["benchmarked"]) == count
+
+
+def test_rule():
+    rule = convt_ext._C.rule_engine
+    # MKL runs its AVX2 code on AMD CPUs with AVX-512: oneDNN there.
+    assert rule("cpu", "float32", True, "AuthenticAMD", True) == "onednn"
+    assert rule("cpu", "float32", True, "GenuineIntel", True) == "aten"
+    assert rule("cpu", "float32", False, "AuthenticAMD", True) == "aten"  # AVX2: MKL is fastest
+    assert rule("cpu", "float32", True, "AuthenticAMD", False) == "aten"  # no oneDNN in torch
+    assert rule("cpu", "float64", True, "AuthenticAMD", True) == "aten"
+    assert rule("cpu", "bfloat16", True, "AuthenticAMD", True) == "aten"
+    assert rule("cuda", "float32", True, "AuthenticAMD", True) == "aten"
+    info = convt_ext.engine_info()
+    expected = rule("cpu", "float32", info["cpu_avx512"], info["cpu_vendor"], "onednn" in info["available"])
+    assert info["rule"]["float32"] == expected
+    assert info["rule"]["float64"] == "aten"
+
+
+def test_settings_and_errors():
+    for name in ("auto", "benchmark", "aten", "onednn", "brgemm"):
+        convt_ext.set_gemm_engine(name)
+        assert convt_ext.gemm_engine() == name
+        assert convt_ext.engine_info()["setting"] == name
+        assert convt_ext.build_info()["gemm_engine"] == name
+    with pytest.raises(ValueError, match="engine must be one of"):
+        convt_ext.set_gemm_engine("mkl")
+    with pytest.raises(TypeError, match="engine must be a str"):
+        convt_ext.set_gemm_engine(1)
+    assert convt_ext.gemm_engine() == "brgemm"  # unchanged by the refused calls
+
+
+def _python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_environment_variable():
+    done = _python("import convt_ext; print(convt_ext.gemm_engine())", CONVT_EXT_GEMM_ENGINE="brgemm")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "brgemm"
+    bad = _python("import convt_ext", CONVT_EXT_GEMM_ENGINE="fastest")
+    assert bad.returncode != 0 and "CONVT_EXT_GEMM_ENGINE must be one of" in bad.stderr
+
+
+# ---------------------------------------------------------------- conv_transpose's backward
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "d,n,ci,co,g,size,k,s,p,op,dl",
+    [
+        (2, 3, 6, 4, 1, 5, 3, 2, 1, 1, 1),  # wide path
+        (2, 2, 4, 6, 2, 30, 4, 2, 1, 0, 1),  # blocks
+        (2, 2, 8, 4, 2, 6, 1, 1, 0, 0, 1),  # 1x1: dy is its own columns
+        (1, 2, 4, 3, 1, 40, 3, 3, 1, 2, 1),
+        (3, 2, 4, 2, 2, 4, 2, 2, 0, 1, 1),
+        (2, 2, 4, 4, 1, 5, 3, 1, 1, 0, 2),  # dilation
+    ],
+)
+def test_conv_transpose_backward_shares_columns(d, n, ci, co, g, size, k, s, p, op, dl):
+    gen = torch.Generator().manual_seed(size + k)
+    x = torch.randn(n, ci, *([size] * d), dtype=torch.float64, generator=gen)
+    w = torch.randn(ci, co // g, *([k] * d), dtype=torch.float64, generator=gen)
+    convt = getattr(convt_ext, f"conv_transpose{d}d")
+    tconvt = getattr(F, f"conv_transpose{d}d")
+    args = dict(stride=s, padding=p, output_padding=op, groups=g, dilation=dl)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = convt(xa, wa, **args)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    with _OpLog() as log:
+        gx, gw = torch.autograd.grad(y, (xa, wa), dy)
+    assert "convt_ext._conv_transpose_backward.default" in log.names
+    assert not any("conv2d_weight" in name or f"conv{d}d_weight" in name for name in log.names)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    rx, rw = torch.autograd.grad(tconvt(xr, wr, **args), (xr, wr), dy)
+    torch.testing.assert_close(gx, rx, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gw, rw, atol=1e-10, rtol=1e-10)
+
+
+def test_conv_transpose_backward_keeps_double_backward():
+    """With create_graph the two differentiable ops run instead, so the
+    second derivative is still there."""
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    with _OpLog() as log:
+        torch.autograd.gradgradcheck(
+            lambda a, b: convt_ext.conv_transpose2d(a, b, stride=2, padding=1), (x, w)
+        )
+    assert "convt_ext._conv_transpose_backward.default" not in log.names
+
+
+def test_conv_transpose_backward_op():
+    x = torch.randn(2, 6, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    dy = torch.randn(2, 4, 9, 9)
+    gx, gw = torch.ops.convt_ext._conv_transpose_backward(dy, x, w, [2, 2], [1, 1], [0, 0], 1, [1, 1])
+    torch.testing.assert_close(gx, F.conv2d(dy.double(), w.double(), stride=2, padding=1).float(), atol=1e-4, rtol=1e-4)
+    ref_w = torch.nn.grad.conv2d_weight(dy.double(), w.shape, x.double(), stride=2, padding=1)
+    torch.testing.assert_close(gw, ref_w.float(), atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="grad_output must have the output's shape"):
+        torch.ops.convt_ext._conv_transpose_backward(dy[:, :, :8], x, w, [2, 2], [1, 1], [0, 0], 1, [1, 1])
+    torch.library.opcheck(
+        torch.ops.convt_ext._conv_transpose_backward.default,
+        (dy, x, w, [2, 2], [1, 1], [0, 0], 1, [1, 1]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    # Empty batch and zero output channels.
+    gx, gw = torch.ops.convt_ext._conv_transpose_backward(dy[:0], x[:0], w, [2, 2], [1, 1], [0, 0], 1, [1, 1])
+    assert gx.shape == (0, 6, 5, 5) and torch.equal(gw, torch.zeros_like(w))
+    gx, gw = torch.ops.convt_ext._conv_transpose_backward(dy[:, :0], x, w[:, :0], [2, 2], [1, 1], [0, 0], 1, [1, 1])
+    assert torch.equal(gx, torch.zeros_like(x)) and gw.shape == (6, 0, 3, 3)
+
+
+def test_conv_transpose_backward_under_compile():
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+
+    def f(a, b):
+        return convt_ext.conv_transpose2d(a, b, stride=2, padding=1).square().sum()
+
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, w), (x, w))
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.autograd.grad(F.conv_transpose2d(xr, wr, stride=2, padding=1).square().sum(), (xr, wr))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e.float(), atol=1e-3, rtol=1e-4)
