@@ -143,6 +143,40 @@ void gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   });
 }
 
+// One chunk of the wide path's conv: y[n0, n0 + b) = w3 . c (+ b3), where c
+// holds the chunk's columns side by side; the GEMM writes the (G, C/G, b*L)
+// scratch `wide`, permuted into the samples by one copy.
+void wide_conv(const at::Tensor& y, int64_t n0, int64_t b, const at::Tensor& wide,
+               const at::Tensor& w3, const at::Tensor& c, const at::Tensor& b3) {
+  const int64_t C = y.size(1), L = y.size(2);
+  const at::Tensor yw = wide.narrow(2, 0, b * L);
+  gemm_columns(yw, w3, c, b3);
+  y.narrow(0, n0, b).copy_(yw.view({C, b, L}).permute({1, 0, 2}));
+}
+
+// A weight gradient summed over blocks: each of for_each_task's fixed ranges
+// sums into its own partial, and the partials are added in range order, so
+// the result is the same for any thread count (Note [Determinism across
+// thread counts]).
+struct PartialSums {
+  at::Tensor total;  // (G, M, N), zeros
+  std::vector<at::Tensor> partial;
+  PartialSums(at::Tensor zeros, const at::Tensor& like)
+      : total(std::move(zeros)), partial(tasks_at_once(like)) {}
+  // partial[range] += a . b, per group; only group `group`'s with one >= 0.
+  void add(int64_t range, const at::Tensor& a, const at::Tensor& b, int64_t group = -1) {
+    at::Tensor& acc = partial[range];
+    if (!acc.defined()) acc = at::zeros_like(total);
+    gemm(group < 0 ? acc : acc.narrow(0, group, 1), a, b, at::Tensor(), true);
+  }
+  const at::Tensor& sum() {
+    for (const at::Tensor& p : partial) {
+      if (p.defined()) total.add_(p);
+    }
+    return total;
+  }
+};
+
 const char* kDimNames[] = {"", "3-d (N, C, L)", "4-d (N, C, H, W)", "5-d (N, C, D, H, W)"};
 
 void check_conv_tensors(const char* op, int dims, const at::Tensor& input,
@@ -334,9 +368,7 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t b = std::min(chunk, N - n0);
       im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
-      const at::Tensor yw = wide_out.narrow(2, 0, b * L);
-      gemm_columns(yw, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
-      y.narrow(0, n0, b).copy_(yw.view({C_out, b, L}).permute({1, 0, 2}));
+      wide_conv(y, n0, b, wide_out, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
     }
     return out;
   }
@@ -542,21 +574,8 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   if (N == 0 || L == 0 || grad_weight.numel() == 0) return grad_weight.view(weight_size);
 
   const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
-  // Each range of tasks sums into its own partial gradient, and the partials
-  // are added in range order: the ranges are fixed, so the result is the
-  // same for any thread count (Note [Determinism across thread counts]).
-  std::vector<at::Tensor> partial(tasks_at_once(input));
-  auto accumulate = [&](int64_t range, const at::Tensor& a, const at::Tensor& b) {
-    at::Tensor& acc = partial[range];
-    if (!acc.defined()) acc = at::zeros_like(grad_weight);
-    gemm(acc, a, b, at::Tensor(), true);
-  };
-  auto sum_partials = [&] {
-    for (const at::Tensor& p : partial) {
-      if (p.defined()) grad_weight.add_(p);
-    }
-    return grad_weight.view(weight_size);
-  };
+  PartialSums sums(grad_weight, input);
+  auto sum_partials = [&] { return sums.sum().view(weight_size); };
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
@@ -569,8 +588,8 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
       const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
       // The reduction over the chunk's positions, split into fixed ranges.
       for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
-        accumulate(range, dy.narrow(2, begin, end - begin),
-                   c.narrow(2, begin, end - begin).transpose(1, 2));
+        sums.add(range, dy.narrow(2, begin, end - begin),
+                 c.narrow(2, begin, end - begin).transpose(1, 2));
       });
     }
     return sum_partials();
@@ -583,20 +602,18 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
     const at::Tensor x = pixel_rows(input), dy = pixel_rows(grad_output.contiguous(format));
     const int64_t ci = C_in / G, co = C_out / G;
     for_each_task(input, x.size(0), [&](int64_t range, int64_t begin, int64_t end) {
-      at::Tensor& acc = partial[range];
-      if (!acc.defined()) acc = at::zeros_like(grad_weight);
+      // One GEMM per group: the groups' columns interleave in a pixel row.
       for (int64_t g = 0; g < G; ++g) {
-        gemm(acc.narrow(0, g, 1),
-             dy.narrow(0, begin, end - begin).narrow(1, g * co, co).t().unsqueeze(0),
-             x.narrow(0, begin, end - begin).narrow(1, g * ci, ci).unsqueeze(0), at::Tensor(), true);
+        sums.add(range, dy.narrow(0, begin, end - begin).narrow(1, g * co, co).t().unsqueeze(0),
+                 x.narrow(0, begin, end - begin).narrow(1, g * ci, ci).unsqueeze(0), g);
       }
     });
     return sum_partials();
   }
   const at::Tensor x = direct ? image.contiguous() : image;
   for_each_column_block(x, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    accumulate(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
-               c.view({G, K / G, count}).transpose(1, 2));
+    sums.add(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
+             c.view({G, K / G, count}).transpose(1, 2));
   });
   return sum_partials();
 }
@@ -646,17 +663,9 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
   const at::Tensor x3 = input.contiguous().view({N, C_in, L});
   const at::Tensor w3 = weight.reshape({G, C_in / G, K / G});
   const at::Tensor gi = grad_input.view({N, C_in, L});
-  std::vector<at::Tensor> partial(tasks_at_once(input));  // as in conv_weight_impl
-  auto accumulate = [&](int64_t range, const at::Tensor& a, const at::Tensor& b) {
-    at::Tensor& acc = partial[range];
-    if (!acc.defined()) acc = at::zeros_like(grad_weight);
-    gemm(acc, a, b, at::Tensor(), true);
-  };
+  PartialSums sums(grad_weight, input);
   auto results = [&]() -> std::tuple<at::Tensor, at::Tensor> {
-    for (const at::Tensor& p : partial) {
-      if (p.defined()) grad_weight.add_(p);
-    }
-    return {grad_input, grad_weight.view(weight.sizes())};
+    return {grad_input, sums.sum().view(weight.sizes())};
   };
   if (const int64_t chunk = wide_chunk(input, L, K, 2 * C_in)) {
     const ColumnBuffer cols(0, chunk, K, L, input.options());
@@ -668,13 +677,11 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
       const int64_t b = std::min(chunk, N - n0);
       im2col_box(dy5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
       const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
-      const at::Tensor gw = wide_out.narrow(2, 0, b * L);
-      gemm_columns(gw, w3, c, at::Tensor());
-      gi.narrow(0, n0, b).copy_(gw.view({C_in, b, L}).permute({1, 0, 2}));
+      wide_conv(gi, n0, b, wide_out, w3, c, at::Tensor());
       const at::Tensor xs = side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L});
       for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
-        accumulate(range, xs.narrow(2, begin, end - begin),
-                   c.narrow(2, begin, end - begin).transpose(1, 2));
+        sums.add(range, xs.narrow(2, begin, end - begin),
+                 c.narrow(2, begin, end - begin).transpose(1, 2));
       });
     }
     return results();
@@ -685,8 +692,8 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
   for_each_column_block(image_dy, whole, K, direct, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     const at::Tensor cg = c.view({G, K / G, count});
     gemm(gi.select(0, n).narrow(1, first, count).view({G, C_in / G, count}), w3, cg);
-    accumulate(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),
-               cg.transpose(1, 2));
+    sums.add(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),
+             cg.transpose(1, 2));
   });
   return results();
 }

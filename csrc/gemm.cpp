@@ -188,8 +188,12 @@ void run_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     std::optional<at::Tensor> bias;
     if (fused) bias = add.select(0, g).reshape({-1}).contiguous();
     if (add.defined() && !fused && !accumulate) o.copy_(add.select(0, g).expand_as(o));
-    // out[g]^T (N, M) = b[g]^T (N, K) . a[g] (M, K)^T
-    const at::Tensor yt = onednn_matmul(b.select(0, g).t(), a.select(0, g), bias);
+    // out[g]^T (N, M) = b[g]^T (N, K) . a[g] (M, K)^T. oneDNN's linear op
+    // takes a strided weight a thousand times slower than a contiguous one
+    // (a reorder per call; benchmarks/NOTES.md item 18): a[g], the smaller
+    // operand here (a weight, or a block of the upstream gradient), is made
+    // contiguous.
+    const at::Tensor yt = onednn_matmul(b.select(0, g).t(), a.select(0, g).contiguous(), bias);
     if (accumulate || (add.defined() && !fused)) {
       o.add_(yt.t());
     } else {
