@@ -107,6 +107,28 @@ def default_archs(cuda_home):
     return ";".join(names)
 
 
+def cublas_paths(cuda_home):
+    """cuBLAS's headers and library for csrc/cuda/gemm_cublas.cu: the toolkit's
+    own, or those of the nvidia-cublas wheel that a CUDA build of torch
+    installs (site-packages/nvidia/cu*/), when the toolkit has no cuBLAS."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    roots = [cuda_home] + sorted(glob.glob(os.path.join(site, "nvidia", "cu*")), reverse=True) + [
+        os.path.join(site, "nvidia", "cublas")
+    ]
+    for root in roots:
+        header = os.path.join(root, "include", "cublas_v2.h")
+        libs = sorted(glob.glob(os.path.join(root, "lib64", "libcublas.so*")) + glob.glob(os.path.join(root, "lib", "libcublas.so*")))
+        if os.path.exists(header) and libs:
+            # The versioned file (libcublas.so.13): the wheel has no unversioned link.
+            lib = min(libs, key=len)
+            return os.path.join(root, "include"), [lib, "-Wl,-rpath," + os.path.dirname(lib)]
+    fail(
+        "the CUDA path needs cuBLAS (cublas_v2.h and libcublas.so), found neither in "
+        f"CUDA_HOME={cuda_home} nor in {os.path.join(site, 'nvidia')}; install the toolkit's cuBLAS, "
+        "or a CUDA build of torch, which brings it."
+    )
+
+
 def version():
     with open(os.path.join(ROOT, "convt_ext", "_version.py")) as f:
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
@@ -142,11 +164,13 @@ def extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs(cpp_extension.CUDA_HOME)
         archs = [a for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
         write_build_config(True, archs, nvcc_release(cpp_extension.CUDA_HOME))
+        cublas_include, cublas_link = cublas_paths(cpp_extension.CUDA_HOME)
         return cpp_extension.CUDAExtension(
             "convt_ext._C",
             sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
+            include_dirs=[cublas_include],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=link,
+            extra_link_args=link + cublas_link,
         )
     write_build_config(False, [], None)
     return cpp_extension.CppExtension(

@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -813,6 +814,8 @@ def machine_info(device):
     if device.type == "cuda":
         info.update(
             gpu=torch.cuda.get_device_name(device),
+            gpu_capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+            gpu_state=_nvidia_smi(device.index if device.index is not None else torch.cuda.current_device()),
             cuda=torch.version.cuda,
             cudnn={"available": torch.backends.cudnn.is_available(), "version": torch.backends.cudnn.version(),
                    "benchmark": torch.backends.cudnn.benchmark},
@@ -820,15 +823,33 @@ def machine_info(device):
     return info
 
 
-def _disable_tf32():
-    """Full float32 on CUDA for torch and us alike (cuDNN convs default to TF32)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+def _nvidia_smi(index):
+    """The GPU's driver and clocks (SM and memory, now and at most), from
+    nvidia-smi; None where it cannot be run."""
+    fields = ["driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit"]
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in done.stdout.strip().split(",")]
+    return dict(zip(fields, values)) if done.returncode == 0 and len(values) == len(fields) else None
+
+
+def _set_tf32(on):
+    """TF32 on or off for both sides on CUDA: torch's convolutions (cuDNN) and
+    convt_ext's GEMMs follow the convolution flag (Note [TF32 as a convolution]
+    in csrc/gemm.h); the matmul flag is set alike, so that the GEMM-rate
+    ceiling is measured under the same arithmetic. Returns what each side
+    then uses, read back from torch. The allow_tf32 flags set cuDNN's conv
+    and RNN settings together; torch refuses to read them back after the
+    newer per-op API has set the two apart."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    conv = torch.backends.cudnn.allow_tf32
+    return {"torch_cudnn": conv, "convt_ext": conv, "matmul_ceiling": torch.backends.cuda.matmul.allow_tf32}
 
 
 # ------------------------------------------------------------------- reporting
@@ -1086,6 +1107,8 @@ def parse_args(argv):
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--channels-last", action="store_true",
                    help="2-d/3-d convolutions on channels_last inputs and weights (both sides)")
+    p.add_argument("--tf32", choices=["on", "off"], default="off",
+                   help="CUDA float32: TF32 for torch's convolutions and convt_ext's alike (default off)")
     p.add_argument("--gemm-engine", choices=list(convt_ext.GEMM_ENGINES),
                    help="convt_ext's GEMM engine (convt_ext.set_gemm_engine; default: its setting, 'auto')")
     p.add_argument("--out", type=Path, help="JSON path (the PNG goes next to it)")
@@ -1140,10 +1163,12 @@ def main(argv=None):
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        _disable_tf32()
+        tf32 = _set_tf32(args.tf32 == "on")
+    else:
+        tf32 = None
     machine = machine_info(device)
     if device.type == "cuda":
-        default = f"cuDNN {machine['cudnn']['version']} (torch's default; TF32 off for both)"
+        default = f"cuDNN {machine['cudnn']['version']} (torch's default; TF32 {args.tf32} for both)"
     else:
         default = f"oneDNN {machine['mkldnn']['version']} where torch's dispatch picks it (see torch_backend in the JSON)"
     print(f"convt_ext {convt_ext.__version__} vs torch {torch.__version__} on {device} "
@@ -1197,7 +1222,7 @@ def main(argv=None):
             "quick": args.quick, "rounds": args.rounds, "min_run_time_s": args.min_run_time,
             "backward": not args.no_backward, "cuda_scale": CUDA_SCALE, "channels_last": args.channels_last,
             "tolerances": {"rtol": TOLERANCES[dtype][0], "atol_x_max_abs": TOLERANCES[dtype][1]},
-            "tf32": False if device.type == "cuda" else None,
+            "tf32": tf32,
         },
         "machine": machine,
         # The GEMM engine setting, and per engine how many GEMMs it ran.

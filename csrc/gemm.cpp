@@ -158,8 +158,12 @@ bool supports(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Te
 // ---- The engines. Each computes, for every group g,
 // out[g] = add[g] + a[g] . b[g], or out[g] += a[g] . b[g] with accumulate.
 
+DeviceGemm g_cuda_gemm = nullptr;  // set once, at load (gemm_cublas.cu)
+
 void run_aten(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& add, bool accumulate) {
+  // Note [TF32 as a convolution]
+  if (out.is_cuda() && g_cuda_gemm != nullptr && g_cuda_gemm(out, a, b, add, accumulate)) return;
   if (a.size(0) == 1) {
     at::Tensor o = out.select(0, 0);
     if (accumulate) {
@@ -319,6 +323,11 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 }  // namespace
 
 const char* engine_name(Engine e) { return kEngineNames[static_cast<int>(e)]; }
+
+void register_device_gemm(c10::DeviceType type, DeviceGemm gemm) {
+  TORCH_CHECK(type == c10::DeviceType::CUDA, "register_device_gemm: only CUDA has one");
+  g_cuda_gemm = gemm;
+}
 
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& add,
           bool accumulate) {

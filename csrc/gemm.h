@@ -52,6 +52,21 @@ const char* engine_name(Engine e);
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
           const at::Tensor& add = at::Tensor(), bool accumulate = false);
 
+// Note [TF32 as a convolution]
+// On CUDA, F.conv2d runs float32 with TF32 when torch.backends.cudnn.allow_tf32
+// says so (the default), while at::mm follows the matmul flag
+// (torch.backends.cuda.matmul, off by default). A convolution here is a GEMM,
+// so the aten engine's float32 GEMMs on CUDA follow the convolution flag:
+// where the two flags disagree, the CUDA translation unit runs them by cuBLAS
+// with the compute type chosen per call (FAST_TF32, or PEDANTIC for full
+// float32), changing no flag and no handle state, even briefly, so
+// concurrent callers cannot see each other's settings.
+using DeviceGemm = bool (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                           const at::Tensor& add, bool accumulate);
+// Registered at load by a device's translation unit; it returns false where
+// it leaves the GEMM to at::mm.
+void register_device_gemm(c10::DeviceType type, DeviceGemm gemm);
+
 // The setting: "auto", "benchmark", "aten", "onednn" or "brgemm".
 void set_gemm_engine(const std::string& setting);
 std::string gemm_engine();

@@ -18,6 +18,12 @@ import convt_ext
 # Use together with @pytest.mark.cuda on every CUDA test.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+# CUDA float32 parity is checked in full float32: cuDNN's convolutions, and
+# convt_ext's, which follow the same flag (Note [TF32 as a convolution] in
+# csrc/gemm.h), would otherwise run TF32. tests/test_gemm_engine.py checks
+# the TF32 setting itself.
+torch.backends.cudnn.allow_tf32 = False
+
 # The default workspace limit as this process started, before any test changed it.
 DEFAULT_WORKSPACE_LIMIT = convt_ext.workspace_limit()
 

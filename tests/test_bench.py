@@ -434,3 +434,18 @@ def test_channels_last_cases_run_on_channels_last_tensors_and_check_strides(dire
     planar = torch.ones(2, 3, 4, 4)
     assert "memory format" in bench.check([planar], [planar.contiguous(memory_format=torch.channels_last)],
                                           torch.float32, ["output"])
+
+
+def test_tf32_is_set_for_both_sides_alike():
+    """--tf32: torch's convolutions and convt_ext's GEMMs read the same flag,
+    and the report says what each used (the flags exist without a GPU too)."""
+    try:
+        for on in (True, False):
+            used = bench._set_tf32(on)
+            assert used == {"torch_cudnn": on, "convt_ext": on, "matmul_ceiling": on}
+            assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
+    finally:
+        bench._set_tf32(False)  # as tests/conftest.py has it
+    assert bench.parse_args(["--tf32", "on"]).tf32 == "on"
+    assert bench.parse_args([]).tf32 == "off"
+    assert bench.parse_args(["--gemm-engine", "onednn"]).gemm_engine == "onednn"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import convt_ext
+from conftest import requires_cuda
 
 ENGINES = convt_ext.engine_info()["available"]
 
@@ -342,3 +343,45 @@ def test_conv_transpose_backward_under_compile():
     want = torch.autograd.grad(F.conv_transpose2d(xr, wr, stride=2, padding=1).square().sum(), (xr, wr))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e.float(), atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- TF32 on CUDA
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_float32_follows_the_convolution_tf32_flag():
+    """Note [TF32 as a convolution]: float32 GEMMs follow cudnn.allow_tf32, as
+    F.conv2d does, in all four combinations with the matmul flag, and leave
+    both flags as they were."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 24, 24, generator=gen).cuda()
+    w = torch.randn(64, 64, 3, 3, generator=gen).cuda()
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    errors = {}
+    try:
+        for conv_flag in (False, True):
+            for matmul_flag in (False, True):
+                torch.backends.cudnn.allow_tf32 = conv_flag
+                torch.backends.cuda.matmul.allow_tf32 = matmul_flag
+                for op in ("conv", "conv_transpose", "weight"):
+                    if op == "conv":
+                        got, want = convt_ext.conv2d(x, w, padding=1), ref
+                    elif op == "conv_transpose":
+                        got = convt_ext.conv_transpose2d(x, w, padding=1)
+                        want = F.conv_transpose2d(x.double(), w.double(), padding=1)
+                    else:
+                        got = convt_ext.conv2d_weight(x, w.shape, x, padding=1)
+                        want = torch.nn.grad.conv2d_weight(x.double(), w.shape, x.double(), padding=1)
+                    errors[conv_flag, matmul_flag, op] = ((got.double() - want).abs().max() / want.abs().max()).item()
+                assert torch.backends.cudnn.allow_tf32 is conv_flag
+                assert torch.backends.cuda.matmul.allow_tf32 is matmul_flag
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    for (conv_flag, matmul_flag, op), err in errors.items():
+        assert err < (5e-3 if conv_flag else 1e-5), (conv_flag, matmul_flag, op, err)
+    if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists from Ampere on
+        for matmul_flag in (False, True):
+            for op in ("conv", "conv_transpose", "weight"):
+                assert errors[True, matmul_flag, op] > 10 * errors[False, matmul_flag, op], errors
