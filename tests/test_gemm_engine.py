@@ -237,7 +237,8 @@ def test_settings_and_errors():
 
 def _python(code, **env):
     return subprocess.run(
-        [sys.executable, "-c", code],
+        # -P: the installed package, not the checkout's source folder (no _C).
+        [sys.executable, "-P", "-c", code],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
