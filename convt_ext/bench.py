@@ -971,6 +971,67 @@ def summarize(results):
     return summary
 
 
+# The targets the project's issues set, checked on every run (pass / miss /
+# not run): issue 10's on the CPU, issue 11's on a GPU. Each: (op, dims,
+# direction, measure, statistic over shapes, at least). Measures: a speedup
+# ("vs_torch": torch's default kernel, oneDNN or cuDNN; "vs_torch_im2col"),
+# or a share of the ceiling in percent ("percent": fresh outputs;
+# "percent_out": into a reused out= buffer).
+TARGETS = {
+    "cpu": [
+        ("conv2d", 2, FORWARD, "vs_torch", "median", 1.0),
+        ("conv2d", 2, FORWARD, "vs_torch", "min", 0.8),
+        ("conv2d", 2, BACKWARD, "vs_torch", "median", 1.0),
+        ("conv_transpose2d", 2, FORWARD, "vs_torch", "median", 1.5),
+        ("conv_transpose2d", 2, FORWARD, "vs_torch", "min", 1.0),
+        ("conv_transpose2d", 2, BACKWARD, "vs_torch", "median", 1.0),
+        ("conv2d", 2, FORWARD, "vs_torch_im2col", "median", 2.0),
+        ("conv_transpose2d", 2, FORWARD, "vs_torch_im2col", "median", 2.0),
+        ("im2col", 2, FORWARD, "vs_torch", "median", 5.0),
+        ("col2im", 2, FORWARD, "vs_torch", "median", 5.0),
+        ("im2col", 2, FORWARD, "percent_out", "median", 50.0),
+    ],
+    "cuda": [
+        ("conv_transpose2d", 2, FORWARD, "vs_torch", "median", 1.0),
+        ("conv2d", 2, FORWARD, "vs_torch", "median", 0.8),
+        ("im2col", 2, FORWARD, "percent", "median", 70.0),
+        ("col2im", 2, FORWARD, "percent", "median", 70.0),
+        ("im2col", 2, FORWARD, "vs_torch", "median", 3.0),
+        ("col2im", 2, FORWARD, "vs_torch", "median", 3.0),
+    ],
+}
+
+
+def check_targets(summary, device_type):
+    """TARGETS[device_type] against the summary: each with its measured value
+    (None where the run did not cover it) and whether it passed."""
+    checked = []
+    for op, dims, direction, measure, stat, least in TARGETS.get(device_type, []):
+        entry = next((e for e in summary if e["op"] == op and e["dims"] == dims and e["direction"] == direction), None)
+        value = None
+        if entry is not None:
+            if measure.startswith("vs_"):
+                value = entry.get(measure, {}).get(stat)
+            else:
+                impl = "convt_ext_out" if measure == "percent_out" else "convt_ext"
+                value = entry.get("rate", {}).get(impl, {}).get("percent_of_ceiling", {}).get(stat)
+        checked.append({"op": op, "dims": dims, "direction": direction, "measure": measure, "statistic": stat,
+                        "at_least": least, "measured": value,
+                        "status": "not run" if value is None else ("pass" if value >= least else "miss")})
+    return checked
+
+
+def format_targets(checked):
+    out = []
+    for t in checked:
+        what = {"vs_torch": "x torch default", "vs_torch_im2col": "x torch im2col kernel",
+                "percent": "% of the ceiling", "percent_out": "% of the ceiling into out="}[t["measure"]]
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        out.append(f"  {t['status']:7} {op_label(t['op'], t['dims'])} {t['direction']}: {t['statistic']} {measured} "
+                   f"(target >= {t['at_least']:g}{what})")
+    return "\n".join(out)
+
+
 def format_summary(summary):
     out = []
     for e in summary:
@@ -1208,6 +1269,11 @@ def main(argv=None):
     print("%peak = ours GFLOP/s over that fp32 peak (convolutions) or GB/s over the copy bandwidth (im2col/col2im)")
     print("speedup = other time / convt_ext time (> 1: convt_ext faster); median over shapes of the per-round medians:")
     print(format_summary(summary))
+    targets = check_targets(summary, device.type)
+    if targets:
+        print(f"targets ({'issue 11, GPU' if device.type == 'cuda' else 'issue 10, CPU'}; "
+              f"{sum(t['status'] == 'pass' for t in targets)} of {len(targets)} met):")
+        print(format_targets(targets))
     if unbuilt:
         print(f"not built: this convt_ext lacks {', '.join(unbuilt)}; those cases were skipped "
               f"(rebuild: pip install --no-build-isolation .)")
@@ -1231,6 +1297,7 @@ def main(argv=None):
         "suite": [asdict(s) for s in SUITE],
         "results": results,
         "summary": summary,
+        "targets": targets,
         "failures": failures,
         "not_built": unbuilt,
         "elapsed_s": time.perf_counter() - started,

@@ -127,6 +127,23 @@ void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K,
   });
 }
 
+// The wide path's loop (Note [Column plans and the workspace limit]): for
+// every chunk of `chunk` samples [n0, n0 + b) of image, fn(n0, b, cols) with
+// cols (K, b*L) the columns of their windows side by side.
+template <typename F>
+void for_each_wide_chunk(const at::Tensor& image, const Window3& whole, int64_t chunk,
+                         const F& fn) {
+  const int64_t N = image.size(0), K = whole.rows(), L = whole.window_numel();
+  const ColumnBuffer cols(0, chunk, K, L, image.options());
+  const at::Tensor x5 = lift(image);
+  const int64_t lo[kMaxDims] = {0, 0, 0};
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
+    fn(n0, b, cols.matrix(b));
+  }
+}
+
 // (b, C, L) -> (C, b*L): the samples of `t` side by side, in `buf`.
 at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
   const int64_t b = t.size(0);
@@ -176,6 +193,15 @@ struct PartialSums {
     return total;
   }
 };
+
+// sums += a . c^T over a wide chunk: the reduction over its b*L positions
+// split into for_each_task's fixed ranges, each into its own partial.
+void wide_weight_sum(PartialSums& sums, const at::Tensor& like, const at::Tensor& a,
+                     const at::Tensor& c) {
+  for_each_task(like, a.size(2), [&](int64_t range, int64_t begin, int64_t end) {
+    sums.add(range, a.narrow(2, begin, end - begin), c.narrow(2, begin, end - begin).transpose(1, 2));
+  });
+}
 
 const char* kDimNames[] = {"", "3-d (N, C, L)", "4-d (N, C, H, W)", "5-d (N, C, D, H, W)"};
 
@@ -361,15 +387,10 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   const at::Tensor y = out.view({N, C_out, L});
 
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
-    const ColumnBuffer cols(0, chunk, K, L, input.options());
     const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
-    const at::Tensor x5 = lift(image);
-    const int64_t lo[kMaxDims] = {0, 0, 0};
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t b = std::min(chunk, N - n0);
-      im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
-      wide_conv(y, n0, b, wide_out, w3, cols.matrix(b).view({G, K / G, b * L}), b3);
-    }
+    for_each_wide_chunk(image, whole, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      wide_conv(y, n0, b, wide_out, w3, cols.view({G, K / G, b * L}), b3);
+    });
     return out;
   }
   const bool direct = pointwise(kernel, stride, padding);
@@ -577,21 +598,11 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   PartialSums sums(grad_weight, input);
   auto sum_partials = [&] { return sums.sum().view(weight_size); };
   if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
-    const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_dy(1, chunk, C_out, L, input.options());
-    const at::Tensor x5 = lift(image);
-    const int64_t lo[kMaxDims] = {0, 0, 0};
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t b = std::min(chunk, N - n0);
-      im2col_box(x5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
+    for_each_wide_chunk(image, whole, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
       const at::Tensor dy = side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L});
-      const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
-      // The reduction over the chunk's positions, split into fixed ranges.
-      for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
-        sums.add(range, dy.narrow(2, begin, end - begin),
-                 c.narrow(2, begin, end - begin).transpose(1, 2));
-      });
-    }
+      wide_weight_sum(sums, input, dy, cols.view({G, K / G, b * L}));
+    });
     return sum_partials();
   }
   // (grad_output may be short of the input's windows: then the columns are not the input.)
@@ -668,22 +679,13 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
     return {grad_input, sums.sum().view(weight.sizes())};
   };
   if (const int64_t chunk = wide_chunk(input, L, K, 2 * C_in)) {
-    const ColumnBuffer cols(0, chunk, K, L, input.options());
     const ColumnBuffer wide_x(1, chunk, C_in, L, input.options());
     const at::Tensor wide_out = scratch(2, {G, C_in / G, chunk * L}, input.options());
-    const at::Tensor dy5 = lift(dy);
-    const int64_t lo[kMaxDims] = {0, 0, 0};
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t b = std::min(chunk, N - n0);
-      im2col_box(dy5.narrow(0, n0, b), cols.samples(b), whole, lo, whole.windows);
-      const at::Tensor c = cols.matrix(b).view({G, K / G, b * L});
+    for_each_wide_chunk(dy, whole, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      const at::Tensor c = cols.view({G, K / G, b * L});
       wide_conv(gi, n0, b, wide_out, w3, c, at::Tensor());
-      const at::Tensor xs = side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L});
-      for_each_task(input, b * L, [&](int64_t range, int64_t begin, int64_t end) {
-        sums.add(range, xs.narrow(2, begin, end - begin),
-                 c.narrow(2, begin, end - begin).transpose(1, 2));
-      });
-    }
+      wide_weight_sum(sums, input, side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L}), c);
+    });
     return results();
   }
   bool direct = pointwise(kernel, stride, padding);

@@ -43,37 +43,29 @@ void check(cublasStatus_t status) {
               cublasGetStatusString(status));
 }
 
+Blas transposed(const Blas& x) { return {x.t.transpose(1, 2), !x.row_major, x.ld}; }
+
 // out[g] (+)= a[g] . b[g] for every group, on the current stream, with TF32
 // exactly when `tf32`. out's rows or columns are contiguous (see below).
 void strided_batched(const at::Tensor& out, const Blas& A, const Blas& B, float beta, bool tf32) {
   const int64_t G = out.size(0), M = out.size(1), N = out.size(2), K = A.t.size(2);
-  const float alpha = 1.f;
-  const cublasComputeType_t compute =
-      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC;
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  const bool out_rows = N == 1 || out.stride(2) == 1;
-  float* c = out.data_ptr<float>();
-  const float* pa = A.t.const_data_ptr<float>();
-  const float* pb = B.t.const_data_ptr<float>();
-  if (out_rows) {
-    // Row-major out is column-major out^T = b^T . a^T.
-    const int64_t ldc = M == 1 ? std::max<int64_t>(1, N) : out.stride(1);
-    check(cublasGemmStridedBatchedEx(
-        handle, B.row_major ? CUBLAS_OP_N : CUBLAS_OP_T, A.row_major ? CUBLAS_OP_N : CUBLAS_OP_T,
-        static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, pb, CUDA_R_32F,
-        static_cast<int>(B.ld), B.t.stride(0), pa, CUDA_R_32F, static_cast<int>(A.ld),
-        A.t.stride(0), &beta, c, CUDA_R_32F, static_cast<int>(ldc), out.stride(0),
-        static_cast<int>(G), compute, CUBLAS_GEMM_DEFAULT));
-  } else {
-    // Column-major out (a transposed view, as a channels_last output's): out = a . b.
-    const int64_t ldc = N == 1 ? std::max<int64_t>(1, M) : out.stride(2);
-    check(cublasGemmStridedBatchedEx(
-        handle, A.row_major ? CUBLAS_OP_T : CUBLAS_OP_N, B.row_major ? CUBLAS_OP_T : CUBLAS_OP_N,
-        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), &alpha, pa, CUDA_R_32F,
-        static_cast<int>(A.ld), A.t.stride(0), pb, CUDA_R_32F, static_cast<int>(B.ld),
-        B.t.stride(0), &beta, c, CUDA_R_32F, static_cast<int>(ldc), out.stride(0),
-        static_cast<int>(G), compute, CUBLAS_GEMM_DEFAULT));
+  if (N > 1 && out.stride(2) != 1) {
+    // Column-major out (a transposed view, as a channels_last output's) is
+    // row-major out^T = b^T . a^T.
+    return strided_batched(out.transpose(1, 2), transposed(B), transposed(A), beta, tf32);
   }
+  // Row-major out is, to cuBLAS, column-major out^T = b^T . a^T, and a
+  // row-major operand is its own transpose.
+  const float alpha = 1.f;
+  const int64_t ldc = M == 1 ? std::max<int64_t>(1, N) : out.stride(1);
+  check(cublasGemmStridedBatchedEx(
+      at::cuda::getCurrentCUDABlasHandle(), B.row_major ? CUBLAS_OP_N : CUBLAS_OP_T,
+      A.row_major ? CUBLAS_OP_N : CUBLAS_OP_T, static_cast<int>(N), static_cast<int>(M),
+      static_cast<int>(K), &alpha, B.t.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(B.ld), B.t.stride(0), A.t.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(A.ld), A.t.stride(0), &beta, out.data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(ldc), out.stride(0), static_cast<int>(G),
+      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
 }
 
 bool cuda_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
