@@ -98,13 +98,13 @@ void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* 
 // input (contiguous) is its own column matrix.
 template <typename F>
 void for_each_column_block(const at::Tensor& x, const Window3& whole, int64_t K, bool direct,
-                           const F& fn) {
+                           const F& fn, int64_t cap = INT64_MAX) {
   const int64_t L = whole.window_numel(), elem = x.element_size();
   int64_t inner[kMaxDims + 1];
   inner[kMaxDims] = 1;
   for (int i = kMaxDims - 1; i >= 0; --i) inner[i] = inner[i + 1] * whole.windows[i];
   const Blocks blocks =
-      plan_blocks(whole.windows, direct ? INT64_MAX : task_budget(x), whole.batch, tasks_at_once(x),
+      plan_blocks(whole.windows, direct ? INT64_MAX : std::min(cap, task_budget(x)), whole.batch, tasks_at_once(x),
                   [&](int dim, int64_t count) { return K * elem * inner[dim + 1] * count; });
   const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
   const at::Tensor x5 = lift(x);
@@ -386,7 +386,8 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   const at::Tensor b3 = group_bias(bias, G);
   const at::Tensor y = out.view({N, C_out, L});
 
-  if (const int64_t chunk = wide_chunk(input, L, K, C_out)) {
+  const int64_t cap = forward_tile_cap(input, G, L);
+  if (const int64_t chunk = wide_chunk(input, L, K, C_out, cap)) {
     const at::Tensor wide_out = scratch(1, {G, C_out / G, chunk * L}, input.options());
     for_each_wide_chunk(image, whole, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
       wide_conv(y, n0, b, wide_out, w3, cols.view({G, K / G, b * L}), b3);
@@ -398,7 +399,7 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   for_each_column_block(x, whole, K, direct, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
                c.view({G, K / G, count}), b3);
-  });
+  }, cap);
   return out;
 }
 

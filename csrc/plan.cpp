@@ -40,6 +40,21 @@ int64_t preferred_chunk_bytes(const at::Tensor& like) {
 
 }  // namespace
 
+int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positions) {
+  // Measured on the 2-d suite (NOTES item 21): 1 MiB tiles sped up the
+  // forward pass of one-group layers with many positions (ResNet 56x56 and
+  // 28x28, the 7x7 stem: 1.2-1.3x) but slowed those with few (7x7 maps:
+  // their wide GEMMs shrank) and grouped ones (thinner GEMMs still).
+  // CONVT_EXT_FORWARD_TILE_BYTES overrides the size (0: no cap), for tuning.
+  constexpr int64_t kTiledFrom = 128;
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("CONVT_EXT_FORWARD_TILE_BYTES");
+    const int64_t v = env ? std::atoll(env) : int64_t(1) << 20;
+    return v > 0 ? v : INT64_MAX;
+  }();
+  return like.is_cpu() && groups == 1 && positions >= kTiledFrom ? bytes : INT64_MAX;
+}
+
 int64_t tasks_at_once(const at::Tensor& like) {
   static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
   return like.is_cpu() && !at::in_parallel_region() ? cores : 1;
@@ -114,10 +129,11 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opt
 // CPU, running samples side by side (benchmarks/NOTES.md, item 10). On a GPU,
 // where blocks run one after another, one GEMM over as many samples as the
 // limit allows always beats a launch and a thin GEMM per sample.
-int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows) {
+int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows,
+                   int64_t cap) {
   const int64_t batch = like.size(0);
   if ((like.is_cpu() && positions >= kWideBelow) || batch < 2) return 0;
-  const int64_t budget = std::min(workspace_limit(), preferred_chunk_bytes(like));
+  const int64_t budget = std::min({workspace_limit(), preferred_chunk_bytes(like), cap});
   const int64_t per_sample = (rows + aux_rows) * positions * like.element_size();
   const int64_t chunk = std::min<int64_t>(budget / std::max<int64_t>(per_sample, 1), batch);
   return chunk >= 2 ? chunk : 0;

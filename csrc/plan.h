@@ -62,8 +62,15 @@ int64_t task_budget(const at::Tensor& like);
 // as needed; a fresh tensor off the CPU.
 at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// The column bytes a task of conv's forward pass aims for (a cap on the two
+// budgets above; INT64_MAX for none): an L2-sized tile, so that the GEMM
+// reads its columns from L2, for one group and at least kTiledFrom window
+// positions per sample (benchmarks/NOTES.md item 21).
+int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positions);
+
 // Samples per chunk of the wide path, or 0 when it does not apply.
-int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows);
+int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows,
+                   int64_t cap = INT64_MAX);
 
 // Storage for the columns of up to `chunk` samples laid side by side:
 // (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)
