@@ -403,16 +403,19 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   return out;
 }
 
-at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input,
-                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef output_padding, int64_t groups,
-                               at::IntArrayRef dilation, at::MemoryFormat* format_out) {
+// conv_transpose's arguments, checked (for the op and for its backward):
+// the output's spatial sizes go to image, and the result is the window
+// relation of the output image whose windows are the input's pixels.
+Window3 check_conv_transpose(const char* op, int dims, const at::Tensor& input,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef output_padding, int64_t groups,
+                             at::IntArrayRef dilation, int64_t* image) {
   check_conv_tensors(op, dims, input, weight, bias, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
   check_ints(op, "output_padding", output_padding, dims, 0);
-  const int64_t N = input.size(0), C_in = input.size(1);
+  const int64_t C_in = input.size(1);
   TORCH_CHECK_VALUE(C_in == weight.size(0), op, ": input has ", C_in,
                     " channels, but weight of shape ", weight.sizes(),
                     " expects weight.size(0)=", weight.size(0), " (in_channels)");
@@ -427,14 +430,24 @@ at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input
                       "output_padding=",
                       fmt(output_padding), ", stride=", fmt(stride), ", dilation=", fmt(dilation));
   }
-  int64_t image[kMaxDims];
   transposed_sizes(op, input.sizes().slice(2), kernel, stride, padding, output_padding, dilation,
                    image);
   // The columns cover exactly the input's windows, which with output_padding
   // >= stride is fewer than the output image has.
-  const Window3 whole = make_window(op, N, C_out, at::IntArrayRef(image, dims),
-                                    input.sizes().slice(2).data(), kernel, stride, padding,
-                                    dilation);
+  return make_window(op, input.size(0), C_out, at::IntArrayRef(image, dims),
+                     input.sizes().slice(2).data(), kernel, stride, padding, dilation);
+}
+
+at::Tensor conv_transpose_impl(const char* op, int dims, const at::Tensor& input,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef output_padding, int64_t groups,
+                               at::IntArrayRef dilation, at::MemoryFormat* format_out) {
+  int64_t image[kMaxDims];
+  const Window3 whole = check_conv_transpose(op, dims, input, weight, bias, stride, padding,
+                                             output_padding, groups, dilation, image);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  const int64_t N = input.size(0), C_in = input.size(1), C_out = whole.channels;
   checked_numel(op, "the output", {N, C_out, whole.image_numel()},
                 geometry(kernel, stride, padding, dilation));
 
@@ -642,27 +655,17 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_impl(
     const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
-  check_conv_tensors(op, dims, input, weight, std::nullopt, groups);
+  // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
+  int64_t image[kMaxDims];
+  const Window3 whole = check_conv_transpose(op, dims, input, weight, std::nullopt, stride,
+                                             padding, output_padding, groups, dilation, image);
   check_same(op, "grad_output", grad_output, "input", input);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
-  check_window_args(op, dims, kernel, stride, padding, dilation);
-  check_ints(op, "output_padding", output_padding, dims, 0);
   const int64_t N = input.size(0), C_in = input.size(1);
-  TORCH_CHECK_VALUE(C_in == weight.size(0) && C_in % groups == 0, op, ": input has ", C_in,
-                    " channels, but weight of shape ", weight.sizes(), " with groups=", groups,
-                    " expects weight.size(0)=", weight.size(0), ", divisible by groups");
-  const int64_t C_out = checked_mul(op, "out_channels (weight.size(1)*groups)", weight.size(1), groups);
-  int64_t image[kMaxDims];
-  transposed_sizes(op, input.sizes().slice(2), kernel, stride, padding, output_padding, dilation,
-                   image);
-  const std::vector<int64_t> expected = shape_of(N, C_out, image, dims);
+  const std::vector<int64_t> expected = shape_of(N, whole.channels, image, dims);
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op,
                     ": grad_output must have the output's shape ", at::IntArrayRef(expected),
                     ", but got ", grad_output.sizes());
-  // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
-  const Window3 whole = make_window(op, N, C_out, at::IntArrayRef(image, dims),
-                                    input.sizes().slice(2).data(), kernel, stride, padding,
-                                    dilation);
 
   c10::DeviceGuard guard(input.device());
   const int64_t G = groups, L = whole.window_numel(), K = whole.rows();

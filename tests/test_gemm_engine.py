@@ -320,6 +320,11 @@ def test_conv_transpose_backward_op():
     torch.testing.assert_close(gw, ref_w.float(), atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="grad_output must have the output's shape"):
         torch.ops.convt_ext._conv_transpose_backward(dy[:, :, :8], x, w, [2, 2], [1, 1], [0, 0], 1, [1, 1])
+    # The forward op's argument rules, the same code.
+    with pytest.raises(ValueError, match="output_padding must be smaller than either stride or dilation"):
+        torch.ops.convt_ext._conv_transpose_backward(dy, x, w, [2, 2], [1, 1], [2, 2], 1, [1, 1])
+    with pytest.raises(ValueError, match="must be divisible by groups=4"):
+        torch.ops.convt_ext._conv_transpose_backward(dy, x, w, [2, 2], [1, 1], [0, 0], 4, [1, 1])
     torch.library.opcheck(
         torch.ops.convt_ext._conv_transpose_backward.default,
         (dy, x, w, [2, 2], [1, 1], [0, 0], 1, [1, 1]),
