@@ -112,8 +112,20 @@ def engine_info():
     """What the GEMM engine layer does here: the setting, the engines this
     build and CPU can run, the rule's inputs (AVX-512, CPU vendor) and its
     choice per CPU dtype, what "benchmark" mode timed and chose per GEMM
-    shape (seconds per engine), and how many GEMM calls each engine ran."""
-    return _C.engine_report()
+    shape (seconds per engine), and how many GEMM calls each engine ran.
+
+    Also: "thread_independent" (per engine, whether its CPU results are
+    bitwise the same for any torch.set_num_threads()), "thread_dependent_calls"
+    (CPU GEMMs that ran where they may not be), "pinned_calls" (BLAS calls
+    run with MKL's thread count pinned to one on the calling thread),
+    "cpu_native_bf16", "fp32_in_bf16" and "bf16_calls" (whether float32
+    convolutions follow torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    here, and how many GEMMs did), and "cores" (the cores this process may
+    use, after its affinity mask and cgroup quota: the most tasks a call runs
+    at once)."""
+    info = _C.engine_report()
+    info["cores"] = _C.usable_cores()
+    return info
 
 
 def set_workspace_limit(bytes):
@@ -192,3 +204,4 @@ def _gemm_engine_from_env():
 
 _workspace_from_env()
 _gemm_engine_from_env()
+_C.check_environment()  # the tuning variables (README): a malformed one fails at import

@@ -2,6 +2,8 @@
 // benchmark mode and the report.
 #include "gemm.h"
 
+#include "cpu/blas.h"
+
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
@@ -36,6 +38,9 @@ constexpr int kAuto = -1, kBenchmark = -2;
 
 std::atomic<int> g_setting{kAuto};
 std::array<std::atomic<int64_t>, kEngines> g_calls{};
+// CPU GEMMs whose bits may depend on the thread setting, and float32 GEMMs
+// run in bfloat16 (Note [CPU float32 precision]).
+std::atomic<int64_t> g_thread_dependent{0}, g_bf16_calls{0};
 
 std::string cpu_vendor() {
 #ifdef CONVT_EXT_X86
@@ -55,6 +60,23 @@ std::string cpu_vendor() {
 bool cpu_avx512() {
 #if defined(CONVT_EXT_X86) && defined(__GNUC__)
   return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16): only
+// there does oneDNN take a float32 convolution down to bfloat16 when
+// torch.backends.mkldnn.conv.fp32_precision asks it to.
+bool cpu_native_bf16() {
+#ifdef CONVT_EXT_X86
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1u;
+  const unsigned max_sub = eax;
+  bool avx512_bf16 = false;
+  if (max_sub >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) avx512_bf16 = (eax >> 5) & 1u;
+  return amx_bf16 || avx512_bf16;
 #else
   return false;
 #endif
@@ -139,6 +161,37 @@ bool brgemm_runs() {
   return ok;
 }
 
+// torch's float32 precision setting for oneDNN's `op`, with the inheritance
+// from the backend's and the global setting that torch applies.
+at::Float32Precision mkldnn_precision(at::Float32Op op) {
+  const at::Context& ctx = at::globalContext();
+  at::Float32Precision p = ctx.float32Precision(at::Float32Backend::MKLDNN, op);
+  if (p == at::Float32Precision::NONE) p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::ALL);
+  if (p == at::Float32Precision::NONE) p = ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL);
+  return p;
+}
+
+bool reduces(at::Float32Precision p) {
+  return p == at::Float32Precision::BF16 || p == at::Float32Precision::TF32;
+}
+
+// Note [CPU float32 precision]: whether the CPU's float32 convolutions run
+// in bfloat16 now.
+bool cpu_fp32_in_bf16() {
+  static const bool native = cpu_native_bf16();
+  return native && mkldnn_precision(at::Float32Op::CONV) == at::Float32Precision::BF16;
+}
+
+// Whether an engine's bits on `out`'s device and dtype can depend on the
+// thread setting (Note [Bits that do not depend on the thread setting]):
+// oneDNN and its ukernel run single-threaded inside the plan's tasks; the
+// BLAS does so only when pinned.
+bool thread_independent(Engine e, const at::Tensor& out) {
+  if (e != Engine::Aten || !out.is_cpu()) return true;
+  const bool blas_dtype = out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble;
+  return !blas_dtype || blas_pinned_available();
+}
+
 bool rows_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1; }
 
 bool supports(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -146,7 +199,10 @@ bool supports(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Te
     case Engine::Aten:
       return true;
     case Engine::OneDNN:
-      return out.is_cpu() && onednn_runs(out.scalar_type());
+      // Its float32 matmul follows the matmul precision flag, which a
+      // convolution must not (Note [CPU float32 precision]).
+      return out.is_cpu() && onednn_runs(out.scalar_type()) &&
+             !(out.scalar_type() == at::kFloat && reduces(mkldnn_precision(at::Float32Op::MATMUL)));
     case Engine::Brgemm:
       // Row-major operands only: the ukernel takes no transposes.
       return out.is_cpu() && out.scalar_type() == at::kFloat && rows_contiguous(a) &&
@@ -164,6 +220,23 @@ void run_aten(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& add, bool accumulate) {
   // Note [TF32 as a convolution]
   if (out.is_cuda() && g_cuda_gemm != nullptr && g_cuda_gemm(out, a, b, add, accumulate)) return;
+  // Note [Bits that do not depend on the thread setting] (cpu/blas.cpp):
+  // MKL, wherever at::mm or the BLAS reach it, sees one thread.
+  std::optional<MklOneThread> pin;
+  if (out.is_cpu()) {
+    pin.emplace();
+    if (!thread_independent(Engine::Aten, out)) g_thread_dependent.fetch_add(1, std::memory_order_relaxed);
+    // The BLAS itself, not at::mm, which reads the matmul precision flag
+    // (Note [CPU float32 precision]).
+    if (blas_takes(out, a, b)) {
+      for (int64_t g = 0; g < out.size(0); ++g) {
+        at::Tensor o = out.select(0, g);
+        if (add.defined() && !accumulate) o.copy_(add.select(0, g).expand_as(o));
+        blas_gemm(o, a.select(0, g), b.select(0, g), accumulate || add.defined());
+      }
+      return;
+    }
+  }
   if (a.size(0) == 1) {
     at::Tensor o = out.select(0, 0);
     if (accumulate) {
@@ -235,6 +308,16 @@ void run_brgemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     }
   }
   at::native::cpublas::brgemm_release(false);
+}
+
+// Float32 in bfloat16 (Note [CPU float32 precision]), whatever the engine.
+void run_bf16(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+              const at::Tensor& add, bool accumulate) {
+  for (int64_t g = 0; g < out.size(0); ++g) {
+    at::Tensor o = out.select(0, g);
+    if (add.defined() && !accumulate) o.copy_(add.select(0, g).expand_as(o));
+    bf16_gemm(o, a.select(0, g), b.select(0, g), accumulate || add.defined());
+  }
 }
 
 void run(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
@@ -317,6 +400,14 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     return timed(out, a, b, add);
   }
   const Engine e = rule_for(out);
+  if (e == Engine::Aten && !thread_independent(e, out) &&
+      at::globalContext().deterministicAlgorithms()) {
+    // Note [Bits that do not depend on the thread setting]: an engine whose
+    // bits cannot follow the thread setting, where one takes the operands.
+    for (Engine other : {Engine::Brgemm, Engine::OneDNN}) {
+      if (supports(other, out, a, b)) return other;
+    }
+  }
   return supports(e, out, a, b) ? e : Engine::Aten;
 }
 
@@ -332,6 +423,12 @@ void register_device_gemm(c10::DeviceType type, DeviceGemm gemm) {
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& add,
           bool accumulate) {
   if (out.numel() == 0) return;
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.size(2) > 0 && cpu_fp32_in_bf16()) {
+    g_bf16_calls.fetch_add(1, std::memory_order_relaxed);
+    g_calls[static_cast<int>(Engine::Aten)].fetch_add(1, std::memory_order_relaxed);
+    run_bf16(out, a, b, add, accumulate);
+    return;
+  }
   const Engine e = choose(out, a, b, add);
   g_calls[static_cast<int>(e)].fetch_add(1, std::memory_order_relaxed);
   run(e, out, a, b, add, accumulate);
@@ -401,7 +498,16 @@ EngineReport engine_report() {
       r.benchmarked.push_back(t);
     }
   }
-  for (int i = 0; i < kEngines; ++i) r.calls[i] = g_calls[i].load();
+  for (int i = 0; i < kEngines; ++i) {
+    r.calls[i] = g_calls[i].load();
+    r.thread_independent[i] =
+        thread_independent(static_cast<Engine>(i), at::empty({0}, at::TensorOptions().dtype(at::kFloat)));
+  }
+  r.thread_dependent_calls = g_thread_dependent.load();
+  r.pinned_calls = blas_pinned_calls();
+  r.bf16_calls = g_bf16_calls.load();
+  r.cpu_native_bf16 = cpu_native_bf16();
+  r.fp32_in_bf16 = cpu_fp32_in_bf16();
   return r;
 }
 

@@ -52,6 +52,21 @@ const char* engine_name(Engine e);
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
           const at::Tensor& add = at::Tensor(), bool accumulate = false);
 
+// Note [CPU float32 precision]
+// torch's CPU convolutions follow torch.backends.mkldnn.conv.fp32_precision,
+// and at::mm follows torch.backends.mkldnn.matmul.fp32_precision. A
+// convolution here is a GEMM, so it follows the convolution flag, never the
+// matmul flag, on every engine:
+//   - "bf16" on a CPU that computes bfloat16 natively (AVX512-BF16 or
+//     AMX-BF16, where oneDNN takes torch's float32 convolutions down to
+//     bfloat16): every float32 GEMM rounds its operands to bfloat16 and sums
+//     in float32, oneDNN's numbers (not yet its speed);
+//   - otherwise IEEE float32: the aten engine calls the BLAS itself (not
+//     at::mm, which reads the matmul flag), oneDNN's matmul is not used for
+//     float32 while the matmul flag asks for less, and the ukernel reads no
+//     flag. No flag is changed, even briefly.
+// "tf32" keeps float32 on the CPU, as oneDNN does on the CPUs torch runs it on.
+//
 // Note [TF32 as a convolution]
 // On CUDA, F.conv2d runs float32 with TF32 when torch.backends.cudnn.allow_tf32
 // says so (the default), while at::mm follows the matmul flag
@@ -88,6 +103,17 @@ struct EngineReport {
   };
   std::vector<Timed> benchmarked;
   std::array<int64_t, kEngines> calls;  // GEMM calls each engine ran
+  // Note [Bits that do not depend on the thread setting] (cpu/blas.cpp):
+  // per engine, whether its CPU bits are independent of the thread setting;
+  // the CPU GEMMs that ran where they may not be; the BLAS calls that ran
+  // with MKL pinned to one thread.
+  std::array<bool, kEngines> thread_independent;
+  int64_t thread_dependent_calls = 0, pinned_calls = 0;
+  // Note [CPU float32 precision]: whether the CPU computes bfloat16
+  // natively, whether float32 convolutions run in it now, and how many
+  // GEMMs did.
+  bool cpu_native_bf16 = false, fp32_in_bf16 = false;
+  int64_t bf16_calls = 0;
 };
 EngineReport engine_report();
 

@@ -32,6 +32,7 @@
 #include "gemm.h"
 #include "kernels.h"
 #include "ops.h"
+#include "plan.h"
 
 namespace convt_ext {
 
@@ -231,6 +232,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
   m.def("release_workspace", &convt_ext::release_workspace);
+  m.def("check_environment", &convt_ext::check_environment);
+  m.def("usable_cores", &convt_ext::usable_cores);
   m.def("set_gemm_engine", &convt_ext::set_gemm_engine, py::arg("engine"));
   m.def("gemm_engine", &convt_ext::gemm_engine);
   m.def("engine_report", [] {
@@ -266,6 +269,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["rule"] = rule;
     d["benchmarked"] = timed;
     d["calls"] = calls;
+    py::dict independent;
+    for (int i = 0; i < convt_ext::kEngines; ++i) {
+      independent[py::str(convt_ext::engine_name(static_cast<convt_ext::Engine>(i)))] =
+          r.thread_independent[i];
+    }
+    d["thread_independent"] = independent;
+    d["thread_dependent_calls"] = r.thread_dependent_calls;
+    d["pinned_calls"] = r.pinned_calls;
+    d["cpu_native_bf16"] = r.cpu_native_bf16;
+    d["fp32_in_bf16"] = r.fp32_in_bf16;
+    d["bf16_calls"] = r.bf16_calls;
     return d;
   });
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),

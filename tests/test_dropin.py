@@ -864,7 +864,17 @@ DET_CASES = [
     pytest.param(convt_ext.conv_transpose2d, F.conv_transpose2d, (1, 64, 24, 24), (64, 48, 1, 1), 48, {},
                  id="conv_transpose2d-1x1-batch1"),
     pytest.param(convt_ext.conv1d, F.conv1d, (6, 32, 200), (48, 32, 5), 48, dict(padding=2, stride=3), id="conv1d-wide"),
+    # Shapes whose weight gradients differed between thread counts on an Intel AVX-512 CPU when
+    # MKL ran with torch's thread setting (Note [Bits that do not depend on the thread setting]).
+    pytest.param(convt_ext.conv2d, F.conv2d, (3, 40, 37, 29), (40, 40, 3, 3), 40, dict(padding=1), id="conv2d-intel-3x3"),
+    pytest.param(convt_ext.conv2d, F.conv2d, (7, 96, 15, 15), (96, 96, 1, 1), 96, {}, id="conv2d-intel-1x1"),
+    pytest.param(convt_ext.conv2d, F.conv2d, (8, 32, 20, 20), (32, 32, 3, 3), 32, dict(padding=1), id="conv2d-intel-agree"),
 ]
+
+
+def _gemm_counters():
+    info = convt_ext.engine_info()
+    return sum(info["calls"].values()), info["thread_dependent_calls"], info["pinned_calls"], info["calls"]["aten"]
 
 
 @pytest.fixture
@@ -891,6 +901,7 @@ def test_bitwise_reproducible_across_thread_counts(ours, ref, xs, ws, out_ch, kw
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
     up = None
     results = {}
+    calls, dependent, pinned, aten = _gemm_counters()
     for threads in (1, 2, 3, 4):
         torch.set_num_threads(threads)
         assert torch.get_num_threads() == threads
@@ -898,6 +909,13 @@ def test_bitwise_reproducible_across_thread_counts(ours, ref, xs, ws, out_ch, kw
         if up is None:
             up = randn(out.shape, rng, torch.float32)
         results[threads] = [out.detach()] + list(torch.autograd.grad(out, leaves, up))
+    # Every GEMM ran on an engine whose bits cannot follow the thread setting, and every BLAS
+    # call with MKL pinned to one thread (where this torch has MKL's thread-local control).
+    calls2, dependent2, pinned2, aten2 = _gemm_counters()
+    assert calls2 > calls
+    assert dependent2 == dependent, "a GEMM ran where its bits may depend on the thread count"
+    if convt_ext.engine_info()["thread_independent"]["aten"] and torch.backends.mkl.is_available():
+        assert pinned2 - pinned == aten2 - aten
     for threads in (2, 3, 4):
         for name, a, e in zip(("output", "input grad", "weight grad", "bias grad"), results[threads], results[1]):
             assert torch.equal(a, e), f"{name} with {threads} threads differs from 1 thread by {(a - e).abs().max()}"

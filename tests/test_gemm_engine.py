@@ -149,28 +149,41 @@ def test_bfloat16_every_engine():
 def test_engine_bits_do_not_depend_on_thread_count(engine):
     if engine not in ENGINES:
         pytest.skip(f"{engine} does not run here")
+    """1, 2, 3 and 4 threads, on shapes that include those whose weight gradients differed on an
+    Intel AVX-512 CPU when MKL followed torch's thread setting: the same bits, and every GEMM on
+    an engine whose bits cannot depend on the thread setting (the counters say which ran)."""
     convt_ext.set_gemm_engine(engine)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 8, 20, 20, generator=gen)
-    w = torch.randn(8, 8, 3, 3, generator=gen)
-    dy = torch.randn(3, 8, 20, 20, generator=gen)
+    shapes = [((3, 8, 20, 20), 8, 3), ((3, 40, 37, 29), 40, 3), ((7, 96, 15, 15), 96, 1), ((8, 32, 20, 20), 32, 3)]
     threads = torch.get_num_threads()
-    results = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            results.append(
-                (
-                    convt_ext.conv2d(x, w, padding=1),
-                    convt_ext.conv2d_weight(x, w.shape, dy, padding=1),
-                    convt_ext.conv_transpose2d(x, w, padding=1),
-                )
-            )
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    for dtype in (torch.float32, torch.float64):
+        for xs, c, k in shapes:
+            x = torch.randn(xs, generator=gen, dtype=dtype)
+            w = torch.randn(c, c, k, k, generator=gen, dtype=dtype)
+            dy = torch.randn(xs[0], c, xs[2], xs[3], generator=gen, dtype=dtype)
+            before = convt_ext.engine_info()
+            results = []
+            try:
+                for t in (1, 2, 3, 4):
+                    torch.set_num_threads(t)
+                    results.append(
+                        (
+                            convt_ext.conv2d(x, w, padding=k // 2),
+                            convt_ext.conv2d_weight(x, w.shape, dy, padding=k // 2),
+                            convt_ext.conv_transpose2d(x, w, padding=k // 2),
+                        )
+                    )
+            finally:
+                torch.set_num_threads(threads)
+            after = convt_ext.engine_info()
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b), (dtype, xs)
+            ran = {e: after["calls"][e] - before["calls"][e] for e in after["calls"]}
+            want = engine if dtype == torch.float32 else "aten"  # float64 runs on aten alone
+            assert ran[want] > 0, (engine, dtype, ran)
+            assert after["thread_dependent_calls"] == before["thread_dependent_calls"], (dtype, xs)
+            assert all(after["thread_independent"][e] for e, n in ran.items() if n > 0)
 
 
 def test_benchmark_mode_times_and_keeps_the_fastest():
