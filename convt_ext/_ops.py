@@ -78,13 +78,14 @@ def _output_format(input, weight, bias, stride, padding, dilation, transposed, o
     Note [Memory format] in csrc/conv.cpp, which asks the same."""
     if weight.dim() < 4:
         return torch.contiguous_format
-    try:
-        backend = torch._C._select_conv_backend(
-            input, weight, bias, list(stride), list(padding), list(dilation), transposed, list(output_padding), groups
-        )
-        return torch._C._conv_determine_backend_memory_format(input, weight, backend)
-    except RuntimeError:  # shapes torch refuses but convt_ext computes (zero input channels)
+    if transposed and weight.shape[0] == 0:
+        # The one shape that passes convt_ext's checks and not torch's (zero input
+        # channels of conv_transpose); anything else torch refuses is an error.
         return torch.contiguous_format
+    backend = torch._C._select_conv_backend(
+        input, weight, bias, list(stride), list(padding), list(dilation), transposed, list(output_padding), groups
+    )
+    return torch._C._conv_determine_backend_memory_format(input, weight, backend)
 
 
 def _conv_format(input, weight, bias, stride, padding, dilation, groups):

@@ -147,11 +147,18 @@ def _batched(input, d, op, name="input"):
     raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
 
 
-def _same_padding(input, kernel, dilation):
+def _same_padding(input, kernel, dilation, op):
     """'same' padding: total d(k-1) per dimension, the odd pixel on the high
     side as in torch. Returns (input padded on the high side where needed,
     symmetric padding)."""
     total = [dilation[i] * (kernel[i] - 1) for i in range(len(kernel))]
+    size = input.shape[-len(kernel):]
+    if any(isinstance(size[i], int) and size[i] + total[i] > 2**63 - 1 for i in range(len(kernel))):
+        # The padding is derived from dilation: say so, not padding=<a number the caller never wrote>.
+        raise ValueError(
+            f"{op}: padding='same' with dilation={tuple(dilation)} and kernel size {tuple(kernel)} is too large: "
+            "the padded input would overflow int64"
+        )
     low = [t // 2 for t in total]
     extra = [total[i] - 2 * low[i] for i in range(len(kernel))]
     if any(extra):
@@ -175,7 +182,7 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
                 raise ValueError(f"{op}: padding='same' is not supported for strided convolutions, but got stride={stride}")
             if weight.dim() != d + 2:
                 raise ValueError(f"{op}: weight must be {d + 2}-d, but got a {weight.dim()}-d tensor of shape {tuple(weight.shape)}")
-            x, padding = _same_padding(x, weight.shape[2:], dilation)
+            x, padding = _same_padding(x, weight.shape[2:], dilation, op)
         else:
             raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
     else:

@@ -207,7 +207,7 @@ const char* kDimNames[] = {"", "3-d (N, C, L)", "4-d (N, C, H, W)", "5-d (N, C, 
 
 void check_conv_tensors(const char* op, int dims, const at::Tensor& input,
                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        int64_t groups) {
+                        int64_t groups, bool transposed) {
   TORCH_CHECK_VALUE(input.dim() == dims + 2, op, ": input must be ", kDimNames[dims],
                     ", but got a ", input.dim(), "-d tensor of shape ", input.sizes());
   TORCH_CHECK_VALUE(weight.dim() == dims + 2, op, ": weight must be ", dims + 2,
@@ -216,6 +216,13 @@ void check_conv_tensors(const char* op, int dims, const at::Tensor& input,
   check_same(op, "weight", weight, "input", input);
   if (bias.has_value()) check_same(op, "bias", *bias, "input", input);
   TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
+  // torch's rule: at least one channel per group in weight's dimension 0
+  // (out_channels, or in_channels when transposed), even where the sizes
+  // divide. Zero input channels of conv_transpose stay allowed: convt_ext's
+  // documented empty sum (torch rejects the empty weight).
+  TORCH_CHECK_VALUE(weight.size(0) >= groups || (transposed && input.size(1) == 0), op,
+                    ": groups=", groups, " needs weight to be at least ", groups,
+                    " at dimension 0, but got weight of shape ", weight.sizes());
   for (int i = 0; i < dims; ++i) {
     TORCH_CHECK_VALUE(weight.size(2 + i) >= 1, op,
                       ": weight's kernel size must be positive, but got weight of shape ",
@@ -257,16 +264,15 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                                at::IntArrayRef output_padding, int64_t groups) {
   if (weight.dim() < 4) return at::MemoryFormat::Contiguous;  // 1-d: no channels_last
-  try {
-    const at::native::ConvBackend backend = at::native::select_conv_backend(
-        input, weight, bias, c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(padding),
-        c10::fromIntArrayRefSlow(dilation), transposed, c10::fromIntArrayRefSlow(output_padding),
-        c10::SymInt(groups), std::nullopt);
-    return at::native::_determine_backend_memory_format(input, weight, backend);
-  } catch (const c10::Error&) {
-    // Shapes torch refuses but convt_ext computes (zero input channels).
-    return at::MemoryFormat::Contiguous;
-  }
+  // The one shape that passes convt_ext's checks and not torch's: conv_transpose
+  // over zero input channels (an empty weight), computed planar. Anything
+  // else torch refuses here is an error, not a silent choice.
+  if (transposed && weight.size(0) == 0) return at::MemoryFormat::Contiguous;
+  const at::native::ConvBackend backend = at::native::select_conv_backend(
+      input, weight, bias, c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(padding),
+      c10::fromIntArrayRefSlow(dilation), transposed, c10::fromIntArrayRefSlow(output_padding),
+      c10::SymInt(groups), std::nullopt);
+  return at::native::_determine_backend_memory_format(input, weight, backend);
 }
 
 at::MemoryFormat conv_format(const at::Tensor& input, const at::Tensor& weight,
@@ -344,15 +350,16 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      at::MemoryFormat* format_out) {
-  check_conv_tensors(op, dims, input, weight, bias, groups);
+  check_conv_tensors(op, dims, input, weight, bias, groups, false);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
   const int64_t N = input.size(0), C_in = input.size(1), C_out = weight.size(0);
   TORCH_CHECK_VALUE(C_out % groups == 0, op, ": weight's dimension 0 (out_channels=", C_out,
                     ") must be divisible by groups=", groups);
-  TORCH_CHECK_VALUE(C_in == weight.size(1) * groups, op, ": input has ", C_in,
+  const int64_t grouped_in = checked_mul(op, "in_channels (weight.size(1)*groups)", weight.size(1), groups);
+  TORCH_CHECK_VALUE(C_in == grouped_in, op, ": input has ", C_in,
                     " channels, but weight of shape ", weight.sizes(), " with groups=", groups,
-                    " expects weight.size(1)*groups=", weight.size(1) * groups);
+                    " expects weight.size(1)*groups=", grouped_in);
   check_bias(op, bias, C_out);
   int64_t windows[kMaxDims];
   window_counts(op, "input", input.sizes().slice(2), kernel, stride, padding, dilation, windows);
@@ -377,6 +384,10 @@ at::Tensor conv_impl(const char* op, int dims, const at::Tensor& input, const at
   // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
   // that way are slow, so those convert at the end.
   at::Tensor out = at::empty(shape, input.options().memory_format(groups == 1 ? format : at::MemoryFormat::Contiguous));
+  // Zero input channels: C_out channels of the bias (or zeros), the sum over
+  // no channels, documented in the README; torch gives 0 channels here
+  // (F.conv2d((2, 0, 4, 3), (3, 0, 3, 1)) is (2, 0, 2, 3)), which drops
+  // the weight's out_channels.
   if (out.numel() == 0) return out;
   if (C_in == 0) return bias_only(out, bias);
 
@@ -411,7 +422,7 @@ Window3 check_conv_transpose(const char* op, int dims, const at::Tensor& input,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef output_padding, int64_t groups,
                              at::IntArrayRef dilation, int64_t* image) {
-  check_conv_tensors(op, dims, input, weight, bias, groups);
+  check_conv_tensors(op, dims, input, weight, bias, groups, true);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   check_window_args(op, dims, kernel, stride, padding, dilation);
   check_ints(op, "output_padding", output_padding, dims, 0);
@@ -577,7 +588,11 @@ at::Tensor conv_weight_impl(const char* op, int dims, const at::Tensor& input,
   check_same(op, "grad_output", grad_output, "input", input);
   TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, but got groups=", groups);
   const int64_t N = input.size(0), C_in = input.size(1), C_out = weight_size[0];
-  TORCH_CHECK_VALUE(C_out % groups == 0 && C_in == weight_size[1] * groups, op,
+  TORCH_CHECK_VALUE(C_out >= groups, op, ": groups=", groups, " needs weight_size to be at least ",
+                    groups, " at dimension 0, but got weight_size=", fmt(weight_size));
+  const int64_t grouped_in =
+      checked_mul(op, "in_channels (weight_size[1]*groups)", weight_size[1], groups);
+  TORCH_CHECK_VALUE(C_out % groups == 0 && C_in == grouped_in, op,
                     ": weight_size=", fmt(weight_size), " with groups=", groups,
                     " does not fit input of shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.size(0) == N && grad_output.size(1) == C_out, op,

@@ -7,10 +7,17 @@
 
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <cstdlib>
+#include <fstream>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <unordered_set>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include "ops.h"
 
@@ -19,6 +26,54 @@ namespace convt_ext {
 namespace {
 
 std::atomic<int64_t> g_workspace_limit{int64_t(1) << 30};
+
+// A byte count from environment variable `name` (`fallback` when unset): a
+// whole decimal number of at least `min`, or a ValueError naming the variable.
+int64_t env_bytes(const char* name, int64_t fallback, int64_t min) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return fallback;
+  const std::string text(env);
+  int64_t value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  TORCH_CHECK_VALUE(!text.empty() && error == std::errc() && end == text.data() + text.size() &&
+                        value >= min,
+                    name, " must be a whole number of bytes of at least ", min, ", but got '", text,
+                    "'");
+  return value;
+}
+
+#ifdef __linux__
+// The CPU quota of this process's cgroup in whole cores (rounded up), or
+// INT64_MAX for none: cgroup v2's cpu.max ("quota period" or "max period"),
+// else v1's cpu.cfs_quota_us / cpu.cfs_period_us.
+int64_t cgroup_quota_cores() {
+  auto quota_cores = [](int64_t quota, int64_t period) -> int64_t {
+    return quota > 0 && period > 0 ? std::max<int64_t>(1, (quota + period - 1) / period) : INT64_MAX;
+  };
+  std::string path = "/";  // this process's cgroup (v2: the line "0::/path")
+  {
+    std::ifstream self("/proc/self/cgroup");
+    for (std::string line; std::getline(self, line);) {
+      if (line.rfind("0::", 0) == 0) path = line.substr(3);
+    }
+  }
+  for (const std::string& dir : {"/sys/fs/cgroup" + path, std::string("/sys/fs/cgroup")}) {
+    std::ifstream max(dir + "/cpu.max");
+    std::string quota;
+    int64_t period = 0;
+    if (max >> quota >> period) {
+      if (quota == "max") return INT64_MAX;
+      int64_t q = 0;
+      const auto [end, error] = std::from_chars(quota.data(), quota.data() + quota.size(), q);
+      return error == std::errc() ? quota_cores(q, period) : INT64_MAX;
+    }
+  }
+  std::ifstream q("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), p("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  int64_t quota = -1, period = 0;
+  if (q >> quota && p >> period) return quota_cores(quota, period);
+  return INT64_MAX;
+}
+#endif
 
 // Below this many window positions per sample, one wide GEMM over the chunk
 // beats a thin GEMM per sample (benchmarks/NOTES.md).
@@ -30,12 +85,22 @@ constexpr int64_t kWideBelow = 1024;
 // efficient GEMMs. CONVT_EXT_CHUNK_BYTES overrides it, for tuning
 // (benchmarks/NOTES.md). A GPU has no such cache to fit: there the workspace
 // limit alone sizes the buffers, so that its GEMMs are as large as allowed.
+int64_t chunk_bytes() {
+  static const int64_t bytes = env_bytes("CONVT_EXT_CHUNK_BYTES", int64_t(8) << 20, 1);
+  return bytes;
+}
+
 int64_t preferred_chunk_bytes(const at::Tensor& like) {
+  return like.is_cpu() ? chunk_bytes() : INT64_MAX;
+}
+
+// The forward tile's bytes (forward_tile_cap), INT64_MAX for no cap.
+int64_t forward_tile_bytes() {
   static const int64_t bytes = [] {
-    const char* env = std::getenv("CONVT_EXT_CHUNK_BYTES");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
+    const int64_t v = env_bytes("CONVT_EXT_FORWARD_TILE_BYTES", int64_t(1) << 20, 0);
+    return v > 0 ? v : INT64_MAX;
   }();
-  return like.is_cpu() ? bytes : INT64_MAX;
+  return bytes;
 }
 
 }  // namespace
@@ -47,17 +112,31 @@ int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positio
   // their wide GEMMs shrank) and grouped ones (thinner GEMMs still).
   // CONVT_EXT_FORWARD_TILE_BYTES overrides the size (0: no cap), for tuning.
   constexpr int64_t kTiledFrom = 128;
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("CONVT_EXT_FORWARD_TILE_BYTES");
-    const int64_t v = env ? std::atoll(env) : int64_t(1) << 20;
-    return v > 0 ? v : INT64_MAX;
+  return like.is_cpu() && groups == 1 && positions >= kTiledFrom ? forward_tile_bytes() : INT64_MAX;
+}
+
+void check_environment() {
+  chunk_bytes();
+  forward_tile_bytes();
+}
+
+int64_t usable_cores() {
+  static const int64_t cores = [] {
+    int64_t n = std::max(1u, std::thread::hardware_concurrency());
+#ifdef __linux__
+    // The CPUs this process may run on (taskset, a container's cpuset)...
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = std::max(1, CPU_COUNT(&set));
+    // ...and the cgroup's CPU quota (a container's --cpus), rounded up.
+    n = std::min(n, cgroup_quota_cores());
+#endif
+    return n;
   }();
-  return like.is_cpu() && groups == 1 && positions >= kTiledFrom ? bytes : INT64_MAX;
+  return cores;
 }
 
 int64_t tasks_at_once(const at::Tensor& like) {
-  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return like.is_cpu() && !at::in_parallel_region() ? cores : 1;
+  return like.is_cpu() && !at::in_parallel_region() ? usable_cores() : 1;
 }
 
 int64_t task_budget(const at::Tensor& like) {
@@ -134,8 +213,10 @@ int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int6
   const int64_t batch = like.size(0);
   if ((like.is_cpu() && positions >= kWideBelow) || batch < 2) return 0;
   const int64_t budget = std::min({workspace_limit(), preferred_chunk_bytes(like), cap});
-  const int64_t per_sample = (rows + aux_rows) * positions * like.element_size();
-  const int64_t chunk = std::min<int64_t>(budget / std::max<int64_t>(per_sample, 1), batch);
+  // In 128 bits: the two buffers' sizes are each checked, not their sum.
+  const __int128 per_sample = (__int128(rows) + aux_rows) * positions * like.element_size();
+  const int64_t chunk = static_cast<int64_t>(
+      std::min<__int128>(budget / std::max<__int128>(per_sample, 1), batch));
   return chunk >= 2 ? chunk : 0;
 }
 

@@ -50,10 +50,18 @@
 namespace convt_ext {
 
 // The most tasks that run at once, each with its own column buffer: a
-// constant of the machine (its core count), not torch.get_num_threads(), so
+// constant of the process (usable_cores()), not torch.get_num_threads(), so
 // the plan and every sum are the same for any thread count; 1 off the CPU
 // or inside a parallel region.
 int64_t tasks_at_once(const at::Tensor& like);
+
+// The cores this process may use: the CPU affinity mask (taskset, cpusets)
+// and the cgroup's CPU quota (containers), not the machine's core count.
+int64_t usable_cores();
+
+// Reads the tuning variables CONVT_EXT_CHUNK_BYTES and
+// CONVT_EXT_FORWARD_TILE_BYTES, raising a ValueError for a malformed one.
+void check_environment();
 
 // Bytes one task's column buffers may hold.
 int64_t task_budget(const at::Tensor& like);

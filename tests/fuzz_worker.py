@@ -842,7 +842,7 @@ class Stats:
         self.torch_meaningless = 0
         self.meaningless_reasons = {}
         self.meaningless_examples = {}
-        self.meaningless_with_data = 0  # such cases whose batch was not empty
+        self.meaningless_with_data = 0  # such cases whose input was not empty
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -936,7 +936,7 @@ def judge(stats, ours_fn, torch_fn, exact_fn, extreme_names, tensors=(), rtol=1e
             stats.torch_meaningless += 1
             key = str(exact_exc)
             shape = (label or {}).get("input") or [None]
-            if shape[0] != 0:
+            if 0 not in shape:  # torch skips its checks for an empty input (batch or channels)
                 stats.meaningless_with_data += 1
             if key not in stats.meaningless_reasons:
                 stats.meaningless_examples[key] = json.dumps(label, default=str)
@@ -1160,6 +1160,14 @@ def _fuzz_targets():
         G = data.draw(st.integers(1, 3))
         cin_g = data.draw(st.integers(1, 2))
         cout_g = data.draw(st.integers(1, 2))
+        # Zero-size channels (not in 'focus' mode): twist 2, no input channels (convt_ext's
+        # documented empty sum); twist 3, a weight with fewer channels than groups in
+        # dimension 0 (torch refuses it even where the sizes divide).
+        zero = data.draw(st.integers(0, 9)) if CTX["kind"] != "focus" else -1
+        if zero == 0:
+            cin_g = 0
+        elif zero == 1:
+            cout_g = 0
         C_in, C_out = G * cin_g, G * cout_g
         kernel = [data.draw(st.integers(1, 3 if D == 3 else 4)) for _ in range(D)]
         hi_img = 8 if D < 3 else 5
@@ -1169,7 +1177,7 @@ def _fuzz_targets():
         # Tensor-level errors (groups, channels, bias), but not in 'focus' mode.
         twist = data.draw(st.integers(0, 14)) if CTX["kind"] != "focus" else -1
         if twist == 0:
-            groups = data.draw(st.sampled_from([0, -1, G + 1, 2**62]))  # wrong groups
+            groups = data.draw(st.sampled_from([0, -1, G + 1, 2**62, 2**63 - 1, -(2**63)]))  # wrong groups
         if transposed:
             wshape = [C_in, cout_g] + kernel
         else:
@@ -1246,7 +1254,9 @@ def _fuzz_targets():
             judge(
                 stats,
                 lambda: ours(x, w, b, s, p, d, groups),
-                lambda: TORCH_CONV[D](x, w, b, s, p, d, groups),
+                # No input channels: torch drops the out_channels; the exact reference
+                # (the empty sum, README "Degenerate shapes") decides.
+                None if C_in == 0 else lambda: TORCH_CONV[D](x, w, b, s, p, d, groups),
                 exact,
                 ext,
                 (x, w, b),
@@ -1301,6 +1311,9 @@ def _fuzz_targets():
                 exact,
                 ext,
                 (x, w, b),
+                # torch refuses the empty weight of no input channels, and fails (IndexError) on
+                # no output channels; the empty sum and the empty result are meaningful.
+                extension=C_in == 0 or w.shape[1] == 0,
                 label=label,
                 also=structural(twist, b, w.shape[1] * G),
             )

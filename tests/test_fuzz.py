@@ -16,7 +16,7 @@ not the test session. The oracle, per example (see `judge` in the worker):
     valid -> the exact result (the worker's exact-integer reference), or a
     ValueError naming the extreme argument;
   * meaningless geometry that torch accepts anyway -> we must raise ValueError.
-    torch does so only with an EMPTY BATCH, where it skips its geometry
+    torch does so only with an EMPTY INPUT (batch or channels), where it skips its geometry
     checks: conv_transpose with output_padding >= max(stride, dilation), or
     dilation 0, or an output size of 0; conv weight gradients whose
     grad_output has more windows than the input. A shape rule must not depend
@@ -145,7 +145,8 @@ def test_fuzz_exercised_every_op(fuzz_results):
 
 def test_fuzz_meaningless_cases(fuzz_results):
     """Where torch returned a tensor for geometry that breaks its own rules, the
-    batch was empty (torch skips its checks then); we raised (test_fuzz)."""
+    input was empty (an empty batch or no channels: torch skips its checks then);
+    we raised (test_fuzz)."""
     reasons = {}
     for target in TARGETS:
         res = fuzz_results[target]
@@ -155,4 +156,4 @@ def test_fuzz_meaningless_cases(fuzz_results):
         assert st["meaningless_with_data"] == 0, (target, st["meaningless_examples"])
         for k, v in st["meaningless_reasons"].items():
             reasons[k] = reasons.get(k, 0) + v
-    print("torch accepted meaningless geometry (empty batch):", reasons)
+    print("torch accepted meaningless geometry (empty input):", reasons)
