@@ -93,8 +93,8 @@ FIGURES = [
 _DIRECT_RELATIONSHIP = {
     "2.1": ("1", "o = (i − k) + 1"),
     "2.2": ("2", "o = (i − k) + 2p + 1"),
-    "2.3": ("3", "o = i (half padding, p = ⌊k/2⌋)"),
-    "2.4": ("4", "o = i + (k − 1) (full padding, p = k − 1)"),
+    "2.3": ("3 (half padding, p = ⌊k/2⌋)", "o = i"),
+    "2.4": ("4 (full padding, p = k − 1)", "o = i + (k − 1)"),
     "2.5": ("5", "o = ⌊(i − k)/s⌋ + 1"),
     "2.6": ("6", "o = ⌊(i + 2p − k)/s⌋ + 1"),
     "2.7": ("6", "o = ⌊(i + 2p − k)/s⌋ + 1"),
@@ -105,9 +105,9 @@ _TRANSPOSED_RELATIONSHIP = {
     "4.2": ("9", "o′ = i′ + (k − 1) − 2p", "p′ = k − p − 1"),
     "4.3": ("10", "o′ = i′", "p′ = p"),
     "4.4": ("11", "o′ = i′ − (k − 1)", "p′ = 0"),
-    "4.5": ("12", "o′ = s(i′ − 1) + k", "s − 1 zeros inserted, p′ = k − 1"),
-    "4.6": ("13", "o′ = s(i′ − 1) + k − 2p", "s − 1 zeros inserted, p′ = k − p − 1"),
-    "4.7": ("14", "o′ = s(i′ − 1) + a + k − 2p", "s − 1 zeros inserted, p′ = k − p − 1, a more bottom/right"),
+    "4.5": ("12", "o′ = s(i′ − 1) + k", "p′ = k − 1"),
+    "4.6": ("13", "o′ = s(i′ − 1) + k − 2p", "p′ = k − p − 1"),
+    "4.7": ("14", "o′ = s(i′ − 1) + a + k − 2p", "p′ = k − p − 1"),
 }
 
 _EQUIVALENT = {1: equivalent_conv1d, 2: equivalent_conv2d, 3: equivalent_conv3d}
@@ -389,11 +389,14 @@ class Spec:
             return f"Relationship {number}: {formula} = {data.output_size[0]} ({args})"
         if self.kind == "transposed":
             g = data.geometry
-            number, formula, equivalent = _TRANSPOSED_RELATIONSHIP[self.number]
+            number, formula, padding = _TRANSPOSED_RELATIONSHIP[self.number]
+            a, low = data.output_padding[0], data.padding_low[0]
+            inserted = f"{g.s - 1} zero{'s' if g.s > 2 else ''} inserted between pixels, " if g.s > 1 else ""
+            padding += "" if padding.split("= ")[1].isdigit() else f" = {low}"
             return (
                 f"Relationship {number}: {formula} = {data.output_size[0]} (i′ = {data.input_size[0]}, k = {g.k}, "
-                f"s = {g.s}, p = {g.p}, a = {data.output_padding[0]}); conv_transpose2d(y) = Cᵀ·y = a stride-1 conv2d of "
-                f"y with the kernel rotated 180°, {equivalent} = {data.padding_low[0]}"
+                f"s = {g.s}, p = {g.p}, a = {a}). Cᵀ·y is a stride-1 conv2d with the kernel rotated 180° over y with "
+                f"{inserted}padding {padding}" + (f" plus a = {a} at the bottom/right" if a else "")
             )
         if self.kind == "example_C":
             return "Section 4.1: conv2d(x) = C·x and conv_transpose2d(y) = Cᵀ·y, the adjoint (not the inverse) of C"
@@ -423,7 +426,7 @@ SPECS = (
     [Spec(f"fig{g.numbers[0].replace('.', '_')}_{_slug(g.words)}", f"Figure {g.numbers[0]}: {g.words}", "direct", g.numbers[0])
      for g in FIGURES]
     + [Spec(f"fig{g.numbers[1].replace('.', '_')}_transposed_{_slug(g.words)}",
-            f"Figure {g.numbers[1]}: the transpose of figure {g.numbers[0]} ({g.words})", "transposed", g.numbers[1])
+            f"Figure {g.numbers[1]}: transpose of figure {g.numbers[0]}, {g.words}", "transposed", g.numbers[1])
        for g in FIGURES if len(g.numbers) > 1]
     + [
         Spec("example_C_and_Ct", "The guide's example (section 4.1): C and Cᵀ", "example_C"),
@@ -810,6 +813,12 @@ def pixel_size(sc, dpi=DPI):
     return round(w * dpi), round(h * dpi)
 
 
+def _exact_inches(sc, dpi):
+    """figure_inches, moved to whole pixels (half a pixel over, so that
+    matplotlib's truncation to int gives pixel_size)."""
+    return tuple((n + 0.5) / dpi for n in pixel_size(sc, dpi))
+
+
 def _rgb(hex_colour):
     return tuple(int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
 
@@ -821,7 +830,7 @@ def paint(sc, path, dpi=DPI):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    w, h = figure_inches(sc)
+    w, h = _exact_inches(sc, dpi)
     fig = Figure(figsize=(w, h), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_axes(((w - sc.width * UNIT) / 2 / w, MARGIN / h, sc.width * UNIT / w, sc.height * UNIT / h))
