@@ -615,7 +615,8 @@ def _transposed_scene(spec, data):
     G, I, O = data.grid_size, data.input_size, data.output_size
     _kernel_grid(sc, 0, 1.5, data.kernel, g.k, "kernel", "w")
     _kernel_grid(sc, 0, 3.5 + g.k, data.reversed_kernel, g.k, "reversed_kernel", "rot180(w)")
-    positions = [0, _ravel([n // 2 for n in O], O)]  # a corner, and the centre (the most taps)
+    # A corner, and the first output pixel that reads the most pixels of y.
+    positions = [0, max(range(len(data.transposed)), key=lambda n: (len(data.transposed[n]), -n))]
     y, x0 = 1.5, g.k + 3
     for position in positions:
         # The guide's picture: rot180(w) at stride 1 over the zero-inserted, padded y ...
