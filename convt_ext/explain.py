@@ -3,6 +3,7 @@
     python -m convt_ext.explain
     python -m convt_ext.explain --kernel 3 --stride 3 --padding 1 --dilation 2 --size 7
     python -m convt_ext.explain --dims 3
+    python -m convt_ext.explain --figures DIR
 
 It answers two questions about the example of "A guide to convolution
 arithmetic for deep learning" (Dumoulin & Visin), section 4.1:
@@ -551,6 +552,11 @@ def build_parser():
         "--size", type=_bounded("--size", 1, 16), default=DEFAULTS["size"], help="input size i of the direct convolution (default 6)"
     )
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the random values (default 0)")
+    parser.add_argument(
+        "--figures",
+        metavar="DIR",
+        help="instead, draw the guide's figures from the matrices into DIR (PNGs and index.html; needs matplotlib)",
+    )
     return parser
 
 
@@ -575,6 +581,10 @@ def _printer(stream):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.figures is not None:
+        from . import figures
+
+        return figures.main(args.figures, _printer(sys.stdout))
     problem = geometry_problem(args.kernel, args.stride, args.padding, args.dilation, args.size)
     if problem:
         parser.error(problem)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import convt_ext
 import convt_ext.matrix as matrix_module
+from convt_ext.figures import FIGURES
 
 D = torch.float64
 
@@ -434,18 +435,8 @@ def test_equivalent_conv2d_prepare_shows_zero_insertion():
 
 # ---------------------------------------------------------------- the guide's figures
 
-# (figure, i, k, s, p, d, o): the direct convolutions of chapter 2 (and 5.1),
-# whose transposes are figures 4.1-4.7, with o as printed in the guide.
-FIGURES = [
-    ("2.1/4.1 no padding, unit strides", 4, 3, 1, 0, 1, 2),
-    ("2.2/4.2 arbitrary padding, unit strides", 5, 4, 1, 2, 1, 6),
-    ("2.3/4.3 half padding, unit strides", 5, 3, 1, 1, 1, 5),
-    ("2.4/4.4 full padding, unit strides", 5, 3, 1, 2, 1, 7),
-    ("2.5/4.5 no padding, strides", 5, 3, 2, 0, 1, 2),
-    ("2.6/4.6 padding, strides", 5, 3, 2, 1, 1, 3),
-    ("2.7/4.7 padding, strides (odd)", 6, 3, 2, 1, 1, 3),
-    ("5.1 dilation", 7, 3, 1, 0, 2, 3),
-]
+# FIGURES (convt_ext.figures): (figure, i, k, s, p, d, o), the direct convolutions
+# of chapter 2 (and 5.1), whose transposes are figures 4.1-4.7, with o as printed in the guide.
 
 
 def guide_direct_size(i, k, s, p, d):
