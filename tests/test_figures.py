@@ -281,7 +281,8 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (a test dependency: the README's test command installs it)
+
     out = tmp_path_factory.mktemp("figures")
     start = time.perf_counter()
     proc = run_python("-m", "convt_ext.explain", "--figures", str(out), cwd=out)
@@ -290,11 +291,12 @@ def written(tmp_path_factory):
     return out, seconds, proc.stdout
 
 
-def test_figures_flag_writes_every_figure_and_an_index_fast(written):
+def test_figures_flag_writes_every_figure_and_an_index(written):
+    # (Its wall time, 6-12 s here, is reported, not asserted: timings belong to the benchmark.)
     out, seconds, stdout = written
+    print(f"--figures took {seconds:.1f} s")
     assert sorted(os.listdir(out)) == figures.figure_names()
     assert len([n for n in os.listdir(out) if n.endswith(".png")]) >= 16
-    assert seconds < 30, seconds
     assert f"wrote {len(SPECS)} figures" in stdout
     index = (out / "index.html").read_text(encoding="utf-8")
     import html
