@@ -33,7 +33,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _geometry
 from .functional import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d  # noqa: F401
 from .matrix import (  # noqa: F401  (looked up by name: see Dims.lib)
     conv_matrix,
@@ -332,7 +332,7 @@ def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
     conv, tconv, rot = dm.conv, dm.tconv, dm.flip_name
     k, s, p, d, i = kernel, stride, padding, dilation, size
     wt.section(f"2. Stride {s}: zero insertion and output_padding (relationships 12–14; k={k}, p={p}, d={d}, i={i})")
-    o = _ops.window_count(i, k, s, p, d)
+    o = _geometry.window_count(i, k, s, p, d)
     a = (i + 2 * p - d * (k - 1) - 1) % s
     w = torch.randn(1, 1, *dm.shape(k), generator=gen, dtype=DTYPE)
     x = torch.randint(-4, 5, (1, 1, *dm.shape(i)), generator=gen).to(DTYPE)
@@ -365,8 +365,8 @@ def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
         )
     wt.claim(
         f"relationship 14: o′ = s(i′−1) + a + d(k−1) + 1 − 2p = {s}·{o - 1} + {a} + {d * (k - 1) + 1} − {2 * p}"
-        f" = {_ops.transposed_size(o, k, s, p, a, d)} = {tconv}'s output size",
-        _ops.transposed_size(o, k, s, p, a, d) == z.shape[-1] == i,
+        f" = {_geometry.transposed_size(o, k, s, p, a, d)} = {tconv}'s output size",
+        _geometry.transposed_size(o, k, s, p, a, d) == z.shape[-1] == i,
     )
 
     eq = dm.lib(dm.equivalent)(y.shape, w, s, p, a, 1, d)
@@ -410,7 +410,7 @@ def dilated_grouped(wt, gen, kernel, stride, padding, dilation, size, groups=2, 
     k, s, p, d, i, g = kernel, stride, padding, dilation, size, groups
     c_in, c_out = 2 * g, 3 * g
     wt.section(f"3. Dilation {d} and groups {g} (relationship 15; k={k}, s={s}, p={p}, i={i}, {c_in}→{c_out} channels)")
-    o = _ops.window_count(i, k, s, p, d)
+    o = _geometry.window_count(i, k, s, p, d)
     a = (i + 2 * p - d * (k - 1) - 1) % s
     w = torch.randn(c_out, c_in // g, *dm.shape(k), generator=gen, dtype=DTYPE)
     x = torch.randn(1, c_in, *dm.shape(i), generator=gen, dtype=DTYPE, requires_grad=True)
@@ -483,7 +483,7 @@ def _dilations(dilation):
 def geometry_problem(kernel, stride, padding, dilation, size):
     """Why this geometry has no convolution, or None when it is fine."""
     for d in sorted(set(_dilations(dilation))):
-        if _ops.window_count(size, kernel, stride, padding, d) < 1:
+        if _geometry.window_count(size, kernel, stride, padding, d) < 1:
             return (
                 f"--size {size} is too small for --kernel {kernel} with dilation {d} and --padding {padding}: "
                 f"need size + 2*padding >= dilation*(kernel-1) + 1 = {d * (kernel - 1) + 1}"

@@ -32,7 +32,7 @@ from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
-from . import _ops
+from . import _geometry
 from .matrix import conv_matrix, equivalent_conv1d, equivalent_conv2d, equivalent_conv3d, im2col_matrix
 
 __all__ = [
@@ -198,7 +198,7 @@ def direct_figure(g, dims=2):
         input_size=size,
         padding=padding,
         grid_size=grid,
-        output_size=tuple(_ops._windows(size, (g.k,) * dims, (g.s,) * dims, padding, (g.d,) * dims)),
+        output_size=tuple(_geometry.windows(size, (g.k,) * dims, (g.s,) * dims, padding, (g.d,) * dims)),
         shadow=tuple(shadow),
         taps=tuple(_by_position(U, taps)),
     )
@@ -330,7 +330,7 @@ def view_figure(input_size=VIEW["input_size"], channels=VIEW["channels"], kernel
                 stride=VIEW["stride"], padding=VIEW["padding"], tap=VIEW["tap"], row=VIEW["row"]):  # fmt: skip
     k = kernel_size
     U = im2col_matrix(input_size, k, 1, padding, stride)
-    windows = tuple(_ops._windows(input_size, (k, k), (stride,) * 2, (padding,) * 2, (1, 1)))
+    windows = tuple(_geometry.windows(input_size, (k, k), (stride,) * 2, (padding,) * 2, (1, 1)))
     t = tap[0] * k + tap[1]
     by_position = _by_position(U, k * k)
     pixels = []

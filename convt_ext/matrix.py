@@ -31,7 +31,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _geometry
 from .functional import _check_tensor, _int, _ntuple, conv1d, conv2d, conv3d
 
 __all__ = [
@@ -126,7 +126,7 @@ def im2col_matrix(input_size, kernel_size, dilation=1, padding=0, stride=1, *, d
     padding = _ntuple(padding, dims, "padding", op)
     stride = _ntuple(stride, dims, "stride", op)
     indices = ops.im2col_indices(input_size, kernel_size, dilation, padding, stride)
-    windows = _ops._windows(input_size, kernel_size, stride, padding, dilation)
+    windows = _geometry.windows(input_size, kernel_size, stride, padding, dilation)
     shape = (math.prod(kernel_size) * math.prod(windows), math.prod(input_size))
     indices = indices.to(device) if device is not None else indices
     values = torch.ones(indices.shape[1], dtype=dtype, device=indices.device)
@@ -172,7 +172,7 @@ def conv_matrix(weight, input_size, stride=1, padding=0, dilation=1, groups=1):
     if groups < 1 or c_out % groups:
         raise ValueError(f"{op}: groups must be positive and divide weight.shape[0]={c_out}, but got groups={groups}")
     indices = ops.im2col_indices(input_size, kernel, dilation, padding, stride).to(weight.device)
-    windows = _ops._windows(input_size, kernel, stride, padding, dilation)
+    windows = _geometry.windows(input_size, kernel, stride, padding, dilation)
     L, P = math.prod(windows), math.prod(input_size)
     k_off, l = indices[0] // L, indices[0] % L  # U's row = k_off*L + l
     pixel = indices[1]
@@ -378,7 +378,7 @@ def _equivalent_conv(dims, op, input_shape_or_size, weight, stride, padding, out
                 f"output_padding={output_padding}, stride={stride}, dilation={dilation}"
             )
     output_size = tuple(
-        _ops.transposed_size(size[i], kernel[i], stride[i], padding[i], output_padding[i], dilation[i]) for i in axes
+        _geometry.transposed_size(size[i], kernel[i], stride[i], padding[i], output_padding[i], dilation[i]) for i in axes
     )
     if any(o < 1 for o in output_size):
         raise ValueError(
@@ -537,10 +537,10 @@ def output_padding_for(input_size, output_size, kernel_size, stride=1, padding=0
     result = []
     for dim in range(dims):
         i, o, k, s, p, d = (tuples[name][dim] for name in args)
-        a = _ops.output_padding_to_reach(i, o, k, s, p, d)
+        a = _geometry.output_padding_to_reach(i, o, k, s, p, d)
         if not 0 <= a < max(s, d):
             reachable = [
-                size for size in (_ops.transposed_size(i, k, s, p, b, d) for b in range(max(s, d))) if size >= 1
+                size for size in (_geometry.transposed_size(i, k, s, p, b, d) for b in range(max(s, d))) if size >= 1
             ]
             where = f" along {_AXES[dims][dim]}" if as_tuple else ""
             raise ValueError(
