@@ -169,7 +169,8 @@ def extension():
             "convt_ext._C",
             sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
             include_dirs=[cublas_include],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            # CONVT_EXT_CUDA: the GEMM engine's CUDA engine is compiled in (csrc/cuda/gemm_cublas.h).
+            extra_compile_args={"cxx": cxx + ["-DCONVT_EXT_CUDA"], "nvcc": ["-O3", "-DCONVT_EXT_CUDA"]},
             extra_link_args=link + cublas_link,
         )
     write_build_config(False, [], None)

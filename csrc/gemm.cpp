@@ -3,6 +3,9 @@
 #include "gemm.h"
 
 #include "cpu/blas.h"
+#ifdef CONVT_EXT_CUDA
+#include "cuda/gemm_cublas.h"
+#endif
 
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -214,12 +217,12 @@ bool supports(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Te
 // ---- The engines. Each computes, for every group g,
 // out[g] = add[g] + a[g] . b[g], or out[g] += a[g] . b[g] with accumulate.
 
-DeviceGemm g_cuda_gemm = nullptr;  // set once, at load (gemm_cublas.cu)
-
 void run_aten(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& add, bool accumulate) {
+#ifdef CONVT_EXT_CUDA
   // Note [TF32 as a convolution]
-  if (out.is_cuda() && g_cuda_gemm != nullptr && g_cuda_gemm(out, a, b, add, accumulate)) return;
+  if (out.is_cuda() && cuda_tf32_gemm(out, a, b, add, accumulate)) return;
+#endif
   // Note [Bits that do not depend on the thread setting] (cpu/blas.cpp):
   // MKL, wherever at::mm or the BLAS reach it, sees one thread.
   std::optional<MklOneThread> pin;
@@ -414,11 +417,6 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 }  // namespace
 
 const char* engine_name(Engine e) { return kEngineNames[static_cast<int>(e)]; }
-
-void register_device_gemm(c10::DeviceType type, DeviceGemm gemm) {
-  TORCH_CHECK(type == c10::DeviceType::CUDA, "register_device_gemm: only CUDA has one");
-  g_cuda_gemm = gemm;
-}
 
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& add,
           bool accumulate) {

@@ -76,12 +76,6 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // with the compute type chosen per call (FAST_TF32, or PEDANTIC for full
 // float32), changing no flag and no handle state, even briefly, so
 // concurrent callers cannot see each other's settings.
-using DeviceGemm = bool (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                           const at::Tensor& add, bool accumulate);
-// Registered at load by a device's translation unit; it returns false where
-// it leaves the GEMM to at::mm.
-void register_device_gemm(c10::DeviceType type, DeviceGemm gemm);
-
 // The setting: "auto", "benchmark", "aten", "onednn" or "brgemm".
 void set_gemm_engine(const std::string& setting);
 std::string gemm_engine();

@@ -11,7 +11,7 @@
 
 #include <climits>
 
-#include "../gemm.h"
+#include "gemm_cublas.h"
 
 namespace convt_ext {
 namespace {
@@ -68,8 +68,10 @@ void strided_batched(const at::Tensor& out, const Blas& A, const Blas& B, float 
       tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
 }
 
-bool cuda_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-               const at::Tensor& add, bool accumulate) {
+}  // namespace
+
+bool cuda_tf32_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& add, bool accumulate) {
   if (out.scalar_type() != at::kFloat || a.size(2) == 0) return false;
   const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
   // at::mm already does what F.conv2d would: TF32 exactly when allowed.
@@ -102,7 +104,4 @@ bool cuda_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   return true;
 }
 
-const bool registered = (register_device_gemm(c10::DeviceType::CUDA, &cuda_gemm), true);
-
-}  // namespace
 }  // namespace convt_ext
