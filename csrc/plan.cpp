@@ -90,10 +90,6 @@ int64_t chunk_bytes() {
   return bytes;
 }
 
-int64_t preferred_chunk_bytes(const at::Tensor& like) {
-  return like.is_cpu() ? chunk_bytes() : INT64_MAX;
-}
-
 // The forward tile's bytes (forward_tile_cap), INT64_MAX for no cap.
 int64_t forward_tile_bytes() {
   static const int64_t bytes = [] {
@@ -105,6 +101,20 @@ int64_t forward_tile_bytes() {
 
 }  // namespace
 
+DevicePolicy device_policy(c10::DeviceType type) {
+  DevicePolicy p;
+  if (type == c10::DeviceType::CPU) {
+    const bool nested = at::in_parallel_region();
+    p.tasks = nested ? 1 : usable_cores();
+    p.parallel = !nested && at::get_num_threads() > 1;
+    p.chunk_bytes = chunk_bytes();
+    p.tile_bytes = forward_tile_bytes();
+    p.wide_below = kWideBelow;
+    p.keep_scratch = true;
+  }
+  return p;
+}
+
 int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positions) {
   // Measured on the 2-d suite (NOTES item 21): 1 MiB tiles sped up the
   // forward pass of one-group layers with many positions (ResNet 56x56 and
@@ -112,7 +122,7 @@ int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positio
   // their wide GEMMs shrank) and grouped ones (thinner GEMMs still).
   // CONVT_EXT_FORWARD_TILE_BYTES overrides the size (0: no cap), for tuning.
   constexpr int64_t kTiledFrom = 128;
-  return like.is_cpu() && groups == 1 && positions >= kTiledFrom ? forward_tile_bytes() : INT64_MAX;
+  return groups == 1 && positions >= kTiledFrom ? device_policy(like).tile_bytes : INT64_MAX;
 }
 
 void check_environment() {
@@ -135,12 +145,11 @@ int64_t usable_cores() {
   return cores;
 }
 
-int64_t tasks_at_once(const at::Tensor& like) {
-  return like.is_cpu() && !at::in_parallel_region() ? usable_cores() : 1;
-}
+int64_t tasks_at_once(const at::Tensor& like) { return device_policy(like).tasks; }
 
 int64_t task_budget(const at::Tensor& like) {
-  return std::min(workspace_limit() / tasks_at_once(like), preferred_chunk_bytes(like));
+  const DevicePolicy p = device_policy(like);
+  return std::min(workspace_limit() / p.tasks, p.chunk_bytes);
 }
 
 namespace {
@@ -179,7 +188,7 @@ KeptBuffers::~KeptBuffers() {
 
 at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t numel = c10::multiply_integers(sizes);
-  if (options.device().type() != c10::DeviceType::CPU) return at::empty(sizes, options);
+  if (!device_policy(options.device().type()).keep_scratch) return at::empty(sizes, options);
   thread_local KeptBuffers kept;
   at::Tensor t;
   {
@@ -210,9 +219,10 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opt
 // limit allows always beats a launch and a thin GEMM per sample.
 int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows,
                    int64_t cap) {
+  const DevicePolicy p = device_policy(like);
   const int64_t batch = like.size(0);
-  if ((like.is_cpu() && positions >= kWideBelow) || batch < 2) return 0;
-  const int64_t budget = std::min({workspace_limit(), preferred_chunk_bytes(like), cap});
+  if (positions >= p.wide_below || batch < 2) return 0;
+  const int64_t budget = std::min({workspace_limit(), p.chunk_bytes, cap});
   // In 128 bits: the two buffers' sizes are each checked, not their sum.
   const __int128 per_sample = (__int128(rows) + aux_rows) * positions * like.element_size();
   const int64_t chunk = static_cast<int64_t>(

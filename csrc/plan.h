@@ -49,6 +49,38 @@
 
 namespace convt_ext {
 
+// Note [Device policy]
+// Every choice of the plan that differs between the CPU and a GPU, in one
+// place (the code paths are the same on both):
+//   tasks         tasks that run at once, each with its own buffers: the
+//                 usable cores on the CPU (1 inside a parallel region); 1 on
+//                 a GPU, whose every kernel and GEMM uses the whole device;
+//   parallel      whether for_each_task runs its ranges in a parallel region
+//                 (the CPU, with more than one thread);
+//   chunk_bytes   the column bytes a task aims for: cache-sized on the CPU
+//                 (CONVT_EXT_CHUNK_BYTES); none on a GPU, where the workspace
+//                 limit alone sizes the buffers, as large as allowed;
+//   tile_bytes    conv's forward L2 tile (CONVT_EXT_FORWARD_TILE_BYTES), CPU
+//                 only (forward_tile_cap);
+//   wide_below    the wide path serves samples of fewer window positions
+//                 than this: 1024 on the CPU (benchmarks/NOTES.md); always on
+//                 a GPU, where one GEMM over many samples beats a launch and
+//                 a thin GEMM per sample;
+//   keep_scratch  threads keep their buffers between calls (the CPU, where
+//                 fresh pages cost more than the im2col that fills them).
+struct DevicePolicy {
+  int64_t tasks = 1;
+  bool parallel = false;
+  int64_t chunk_bytes = INT64_MAX;
+  int64_t tile_bytes = INT64_MAX;
+  int64_t wide_below = INT64_MAX;
+  bool keep_scratch = false;
+};
+DevicePolicy device_policy(c10::DeviceType type);
+inline DevicePolicy device_policy(const at::Tensor& like) {
+  return device_policy(like.device().type());
+}
+
 // The most tasks that run at once, each with its own column buffer: a
 // constant of the process (usable_cores()), not torch.get_num_threads(), so
 // the plan and every sum are the same for any thread count; 1 off the CPU
@@ -181,14 +213,14 @@ inline int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
 // whole device.
 template <typename F>
 void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
-  const int64_t ranges = std::min(n, tasks_at_once(like));
+  const int64_t ranges = std::min(n, device_policy(like).tasks);
   if (ranges <= 0) return;
   // Range r: n / ranges tasks, one more for the first n % ranges.
   const int64_t q = n / ranges, extra = n % ranges;
   auto run = [&](int64_t r) {
     fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
   };
-  if (like.is_cpu() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  if (device_policy(like).parallel) {
     // Two ranges at least, so that even one task runs inside a parallel
     // region, where BLAS is single-threaded: a multi-threaded GEMM may split
     // its reduction by the thread count (Note [Determinism across thread counts]).
