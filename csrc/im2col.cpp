@@ -1,6 +1,7 @@
 // The im2col and col2im ops: argument checks, allocation, then the device's
 // kernel from the WindowKernels table. The same code serves every device and
-// every number of spatial dimensions (Note [N-d by lifting] in im2col.h).
+// every number of spatial dimensions (Note [N-d by lifting] in im2col.h), and
+// every dtype of dtypes.h (Note [Window dtypes]).
 #include "ops.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dtypes.h"
 #include "kernels.h"
 
 namespace convt_ext {
@@ -98,7 +100,7 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
                     dims + 1, "-d (C, *spatial) or ", dims + 2, "-d (N, C, *spatial) for ", dims,
                     " spatial dimensions (the length of kernel_size=", fmt(kernel_size),
                     "), but got a ", input.dim(), "-d tensor");
-  check_floating(op, "input", input);
+  check_window_dtype(op, "input", input, /*sums=*/false);
   check_window_args(op, dims, kernel_size, stride, padding, dilation);
   const bool batched = input.dim() == dims + 2;
   const at::Tensor x = batched ? input : input.unsqueeze(0);
@@ -136,7 +138,7 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                     ": input must be 2-d (C*prod(kernel_size), L) or 3-d (N, C*prod(kernel_size), "
                     "L), but got a ",
                     input.dim(), "-d tensor");
-  check_floating(op, "input", input);
+  check_window_dtype(op, "input", input, /*sums=*/true);
   check_ints(op, "output_size", output_size, dims, 1);
   check_window_args(op, dims, kernel_size, stride, padding, dilation);
   const bool batched = input.dim() == 3;

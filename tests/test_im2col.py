@@ -462,8 +462,10 @@ IM2COL_ERRORS = [
     (dict(input=_x(2, 4, 4), kernel_size=(1, 6), padding=(0, 0)), ValueError, r"input.*kernel_size"),
     (dict(input=_x(1, 0, 4, 4), kernel_size=2), ValueError, r"input"),
     (dict(input=_x(1, 1, 0, 4), kernel_size=1), ValueError, r"input"),
-    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.int64), kernel_size=2), TypeError, r"input"),
-    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.bool), kernel_size=2), TypeError, r"input"),
+    # Every bool, integer, floating and complex dtype is taken (tests/test_dtypes.py); packed
+    # sub-byte types and raw bits are not.
+    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.float4_e2m1fn_x2), kernel_size=2), TypeError, r"input"),
+    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.bits8), kernel_size=2), TypeError, r"input"),
     (dict(input=[[[[1.0]]]], kernel_size=1), TypeError, r"input"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=True), TypeError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=(2, False)), TypeError, r"kernel_size"),
@@ -509,7 +511,8 @@ COL2IM_ERRORS = [
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, stride=0), ValueError, r"stride"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, dilation=0), ValueError, r"dilation"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, padding=-1), ValueError, r"padding"),
-    (dict(input=torch.zeros(1, 4, 9, dtype=torch.int32), output_size=(4, 4), kernel_size=2), TypeError, r"input"),
+    # float8 has no sum (im2col copies it; col2im refuses it).
+    (dict(input=torch.zeros(1, 4, 9, dtype=torch.float8_e4m3fn), output_size=(4, 4), kernel_size=2), TypeError, r"input"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=True), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size="2"), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2.0), TypeError, r"kernel_size"),
