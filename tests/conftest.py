@@ -176,3 +176,40 @@ def u_col2im(cols, size, kernel_size, dilation, padding, stride):
     image = torch.zeros(N, C, math.prod(size), dtype=wide.dtype)
     image.index_add_(2, pixels, wide.reshape(N, C, -1)[:, :, rows])
     return _narrow(image.reshape(N, C, *size), cols.dtype)
+
+
+# Integers of each element size: other dtypes compared bit for bit through them.
+SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def random_of(dtype, shape, gen, layout="contiguous"):
+    """Values of any dtype, spread over its range (the whole range for integers, so that
+    sums wrap; normal values rounded to the dtype for floating and complex types, float8
+    and complex32 included), contiguous, transposed (the last two dimensions) or at a
+    storage offset."""
+    if dtype == torch.bool:
+        values = torch.rand(shape, generator=gen) < 0.5
+    elif dtype.is_complex:
+        values = torch.randn(shape, generator=gen, dtype=torch.complex128).to(dtype)
+    elif dtype.is_floating_point:
+        values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    else:
+        # uint64 from all of int64: its negatives wrap onto the values with the top bit set.
+        info = torch.iinfo(torch.int64 if dtype == torch.uint64 else dtype)
+        values = torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(dtype)
+    if layout == "transposed":
+        return values.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "offset":
+        return torch.cat([torch.zeros(5, dtype=dtype), values.flatten()])[5:].view(shape)
+    return values
+
+
+def assert_same(got, want):
+    """Bit for bit, also for dtypes torch.equal does not take (compared as integers of their size)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    size = got.element_size()
+    if got.dtype.is_complex:
+        got, want = torch.view_as_real(got.contiguous().to(torch.complex128)), torch.view_as_real(want.contiguous().to(torch.complex128))
+    elif size in SAME_SIZE_INT and got.dtype != torch.bool:
+        got, want = got.contiguous().view(SAME_SIZE_INT[size]), want.contiguous().view(SAME_SIZE_INT[size])
+    assert torch.equal(got, want)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import convt_ext
-from conftest import make_tensor, requires_cuda, u_col2im, u_im2col
+from conftest import SAME_SIZE_INT, assert_same, make_tensor, random_of, requires_cuda, u_col2im, u_im2col
 
 ops = torch.ops.convt_ext
 
@@ -25,7 +25,6 @@ SUM_DTYPES = BOOL + INTS + FLOATS + COMPLEX  # im2col and col2im
 # im2col only: a copy of bits; torch has no sum for them (torch.add refuses float8).
 COPY_ONLY = [torch.float8_e5m2, torch.float8_e4m3fn, torch.float8_e5m2fnuz, torch.float8_e4m3fnuz,
              torch.float8_e8m0fnu, torch.complex32]
-SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # (shape, kernel_size, dilation, padding, stride): D = len(kernel_size); every batch is
 # non-empty, taps overlap (col2im sums up to 27 of them), padding and strides vary.
@@ -42,38 +41,6 @@ CASES = [
 def _cid(case):
     shape, k, d, p, s = case
     return f"{len(k)}d-{'x'.join(map(str, shape))}-k{''.join(map(str, k))}-d{''.join(map(str, d))}-p{''.join(map(str, p))}-s{''.join(map(str, s))}"
-
-
-def random_of(dtype, shape, gen, layout="contiguous"):
-    """Values spread over dtype's range (the whole range for integers, so that sums
-    wrap), contiguous, transposed (the last two dimensions) or at a storage offset."""
-    if dtype == torch.bool:
-        values = torch.rand(shape, generator=gen) < 0.5
-    elif dtype.is_complex:
-        values = torch.randn(shape, generator=gen, dtype=torch.complex128).to(dtype)
-    elif dtype.is_floating_point:
-        values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    else:
-        info = torch.iinfo(dtype)
-        values = torch.randint(max(info.min, -(2**63)), min(info.max, 2**63 - 1), shape, generator=gen, dtype=torch.int64)
-        # uint64: int64's negatives wrap onto the values with the top bit set.
-        values = values.to(dtype)
-    if layout == "transposed":
-        return values.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "offset":
-        return torch.cat([torch.zeros(5, dtype=dtype), values.flatten()])[5:].view(shape)
-    return values
-
-
-def assert_same(got, want):
-    """Bit for bit, also for dtypes torch.equal does not take (compared as integers of their size)."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    size = got.element_size()
-    if got.dtype.is_complex:
-        got, want = torch.view_as_real(got.contiguous().to(torch.complex128)), torch.view_as_real(want.contiguous().to(torch.complex128))
-    elif size in SAME_SIZE_INT and got.dtype != torch.bool:
-        got, want = got.contiguous().view(SAME_SIZE_INT[size]), want.contiguous().view(SAME_SIZE_INT[size])
-    assert torch.equal(got, want)
 
 
 def torch_unfold(x, k, d, p, s):
@@ -216,7 +183,7 @@ def test_im2col_copy_only_dtypes(case, dtype, rng):
     refuses them with a TypeError, as torch has no sum for them."""
     shape, k, d, p, s = case
     wide = torch.complex64 if dtype.is_complex else torch.float32
-    x = torch.randn(shape, generator=rng, dtype=wide).to(dtype)
+    x = random_of(dtype, shape, rng)
     cols = convt_ext.im2col(x, k, d, p, s)
     assert cols.dtype == dtype
     bits = SAME_SIZE_INT[x.element_size()]
@@ -348,10 +315,7 @@ def test_cuda_every_dtype_matches_cpu(case, dtype):
     bool and integers (exact sums) and within rounding for floating types."""
     shape, k, d, p, s = case
     gen = torch.Generator().manual_seed(len(shape) * 1000 + sum(shape))
-    if dtype in COPY_ONLY:
-        x = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype)
-    else:
-        x = random_of(dtype, shape, gen, "transposed")
+    x = random_of(dtype, shape, gen, "transposed")
     cols = convt_ext.im2col(x.cuda(), k, d, p, s)
     assert cols.device.type == "cuda"
     assert_same(cols.cpu(), convt_ext.im2col(x, k, d, p, s))
@@ -408,8 +372,7 @@ def test_im2col_view_layout_strides_and_storage(case, rng):
 @pytest.mark.parametrize("dtype", SUM_DTYPES + COPY_ONLY, ids=str)
 def test_im2col_view_every_dtype(dtype, rng):
     shape, k, d, _, s = CASES[3]
-    x = (random_of(dtype, shape, rng) if dtype not in COPY_ONLY
-         else torch.randn(shape, generator=rng, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype))
+    x = random_of(dtype, shape, rng)
     view = convt_ext.im2col_view(x, k, d, s)
     assert view.dtype == dtype and view._base is x
     assert_same(view.reshape(shape[0], -1, view.shape[-2] * view.shape[-1]), convt_ext.im2col(x, k, d, 0, s))

@@ -112,6 +112,26 @@ def test_im2col_col2im_match_torch_float64(case, rng):
     assert_unchanged(c_before, c.detach())
 
 
+def test_im2col_view_matches_im2col_across_the_sweep(rng):
+    """im2col(x, k, d, p, s) == im2col_view(x padded by p, k, d, s).reshape(N, C*kh*kw, L)
+    over the whole 2-d sweep (every batch and layout); with p = 0 the view is of x
+    itself, sharing its memory."""
+    computed = unpadded = 0
+    for batch, channels, hw, k, s, p, d, layout in SWEEP:
+        shape = (channels,) + hw if batch is None else (batch, channels) + hw
+        x = make_tensor(shape, rng, layout)
+        view = convt_ext.im2col_view(F.pad(x, (p[1], p[1], p[0], p[0])) if any(p) else x, k, d, s)
+        want = F.unfold(x, k, d, p, s)
+        assert view.shape == shape[:-2] + k + (window_count(hw[0], k[0], s[0], p[0], d[0]), window_count(hw[1], k[1], s[1], p[1], d[1]))
+        assert torch.equal(view.reshape(want.shape), want)
+        assert torch.equal(view.reshape(want.shape), convt_ext.im2col(x, k, d, p, s))
+        if p == (0, 0):
+            assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            unpadded += 1
+        computed += batch != 0 and want.numel() > 0
+    assert computed >= 200 and unpadded >= 5, (computed, unpadded)
+
+
 @pytest.mark.parametrize("batch,channels", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("k,s,p,d", [((3, 3), (1, 1), (1, 1), (1, 1)),
                                      ((3, 4), (2, 3), (2, 0), (1, 2)),
