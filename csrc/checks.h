@@ -95,13 +95,15 @@ inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t 
 
 // The number of elements of a tensor of these sizes, overflow-checked;
 // `context` says which arguments made them so large.
+// element_bytes: 8 (float64, the widest dtype of the convolutions) unless
+// the caller knows its tensor's (im2col and col2im take complex128).
 inline int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes,
-                             const std::string& context = "") {
-  // Its bytes, at 16 per element (complex128, the widest dtype), must fit too.
+                             const std::string& context = "", int64_t element_bytes = 8) {
+  // Its bytes must fit too.
   wide_int n = 1;
   for (int64_t s : sizes) {
     n *= s;
-    TORCH_CHECK_VALUE(n <= kInt64Max / 16, op, ": ", what, " of shape ", fmt(sizes),
+    TORCH_CHECK_VALUE(n <= kInt64Max / element_bytes, op, ": ", what, " of shape ", fmt(sizes),
                       " would need more than 2^63-1 bytes", context);
   }
   return static_cast<int64_t>(n);

@@ -114,8 +114,10 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
   window_counts(op, "input", x.sizes().slice(2), kernel_size, stride, padding, dilation, windows);
   const Window3 w = make_window(op, x.size(0), x.size(1), x.sizes().slice(2), windows,
                                 kernel_size, stride, padding, dilation);
-  c10::DeviceGuard guard(x.device());
   const std::vector<int64_t> shape{w.batch, w.rows(), w.window_numel()};
+  checked_numel(op, "the column matrix", shape, geometry(kernel_size, stride, padding, dilation),
+                x.element_size());
+  c10::DeviceGuard guard(x.device());
   at::Tensor cols;
   if (out.has_value()) {
     const at::IntArrayRef wanted = at::IntArrayRef(shape).slice(batched ? 0 : 1);
@@ -163,7 +165,8 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                     fmt(stride), "; but got shape ", input.sizes());
   std::vector<int64_t> shape{cols.size(0), cols.size(1) / kernel_numel};
   shape.insert(shape.end(), output_size.begin(), output_size.end());
-  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size));
+  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size),
+                cols.element_size());
   const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
                                 windows, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(cols.device());

@@ -205,6 +205,18 @@ def test_dtypes_without_kernels_are_type_errors(dtype):
         ops._emulated_col2im(torch.empty(1, 4, 9, dtype=dtype), [4, 4], [2, 2], [1, 1], [0, 0], [1, 1], True)
 
 
+def test_sizes_in_bytes_count_16_for_complex128():
+    """A result of 2^59 + 1 complex128 elements needs more than 2^63 - 1 bytes: a ValueError
+    before any allocation, for im2col and col2im."""
+    n = 2**59 + 1
+    x = torch.zeros(1, 1, 1, dtype=torch.complex128)
+    with pytest.raises(ValueError, match=r"im2col: the column matrix of shape \(1, 1, 576460752303423489\) would need more than 2\^63-1 bytes.*padding"):
+        convt_ext.im2col(x, (1,), 1, (n - 1) // 2)
+    cols = torch.zeros(1, 1, 1, dtype=torch.complex128).expand(1, 1, n)
+    with pytest.raises(ValueError, match=r"col2im: the output of shape \(1, 1, 576460752303423489\) would need more than 2\^63-1 bytes"):
+        convt_ext.col2im(cols, (n,), (1,))
+
+
 def test_convolutions_stay_float_only():
     for dtype in (torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn):
         with pytest.raises(TypeError, match="conv2d: input must be a float16, bfloat16, float32 or float64"):
