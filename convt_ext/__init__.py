@@ -25,6 +25,7 @@ from .functional import (
     conv_transpose2d,
     conv_transpose3d,
     im2col,
+    im2col_view,
 )
 from .matrix import (
     EquivalentConv,
@@ -59,6 +60,7 @@ __all__ = [
     "engine_info",
     "gemm_engine",
     "im2col",
+    "im2col_view",
     "release_workspace",
     "set_gemm_engine",
     "set_workspace_limit",

@@ -454,7 +454,10 @@ def _autograd_kernel(function, name):
     op = getattr(ops, name).default
 
     def kernel(keyset, *args):
-        if torch._C.is_grad_enabled() and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0):
+        # Derivatives for floating and complex inputs only, as torch has them
+        # (an integer or bool im2col/col2im has none).
+        differentiable = args[0].is_floating_point() or args[0].is_complex()
+        if differentiable and torch._C.is_grad_enabled() and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0):
             if _transforms_active():
                 raise RuntimeError(
                     f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "

@@ -231,6 +231,28 @@ def _hand_built_C(w):
     return C
 
 
+def _view_is_U(wt, x, dm):
+    """One claim: im2col_view's strides are U's nonzero pattern (no padding), so the
+    windows need no copy."""
+    from .functional import im2col_view
+    from .matrix import im2col_matrix
+
+    view = im2col_view(x, dm.shape(3))
+    rows, pixels = im2col_matrix(dm.shape(4), dm.shape(3)).coalesce().indices()
+    # The storage offset of every (kernel offset, window) element, in U's row order.
+    offsets = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(view.shape[2:], view.stride()[2:]):
+        offsets = offsets[..., None] + torch.arange(size) * stride
+    offsets = offsets.flatten() + view.storage_offset() - x.storage_offset()
+    wt.say(f"  im2col_view(x1, {dm.cube(3)}) has strides {view.stride()[2:]} (kernel offsets, then windows): x1's, times d and s.")
+    wt.claim(
+        "im2col_view(x1) copies nothing: its element (j, l) is the pixel where U's row j·L + l has its 1",
+        view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        and len(rows) == offsets.numel()
+        and torch.equal(offsets[rows], pixels),
+    )
+
+
 def guide_example(wt, gen, dm=None):
     """Section 4.1's example, its two puzzles and their answers (a 4×4 input
     and a 3×3 kernel in 2-d; 4 and 3 per axis in 1-d and 3-d)."""
@@ -257,6 +279,7 @@ def guide_example(wt, gen, dm=None):
     wt.matrix("C", C, zero=".")
     wt.same(f"convt_ext.conv_matrix(w1, {dm.shape(4)}).to_dense() is this C", conv_matrix(w1, dm.shape(4)).to_dense(), C)
     wt.same(f"C·x.flatten() = {conv}(x1, w1).flatten()", C @ x.flatten(), y1.detach().flatten())
+    _view_is_U(wt, x1.detach(), dm)
 
     ones = torch.ones(n_out, dtype=DTYPE)
     ct_ones = (C.t() @ ones).view(x.shape)

@@ -15,6 +15,7 @@ ops = torch.ops.convt_ext
 
 __all__ = [
     "im2col",
+    "im2col_view",
     "col2im",
     "conv1d",
     "conv2d",
@@ -113,11 +114,84 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
     op = "im2col"
     _check_tensor(input, "input", op)
     named = dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
+    d = _image_dims(op, input, named)
+    return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
+
+
+def _image_dims(op, input, named):
+    """D for an image op (im2col, im2col_view): from any sequence in `named`;
+    with ints only 1 for a 2-d input, 2 for a 3-d or 4-d one (as F.unfold),
+    3 for a 5-d one."""
     default = {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim())
     if default is None:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
-    d = _dims_of(op, named, default)
-    return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
+    return _dims_of(op, named, default)
+
+
+def im2col_view(input, kernel_size, dilation=1, stride=1):
+    """The sliding windows of ``input`` as a view, copying nothing: NumPy's
+    ``sliding_window_view`` with stride and dilation, in 1, 2 or 3 dimensions
+    and any dtype.
+
+    ``input`` is ``(N, C, *spatial)`` or unbatched ``(C, *spatial)``, D taken
+    as in :func:`im2col`. The result is ``(N, C, *kernel_size, *windows)``
+    (or without N), where ``view[n, c, k, o] = input[n, c, o*stride +
+    k*dilation]`` per dimension: the relation of :func:`im2col` with no
+    padding, as strides (``dilation * input.stride()`` for the kernel
+    offsets, ``stride * input.stride()`` for the windows). It shares
+    ``input``'s memory, so writing into either changes both, and many of its
+    elements alias each other where windows overlap (write to a clone).
+    Without padding::
+
+        im2col(x, k, d, 0, s) == im2col_view(x, k, d, s).reshape(N, C * prod(k), L)
+
+    Padding would need a copy; pad first::
+
+        v = im2col_view(F.pad(x, (1, 1, 1, 1)), 3)  # im2col(x, 3, padding=1), as a view of the padded x
+
+    A consumer that reads the view directly copies nothing at all, e.g. a
+    convolution (``F.conv2d(x, w, stride=s, dilation=d)``) as one einsum::
+
+        y = torch.einsum("ncklhw,ockl->nohw", im2col_view(x, w.shape[2:], d, s), w)
+
+    Built from ``Tensor.unfold`` (no ``as_strided``), so it works under
+    ``torch.func.vmap`` and ``torch.compile``, and autograd flows through it.
+    """
+    op = "im2col_view"
+    _check_tensor(input, "input", op)
+    named = dict(kernel_size=kernel_size, dilation=dilation, stride=stride)
+    d = _image_dims(op, input, named)
+    kernel_size, dilation, stride = (_ntuple(v, d, k, op) for k, v in named.items())
+    for name, values in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
+        if any(v < 1 for v in values):
+            raise ValueError(f"{op}: {name} must be positive, but got {name}={values}")
+    if input.dim() not in (d + 1, d + 2):
+        raise ValueError(
+            f"{op}: input must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial) for {d} spatial "
+            f"dimensions (the length of kernel_size={kernel_size}), but got a {input.dim()}-d tensor"
+        )
+    first = input.dim() - d  # the first spatial dimension
+    if any(n == 0 for n in input.shape[first - 1 :]):
+        raise ValueError(
+            f"{op}: input must have non-zero channels and spatial sizes (only the batch may be empty), "
+            f"but got shape {tuple(input.shape)}"
+        )
+    spans = [dilation[i] * (kernel_size[i] - 1) + 1 for i in range(d)]
+    if any(spans[i] > input.shape[first + i] for i in range(d)):
+        raise ValueError(
+            f"{op}: input of spatial size {tuple(input.shape[first:])} is too small for kernel_size={kernel_size} "
+            f"with dilation={dilation}: each size must be at least dilation*(kernel_size-1)+1 (pad it first, with F.pad)"
+        )
+    view = input
+    for i in range(d):
+        # Windows of the dilated span, `stride` apart, in a new last dimension;
+        # every dilation-th element of a span is a tap.
+        view = view.unfold(first + i, spans[i], stride[i])
+        if dilation[i] > 1:
+            view = view[..., :: dilation[i]]
+    # (..., C, *windows, *kernel) -> (..., C, *kernel, *windows)
+    lead = tuple(range(first))
+    return view.permute(*lead, *range(first + d, first + 2 * d), *range(first, first + d))
 
 
 def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, out=None):

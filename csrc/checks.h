@@ -55,8 +55,9 @@ inline int spatial_dims(const char* op, const char* name, c10::IntArrayRef v) {
   return static_cast<int>(v.size());
 }
 
-// Exactly the dtypes the kernels are compiled for; anything else (integers,
-// bool, complex, float8) is refused here, not deep inside a GEMM.
+// Exactly the dtypes the convolutions' GEMMs are compiled for; anything else
+// (integers, bool, complex, float8) is refused here, not deep inside a GEMM.
+// im2col and col2im take more: dtypes.h.
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto type = t.scalar_type();
   TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
@@ -94,13 +95,15 @@ inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t 
 
 // The number of elements of a tensor of these sizes, overflow-checked;
 // `context` says which arguments made them so large.
+// element_bytes: 8 (float64, the widest dtype of the convolutions) unless
+// the caller knows its tensor's (im2col and col2im take complex128).
 inline int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes,
-                             const std::string& context = "") {
-  // Its bytes, at 8 per element (float64, the widest dtype), must fit too.
+                             const std::string& context = "", int64_t element_bytes = 8) {
+  // Its bytes must fit too.
   wide_int n = 1;
   for (int64_t s : sizes) {
     n *= s;
-    TORCH_CHECK_VALUE(n <= kInt64Max / 8, op, ": ", what, " of shape ", fmt(sizes),
+    TORCH_CHECK_VALUE(n <= kInt64Max / element_bytes, op, ": ", what, " of shape ", fmt(sizes),
                       " would need more than 2^63-1 bytes", context);
   }
   return static_cast<int64_t>(n);

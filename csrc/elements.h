@@ -9,7 +9,7 @@
 //                   writes the prod(k) column entries of its window.
 //   col2im_element: a gather. One element per image position (n, c, i0, i1,
 //                   i2) inverts the relation with window_at() and sums its
-//                   own taps in row-major k_off order, in opmath. No atomics:
+//                   own taps in row-major k_off order, in sum_t (dtypes.h). No atomics:
 //                   results are deterministic and match the CPU loops' order.
 #pragma once
 

@@ -3,8 +3,6 @@
 // has no GPU, tests the device logic itself. Exposed as the private ops
 // torch.ops.convt_ext._emulated_im2col / _emulated_col2im (not public API):
 // the same checks and allocation as im2col/col2im, with these kernels.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -37,9 +35,10 @@ void check_index_type(const Window3& w, const at::Tensor& cols, const at::Tensor
 template <typename index_t>
 void im2col_emulated(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   check_index_type<index_t>(w, cols, image, at::Tensor());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "im2col_emulated", [&] {
-    const scalar_t* x = image.const_data_ptr<scalar_t>();
-    scalar_t* c = cols.mutable_data_ptr<scalar_t>();
+  dispatch_copy(image.scalar_type(), "im2col_emulated", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* x = data_as<scalar_t>(image);
+    scalar_t* c = mutable_data_as<scalar_t>(cols);
     const auto xs = image_strides<index_t>(image);
     const auto cs = column_strides<index_t>(cols);
     emulate_grid<index_t>(w.batch * w.channels * w.window_numel(), [&](index_t i) {
@@ -52,15 +51,16 @@ template <typename index_t>
 void col2im_emulated(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                      const Window3& w) {
   check_index_type<index_t>(w, cols, image, bias);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "col2im_emulated", [&] {
-    const scalar_t* c = cols.const_data_ptr<scalar_t>();
-    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  dispatch_sum(cols.scalar_type(), "col2im_emulated", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* c = data_as<scalar_t>(cols);
+    const scalar_t* b = bias.defined() ? data_as<scalar_t>(bias) : nullptr;
     const index_t bs = bias.defined() ? static_cast<index_t>(bias.stride(0)) : 0;
-    scalar_t* x = image.mutable_data_ptr<scalar_t>();
+    scalar_t* x = mutable_data_as<scalar_t>(image);
     const auto xs = image_strides<index_t>(image);
     const auto cs = column_strides<index_t>(cols);
     emulate_grid<index_t>(w.batch * w.channels * w.image_numel(), [&](index_t i) {
-      col2im_element<scalar_t, at::opmath_type<scalar_t>, index_t>(c, b, bs, x, w, cs, xs, i);
+      col2im_element<scalar_t, sum_t<scalar_t>, index_t>(c, b, bs, x, w, cs, xs, i);
     });
   });
 }

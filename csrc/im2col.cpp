@@ -1,6 +1,7 @@
 // The im2col and col2im ops: argument checks, allocation, then the device's
 // kernel from the WindowKernels table. The same code serves every device and
-// every number of spatial dimensions (Note [N-d by lifting] in im2col.h).
+// every number of spatial dimensions (Note [N-d by lifting] in im2col.h), and
+// every dtype of dtypes.h (Note [Window dtypes]).
 #include "ops.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dtypes.h"
 #include "kernels.h"
 
 namespace convt_ext {
@@ -98,7 +100,7 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
                     dims + 1, "-d (C, *spatial) or ", dims + 2, "-d (N, C, *spatial) for ", dims,
                     " spatial dimensions (the length of kernel_size=", fmt(kernel_size),
                     "), but got a ", input.dim(), "-d tensor");
-  check_floating(op, "input", input);
+  check_window_dtype(op, "input", input, /*sums=*/false);
   check_window_args(op, dims, kernel_size, stride, padding, dilation);
   const bool batched = input.dim() == dims + 2;
   const at::Tensor x = batched ? input : input.unsqueeze(0);
@@ -112,8 +114,10 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
   window_counts(op, "input", x.sizes().slice(2), kernel_size, stride, padding, dilation, windows);
   const Window3 w = make_window(op, x.size(0), x.size(1), x.sizes().slice(2), windows,
                                 kernel_size, stride, padding, dilation);
-  c10::DeviceGuard guard(x.device());
   const std::vector<int64_t> shape{w.batch, w.rows(), w.window_numel()};
+  checked_numel(op, "the column matrix", shape, geometry(kernel_size, stride, padding, dilation),
+                x.element_size());
+  c10::DeviceGuard guard(x.device());
   at::Tensor cols;
   if (out.has_value()) {
     const at::IntArrayRef wanted = at::IntArrayRef(shape).slice(batched ? 0 : 1);
@@ -136,7 +140,7 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                     ": input must be 2-d (C*prod(kernel_size), L) or 3-d (N, C*prod(kernel_size), "
                     "L), but got a ",
                     input.dim(), "-d tensor");
-  check_floating(op, "input", input);
+  check_window_dtype(op, "input", input, /*sums=*/true);
   check_ints(op, "output_size", output_size, dims, 1);
   check_window_args(op, dims, kernel_size, stride, padding, dilation);
   const bool batched = input.dim() == 3;
@@ -161,7 +165,8 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
                     fmt(stride), "; but got shape ", input.sizes());
   std::vector<int64_t> shape{cols.size(0), cols.size(1) / kernel_numel};
   shape.insert(shape.end(), output_size.begin(), output_size.end());
-  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size));
+  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size),
+                cols.element_size());
   const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
                                 windows, kernel_size, stride, padding, dilation);
   c10::DeviceGuard guard(cols.device());

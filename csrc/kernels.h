@@ -12,6 +12,7 @@
 
 #include <cstdlib>
 
+#include "dtypes.h"
 #include "elements.h"
 #include "im2col.h"
 
@@ -24,8 +25,8 @@ struct WindowKernels {
   // prod(windows)), any strides, written completely (no zero fill first).
   void (*im2col)(const at::Tensor& image, const at::Tensor& cols, const Window3& w);
   // image[n, c, i] = bias[c] (0 if bias is undefined) + the sum of its taps
-  // in cols, accumulated per element in a fixed, row-major k_off order, in at
-  // least float32. image: (N, C, I0, I1, I2), any strides, written completely.
+  // in cols, accumulated per element in a fixed, row-major k_off order, in
+  // sum_t (at least float32 for floating types; Note [Window dtypes]). image: (N, C, I0, I1, I2), any strides, written completely.
   void (*col2im)(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                  const Window3& w);
 };
@@ -37,6 +38,19 @@ inline int64_t extent(const at::Tensor& t) {
   int64_t e = 1;
   for (int64_t d = 0; d < t.dim(); ++d) e += (t.size(d) - 1) * std::abs(t.stride(d));
   return e;
+}
+
+// A tensor's data as T, the C++ type that dtypes.h's dispatch chose for its
+// dtype (for im2col, an unsigned integer of the element's size, which typed
+// data_ptr<T>() would refuse).
+template <typename T>
+const T* data_as(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T>
+T* mutable_data_as(const at::Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
 }
 
 // A lifted image's and a column matrix's strides in a kernel's index type

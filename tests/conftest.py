@@ -8,6 +8,7 @@ Markers:
     slow  -- long-running (tens of seconds) but still run by default
 """
 import hashlib
+import math
 import random
 
 import pytest
@@ -131,3 +132,84 @@ def assert_unchanged(before, after):
     """Same dtype, shape and values, bit for bit."""
     assert after.dtype == before.dtype and after.shape == before.shape
     assert torch.equal(after, before)
+
+
+def _u_pairs(spatial, kernel_size, dilation, padding, stride):
+    """U's nonzeros (convt_ext.im2col_matrix): (rows k_off*L + l, pixels), and L."""
+    rows, pixels = convt_ext.im2col_matrix(tuple(spatial), kernel_size, dilation, padding, stride).coalesce().indices()
+    L = math.prod((spatial[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+                  for i in range(len(spatial)))
+    return rows, pixels, L
+
+
+def _wide(t):
+    """t in the dtype the U references compute in: its own for floating and complex,
+    int64 for integers and bool (whose sums wrap modulo 2^64, as torch.add's)."""
+    return t if t.dtype.is_floating_point or t.dtype.is_complex else t.to(torch.int64)
+
+
+def _narrow(t, dtype):
+    """Back to dtype: integers modulo 2^bits, bool as nonzero (a sum of bools is an OR)."""
+    return t != 0 if dtype == torch.bool else t.to(dtype)
+
+
+def u_im2col(x, kernel_size, dilation, padding, stride):
+    """im2col of a batched x (N, C, *spatial), any D and dtype, through the nonzeros of
+    U: a gather over a list of (row, pixel) pairs, none of the kernels' loops."""
+    N, C, *spatial = x.shape
+    rows, pixels, L = _u_pairs(spatial, kernel_size, dilation, padding, stride)
+    K = math.prod(kernel_size)
+    wide = _wide(x)
+    flat = torch.zeros(N, C, K * L, dtype=wide.dtype)
+    flat[:, :, rows] = wide.reshape(N, C, -1)[:, :, pixels]
+    return _narrow(flat.reshape(N, C * K, L), x.dtype)
+
+
+def u_col2im(cols, size, kernel_size, dilation, padding, stride):
+    """col2im of batched columns (N, C*prod(k), L) onto an image of spatial `size`,
+    through the nonzeros of U: index_add_ over the (row, pixel) pairs, summed in
+    int64 for integers (then wrapped to the dtype) and bool (then nonzero)."""
+    N, CK, _ = cols.shape
+    rows, pixels, L = _u_pairs(size, kernel_size, dilation, padding, stride)
+    C = CK // math.prod(kernel_size)
+    wide = _wide(cols)
+    image = torch.zeros(N, C, math.prod(size), dtype=wide.dtype)
+    image.index_add_(2, pixels, wide.reshape(N, C, -1)[:, :, rows])
+    return _narrow(image.reshape(N, C, *size), cols.dtype)
+
+
+# Integers of each element size: other dtypes compared bit for bit through them.
+SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def random_of(dtype, shape, gen, layout="contiguous"):
+    """Values of any dtype, spread over its range (the whole range for integers, so that
+    sums wrap; normal values rounded to the dtype for floating and complex types, float8
+    and complex32 included), contiguous, transposed (the last two dimensions) or at a
+    storage offset."""
+    if dtype == torch.bool:
+        values = torch.rand(shape, generator=gen) < 0.5
+    elif dtype.is_complex:
+        values = torch.randn(shape, generator=gen, dtype=torch.complex128).to(dtype)
+    elif dtype.is_floating_point:
+        values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    else:
+        # uint64 from all of int64: its negatives wrap onto the values with the top bit set.
+        info = torch.iinfo(torch.int64 if dtype == torch.uint64 else dtype)
+        values = torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(dtype)
+    if layout == "transposed":
+        return values.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "offset":
+        return torch.cat([torch.zeros(5, dtype=dtype), values.flatten()])[5:].view(shape)
+    return values
+
+
+def assert_same(got, want):
+    """Bit for bit, also for dtypes torch.equal does not take (compared as integers of their size)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    size = got.element_size()
+    if got.dtype.is_complex:
+        got, want = torch.view_as_real(got.contiguous().to(torch.complex128)), torch.view_as_real(want.contiguous().to(torch.complex128))
+    elif size in SAME_SIZE_INT and got.dtype != torch.bool:
+        got, want = got.contiguous().view(SAME_SIZE_INT[size]), want.contiguous().view(SAME_SIZE_INT[size])
+    assert torch.equal(got, want)

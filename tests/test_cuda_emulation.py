@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import convt_ext
 
-from conftest import make_tensor
+from conftest import assert_same, make_tensor, random_of, u_col2im, u_im2col
 
 ops = torch.ops.convt_ext
 
@@ -84,6 +84,46 @@ def test_emulated_kernels_in_lower_precision(dtype, rng):
     image = ops._emulated_col2im(cols, [6, 7], [3, 2], [1, 2], [1, 0], [2, 1], False)
     # opmath (float32) accumulation, as the CPU loops do.
     assert torch.equal(image, convt_ext.col2im(cols, (6, 7), (3, 2), (1, 2), (1, 0), (2, 1)))
+
+
+# Every dtype the kernels take besides float16/bfloat16/float32/float64 (tested above):
+# col2im's (exact sums for bool and integers), and im2col's copy-only ones.
+SUM_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+              torch.uint64, torch.complex64, torch.complex128]
+COPY_ONLY = [torch.float8_e5m2, torch.float8_e4m3fn, torch.float8_e5m2fnuz, torch.float8_e4m3fnuz, torch.float8_e8m0fnu,
+             torch.complex32]
+DTYPE_CASES = [c for i, c in enumerate(CASES) if i % 4 < 2][:6]  # contiguous and transposed
+
+
+def test_dtype_cases_compute_in_every_dimension():
+    assert [c[0] for c in DTYPE_CASES] == [1, 2, 2, 3, 3, 1] and all(c[1] > 0 for c in DTYPE_CASES)
+    assert {c[-1] for c in DTYPE_CASES} == {"contiguous", "transposed"}
+
+
+@pytest.mark.parametrize("int32", [True, False], ids=["int32", "int64"])
+@pytest.mark.parametrize("dtype", SUM_DTYPES + COPY_ONLY, ids=str)
+def test_emulated_kernels_every_dtype(dtype, int32, rng):
+    """The device code in every dtype: im2col bit for bit as U's gather and the CPU loops;
+    col2im's sums as U's index_add_ (integers wrap, bool is an OR) and the CPU loops'."""
+    for d, batch, channels, size, k, dil, pad, stride, layout in DTYPE_CASES:
+        x = random_of(dtype, (batch, channels, *size), rng, "transposed" if layout == "transposed" else "contiguous")
+        cols = ops._emulated_im2col(x, k, dil, pad, stride, int32)
+        assert_same(cols, convt_ext.im2col(x, tuple(k), tuple(dil), tuple(pad), tuple(stride)))
+        if dtype in COPY_ONLY:
+            wide = torch.complex64 if dtype.is_complex else torch.float32
+            assert_same(cols, u_im2col(x.to(wide), k, dil, pad, stride).to(dtype))
+            with pytest.raises(TypeError, match="col2im: input"):
+                ops._emulated_col2im(cols, size, k, dil, pad, stride, int32)
+            continue
+        assert_same(cols, u_im2col(x, k, dil, pad, stride))
+        c = random_of(dtype, cols.shape, rng, "offset")
+        image = ops._emulated_col2im(c, size, k, dil, pad, stride, int32)
+        assert_same(image, convt_ext.col2im(c, tuple(size), tuple(k), tuple(dil), tuple(pad), tuple(stride)))
+        if dtype.is_complex:
+            torch.testing.assert_close(image.to(torch.complex128), u_col2im(c.to(torch.complex128), size, k, dil, pad, stride),
+                                       rtol=1e-5, atol=1e-5)
+        else:
+            assert_same(image, u_col2im(c, size, k, dil, pad, stride))
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,23 @@ def test_claims_are_computed_and_can_fail(monkeypatch, capsys):
     assert "✗" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dims,broken", [(1, "copy"), (2, "copy"), (3, "copy"), (2, "transposed"), (3, "transposed")])
+def test_im2col_view_claim_is_computed(dims, broken, monkeypatch):
+    """The claim that im2col_view's strides are U's nonzeros holds, and fails for a view
+    that copies, or that shares x's memory but reads the pixels in another order."""
+    import convt_ext.functional
+
+    text = "im2col_view(x1) copies nothing: its element (j, l) is the pixel where U's row j·L + l has its 1"
+    assert (text, True) in explain.check_claims(dims=dims)
+    real = convt_ext.functional.im2col_view
+    if broken == "copy":
+        fake = lambda x, k: real(x.clone(), k)  # noqa: E731
+    else:  # the last two axes swapped: the same memory and shape (x1 is square), other strides
+        fake = lambda x, k: real(x.transpose(-1, -2), k)  # noqa: E731
+    monkeypatch.setattr(convt_ext.functional, "im2col_view", fake)
+    assert (text, False) in explain.check_claims(dims=dims)
+
+
 def test_an_expected_difference_can_fail(monkeypatch):
     """If conv2d did rotate the kernel, "conv_transpose2d(y1, w1) ≠ conv2d(y1,
     w1, padding=2)" would be ✗."""

@@ -112,6 +112,26 @@ def test_im2col_col2im_match_torch_float64(case, rng):
     assert_unchanged(c_before, c.detach())
 
 
+def test_im2col_view_matches_im2col_across_the_sweep(rng):
+    """im2col(x, k, d, p, s) == im2col_view(x padded by p, k, d, s).reshape(N, C*kh*kw, L)
+    over the whole 2-d sweep (every batch and layout); with p = 0 the view is of x
+    itself, sharing its memory."""
+    computed = unpadded = 0
+    for batch, channels, hw, k, s, p, d, layout in SWEEP:
+        shape = (channels,) + hw if batch is None else (batch, channels) + hw
+        x = make_tensor(shape, rng, layout)
+        view = convt_ext.im2col_view(F.pad(x, (p[1], p[1], p[0], p[0])) if any(p) else x, k, d, s)
+        want = F.unfold(x, k, d, p, s)
+        assert view.shape == shape[:-2] + k + (window_count(hw[0], k[0], s[0], p[0], d[0]), window_count(hw[1], k[1], s[1], p[1], d[1]))
+        assert torch.equal(view.reshape(want.shape), want)
+        assert torch.equal(view.reshape(want.shape), convt_ext.im2col(x, k, d, p, s))
+        if p == (0, 0):
+            assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            unpadded += 1
+        computed += batch != 0 and want.numel() > 0
+    assert computed >= 200 and unpadded >= 5, (computed, unpadded)
+
+
 @pytest.mark.parametrize("batch,channels", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("k,s,p,d", [((3, 3), (1, 1), (1, 1), (1, 1)),
                                      ((3, 4), (2, 3), (2, 0), (1, 2)),
@@ -462,8 +482,10 @@ IM2COL_ERRORS = [
     (dict(input=_x(2, 4, 4), kernel_size=(1, 6), padding=(0, 0)), ValueError, r"input.*kernel_size"),
     (dict(input=_x(1, 0, 4, 4), kernel_size=2), ValueError, r"input"),
     (dict(input=_x(1, 1, 0, 4), kernel_size=1), ValueError, r"input"),
-    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.int64), kernel_size=2), TypeError, r"input"),
-    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.bool), kernel_size=2), TypeError, r"input"),
+    # Every bool, integer, floating and complex dtype is taken (tests/test_dtypes.py); packed
+    # sub-byte types and raw bits are not.
+    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.float4_e2m1fn_x2), kernel_size=2), TypeError, r"input"),
+    (dict(input=torch.zeros(1, 1, 4, 4, dtype=torch.bits8), kernel_size=2), TypeError, r"input"),
     (dict(input=[[[[1.0]]]], kernel_size=1), TypeError, r"input"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=True), TypeError, r"kernel_size"),
     (dict(input=_x(1, 1, 4, 4), kernel_size=(2, False)), TypeError, r"kernel_size"),
@@ -509,7 +531,8 @@ COL2IM_ERRORS = [
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, stride=0), ValueError, r"stride"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, dilation=0), ValueError, r"dilation"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2, padding=-1), ValueError, r"padding"),
-    (dict(input=torch.zeros(1, 4, 9, dtype=torch.int32), output_size=(4, 4), kernel_size=2), TypeError, r"input"),
+    # float8 has no sum (im2col copies it; col2im refuses it).
+    (dict(input=torch.zeros(1, 4, 9, dtype=torch.float8_e4m3fn), output_size=(4, 4), kernel_size=2), TypeError, r"input"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=True), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size="2"), TypeError, r"kernel_size"),
     (dict(input=_x(1, 4, 9), output_size=(4, 4), kernel_size=2.0), TypeError, r"kernel_size"),

@@ -739,6 +739,31 @@ def test_im2col_col2im_match_reference_float64(case):
     close64(ops.col2im(c.detach(), list(size), list(k), list(d), list(p), list(s)), want)
 
 
+def test_im2col_view_matches_im2col_across_the_sweep():
+    """im2col(x, k, d, p, s) == im2col_view(x padded by p, k, d, s).reshape(N, C*prod(k), L)
+    over the whole im2col sweep, in 1, 2 and 3 dimensions (every batch, layout and
+    argument form); with p = 0 the view is of x itself, sharing its memory."""
+    counts = Counter()
+    for case in IM2COL_CASES:
+        gen = _gen("view-" + _im2col_id(case))
+        D, size, p = case["D"], case["size"], case["p"]
+        shape = (case["channels"],) + size if case["batch"] is None else (case["batch"], case["channels"]) + size
+        kw = _im2col_kwargs(case)
+        x = make_tensor(shape, gen, case["layout"])
+        padded = F.pad(x, [q for j in reversed(range(D)) for q in (p[j], p[j])]) if any(p) else x
+        view = convt_ext.im2col_view(padded, kw["kernel_size"], kw["dilation"], kw["stride"])
+        want = convt_ext.im2col(x, **kw)
+        assert view.shape == shape[:-D] + tuple(case["k"]) + tuple(view.shape[-D:])
+        assert torch.equal(view.reshape(want.shape), want)
+        if not any(p):
+            assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            counts[D, "unpadded"] += 1
+        counts[D, "computed"] += case["batch"] != 0 and want.numel() > 0
+    for D in (1, 2, 3):
+        assert counts[D, "computed"] >= {1: 24, 2: 8, 3: 24}[D], counts
+        assert counts[D, "unpadded"] >= 1, counts
+
+
 def test_im2col_dimension_inference():
     """D comes from any sequence argument; with ints only, 2-d/3-d input is 1-d/2-d
     (unbatched 2-d for 3-d input, as F.unfold), 4-d input is 2-d and 5-d input is 3-d."""

@@ -16,15 +16,13 @@
 //           into an L1-sized accumulator, walks the plane's column rows in
 //           memory order and adds each run of taps into it, then writes the
 //           band once. Every pixel still sums its taps in (k0, ki, kj) order, in
-//           opmath (>= float32) precision: the order of the CUDA gather.
+//           sum_t (Note [Window dtypes]): the order and arithmetic of the CUDA gather.
 //           (A gather per row, as on CUDA, reads the columns in short pieces
 //           from all over the plane and ran at a third of this speed.)
 //           Accumulator rows are split by phase (iw mod stride): the taps of
 //           one kernel offset are stride apart in the image row but adjacent
 //           in their phase, so every run is a contiguous, vectorisable add,
 //           and the phases are interleaved once, when the band is written.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -56,8 +54,8 @@ void zero(scalar_t* dst, int64_t count, int64_t stride) {
 
 template <typename scalar_t>
 void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
-  const scalar_t* x = image.const_data_ptr<scalar_t>();
-  scalar_t* out = cols.mutable_data_ptr<scalar_t>();
+  const scalar_t* x = data_as<scalar_t>(image);
+  scalar_t* out = mutable_data_as<scalar_t>(cols);
   const int64_t xs_n = image.stride(0), xs_c = image.stride(1);
   const int64_t xs[3] = {image.stride(2), image.stride(3), image.stride(4)};
   const int64_t cs_n = cols.stride(0), cs_r = cols.stride(1), cs_l = cols.stride(2);
@@ -119,10 +117,10 @@ void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3&
 template <typename scalar_t>
 void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                  const Window3& w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* in = cols.const_data_ptr<scalar_t>();
-  scalar_t* x = image.mutable_data_ptr<scalar_t>();
-  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  using acc_t = sum_t<scalar_t>;
+  const scalar_t* in = data_as<scalar_t>(cols);
+  scalar_t* x = mutable_data_as<scalar_t>(image);
+  const scalar_t* b = bias.defined() ? data_as<scalar_t>(bias) : nullptr;
   const int64_t bs = bias.defined() ? bias.stride(0) : 0;
   const int64_t xs_n = image.stride(0), xs_c = image.stride(1), xs_0 = image.stride(2),
                 xs_h = image.stride(3), xs_w = image.stride(4);
@@ -207,14 +205,16 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
 }
 
 void im2col_cpu(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "im2col_cpu",
-                                  [&] { im2col_rows<scalar_t>(image, cols, w); });
+  dispatch_copy(image.scalar_type(), "im2col_cpu", [&](auto tag) {
+    im2col_rows<typename decltype(tag)::type>(image, cols, w);
+  });
 }
 
 void col2im_cpu(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                 const Window3& w) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "col2im_cpu",
-                                  [&] { col2im_rows<scalar_t>(cols, bias, image, w); });
+  dispatch_sum(cols.scalar_type(), "col2im_cpu", [&](auto tag) {
+    col2im_rows<typename decltype(tag)::type>(cols, bias, image, w);
+  });
 }
 
 const bool registered = [] {

@@ -6,8 +6,6 @@
 //
 // Only c10/cuda headers are used here (not ATen/cuda/CUDAContext.h, which
 // needs cuBLAS headers); the GEMMs stay in conv.cpp, through ATen.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,7 +36,7 @@ __global__ void col2im_kernel(const scalar_t* __restrict__ cols, const scalar_t*
                               ColumnStrides<index_t> cs, ImageStrides<index_t> xs, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
-    col2im_element<scalar_t, at::opmath_type<scalar_t>, index_t>(cols, bias, bias_stride, x, w, cs,
+    col2im_element<scalar_t, sum_t<scalar_t>, index_t>(cols, bias, bias_stride, x, w, cs,
                                                                  xs, static_cast<index_t>(i));
   }
 }
@@ -54,14 +52,15 @@ void im2col_cuda(const at::Tensor& image, const at::Tensor& cols, const Window3&
   c10::cuda::CUDAGuard guard(image.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool small = fits_index<int32_t>(w, extent(cols), extent(image));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "im2col_cuda", [&] {
+  dispatch_copy(image.scalar_type(), "im2col_cuda", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     if (small) {
       im2col_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          image.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), w,
+          data_as<scalar_t>(image), mutable_data_as<scalar_t>(cols), w,
           image_strides<int32_t>(image), column_strides<int32_t>(cols), total);
     } else {
       im2col_kernel<scalar_t, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          image.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), w,
+          data_as<scalar_t>(image), mutable_data_as<scalar_t>(cols), w,
           image_strides<int64_t>(image), column_strides<int64_t>(cols), total);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -76,17 +75,17 @@ void col2im_cuda(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool small = fits_index<int32_t>(w, extent(cols), extent(image)) &&
                      extent(bias) < std::numeric_limits<int32_t>::max();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "col2im_cuda", [&] {
-    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  dispatch_sum(cols.scalar_type(), "col2im_cuda", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* b = bias.defined() ? data_as<scalar_t>(bias) : nullptr;
     const int64_t bs = bias.defined() ? bias.stride(0) : 0;
     if (small) {
       col2im_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          cols.const_data_ptr<scalar_t>(), b, static_cast<int32_t>(bs),
-          image.mutable_data_ptr<scalar_t>(), w, column_strides<int32_t>(cols),
-          image_strides<int32_t>(image), total);
+          data_as<scalar_t>(cols), b, static_cast<int32_t>(bs), mutable_data_as<scalar_t>(image),
+          w, column_strides<int32_t>(cols), image_strides<int32_t>(image), total);
     } else {
       col2im_kernel<scalar_t, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          cols.const_data_ptr<scalar_t>(), b, bs, image.mutable_data_ptr<scalar_t>(), w,
+          data_as<scalar_t>(cols), b, bs, mutable_data_as<scalar_t>(image), w,
           column_strides<int64_t>(cols), image_strides<int64_t>(image), total);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
