@@ -150,7 +150,7 @@ def write_build_config(cuda, archs, cuda_release):
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")) + glob.glob(os.path.join("csrc", "conv", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     if SANITIZE:

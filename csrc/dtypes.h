@@ -1,6 +1,6 @@
 // The dtypes of im2col and col2im, listed once, and the one dispatch over
 // them that every kernel file (cpu/im2col_cpu.cpp, cuda/im2col_cuda.cu,
-// emulate.cpp) and the argument check (im2col.cpp) use.
+// tests/emulated/emulate.cpp) and the argument check (im2col.cpp) use.
 //
 // Note [Window dtypes]
 // im2col is a pure copy: the bits of each element move, and padding writes

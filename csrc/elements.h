@@ -1,7 +1,7 @@
 // The per-element work of the CUDA kernels, as __host__ __device__ functions.
 //
 // The __global__ kernels in cuda/im2col_cuda.cu are thin grid-stride loops
-// around these; emulate.cpp runs the very same functions over the whole grid
+// around these; tests/emulated/emulate.cpp runs the very same functions over the whole grid
 // on the CPU, so CI (which has no GPU) tests the device logic: the index
 // decomposition, the offsets, the bounds and the gather, in both index types.
 //

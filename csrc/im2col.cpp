@@ -1,12 +1,14 @@
 // The im2col and col2im ops: argument checks, allocation, then the device's
-// kernel from the WindowKernels table. The same code serves every device and
+// kernel through the dispatcher (kernels.h). The same code serves every device and
 // every number of spatial dimensions (Note [N-d by lifting] in im2col.h), and
 // every dtype of dtypes.h (Note [Window dtypes]).
 #include "ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/TensorOptions.h>
 
 #include <array>
 #include <vector>
@@ -17,55 +19,42 @@
 
 namespace convt_ext {
 
-namespace {
-// A function-local table, so registration from other translation units'
-// static initialisers cannot run before it exists.
-std::array<WindowKernels, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
-kernel_table() {
-  static std::array<WindowKernels,
-                    static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
-      table{};
-  return table;
-}
-}  // namespace
-
-void register_window_kernels(c10::DeviceType type, WindowKernels kernels) {
-  kernel_table()[static_cast<size_t>(type)] = kernels;
-}
-
-bool has_window_kernels(c10::DeviceType type) {
-  return kernel_table()[static_cast<size_t>(type)].im2col != nullptr;
-}
-
-const WindowKernels& window_kernels(c10::DeviceType type) {
-  const WindowKernels& k = kernel_table()[static_cast<size_t>(type)];
-  TORCH_CHECK(k.im2col != nullptr, "convt_ext was built without support for ",
-              c10::DeviceTypeName(type), " tensors.",
-              type == c10::DeviceType::CUDA
-                  ? " Rebuild it with the CUDA toolkit: CUDA_HOME=/path/to/cuda FORCE_CUDA=1 "
-                    "pip install --no-build-isolation --force-reinstall . (see the README)"
-                  : "");
-  return k;
-}
-
 at::Tensor lift(const at::Tensor& t) {
   at::Tensor out = t;
   while (out.dim() < 2 + kMaxDims) out = out.unsqueeze(2);
   return out;
 }
 
-void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w,
-                 const WindowKernels* kernels) {
+namespace {
+
+// The private ops of kernels.h, called at the tensors' backend key: the
+// argument checks and autograd are the public ops' business.
+c10::DispatchKeySet backend_of(const at::Tensor& t) {
+  return c10::DispatchKeySet(c10::computeDispatchKey(t.scalar_type(), t.layout(), t.device()));
+}
+
+}  // namespace
+
+void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   // An empty image still has columns to fill (with padding) when the windows
-  // lie in the padding entirely, as blocks of conv.cpp can.
+  // lie in the padding entirely, as blocks of the column path can.
   if (cols.numel() == 0) return;
-  (kernels ? *kernels : window_kernels(image.device().type())).im2col(lift(image), cols, w);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("convt_ext::_im2col_into", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, at::IntArrayRef)>();
+  op.redispatch(backend_of(image), lift(image), cols, pack_window(w));
 }
 
 void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window3& w, const WindowKernels* kernels) {
+                 const Window3& w) {
   if (image.numel() == 0) return;
-  (kernels ? *kernels : window_kernels(image.device().type())).col2im(cols, bias, lift(image), w);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("convt_ext::_col2im_into", "")
+                             .typed<void(const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, at::IntArrayRef)>();
+  op.redispatch(backend_of(image), cols, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                lift(image), pack_window(w));
 }
 
 namespace {
@@ -90,9 +79,11 @@ at::Tensor checked_out(const char* op, const at::Tensor& out, at::IntArrayRef sh
 
 }  // namespace
 
-at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
-                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-                       at::IntArrayRef padding, at::IntArrayRef stride,
+namespace {
+
+// im2col, into `out` when given.
+at::Tensor im2col_impl(const at::Tensor& input, at::IntArrayRef kernel_size,
+                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride,
                        const std::optional<at::Tensor>& out) {
   constexpr const char* op = "im2col";
   const int dims = spatial_dims(op, "kernel_size", kernel_size);
@@ -126,13 +117,14 @@ at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
   } else {
     cols = at::empty(shape, x.options());
   }
-  im2col_into(x, cols, w, kernels);
+  im2col_into(x, cols, w);
   return out.has_value() ? *out : batched ? cols : cols.squeeze(0);
 }
 
-at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
-                       at::IntArrayRef output_size, at::IntArrayRef kernel_size,
-                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride,
+// col2im, into `out` when given.
+at::Tensor col2im_impl(const at::Tensor& input, at::IntArrayRef output_size,
+                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                       at::IntArrayRef padding, at::IntArrayRef stride,
                        const std::optional<at::Tensor>& out) {
   constexpr const char* op = "col2im";
   const int dims = spatial_dims(op, "output_size", output_size);
@@ -177,30 +169,32 @@ at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
   } else {
     image = at::empty(shape, cols.options());
   }
-  col2im_into(cols, at::Tensor(), image, w, kernels);
+  col2im_into(cols, at::Tensor(), image, w);
   return out.has_value() ? *out : batched ? image : image.squeeze(0);
 }
 
+}  // namespace
+
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                   at::IntArrayRef padding, at::IntArrayRef stride) {
-  return im2col_with(nullptr, input, kernel_size, dilation, padding, stride);
+  return im2col_impl(input, kernel_size, dilation, padding, stride, std::nullopt);
 }
 
 void im2col_out(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                 at::IntArrayRef padding, at::IntArrayRef stride, const at::Tensor& out) {
-  im2col_with(nullptr, input, kernel_size, dilation, padding, stride, out);
+  im2col_impl(input, kernel_size, dilation, padding, stride, out);
 }
 
 at::Tensor col2im(const at::Tensor& input, at::IntArrayRef output_size,
                   at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                   at::IntArrayRef stride) {
-  return col2im_with(nullptr, input, output_size, kernel_size, dilation, padding, stride);
+  return col2im_impl(input, output_size, kernel_size, dilation, padding, stride, std::nullopt);
 }
 
 void col2im_out(const at::Tensor& input, at::IntArrayRef output_size,
                 at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                 at::IntArrayRef stride, const at::Tensor& out) {
-  col2im_with(nullptr, input, output_size, kernel_size, dilation, padding, stride, out);
+  col2im_impl(input, output_size, kernel_size, dilation, padding, stride, out);
 }
 
 }  // namespace convt_ext

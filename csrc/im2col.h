@@ -17,7 +17,8 @@
 // col2im is the adjoint (transpose) of im2col, not a separate piece of math.
 //
 // This header is included by the CPU loops (cpu/im2col_cpu.cpp), the CUDA
-// kernels (cuda/im2col_cuda.cu), the convolutions' planner (conv.cpp) and the
+// kernels (cuda/im2col_cuda.cu), the convolutions' column path (conv/columns.cpp), the
+// emulated kernels (tests/emulated/emulate.cpp) and the
 // explicit matrices (matrix.cpp). Everything here assumes geometry that
 // checks.h has validated: every size, and image + 2*padding, fits in int64.
 #pragma once
@@ -32,15 +33,9 @@
 
 namespace convt_ext {
 
-// Number of window positions along one dimension. This is the guide's
-// relationship 15 (relationship 6 when d = 1):
-//     o = floor((i + 2p - d(k-1) - 1) / s) + 1
-// Returns 0 when the (padded) image is smaller than the dilated kernel;
-// callers reject that. checks.h computes the same count overflow-checked.
-CONVT_HD int64_t window_count(int64_t image, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t span = image + 2 * p - d * (k - 1) - 1;
-  return span < 0 ? 0 : span / s + 1;
-}
+// The number of window positions along one dimension (the guide's
+// relationship 15) is computed once, overflow-checked, by checks.h's
+// window_counts; the kernels receive it in Window<D>::windows.
 
 // (*) forward: the image position tapped by window position o at offset k_off.
 template <typename index_t>

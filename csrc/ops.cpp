@@ -1,10 +1,11 @@
 // Dispatcher schemas and registrations, and the small pybind11 module.
 //
-// The ops are registered for the CPU and CUDA dispatch keys in every build:
-// their code is the same on every device (checks, allocation, ATen GEMMs), and
-// only the two window kernels differ, found at run time in the WindowKernels
-// table. A build without the CUDA path therefore answers a CUDA tensor with a
-// clear "rebuild with CUDA" error instead of the dispatcher's generic one.
+// The public ops' code is the same on every device (checks, allocation, the
+// GEMM engine), registered for the CPU key, and for the CUDA key in CUDA
+// builds; only the two window kernels differ, registered per key by each
+// device's file as the private ops _im2col_into / _col2im_into (kernels.h).
+// A build without the CUDA path registers, for the CUDA key, a kernel that
+// says how to rebuild, instead of the dispatcher's generic error.
 // im2col/col2im take geometry lists of any length 1-3; each convolution has
 // an op per dimension (conv1d, conv2d, conv3d, ...) with torch's schema, all
 // served by one generic function (ops.h). Fake (meta) kernels and autograd
@@ -28,20 +29,13 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #include "gemm.h"
-#include "kernels.h"
 #include "ops.h"
 #include "plan.h"
 
 namespace convt_ext {
-
-at::Tensor emulated_im2col(const at::Tensor& input, at::IntArrayRef kernel_size,
-                           at::IntArrayRef dilation, at::IntArrayRef padding,
-                           at::IntArrayRef stride, bool int32);
-at::Tensor emulated_col2im(const at::Tensor& input, at::IntArrayRef output_size,
-                           at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-                           at::IntArrayRef padding, at::IntArrayRef stride, bool int32);
 
 namespace {
 
@@ -165,6 +159,15 @@ void impl_autocast(torch::Library& m) {
   m.impl(kConvTranspose[3], &conv_transpose_autocast<Device, 3>);
 }
 
+#ifndef CONVT_EXT_CUDA
+// A CUDA tensor in a build without the CUDA path.
+void needs_cuda_build(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), ": convt_ext was built without support for CUDA tensors. "
+              "Rebuild it with the CUDA toolkit: CUDA_HOME=/path/to/cuda FORCE_CUDA=1 "
+              "pip install --no-build-isolation --force-reinstall . (see the README)");
+}
+#endif
+
 void impl_all(torch::Library& m) {
   m.impl("im2col", &im2col);
   m.impl("col2im", &col2im);
@@ -174,6 +177,16 @@ void impl_all(torch::Library& m) {
   impl_convolutions<2>(m);
   impl_convolutions<3>(m);
   m.impl("_conv_transpose_backward", &conv_transpose_backward_any);
+}
+
+// The public ops' names, for registrations that cover them all.
+std::vector<std::string> public_ops() {
+  std::vector<std::string> names{"im2col", "col2im", "im2col.out", "col2im.out",
+                                 "_conv_transpose_backward"};
+  for (int d = 1; d <= 3; ++d) {
+    names.insert(names.end(), {kConv[d], kConvTranspose[d], kConvWeight[d]});
+  }
+  return names;
 }
 
 }  // namespace
@@ -202,19 +215,21 @@ TORCH_LIBRARY(convt_ext, m) {
   m.def("im2col_indices(int[] input_size, int[] kernel_size, int[] dilation, int[] padding, "
         "int[] stride) -> Tensor",
         &convt_ext::im2col_indices);
-  // Test-only (CPU): the CUDA kernels' element functions on an emulated grid.
-  m.def("_emulated_im2col(Tensor input, int[] kernel_size, int[] dilation, int[] padding, "
-        "int[] stride, bool int32) -> Tensor");
-  m.def("_emulated_col2im(Tensor input, int[] output_size, int[] kernel_size, int[] dilation, "
-        "int[] padding, int[] stride, bool int32) -> Tensor");
+  // The device kernels (kernels.h): one per dispatch key, private.
+  m.def("_im2col_into(Tensor image, Tensor(a!) cols, int[] window) -> ()");
+  m.def("_col2im_into(Tensor cols, Tensor? bias, Tensor(b!) image, int[] window) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(convt_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(convt_ext, CPU, m) { convt_ext::impl_all(m); }
+TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) {
+#ifdef CONVT_EXT_CUDA
   convt_ext::impl_all(m);
-  m.impl("_emulated_im2col", &convt_ext::emulated_im2col);
-  m.impl("_emulated_col2im", &convt_ext::emulated_col2im);
+#else
+  for (const std::string& name : convt_ext::public_ops()) {
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&convt_ext::needs_cuda_build>());
+  }
+#endif
 }
-TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) { convt_ext::impl_all(m); }
 // out= has no derivative, as torch's out= functions.
 TORCH_LIBRARY_IMPL(convt_ext, Autograd, m) {
   m.impl("im2col.out", torch::autograd::autogradNotImplementedFallback());
@@ -228,7 +243,11 @@ namespace py = pybind11;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "convt_ext native core: the ops live in torch.ops.convt_ext";
   // Whether the CUDA kernels were compiled into this build (see build_info()).
-  m.def("cuda_compiled", [] { return convt_ext::has_window_kernels(c10::DeviceType::CUDA); });
+#ifdef CONVT_EXT_CUDA
+  m.def("cuda_compiled", [] { return true; });
+#else
+  m.def("cuda_compiled", [] { return false; });
+#endif
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
   m.def("release_workspace", &convt_ext::release_workspace);

@@ -12,8 +12,6 @@
 
 namespace convt_ext {
 
-struct WindowKernels;
-
 // F.unfold in D dimensions: (N, C, *spatial) or (C, *spatial) ->
 // (N, C*prod(k), L) or (C*prod(k), L); D = kernel_size.size().
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
@@ -31,18 +29,6 @@ void im2col_out(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArr
 void col2im_out(const at::Tensor& input, at::IntArrayRef output_size,
                 at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef padding,
                 at::IntArrayRef stride, const at::Tensor& out);
-
-// The same ops with a given kernel table instead of the device's (the
-// test-only CPU emulation of the CUDA kernels uses it; see emulate.cpp), and
-// an optional out.
-at::Tensor im2col_with(const WindowKernels* kernels, const at::Tensor& input,
-                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-                       at::IntArrayRef padding, at::IntArrayRef stride,
-                       const std::optional<at::Tensor>& out = std::nullopt);
-at::Tensor col2im_with(const WindowKernels* kernels, const at::Tensor& input,
-                       at::IntArrayRef output_size, at::IntArrayRef kernel_size,
-                       at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride,
-                       const std::optional<at::Tensor>& out = std::nullopt);
 
 // F.convNd, batched (N, C, *spatial) only, D = dims; the Python layer handles
 // unbatched input and string padding. `op` names the op in messages.
@@ -83,20 +69,12 @@ at::Tensor im2col_indices(at::IntArrayRef input_size, at::IntArrayRef kernel_siz
 // (Note [N-d by lifting] in im2col.h).
 at::Tensor lift(const at::Tensor& t);
 
-// The raw kernels behind the ops, for the convolutions' orchestration: they
-// skip argument checks and write into caller-provided tensors. `image` is
-// (N, C, *spatial) for any D <= 3 (lifted here); `kernels` defaults to the
-// image's device's.
-void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w,
-                 const WindowKernels* kernels = nullptr);
+// The device kernels behind the ops (kernels.h), for the convolutions'
+// orchestration: they skip argument checks and write into caller-provided
+// tensors. `image` is (N, C, *spatial) for any D <= 3 (lifted here).
+void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w);
 void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window3& w, const WindowKernels* kernels = nullptr);
+                 const Window3& w);
 
-// Bytes that all the column buffers of one op call may hold at once, over
-// every thread (set_workspace_limit), and the release of the buffers that
-// threads keep between calls.
-void set_workspace_limit(int64_t bytes);
-int64_t workspace_limit();
-void release_workspace();
 
 }  // namespace convt_ext

@@ -19,7 +19,6 @@
 #include <sched.h>
 #endif
 
-#include "ops.h"
 
 namespace convt_ext {
 
@@ -162,7 +161,7 @@ namespace {
 // every thread's buffers; an op that holds a buffer keeps it alive by its
 // own reference, so a release during a call is safe.
 struct KeptBuffers {
-  std::array<at::Tensor, 3> slots;
+  std::array<at::Tensor, kSlots> slots;
   KeptBuffers();
   ~KeptBuffers();
 };
@@ -186,7 +185,8 @@ KeptBuffers::~KeptBuffers() {
 
 }  // namespace
 
-at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor scratch(Slot slot_name, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int slot = static_cast<int>(slot_name);
   const int64_t numel = c10::multiply_integers(sizes);
   if (!device_policy(options.device().type()).keep_scratch) return at::empty(sizes, options);
   thread_local KeptBuffers kept;

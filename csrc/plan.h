@@ -1,6 +1,7 @@
 // The column planner: how a convolution's columns are split into tasks
 // under the workspace limit, the scratch buffers they use, and the fixed
-// ranges the tasks run in. Every convolution in conv.cpp plans through it.
+// ranges the tasks run in. Every convolution's column path (conv/columns.cpp)
+// plans through it.
 //
 // Note [Column plans and the workspace limit]
 // Two ways to feed the GEMMs, chosen per call:
@@ -48,6 +49,13 @@
 #include "im2col.h"
 
 namespace convt_ext {
+
+// Bytes that all the column buffers of one op call may hold at once, over
+// every thread (set_workspace_limit), and the release of the buffers that
+// threads keep between calls.
+void set_workspace_limit(int64_t bytes);
+int64_t workspace_limit();
+void release_workspace();
 
 // Note [Device policy]
 // Every choice of the plan that differs between the CPU and a GPU, in one
@@ -98,9 +106,17 @@ void check_environment();
 // Bytes one task's column buffers may hold.
 int64_t task_budget(const at::Tensor& like);
 
-// A (sizes) view of this thread's kept scratch buffer `slot` (0, 1 or 2), grown
-// as needed; a fresh tensor off the CPU.
-at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options);
+// The scratch buffers one op call may hold at once, each kept per thread.
+enum class Slot : int {
+  Columns = 0,  // the columns of im2col, or the products col2im reads
+  Operand = 1,  // a second GEMM operand laid side by side (the wide path)
+  Product = 2,  // a GEMM's product, permuted into the output afterwards
+};
+constexpr int kSlots = 3;
+
+// A (sizes) view of this thread's kept scratch buffer `slot`, grown as
+// needed; a fresh tensor where the device keeps none (Note [Device policy]).
+at::Tensor scratch(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The column bytes a task of conv's forward pass aims for (a cap on the two
 // budgets above; INT64_MAX for none): an L2-sized tile, so that the GEMM
@@ -117,7 +133,7 @@ int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int6
 // matrix [cols_0 | ... | cols_{b-1}] for one wide GEMM.
 struct ColumnBuffer {
   at::Tensor data;
-  ColumnBuffer(int slot, int64_t chunk, int64_t rows, int64_t positions,
+  ColumnBuffer(Slot slot, int64_t chunk, int64_t rows, int64_t positions,
                const at::TensorOptions& options)
       : data(scratch(slot, {rows, chunk, positions}, options)) {}
   // (b, rows, L), the per-sample view that im2col writes and col2im reads.

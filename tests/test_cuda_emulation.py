@@ -1,6 +1,7 @@
 """The CUDA kernels' per-element code (csrc/elements.h), run on the CPU.
 
-torch.ops.convt_ext._emulated_im2col / _emulated_col2im run the very
+torch.ops.convt_ext_emulated.im2col / .col2im (a test-only extension,
+tests/emulated/emulate.cpp, built by tests/emulated_ops.py) run the very
 functions that the __global__ kernels call, over their whole grid, with the
 index type forced to int32 or int64. CI has no GPU, so this is where the
 device logic (index decomposition, offsets, bounds, the window_at gather)
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import convt_ext
 
 from conftest import assert_same, make_tensor, random_of, u_col2im, u_im2col
+from emulated_ops import emulated
 
 ops = torch.ops.convt_ext
 
@@ -61,13 +63,13 @@ def test_cases_compute_in_every_dimension():
 def test_emulated_kernels_match_torch(case, int32, rng):
     d, batch, channels, size, k, dil, pad, stride, layout = case
     x = make_tensor((batch, channels, *size), rng, layout if d >= 2 else "contiguous")
-    cols = ops._emulated_im2col(x, k, dil, pad, stride, int32)
+    cols = emulated().im2col(x, k, dil, pad, stride, int32)
     expected = _reference_unfold(x, k, dil, pad, stride)
     torch.testing.assert_close(cols, expected, rtol=0, atol=0)
     torch.testing.assert_close(cols, convt_ext.im2col(x, tuple(k), tuple(dil), tuple(pad), tuple(stride)), rtol=0, atol=0)
     # col2im, the adjoint: <unfold(x), c> == <x, fold(c)>, and the CPU loops' sums bit for bit.
     c = make_tensor(expected.shape, rng, layout)
-    image = ops._emulated_col2im(c, size, k, dil, pad, stride, int32)
+    image = emulated().col2im(c, size, k, dil, pad, stride, int32)
     x_ref = x.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(_reference_unfold(x_ref, k, dil, pad, stride), x_ref, c)
     torch.testing.assert_close(image, grad, rtol=1e-12, atol=1e-12)
@@ -79,9 +81,9 @@ def test_emulated_kernels_match_torch(case, int32, rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_emulated_kernels_in_lower_precision(dtype, rng):
     x = torch.randn(2, 3, 6, 7, generator=rng).to(dtype)
-    cols = ops._emulated_im2col(x, [3, 2], [1, 2], [1, 0], [2, 1], True)
+    cols = emulated().im2col(x, [3, 2], [1, 2], [1, 0], [2, 1], True)
     assert torch.equal(cols, F.unfold(x.double(), (3, 2), (1, 2), (1, 0), (2, 1)).to(dtype))
-    image = ops._emulated_col2im(cols, [6, 7], [3, 2], [1, 2], [1, 0], [2, 1], False)
+    image = emulated().col2im(cols, [6, 7], [3, 2], [1, 2], [1, 0], [2, 1], False)
     # opmath (float32) accumulation, as the CPU loops do.
     assert torch.equal(image, convt_ext.col2im(cols, (6, 7), (3, 2), (1, 2), (1, 0), (2, 1)))
 
@@ -107,17 +109,17 @@ def test_emulated_kernels_every_dtype(dtype, int32, rng):
     col2im's sums as U's index_add_ (integers wrap, bool is an OR) and the CPU loops'."""
     for d, batch, channels, size, k, dil, pad, stride, layout in DTYPE_CASES:
         x = random_of(dtype, (batch, channels, *size), rng, "transposed" if layout == "transposed" else "contiguous")
-        cols = ops._emulated_im2col(x, k, dil, pad, stride, int32)
+        cols = emulated().im2col(x, k, dil, pad, stride, int32)
         assert_same(cols, convt_ext.im2col(x, tuple(k), tuple(dil), tuple(pad), tuple(stride)))
         if dtype in COPY_ONLY:
             wide = torch.complex64 if dtype.is_complex else torch.float32
             assert_same(cols, u_im2col(x.to(wide), k, dil, pad, stride).to(dtype))
             with pytest.raises(TypeError, match="col2im: input"):
-                ops._emulated_col2im(cols, size, k, dil, pad, stride, int32)
+                emulated().col2im(cols, size, k, dil, pad, stride, int32)
             continue
         assert_same(cols, u_im2col(x, k, dil, pad, stride))
         c = random_of(dtype, cols.shape, rng, "offset")
-        image = ops._emulated_col2im(c, size, k, dil, pad, stride, int32)
+        image = emulated().col2im(c, size, k, dil, pad, stride, int32)
         assert_same(image, convt_ext.col2im(c, tuple(size), tuple(k), tuple(dil), tuple(pad), tuple(stride)))
         if dtype.is_complex:
             torch.testing.assert_close(image.to(torch.complex128), u_col2im(c.to(torch.complex128), size, k, dil, pad, stride),
@@ -142,12 +144,12 @@ def test_huge_geometry_takes_64bit_indexing(size, k, dil, pad, stride, rng):
         torch.testing.assert_close(expected, F.unfold(x, k, dil, pad, stride), rtol=0, atol=0)
     # The int32 path must refuse geometry whose coordinates do not fit ...
     with pytest.raises(ValueError, match="32-bit"):
-        ops._emulated_im2col(x, list(k), list(dil), list(pad), list(stride), True)
+        emulated().im2col(x, list(k), list(dil), list(pad), list(stride), True)
     # ... and the int64 path computes it exactly.
-    assert torch.equal(ops._emulated_im2col(x, list(k), list(dil), list(pad), list(stride), False), expected)
+    assert torch.equal(emulated().im2col(x, list(k), list(dil), list(pad), list(stride), False), expected)
     c = torch.randn(expected.shape, generator=rng, dtype=torch.float64)
     assert torch.equal(
-        ops._emulated_col2im(c, list(size), list(k), list(dil), list(pad), list(stride), False),
+        emulated().col2im(c, list(size), list(k), list(dil), list(pad), list(stride), False),
         convt_ext.col2im(c, size, k, dil, pad, stride),
     )
 
@@ -176,8 +178,8 @@ def test_int32_boundary_of_the_geometry(rng):
         expected = convt_ext.im2col(x, (k,), (d,), (padding,), (s,))
         assert expected.shape[-1] >= 1
         if fits:
-            assert torch.equal(ops._emulated_im2col(x, [k], [d], [padding], [s], True), expected)
+            assert torch.equal(emulated().im2col(x, [k], [d], [padding], [s], True), expected)
         else:
             with pytest.raises(ValueError, match="32-bit"):
-                ops._emulated_im2col(x, [k], [d], [padding], [s], True)
-        assert torch.equal(ops._emulated_im2col(x, [k], [d], [padding], [s], False), expected)
+                emulated().im2col(x, [k], [d], [padding], [s], True)
+        assert torch.equal(emulated().im2col(x, [k], [d], [padding], [s], False), expected)

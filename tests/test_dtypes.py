@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import convt_ext
 from conftest import SAME_SIZE_INT, assert_same, make_tensor, random_of, requires_cuda, u_col2im, u_im2col
+from emulated_ops import emulated
 
 ops = torch.ops.convt_ext
 
@@ -202,7 +203,7 @@ def test_dtypes_without_kernels_are_type_errors(dtype):
     with pytest.raises(TypeError, match="col2im: input"):
         convt_ext.col2im(torch.empty(1, 4, 9, dtype=dtype), (4, 4), 2)
     with pytest.raises(TypeError, match="col2im: input"):
-        ops._emulated_col2im(torch.empty(1, 4, 9, dtype=dtype), [4, 4], [2, 2], [1, 1], [0, 0], [1, 1], True)
+        emulated().col2im(torch.empty(1, 4, 9, dtype=dtype), [4, 4], [2, 2], [1, 1], [0, 0], [1, 1], True)
 
 
 def test_sizes_in_bytes_count_16_for_complex128():

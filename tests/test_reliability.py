@@ -882,3 +882,42 @@ def test_workspace_limit_bounds_peak_memory(layer, memory):
         f"(output {v['out_bytes'] / 2**20:.1f} + inputs {v['in_bytes'] / 2**20:.1f} + limit 4 + slack 32); "
         f"all columns would be {v['cols_bytes'] / 2**20:.0f} MiB"
     )
+
+
+# ------------------------------------------------------------------ what ships
+
+
+def test_no_test_only_code_in_the_shipped_library():
+    """The emulated CUDA kernels are a test-only extension (tests/emulated/): neither their
+    symbols nor their ops are in the library users install."""
+    import shutil
+
+    so = convt_ext._C.__file__
+    nm = shutil.which("nm")
+    assert nm is not None, "binutils' nm is needed to inspect the built library"
+    symbols = subprocess.run([nm, "-D", "-C", "--defined-only", so], capture_output=True, text=True, check=True).stdout
+    assert "convt_ext::" in symbols or "PyInit__C" in symbols  # the listing is real
+    for marker in ("emulat", "Emulat"):
+        assert marker not in symbols, [line for line in symbols.splitlines() if marker in line][:5]
+    ops = [name for name in dir(torch.ops.convt_ext) if not name.startswith("__")]
+    assert "im2col" in ops and not any("emulat" in name for name in ops), ops
+
+
+def test_a_cuda_tensor_without_the_cuda_path_says_how_to_rebuild():
+    """A build without the CUDA path answers a CUDA tensor with how to rebuild, from every
+    public op (the dispatcher's own error would name no remedy)."""
+    if convt_ext._C.cuda_compiled():
+        return  # the CUDA build runs these ops; tests/test_cuda_device.py covers it
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x, w = torch.zeros(1, 2, 5, 5), torch.zeros(3, 2, 3, 3)
+    calls = {
+        "conv2d": (x, w, None, [1, 1], [0, 0], [1, 1], 1),
+        "conv_transpose2d": (x, w.transpose(0, 1), None, [1, 1], [0, 0], [0, 0], 1, [1, 1]),
+        "conv2d_weight": (x, torch.zeros(1, 3, 3, 3), [3, 2, 3, 3], [1, 1], [0, 0], [1, 1], 1),
+        "im2col": (x, [3, 3], [1, 1], [0, 0], [1, 1]),
+    }
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="built without support for CUDA tensors. Rebuild it with the CUDA toolkit"):
+            getattr(torch.ops.convt_ext, name).default.redispatch(cuda, *args)
+    for name in ("conv1d", "conv_transpose3d", "conv3d_weight", "col2im", "im2col.out", "_conv_transpose_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"convt_ext::{name}", "CUDA"), name

@@ -24,6 +24,7 @@
 //           in their phase, so every run is a contiguous, vectorisable add,
 //           and the phases are interleaved once, when the band is written.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -114,6 +115,22 @@ void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3&
   });
 }
 
+// Writes `rows` phase-major accumulator rows (col2im_rows) to image rows
+// starting at dst: image column iw is at [(iw % sw) * phase_len + iw / sw].
+template <typename scalar_t, typename acc_t>
+void store_band(const acc_t* acc, int64_t rows, int64_t phase_len, int64_t W, int64_t sw,
+                scalar_t* dst, int64_t xs_h, int64_t xs_w) {
+  const int64_t row_len = std::min(sw, W) * phase_len;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t phase = 0; phase < std::min(sw, W); ++phase) {
+      const acc_t* a = acc + r * row_len + phase * phase_len;
+      scalar_t* d = dst + r * xs_h + phase * xs_w;
+      const int64_t count = (W - phase + sw - 1) / sw;
+      for (int64_t j = 0; j < count; ++j) d[j * sw * xs_w] = static_cast<scalar_t>(a[j]);
+    }
+  }
+}
+
 template <typename scalar_t>
 void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                  const Window3& w) {
@@ -190,37 +207,32 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
             }
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* dst = x + n * xs_n + c * xs_c + i0 * xs_0 + (ih0 + r) * xs_h;
-          for (int64_t phase = 0; phase < std::min(sw, W); ++phase) {
-            const acc_t* a = acc.data() + r * row_len + phase * phase_len;
-            scalar_t* d = dst + phase * xs_w;
-            const int64_t count = (W - phase + sw - 1) / sw;
-            for (int64_t j = 0; j < count; ++j) d[j * sw * xs_w] = static_cast<scalar_t>(a[j]);
-          }
-        }
+        store_band(acc.data(), rows, phase_len, W, sw,
+                   x + n * xs_n + c * xs_c + i0 * xs_0 + ih0 * xs_h, xs_h, xs_w);
       }
     }
   });
 }
 
-void im2col_cpu(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
+// The private ops' CPU kernels (kernels.h).
+void im2col_cpu(const at::Tensor& image, const at::Tensor& cols, at::IntArrayRef window) {
   dispatch_copy(image.scalar_type(), "im2col_cpu", [&](auto tag) {
-    im2col_rows<typename decltype(tag)::type>(image, cols, w);
+    im2col_rows<typename decltype(tag)::type>(image, cols, unpack_window(window));
   });
 }
 
-void col2im_cpu(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                const Window3& w) {
+void col2im_cpu(const at::Tensor& cols, const std::optional<at::Tensor>& bias,
+                const at::Tensor& image, at::IntArrayRef window) {
   dispatch_sum(cols.scalar_type(), "col2im_cpu", [&](auto tag) {
-    col2im_rows<typename decltype(tag)::type>(cols, bias, image, w);
+    col2im_rows<typename decltype(tag)::type>(cols, bias.value_or(at::Tensor()), image,
+                                              unpack_window(window));
   });
 }
-
-const bool registered = [] {
-  register_window_kernels(c10::DeviceType::CPU, WindowKernels{&im2col_cpu, &col2im_cpu});
-  return true;
-}();
 
 }  // namespace
 }  // namespace convt_ext
+
+TORCH_LIBRARY_IMPL(convt_ext, CPU, m) {
+  m.impl("_im2col_into", &convt_ext::im2col_cpu);
+  m.impl("_col2im_into", &convt_ext::col2im_cpu);
+}

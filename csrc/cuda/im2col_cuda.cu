@@ -1,19 +1,19 @@
 // CUDA im2col and col2im: grid-stride loops around the per-element functions
-// of ../elements.h (which emulate.cpp also runs on the CPU, in CI).
+// of ../elements.h (which tests/emulated/emulate.cpp also runs on the CPU, in CI).
 //
 // Index arithmetic is done in index_t: int32 when fits_index() proves that
 // every index, offset and coordinate fits, int64 otherwise.
 //
 // Only c10/cuda headers are used here (not ATen/cuda/CUDAContext.h, which
-// needs cuBLAS headers); the GEMMs stay in conv.cpp, through ATen.
+// needs cuBLAS headers); the GEMMs go through the engine layer (../gemm.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
-#include "../elements.h"
-#include "../kernels.h"
+#include "../grid.h"
 
 namespace convt_ext {
 namespace {
@@ -46,15 +46,17 @@ int blocks_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
 
-void im2col_cuda(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
+// The private ops' CUDA kernels (../kernels.h).
+void im2col_cuda(const at::Tensor& image, const at::Tensor& cols, at::IntArrayRef window) {
+  const Window3 w = unpack_window(window);
   const int64_t total = w.batch * w.channels * w.window_numel();
   if (total == 0) return;
   c10::cuda::CUDAGuard guard(image.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_index<int32_t>(w, extent(cols), extent(image));
+  const bool int32_indexing = fits_index<int32_t>(w, extent(cols), extent(image));
   dispatch_copy(image.scalar_type(), "im2col_cuda", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    if (small) {
+    if (int32_indexing) {
       im2col_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
           data_as<scalar_t>(image), mutable_data_as<scalar_t>(cols), w,
           image_strides<int32_t>(image), column_strides<int32_t>(cols), total);
@@ -67,19 +69,21 @@ void im2col_cuda(const at::Tensor& image, const at::Tensor& cols, const Window3&
   });
 }
 
-void col2im_cuda(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
-                 const Window3& w) {
+void col2im_cuda(const at::Tensor& cols, const std::optional<at::Tensor>& bias_arg,
+                 const at::Tensor& image, at::IntArrayRef window) {
+  const Window3 w = unpack_window(window);
+  const at::Tensor bias = bias_arg.value_or(at::Tensor());
   const int64_t total = w.batch * w.channels * w.image_numel();
   if (total == 0) return;
   c10::cuda::CUDAGuard guard(image.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_index<int32_t>(w, extent(cols), extent(image)) &&
+  const bool int32_indexing = fits_index<int32_t>(w, extent(cols), extent(image)) &&
                      extent(bias) < std::numeric_limits<int32_t>::max();
   dispatch_sum(cols.scalar_type(), "col2im_cuda", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* b = bias.defined() ? data_as<scalar_t>(bias) : nullptr;
     const int64_t bs = bias.defined() ? bias.stride(0) : 0;
-    if (small) {
+    if (int32_indexing) {
       col2im_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
           data_as<scalar_t>(cols), b, static_cast<int32_t>(bs), mutable_data_as<scalar_t>(image),
           w, column_strides<int32_t>(cols), image_strides<int32_t>(image), total);
@@ -92,10 +96,10 @@ void col2im_cuda(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
   });
 }
 
-const bool registered = [] {
-  register_window_kernels(c10::DeviceType::CUDA, WindowKernels{&im2col_cuda, &col2im_cuda});
-  return true;
-}();
-
 }  // namespace
 }  // namespace convt_ext
+
+TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) {
+  m.impl("_im2col_into", &convt_ext::im2col_cuda);
+  m.impl("_col2im_into", &convt_ext::col2im_cuda);
+}

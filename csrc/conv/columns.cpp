@@ -1,0 +1,448 @@
+// The column path (columns.h): plans, blocks, wide chunks and 1x1 pixel
+// rows, each convolution's GEMMs through the engine layer (../gemm.h).
+#include "columns.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../gemm.h"
+#include "../ops.h"
+#include "../plan.h"
+#include "args.h"
+
+namespace convt_ext {
+
+namespace {
+
+// im2col of the window box [lo, hi) of image (b, C, I0, I1, I2) into cols
+// (b, rows, box positions): the same columns, read from just the image
+// region they tap, with whatever padding remains before it (the relation
+// only uses the low padding; the high side is implied by the window count).
+void im2col_box(const at::Tensor& image, const at::Tensor& cols, Window3 w, const int64_t* lo,
+                const int64_t* hi) {
+  at::Tensor region = image;
+  for (int i = 0; i < kMaxDims; ++i) {
+    const int64_t top = lo[i] * w.stride[i] - w.padding[i];  // first tap, maybe < 0
+    const int64_t end = (hi[i] - 1) * w.stride[i] - w.padding[i] +
+                        w.dilation[i] * (w.kernel[i] - 1) + 1;  // one past the last tap
+    const int64_t r0 = std::clamp<int64_t>(top, 0, w.image[i]);
+    const int64_t r1 = std::clamp<int64_t>(end, r0, w.image[i]);
+    w.padding[i] = r0 - top;
+    w.image[i] = r1 - r0;
+    w.windows[i] = hi[i] - lo[i];
+    region = region.narrow(2 + i, r0, r1 - r0);
+  }
+  w.batch = image.size(0);
+  im2col_into(region, cols, w);
+}
+
+// The window positions [*o_lo, *o_hi) along one dimension whose taps reach
+// image positions [lo, hi): o*s - p + d(k-1) >= lo and o*s - p <= hi - 1.
+void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* o_lo,
+                      int64_t* o_hi) {
+  const int64_t s = w.stride[i], p = w.padding[i], span = w.dilation[i] * (w.kernel[i] - 1);
+  const int64_t first = lo + p - span;  // o*s >= first
+  *o_lo = first <= 0 ? 0 : (first + s - 1) / s;
+  *o_hi = std::min(w.windows[i], (hi - 1 + p) / s + 1);
+  *o_lo = std::min(*o_lo, *o_hi);
+}
+
+// Runs fn(range, n, first, count, cols) for every block of window positions
+// of every sample, on the task's thread (range: for_each_task's): cols (rows, count) are the columns of
+// sample n's window positions [first, first + count). With
+// `input_is_columns`, the input (contiguous) is its own column matrix.
+template <typename F>
+void for_each_column_block(const at::Tensor& x, const Window3& call, int64_t rows, bool input_is_columns,
+                           const F& fn, int64_t cap = INT64_MAX) {
+  const int64_t L = call.window_numel(), elem = x.element_size();
+  int64_t inner[kMaxDims + 1];
+  inner[kMaxDims] = 1;
+  for (int i = kMaxDims - 1; i >= 0; --i) inner[i] = inner[i + 1] * call.windows[i];
+  const Blocks blocks =
+      plan_blocks(call.windows, input_is_columns ? INT64_MAX : std::min(cap, task_budget(x)), call.batch, tasks_at_once(x),
+                  [&](int dim, int64_t count) { return rows * elem * inner[dim + 1] * count; });
+  const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
+  const at::Tensor x5 = lift(x);
+  for_each_task(x, call.batch * blocks.per_sample(), [&](int64_t range, int64_t begin, int64_t end) {
+    const at::Tensor buffer = input_is_columns ? at::Tensor() : scratch(Slot::Columns, {rows, max_positions}, x.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks.per_sample();
+      int64_t lo[kMaxDims], hi[kMaxDims];
+      blocks.at(t % blocks.per_sample(), lo, hi);
+      const int64_t first = flat_offset(lo, call.windows), count = box_numel(lo, hi);
+      at::Tensor c;
+      if (input_is_columns) {
+        c = x.select(0, n).view({rows, L}).narrow(1, first, count);
+      } else {
+        c = buffer.narrow(1, 0, count);
+        im2col_box(x5.narrow(0, n, 1), c.unsqueeze(0), call, lo, hi);
+      }
+      fn(range, n, first, count, c);
+    }
+  });
+}
+
+// The wide path's loop (Note [Column plans and the workspace limit]): for
+// every chunk of `chunk` samples [n0, n0 + b) of image, fn(n0, b, cols) with
+// cols (rows, b*L) the columns of their windows side by side.
+template <typename F>
+void for_each_wide_chunk(const at::Tensor& image, const Window3& call, int64_t chunk,
+                         const F& fn) {
+  const int64_t N = image.size(0), rows = call.rows(), L = call.window_numel();
+  const ColumnBuffer cols(Slot::Columns, chunk, rows, L, image.options());
+  const at::Tensor x5 = lift(image);
+  const int64_t lo[kMaxDims] = {0, 0, 0};
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    im2col_box(x5.narrow(0, n0, b), cols.samples(b), call, lo, call.windows);
+    fn(n0, b, cols.matrix(b));
+  }
+}
+
+// (b, C, L) -> (C, b*L): the samples of `t` side by side, in `buf`.
+at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
+  const int64_t b = t.size(0);
+  buf.samples(b).copy_(t);
+  return buf.matrix(b);
+}
+
+// gemm over the columns of out and b, split into for_each_task's ranges: a
+// multi-threaded GEMM with a fixed split.
+void gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& add) {
+  for_each_task(out, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
+    gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
+  });
+}
+
+// One chunk of the wide path's conv: y[n0, n0 + b) = w3 . c (+ b3), where c
+// holds the chunk's columns side by side; the GEMM writes the (G, C/G, b*L)
+// scratch `wide`, permuted into the samples by one copy.
+void wide_conv(const at::Tensor& y, int64_t n0, int64_t b, const at::Tensor& wide,
+               const at::Tensor& w3, const at::Tensor& c, const at::Tensor& b3) {
+  const int64_t C = y.size(1), L = y.size(2);
+  const at::Tensor yw = wide.narrow(2, 0, b * L);
+  gemm_columns(yw, w3, c, b3);
+  y.narrow(0, n0, b).copy_(yw.view({C, b, L}).permute({1, 0, 2}));
+}
+
+// A weight gradient summed over blocks: each of for_each_task's fixed ranges
+// sums into its own partial, and the partials are added in range order, so
+// the result is the same for any thread count (Note [Determinism across
+// thread counts]).
+struct PartialSums {
+  at::Tensor total;  // (G, M, N), zeros
+  std::vector<at::Tensor> partial;
+  PartialSums(at::Tensor zeros, const at::Tensor& like)
+      : total(std::move(zeros)), partial(tasks_at_once(like)) {}
+  // partial[range] += a . b, per group; only group `group`'s with one >= 0.
+  void add(int64_t range, const at::Tensor& a, const at::Tensor& b, int64_t group = -1) {
+    at::Tensor& acc = partial[range];
+    if (!acc.defined()) acc = at::zeros_like(total);
+    gemm(group < 0 ? acc : acc.narrow(0, group, 1), a, b, at::Tensor(), true);
+  }
+  const at::Tensor& sum() {
+    for (const at::Tensor& p : partial) {
+      if (p.defined()) total.add_(p);
+    }
+    return total;
+  }
+};
+
+// sums += a . c^T over a wide chunk: the reduction over its b*L positions
+// split into for_each_task's fixed ranges, each into its own partial.
+void wide_weight_sum(PartialSums& sums, const at::Tensor& like, const at::Tensor& a,
+                     const at::Tensor& c) {
+  for_each_task(like, a.size(2), [&](int64_t range, int64_t begin, int64_t end) {
+    sums.add(range, a.narrow(2, begin, end - begin), c.narrow(2, begin, end - begin).transpose(1, 2));
+  });
+}
+
+// The bias as (G, C/G, 1), ready to broadcast over a GEMM's columns.
+at::Tensor group_bias(const std::optional<at::Tensor>& bias, int64_t groups) {
+  return bias.has_value() ? bias->reshape({groups, -1, 1}) : at::Tensor();
+}
+
+// The pixels of a channels_last image (N, C, *spatial) as the rows of an
+// (N*L, C) matrix: a view (Note [Memory format]).
+at::Tensor pixel_rows(const at::Tensor& t) { return t.movedim(1, -1).reshape({-1, t.size(1)}); }
+
+// A 1x1 layer (stride 1, no padding) on a channels_last input: for each group
+// g, rows(out)_g = rows(a)_g . b_g (+ bias_g), over fixed ranges of rows.
+// b_g(g) is the group's (C_in/G, C_out/G) matrix.
+template <typename B>
+at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
+                           const std::optional<at::Tensor>& bias, const B& b_g) {
+  if (out.numel() == 0) return out;
+  const at::Tensor x = pixel_rows(a), y = pixel_rows(out);
+  const int64_t ci = x.size(1) / groups, co = y.size(1) / groups;
+  for_each_task(a, x.size(0), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t g = 0; g < groups; ++g) {
+      at::Tensor yg = y.narrow(0, begin, end - begin).narrow(1, g * co, co);
+      const at::Tensor xg = x.narrow(0, begin, end - begin).narrow(1, g * ci, ci);
+      gemm(yg.unsqueeze(0), xg.unsqueeze(0), b_g(g).unsqueeze(0),
+           bias.has_value() ? bias->narrow(0, g * co, co).view({1, 1, co}) : at::Tensor());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+// ---- conv
+
+void conv_columns(const at::Tensor& image, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
+                  const at::Tensor& y, bool pointwise) {
+  const int64_t G = groups, L = call.window_numel(), rows = call.rows(), C_out = y.size(1);
+  const at::Tensor w3 = weight.reshape({G, C_out / G, rows / G});
+  const at::Tensor b3 = group_bias(bias, G);
+  const int64_t cap = forward_tile_cap(image, G, L);
+  if (const int64_t chunk = wide_chunk(image, L, rows, C_out, cap)) {
+    const at::Tensor wide_out = scratch(Slot::Product, {G, C_out / G, chunk * L}, image.options());
+    for_each_wide_chunk(image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      wide_conv(y, n0, b, wide_out, w3, cols.view({G, rows / G, b * L}), b3);
+    });
+    return;
+  }
+  const at::Tensor x = pointwise ? image.contiguous() : image;
+  for_each_column_block(x, call, rows, pointwise, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
+         c.view({G, rows / G, count}), b3);
+  }, cap);
+}
+
+at::Tensor conv_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, int64_t groups,
+                           at::Tensor out) {
+  const int64_t C_out = weight.size(0), co = C_out / groups;
+  const at::Tensor w = weight.reshape({C_out, input.size(1) / groups});
+  return pixel_rows_gemm(input, std::move(out), groups, bias,
+                         [&](int64_t g) { return w.narrow(0, g * co, co).t(); });
+}
+
+// ---- conv_transpose
+
+namespace {
+
+// A 1x1 kernel (stride 1, no padding, no output_padding): col2im is the
+// identity, so the GEMM writes the output.
+void conv_transpose_pointwise(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& b3,
+                              const at::Tensor& out, int64_t L) {
+  const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0);
+  const at::Tensor y = out.view({N, G, out.size(1) / G, L});
+  if (N < tasks_at_once(x)) {  // few samples: split each one's columns
+    for (int64_t i = 0; i < N; ++i) {
+      gemm_columns(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+    }
+    return;
+  }
+  for_each_task(x, N, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
+    }
+  });
+}
+
+// The wide path: the columns of a chunk of samples side by side, one GEMM,
+// then col2im of the chunk.
+void conv_transpose_wide(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& bias_1d,
+                         const Window3& call, int64_t chunk, const at::Tensor& out) {
+  const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0), L = call.window_numel();
+  const int64_t rows = call.rows();
+  const ColumnBuffer cols(Slot::Columns, chunk, rows, L, x.options());
+  const ColumnBuffer wide_x(Slot::Operand, chunk, C_in, L, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t b = std::min(chunk, N - n0);
+    gemm_columns(
+        cols.matrix(b).view({G, rows / G, b * L}), wt3,
+        side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
+        at::Tensor());
+    Window3 w = call;
+    w.batch = b;
+    col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b), w);
+  }
+}
+
+// The largest number of window positions whose taps reach a block of the
+// output: single positions before `dim`, `count` along it (at the worst
+// offset), whole after.
+int64_t positions_reaching(const Window3& call, int dim, int64_t count) {
+  int64_t positions = 1;
+  for (int i = 0; i < kMaxDims; ++i) {
+    const int64_t n = i < dim ? 1 : i == dim ? count : call.image[i];
+    int64_t most = 0;
+    for (int64_t start : {int64_t(0), call.image[i] / 2}) {
+      int64_t o_lo, o_hi;
+      windows_reaching(call, i, start, std::min(start + n, call.image[i]), &o_lo, &o_hi);
+      most = std::max(most, o_hi - o_lo);
+    }
+    positions *= std::max<int64_t>(most, 1);
+  }
+  return positions;
+}
+
+// Blocks of the output, each with the columns of the input windows that
+// reach it (Note [Column plans and the workspace limit]): a task owns its
+// output pixels.
+void conv_transpose_blocks(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& bias_1d,
+                           const Window3& call, const at::Tensor& out) {
+  const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0), rows = call.rows();
+  const int64_t elem = x.element_size();
+  const Blocks blocks = plan_blocks(call.image, task_budget(x), N, tasks_at_once(x), [&](int dim, int64_t count) {
+    return rows * elem * positions_reaching(call, dim, count);
+  });
+  const at::Tensor x5 = lift(x), out5 = lift(out);
+  for_each_task(x, N * blocks.per_sample(), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks.per_sample();
+      int64_t lo[kMaxDims], hi[kMaxDims];
+      blocks.at(t % blocks.per_sample(), lo, hi);
+      Window3 w = call;
+      w.batch = 1;
+      at::Tensor xs = x5.select(0, n), ys = out5.narrow(0, n, 1);
+      for (int i = 0; i < kMaxDims; ++i) {
+        int64_t o_lo, o_hi;
+        windows_reaching(call, i, lo[i], hi[i], &o_lo, &o_hi);
+        xs = xs.narrow(1 + i, o_lo, o_hi - o_lo);
+        ys = ys.narrow(2 + i, lo[i], hi[i] - lo[i]);
+        // In the block's coordinates: window o_lo + o' taps o'*s - p' + k*d.
+        w.padding[i] = call.padding[i] + lo[i] - o_lo * call.stride[i];
+        w.image[i] = hi[i] - lo[i];
+        w.windows[i] = o_hi - o_lo;
+      }
+      const int64_t positions = w.window_numel();
+      const at::Tensor cols = scratch(Slot::Columns, {1, rows, positions}, x.options());
+      gemm(cols.view({G, rows / G, positions}), wt3, xs.reshape({G, C_in / G, positions}),
+           at::Tensor());
+      col2im_into(cols, bias_1d, ys, w);
+    }
+  });
+}
+
+}  // namespace
+
+void conv_transpose_columns(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const Window3& call,
+                            int64_t groups, const at::Tensor& out, bool pointwise) {
+  const int64_t G = groups, C_in = input.size(1), L = call.window_numel(), rows = call.rows();
+  // W_g^T: (G, C_out/G*prod(k), C_in/G), a transposed view of the stored weight.
+  const at::Tensor wt3 = weight.reshape({G, C_in / G, rows / G}).transpose(1, 2);
+  const at::Tensor x = input.contiguous();
+  if (pointwise) return conv_transpose_pointwise(x, wt3, group_bias(bias, G), out, L);
+  const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
+  if (const int64_t chunk = wide_chunk(input, L, rows, C_in)) {
+    return conv_transpose_wide(x, wt3, bias_1d, call, chunk, out);
+  }
+  conv_transpose_blocks(x, wt3, bias_1d, call, out);
+}
+
+at::Tensor conv_transpose_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t groups,
+                                     at::Tensor out) {
+  const int64_t C_in = input.size(1), ci = C_in / groups;
+  const at::Tensor w = weight.reshape({C_in, weight.size(1)});
+  return pixel_rows_gemm(input, std::move(out), groups, bias,
+                         [&](int64_t g) { return w.narrow(0, g * ci, ci); });
+}
+
+// ---- the weight gradient
+
+namespace {
+
+// dW_g = rows(dy)_g^T . rows(x)_g over a 1x1 layer's channels_last pixels,
+// the sum over pixels split into fixed ranges.
+void weight_sum_of_pixel_rows(PartialSums& sums, const at::Tensor& input, const at::Tensor& dy_rows,
+                              int64_t groups) {
+  const at::Tensor x = pixel_rows(input);
+  const int64_t ci = x.size(1) / groups, co = dy_rows.size(1) / groups;
+  for_each_task(input, x.size(0), [&](int64_t range, int64_t begin, int64_t end) {
+    // One GEMM per group: the groups' columns interleave in a pixel row.
+    for (int64_t g = 0; g < groups; ++g) {
+      sums.add(range, dy_rows.narrow(0, begin, end - begin).narrow(1, g * co, co).t().unsqueeze(0),
+               x.narrow(0, begin, end - begin).narrow(1, g * ci, ci).unsqueeze(0), g);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_output,
+                               const Window3& call, int64_t groups, bool pointwise,
+                               at::MemoryFormat format) {
+  const at::Tensor image = planar(input);
+  const int64_t N = input.size(0), C_out = grad_output.size(1), G = groups;
+  const int64_t L = call.window_numel(), rows = call.rows();
+  at::Tensor grad_weight = at::zeros({G, C_out / G, rows / G}, input.options());
+  if (N == 0 || L == 0 || grad_weight.numel() == 0) return grad_weight;
+
+  const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
+  PartialSums sums(grad_weight, input);
+  if (const int64_t chunk = wide_chunk(input, L, rows, C_out)) {
+    const ColumnBuffer wide_dy(Slot::Operand, chunk, C_out, L, input.options());
+    for_each_wide_chunk(image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      const at::Tensor dy = side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L});
+      wide_weight_sum(sums, input, dy, cols.view({G, rows / G, b * L}));
+    });
+    return sums.sum();
+  }
+  if (pointwise && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
+    weight_sum_of_pixel_rows(sums, input, pixel_rows(grad_output.contiguous(format)), G);
+    return sums.sum();
+  }
+  const at::Tensor x = pointwise ? image.contiguous() : image;
+  for_each_column_block(x, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    sums.add(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
+             c.view({G, rows / G, count}).transpose(1, 2));
+  });
+  return sums.sum();
+}
+
+// ---- conv_transpose's backward
+
+// Note [One column buffer for conv_transpose's backward]
+// Both gradients of y = conv_transpose(x, W) multiply the columns of the
+// upstream gradient dy, the columns of its windows that the input's pixels
+// fed: dx = conv(dy, W) = W . im2col(dy) per group, and dW = x . im2col(dy)^T
+// summed over samples. Taken as the two ops that state the duality, they run
+// im2col(dy) twice; here each block of columns is formed once and both GEMMs
+// read it while it is in cache. grad_input and the weight gradient come out
+// planar (the autograd layer gives them the forward's format).
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const Window3& call, int64_t groups, bool pointwise) {
+  const int64_t N = input.size(0), C_in = input.size(1), G = groups;
+  const int64_t L = call.window_numel(), rows = call.rows();
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_weight = at::zeros({G, C_in / G, rows / G}, input.options());
+  if (grad_input.numel() == 0 || rows == 0) return {grad_input.zero_(), grad_weight};
+  const at::Tensor dy = planar(grad_output);
+  const at::Tensor x3 = input.contiguous().view({N, C_in, L});
+  const at::Tensor w3 = weight.reshape({G, C_in / G, rows / G});
+  const at::Tensor gi = grad_input.view({N, C_in, L});
+  PartialSums sums(grad_weight, input);
+  if (const int64_t chunk = wide_chunk(input, L, rows, 2 * C_in)) {
+    const ColumnBuffer wide_x(Slot::Operand, chunk, C_in, L, input.options());
+    const at::Tensor wide_out = scratch(Slot::Product, {G, C_in / G, chunk * L}, input.options());
+    for_each_wide_chunk(dy, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      const at::Tensor c = cols.view({G, rows / G, b * L});
+      wide_conv(gi, n0, b, wide_out, w3, c, at::Tensor());
+      wide_weight_sum(sums, input, side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L}), c);
+    });
+    return {grad_input, sums.sum()};
+  }
+  const at::Tensor image_dy = pointwise ? dy.contiguous() : dy;
+  for_each_column_block(image_dy, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+    const at::Tensor cg = c.view({G, rows / G, count});
+    gemm(gi.select(0, n).narrow(1, first, count).view({G, C_in / G, count}), w3, cg);
+    sums.add(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),
+             cg.transpose(1, 2));
+  });
+  return {grad_input, sums.sum()};
+}
+
+}  // namespace convt_ext

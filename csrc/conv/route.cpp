@@ -1,0 +1,152 @@
+// conv, conv_transpose and the shared weight gradient, in 1, 2 and 3 spatial
+// dimensions: each op checks its arguments and asks torch for the output's
+// memory format (args.h), then this router says which path computes it:
+//   - pixel rows: a 1x1 layer (stride 1, no padding) on a channels_last
+//     input, whose pixels' rows are already the GEMM operands;
+//   - columns: everything else, im2col/col2im + GEMMs (columns.h).
+// conv_transpose is conv's input gradient taken as an op of its own, so the
+// two are adjoints. Every GEMM goes through the engine layer (../gemm.h),
+// every geometry is lifted to three spatial dimensions (Note [N-d by
+// lifting] in ../im2col.h), and this code is the same on every device.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <vector>
+
+#include "../ops.h"
+#include "args.h"
+#include "columns.h"
+
+namespace convt_ext {
+
+namespace {
+
+// The output of a convolution over no input channels: C_out channels of the
+// bias (or zeros), the sum over no channels, as the README documents. torch
+// gives 0 channels here (F.conv2d((2, 0, 4, 3), (3, 0, 3, 1)) is
+// (2, 0, 2, 3)), which drops the weight's out_channels, and refuses
+// conv_transpose's empty weight.
+at::Tensor bias_only(at::Tensor out, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return out.zero_();
+  std::vector<int64_t> shape(out.dim(), 1);
+  shape[1] = -1;
+  return out.copy_(bias->view(shape).expand_as(out));
+}
+
+bool no_output_padding(at::IntArrayRef output_padding) {
+  for (int64_t a : output_padding) {
+    if (a != 0) return false;
+  }
+  return true;
+}
+
+// The routes of conv; the output planar, or already in `format` where the
+// path writes it so (Note [Memory format] in args.cpp).
+at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
+                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise) {
+  const bool channels_last = format != at::MemoryFormat::Contiguous;
+  if (channels_last && input.size(1) > 0 && pointwise && input.is_contiguous(format)) {
+    return conv_pixel_rows(input, weight, bias, groups,
+                           at::empty(shape, input.options().memory_format(format)));
+  }
+  // With one group the GEMMs store a channels_last output through the
+  // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
+  // that way are slow, so those convert at the end.
+  at::Tensor out = at::empty(
+      shape, input.options().memory_format(groups == 1 ? format : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  if (input.size(1) == 0) return bias_only(out, bias);
+  conv_columns(planar(input), weight, bias, call, groups,
+               out.view({shape[0], shape[1], call.window_numel()}), pointwise);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  int64_t windows[kMaxDims];
+  const Window3 call =
+      check_conv(op, dims, input, weight, bias, stride, padding, dilation, groups, windows);
+  c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format =
+      conv_format(input, weight, bias, stride, padding, dilation, groups);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  const at::Tensor out =
+      conv_route(input, weight, bias, call, groups, shape_of(input.size(0), weight.size(0), windows, dims),
+                 format, pointwise(kernel, stride, padding));
+  return in_format(out, format);
+}
+
+at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef output_padding, int64_t groups,
+                          at::IntArrayRef dilation) {
+  int64_t image[kMaxDims];
+  const Window3 call = check_conv_transpose(op, dims, input, weight, bias, stride, padding,
+                                            output_padding, groups, dilation, image);
+  const at::IntArrayRef kernel = weight.sizes().slice(2);
+  checked_numel(op, "the output", {input.size(0), call.channels, call.image_numel()},
+                geometry(kernel, stride, padding, dilation));
+  c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format = output_format(input, weight, bias, stride, padding, dilation,
+                                                true, output_padding, groups);
+  const std::vector<int64_t> shape = shape_of(input.size(0), call.channels, image, dims);
+  if (c10::multiply_integers(shape) == 0) return in_format(at::empty(shape, input.options()), format);
+  if (input.size(1) == 0) return in_format(bias_only(at::empty(shape, input.options()), bias), format);
+  const bool one_to_one = pointwise(kernel, stride, padding) && no_output_padding(output_padding);
+  if (format != at::MemoryFormat::Contiguous && one_to_one && input.is_contiguous(format)) {
+    return conv_transpose_pixel_rows(input, weight, bias, groups,
+                                     at::empty(shape, input.options().memory_format(format)));
+  }
+  at::Tensor out = at::empty(shape, input.options());
+  conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
+  return in_format(out, format);
+}
+
+// As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
+// format follows the input alone.
+at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
+                       const at::Tensor& grad_output, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups) {
+  const Window3 call = check_conv_weight(op, dims, input, grad_output, weight_size, stride,
+                                         padding, dilation, groups);
+  c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat format =
+      conv_weight_format(input, weight_size, stride, padding, dilation, groups);
+  // The input is its own column matrix only if grad_output covers all its
+  // windows (it may be short of them: conv_transpose's output_padding).
+  bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
+  for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
+  const at::Tensor grad_weight =
+      conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
+  return in_format(grad_weight.view(weight_size), format);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
+    const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
+  int64_t image[kMaxDims];
+  const Window3 call = check_conv_transpose(op, dims, input, weight, std::nullopt, stride,
+                                            padding, output_padding, groups, dilation, image);
+  check_same(op, "grad_output", grad_output, "input", input);
+  const std::vector<int64_t> expected = shape_of(input.size(0), call.channels, image, dims);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op,
+                    ": grad_output must have the output's shape ", at::IntArrayRef(expected),
+                    ", but got ", grad_output.sizes());
+  c10::DeviceGuard guard(input.device());
+  const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding) &&
+                          no_output_padding(output_padding);
+  auto [grad_input, grad_weight] =
+      conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
+  return {grad_input, grad_weight.view(weight.sizes())};
+}
+
+}  // namespace convt_ext
