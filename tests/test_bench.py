@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import convt_ext
-from convt_ext import bench
+from convt_ext.bench import __main__ as cli
+from convt_ext.bench import chart, machine, measure, suite
+from convt_ext.bench import report as bench_report
 
 SMALL = "dcgan-64to3-32"  # a --quick shape with both im2col and conv_transpose2d
 QUICK = ["--quick", "--ops", "im2col,conv_transpose2d", "--shapes", SMALL, "--min-run-time", "0.02"]
@@ -37,7 +39,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "x.json"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = bench.main(QUICK + ["--out", str(out)])
+        code = cli.main(QUICK + ["--out", str(out)])
     return code, out, stdout.getvalue()
 
 
@@ -69,7 +71,7 @@ def test_quick_run_writes_a_complete_report(quick_run):
         if r["op"] == "conv_transpose2d":  # groups=1: torch's slow_conv_transpose2d applies
             assert r["impls"]["torch_im2col"]["status"] in ("ok", "n/a")
         else:  # unfoldNd is an optional comparator
-            assert r["impls"]["unfoldNd"]["status"] == ("ok" if bench._unfoldnd() else "n/a")
+            assert r["impls"]["unfoldNd"]["status"] == ("ok" if measure.unfoldnd() else "n/a")
     assert {(s["op"], s["direction"]) for s in report["summary"]} == measured
 
 
@@ -97,7 +99,7 @@ def test_every_convolution_reports_its_share_of_the_peak(quick_run):
     peak, copy = report["reference"]["peak_gflops"], report["reference"]["copy_gbps"]
     for r in report["results"]:
         rate = r["rate"]
-        conv = r["op"] in bench.CONV_OPS
+        conv = r["op"] in suite.CONV_OPS
         assert rate["unit"] == ("GFLOP/s" if conv else "GB/s")
         assert rate["ceiling_value"] == (peak if conv else copy)
         for key, e in rate["impls"].items():
@@ -109,26 +111,49 @@ def test_every_convolution_reports_its_share_of_the_peak(quick_run):
     for s in report["summary"]:
         pct = s["rate"]["convt_ext"]["percent_of_ceiling"]
         assert pct["min"] <= pct["median"] <= pct["max"]
-        assert s["rate"]["ceiling"] == ("peak_gflops" if s["op"] in bench.CONV_OPS else "copy_gbps")
+        assert s["rate"]["ceiling"] == ("peak_gflops" if s["op"] in suite.CONV_OPS else "copy_gbps")
     assert re.search(r"conv_transpose2d forward: .*ours [\d.]+ GFLOP/s = \d+% of peak", stdout)
     assert re.search(r"im2col forward: .*ours [\d.]+ GB/s = \d+% of copy bandwidth", stdout)
     # im2col/col2im are also timed into a reused out= buffer.
-    assert all(r["out_median_s"] > 0 for r in report["results"] if r["op"] in bench.UNFOLD_OPS and r["direction"] == bench.FORWARD)
+    assert all(r["out_median_s"] > 0 for r in report["results"] if r["op"] in suite.UNFOLD_OPS and r["direction"] == suite.FORWARD)
     assert re.search(r"im2col forward: .*into a reused out= buffer \d+%", stdout)
 
 
 def test_the_chart_comes_by_default(quick_run):
-    """With matplotlib (which the README's command installs) every run writes a PNG next to the
-    JSON and ends by printing its path; without it, the run still succeeds and says why there is none."""
+    """With matplotlib (which the README's command installs) every run writes two PNGs next to
+    the JSON, the chart and its appendix of every case, and ends by printing their paths; without
+    it, the run still succeeds and says why there is none."""
     code, out, stdout = quick_run
-    png = out.with_suffix(".png")
+    png, appendix = out.with_suffix(".png"), out.with_name(f"{out.stem}-cases.png")
     last = stdout.rstrip().splitlines()[-1]
     if _has_matplotlib():
-        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert last == f"chart: {png}"
+        for path in (png, appendix):
+            assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert last == f"chart: {png} (every case: {appendix})"
     else:
-        assert code == 0 and not png.exists()
+        assert code == 0 and not png.exists() and not appendix.exists()
         assert last == "chart: none (matplotlib is not installed)"
+
+
+def test_the_chart_has_a_row_per_op_and_the_appendix_one_per_case(quick_run):
+    """The chart's rows are the summary's (an op, its dims and direction: medians with the
+    range over shapes), the appendix's the timed cases; each row's figures are the JSON's."""
+    _, out, _ = quick_run
+    report = json.loads(out.read_text())
+    rows = chart.summary_rows(report["summary"])
+    assert [r["label"] for r in rows] == ["im2col", "conv_transpose2d fwd", "conv_transpose2d fwd+bwd"]
+    for row, e in zip(rows, report["summary"]):
+        v = e["vs_torch"]
+        assert row["speedups"]["torch"] == (v["median"], v["min"], v["max"])
+        assert row["speedups"]["unfoldNd"] is None if "vs_unfoldNd" not in e else row["speedups"]["unfoldNd"]
+        pct = e["rate"]["convt_ext"]["percent_of_ceiling"]
+        assert row["ours"] == (pct["median"], pct["min"], pct["max"])
+    cases = chart.case_rows(report["results"])
+    assert len(cases) == len(report["results"]) == 3
+    for row, r in zip(cases, report["results"]):
+        assert r["shape"] in row["label"]
+        assert row["speedups"]["torch"][0] == r["speedup"]["torch"]["median"]
+        assert row["ours"][0] == r["rate"]["percent_of_ceiling"]
 
 
 def test_the_readme_command_installs_matplotlib():
@@ -139,10 +164,10 @@ def test_the_readme_command_installs_matplotlib():
 
 def test_the_chart_is_optional(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    record = {"op": "im2col", "dims": 2, "direction": bench.FORWARD, "shape": SMALL,
+    record = {"op": "im2col", "dims": 2, "direction": suite.FORWARD, "shape": SMALL,
               "speedup": {"torch": {"median": 2.0}}}
-    assert bench.plot([record], tmp_path / "x.png", "title") is None
-    assert not (tmp_path / "x.png").exists()
+    assert chart.plot([record], [], tmp_path / "x.png", "title") is None
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x-cases.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
@@ -162,10 +187,10 @@ def _canned_case(case, device, dtype, rounds, min_run_time, channels_last=False)
 
 def test_a_run_without_matplotlib_succeeds_and_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
-    monkeypatch.setattr(bench, "run_case", _canned_case)
+    monkeypatch.setattr(machine, "reference_rates", _canned_reference)
+    monkeypatch.setattr(measure, "run_case", _canned_case)
     out = tmp_path / "x.json"
-    assert bench.main(["--quick", "--ops", "conv2d", "--no-backward", "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--ops", "conv2d", "--no-backward", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "matplotlib is not installed" in text
     assert text.rstrip().splitlines()[-1] == "chart: none (matplotlib is not installed)"
@@ -188,7 +213,7 @@ def test_the_ceilings_are_the_best_of_every_measurement():
     start = _ref({"MKL": 80.0, "oneDNN": 70.0}, 9.0, (2048, 2048, 2048))
     end = _ref({"MKL": 90.0, "oneDNN": 60.0}, 8.0, (2048, 2048, 2048))
     probes = [_ref({"MKL": 150.0, "oneDNN": 170.0}, 17.0, (1024, 1024, 1024)), _ref({"MKL": 60.0}, 20.0, (1024, 1024, 1024))]
-    ref = bench.combine_references(start, end, probes, {"cpu_capability": "AVX2", "cpu_flags": None})
+    ref = machine.combine_references(start, end, probes, {"cpu_capability": "AVX2", "cpu_flags": None})
     assert ref["peak_gflops"] == 170.0 and ref["peak_engine"] == "oneDNN" and ref["peak_shape"] == [1024, 1024, 1024]
     assert ref["peak_by_engine"] == {"MKL": 150.0, "oneDNN": 170.0}
     assert ref["copy_gbps"] == 20.0
@@ -200,24 +225,23 @@ def test_the_ceilings_are_the_best_of_every_measurement():
 
 
 def test_a_run_samples_the_ceilings_between_cases(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
-    monkeypatch.setattr(bench, "run_case", _canned_case)
-    monkeypatch.setattr(bench, "PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr(machine, "reference_rates", _canned_reference)
+    monkeypatch.setattr(measure, "run_case", _canned_case)
+    monkeypatch.setattr(machine, "PROBE_EVERY_S", 0.0)
     out = tmp_path / "x.json"
-    assert bench.main(["--quick", "--ops", "conv2d", "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--ops", "conv2d", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     probes = report["reference"]["probes"]
     assert len(probes) == len(report["results"]) and [p["before_case"] for p in probes] == list(range(len(probes)))
 
 
 def test_suite_covers_the_required_layers():
-    suite = bench.SUITE
-    names = [s.name for s in suite]
+    names = [s.name for s in suite.SUITE]
     assert len(names) == len(set(names))
-    assert all(s.description for s in suite)
+    assert all(s.description for s in suite.SUITE)
 
     def has(pred):
-        return any(pred(s) for s in suite)
+        return any(pred(s) for s in suite.SUITE)
 
     def conv(s, op, kernel, stride=None):
         return op in s.ops and s.kernels == kernel and (stride is None or s.strides == stride)
@@ -239,15 +263,15 @@ def test_suite_covers_the_required_layers():
     assert has(lambda s: conv(s, "conv_transpose3d", (2, 2, 2), (2, 2, 2)) and (s.c_in, s.c_out) == (64, 32)
                and s.sizes == (8, 16, 16)), "3-d U-Net up-conv"
     assert has(lambda s: conv(s, "conv3d", (1, 3, 3))), "(1,3,3) kernel"
-    for op in bench.OP_NAMES:
+    for op in suite.OP_NAMES:
         assert has(lambda s: op in s.ops), op
         assert has(lambda s: op in s.ops and s.quick), f"--quick runs {op}"
-    for op in bench.UNFOLD_OPS:
-        for dims in bench.DIMS:
+    for op in suite.UNFOLD_OPS:
+        for dims in suite.DIMS:
             assert has(lambda s: op in s.ops and s.dims == dims and s.quick), f"--quick runs {op} in {dims}-d"
 
 
-@pytest.mark.parametrize("shape", bench.SUITE, ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", suite.SUITE, ids=lambda s: s.name)
 def test_suite_geometry_is_valid(shape):
     """torch accepts every case's tensors (on the meta device: no compute), with the sizes the
     rates are computed from."""
@@ -256,8 +280,8 @@ def test_suite_geometry_is_valid(shape):
     assert len(big) == len(shape.windows) == shape.dims
     assert all(w >= 1 for w in shape.windows)
     for op in shape.ops:
-        t = bench.make_inputs(op, shape, n, "meta", torch.float32, requires_grad=False)
-        out = bench.OPS[op].impls["torch"].fn(shape, t)
+        t = measure.make_inputs(op, shape, n, "meta", torch.float32, requires_grad=False)
+        out = measure.OPS[op].impls["torch"].fn(shape, t)
         if op == "im2col":
             assert tuple(out.shape) == (n, c_big * math.prod(shape.kernels), math.prod(shape.windows))
         elif op == "col2im":
@@ -268,16 +292,16 @@ def test_suite_geometry_is_valid(shape):
             assert shape.flops(n) > 0
 
 
-TINY = bench.Shape("tiny-transposed", "a tiny 4x4 s2 p1 transposed layer", ("conv_transpose2d", "im2col"),
+TINY = suite.Shape("tiny-transposed", "a tiny 4x4 s2 p1 transposed layer", ("conv_transpose2d", "im2col"),
                    2, 4, 3, 5, 4, 2, 1, transposed=True)
 # Small N-d layers with every kind of geometry (uneven kernels, strides, padding, dilation).
 TINY_ND = [
-    bench.Shape("tiny-1d", "1-d", ("conv1d", "im2col", "col2im"), 2, 3, 4, 11, 3, 2, 1, dilation=2, bias=True, dims=1),
-    bench.Shape("tiny-1d-t", "1-d transposed", ("conv_transpose1d", "col2im"), 2, 4, 3, 6, 4, 2, 1, 1,
+    suite.Shape("tiny-1d", "1-d", ("conv1d", "im2col", "col2im"), 2, 3, 4, 11, 3, 2, 1, dilation=2, bias=True, dims=1),
+    suite.Shape("tiny-1d-t", "1-d transposed", ("conv_transpose1d", "col2im"), 2, 4, 3, 6, 4, 2, 1, 1,
                 transposed=True, dims=1),
-    bench.Shape("tiny-3d", "3-d", ("conv3d", "im2col", "col2im"), 2, 3, 4, (5, 6, 7), (2, 3, 2), (1, 2, 2),
+    suite.Shape("tiny-3d", "3-d", ("conv3d", "im2col", "col2im"), 2, 3, 4, (5, 6, 7), (2, 3, 2), (1, 2, 2),
                 (0, 1, 1), dilation=(1, 1, 2), dims=3),
-    bench.Shape("tiny-3d-t", "3-d transposed", ("conv_transpose3d", "col2im"), 2, 4, 2, (3, 4, 2), (2, 3, 3),
+    suite.Shape("tiny-3d-t", "3-d transposed", ("conv_transpose3d", "col2im"), 2, 4, 2, (3, 4, 2), (2, 3, 3),
                 (2, 2, 1), (0, 1, 1), (1, 1, 0), bias=True, transposed=True, dims=3),
 ]
 
@@ -287,90 +311,90 @@ def test_torchs_nd_im2col_and_col2im_are_right(shape):
     """The references the N-d cases are checked against: torch's im2col equals a one-hot
     conv (and unfoldNd when installed), and its col2im is the adjoint, <U x, c> = <x, U^T c>."""
     torch.manual_seed(0)
-    im = bench.make_inputs("im2col", shape, 2, "cpu", torch.float64, False)
-    col = bench.make_inputs("col2im", shape, 2, "cpu", torch.float64, False)
-    cols = bench.OPS["im2col"].impls["torch"].fn(shape, im)
-    image = bench.OPS["col2im"].impls["torch"].fn(shape, col)
+    im = measure.make_inputs("im2col", shape, 2, "cpu", torch.float64, False)
+    col = measure.make_inputs("col2im", shape, 2, "cpu", torch.float64, False)
+    cols = measure.OPS["im2col"].impls["torch"].fn(shape, im)
+    image = measure.OPS["col2im"].impls["torch"].fn(shape, col)
     conv = getattr(torch.nn.functional, f"conv{shape.dims}d")
-    onehot = conv(im["x"], bench._onehot(shape, "cpu", torch.float64), None, shape.strides, shape.paddings,
+    onehot = conv(im["x"], measure._onehot(shape, "cpu", torch.float64), None, shape.strides, shape.paddings,
                   shape.dilations, shape.big[0])
     torch.testing.assert_close(cols, onehot.reshape(cols.shape), rtol=0, atol=0)
     assert torch.dot(cols.flatten(), col["x"].flatten()).item() == pytest.approx(
         torch.dot(im["x"].flatten(), image.flatten()).item(), rel=1e-12)
-    if bench._unfoldnd() is not None:
+    if measure.unfoldnd() is not None:
         for op, t, ref in (("im2col", im, cols), ("col2im", col, image)):
-            torch.testing.assert_close(bench.OPS[op].impls["unfoldNd"].fn(shape, t), ref)
+            torch.testing.assert_close(measure.OPS[op].impls["unfoldNd"].fn(shape, t), ref)
 
 
-@pytest.mark.parametrize("direction", [bench.FORWARD, bench.BACKWARD])
+@pytest.mark.parametrize("direction", [suite.FORWARD, suite.BACKWARD])
 @pytest.mark.parametrize("shape", TINY_ND, ids=lambda s: s.name)
 def test_nd_cases_run_or_are_not_built(shape, direction):
     """On the build in use each N-d case either passes its check against torch and is
     timed, or, where the build lacks the op's N-d form, is "not built": never a failure."""
     for op in shape.ops:
-        if direction == bench.BACKWARD and not bench.OPS[op].backward:
+        if direction == suite.BACKWARD and not suite.has_backward(op):
             continue
-        record = bench.run_case(bench.Case(op, shape, direction), torch.device("cpu"), torch.float64, 1, 0.01)
-        reason = bench.not_built(op, shape.dims)
+        record = measure.run_case(suite.Case(op, shape, direction), torch.device("cpu"), torch.float64, 1, 0.01)
+        reason = measure.not_built(op, shape.dims)
         if reason is None:
             assert record["status"] == "ok", record["error"]
             assert record["impls"]["torch"]["status"] == "ok"
-            if op in bench.CONV_OPS:  # n/a where the slow kernel takes no dilation (tiny-1d, tiny-3d)
+            if op in suite.CONV_OPS:  # n/a where the slow kernel takes no dilation (tiny-1d, tiny-3d)
                 assert record["impls"]["torch_im2col"]["status"] in ("ok", "n/a")
             assert record["speedup"]["torch"]["median"] > 0
         else:
-            assert record["status"] == bench.NOT_BUILT and record["error"] == reason
+            assert record["status"] == measure.NOT_BUILT and record["error"] == reason
             assert "speedup" not in record
 
 
 def test_the_2d_ops_are_built():
     for op in ("im2col", "col2im", "conv2d", "conv_transpose2d"):
-        assert bench.not_built(op, 2) is None
+        assert measure.not_built(op, 2) is None
 
 
 def test_a_case_the_build_lacks_is_not_built_not_failed(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(bench, "not_built", lambda op, dims, device="cpu": f"no {op} here")
-    record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
-    assert record["status"] == bench.NOT_BUILT and record["error"] == "no conv_transpose2d here"
-    entry = bench.summarize([record])[0]
+    monkeypatch.setattr(measure, "not_built", lambda op, dims, device="cpu": f"no {op} here")
+    record = measure.run_case(suite.Case("conv_transpose2d", TINY, suite.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
+    assert record["status"] == measure.NOT_BUILT and record["error"] == "no conv_transpose2d here"
+    entry = bench_report.summarize([record])[0]
     assert entry["not_built"] == 1 and entry["failures"] == 0
-    monkeypatch.setattr(bench, "reference_rates", _canned_reference)
+    monkeypatch.setattr(machine, "reference_rates", _canned_reference)
     out = tmp_path / "x.json"
-    assert bench.main(["--quick", "--dims", "1", "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--dims", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["failures"] == 0 and report["not_built"]
-    assert all(r["status"] == bench.NOT_BUILT for r in report["results"])
+    assert all(r["status"] == measure.NOT_BUILT for r in report["results"])
     assert "not built: conv1d: no conv1d here" in capsys.readouterr().out
 
 
 def test_dims_selects_the_shapes():
-    cases = bench.select_cases(bench.OP_NAMES, [], False, True, dims=(1, 3))
+    cases = suite.select_cases(suite.OP_NAMES, [], False, True, dims=(1, 3))
     assert cases and {c.shape.dims for c in cases} == {1, 3}
     assert {c.op for c in cases} == {"im2col", "col2im", "conv1d", "conv3d", "conv_transpose1d", "conv_transpose3d"}
 
 
 def test_check_flags_a_mismatch():
     a = torch.randn(4, 5)
-    assert bench.check((a,), (a.clone(),), torch.float32, ["output"]) is None
-    problem = bench.check((a * 1.01,), (a,), torch.float32, ["output"])
+    assert measure.check((a,), (a.clone(),), torch.float32, ["output"]) is None
+    problem = measure.check((a * 1.01,), (a,), torch.float32, ["output"])
     assert problem and problem.startswith("output:")
 
 
-@pytest.mark.parametrize("direction", [bench.FORWARD, bench.BACKWARD])
+@pytest.mark.parametrize("direction", [suite.FORWARD, suite.BACKWARD])
 def test_a_wrong_result_is_caught_and_not_timed(monkeypatch, direction):
-    impls = bench.OPS["conv_transpose2d"].impls
+    impls = measure.OPS["conv_transpose2d"].impls
     right = impls["convt_ext"].fn
-    monkeypatch.setitem(impls, "convt_ext", bench.Impl("perturbed", lambda s, t: right(s, t) * 1.01))
-    record = bench.run_case(bench.Case("conv_transpose2d", TINY, direction), torch.device("cpu"), torch.float32, 1, 0.01)
+    monkeypatch.setitem(impls, "convt_ext", measure.Impl("perturbed", lambda s, t: right(s, t) * 1.01))
+    record = measure.run_case(suite.Case("conv_transpose2d", TINY, direction), torch.device("cpu"), torch.float32, 1, 0.01)
     assert record["status"] == "FAIL"
     assert record["impls"]["convt_ext"]["status"] == "FAIL"
-    assert "grad_input" in record["error"] if direction == bench.BACKWARD else "output" in record["error"]
+    assert "grad_input" in record["error"] if direction == suite.BACKWARD else "output" in record["error"]
     assert "speedup" not in record and "median_s" not in record["impls"]["torch"]
 
 
 def test_a_very_slow_comparator_is_timed_by_one_call(monkeypatch):
-    monkeypatch.setattr(bench, "SLOW_CALL_S", 0.0)
-    record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 2, 0.01)
+    monkeypatch.setattr(measure, "SLOW_CALL_S", 0.0)
+    record = measure.run_case(suite.Case("conv_transpose2d", TINY, suite.FORWARD), torch.device("cpu"), torch.float32, 2, 0.01)
     assert record["status"] == "ok"
     assert "timed_once" not in record["impls"]["convt_ext"]  # ours is always timed in rounds
     assert len(record["impls"]["convt_ext"]["round_times_s"]) == 2
@@ -380,7 +404,7 @@ def test_a_very_slow_comparator_is_timed_by_one_call(monkeypatch):
 
 
 def test_a_failure_makes_the_exit_code_nonzero(monkeypatch, tmp_path):
-    impls = bench.OPS["im2col"].impls
+    impls = measure.OPS["im2col"].impls
     right = impls["convt_ext"].fn
 
     def shifted(s, t):
@@ -388,9 +412,9 @@ def test_a_failure_makes_the_exit_code_nonzero(monkeypatch, tmp_path):
         out.view(-1)[0] += 1.0
         return out
 
-    monkeypatch.setitem(impls, "convt_ext", bench.Impl("perturbed", shifted))
+    monkeypatch.setitem(impls, "convt_ext", measure.Impl("perturbed", shifted))
     out = tmp_path / "x.json"
-    code = bench.main(["--quick", "--ops", "im2col", "--dims", "2", "--shapes", SMALL, "--min-run-time", "0.01",
+    code = cli.main(["--quick", "--ops", "im2col", "--dims", "2", "--shapes", SMALL, "--min-run-time", "0.01",
                        "--out", str(out)])
     assert code == 1
     report = json.loads(out.read_text())
@@ -398,7 +422,7 @@ def test_a_failure_makes_the_exit_code_nonzero(monkeypatch, tmp_path):
 
 
 def test_an_empty_selection_is_an_error(tmp_path):
-    assert bench.main(["--shapes", "no-such-shape", "--out", str(tmp_path / "x.json")]) == 2
+    assert cli.main(["--shapes", "no-such-shape", "--out", str(tmp_path / "x.json")]) == 2
 
 
 def test_runs_as_a_module_outside_the_checkout(tmp_path):
@@ -414,26 +438,26 @@ def test_a_case_torch_cannot_run_is_skipped_not_failed(monkeypatch):
     def unsupported(s, t):
         raise RuntimeError("not implemented for this dtype")
 
-    monkeypatch.setitem(bench.OPS["conv_transpose2d"].impls, "torch", bench.Impl("F.conv_transpose2d", unsupported))
-    record = bench.run_case(bench.Case("conv_transpose2d", TINY, bench.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
+    monkeypatch.setitem(measure.OPS["conv_transpose2d"].impls, "torch", measure.Impl("F.conv_transpose2d", unsupported))
+    record = measure.run_case(suite.Case("conv_transpose2d", TINY, suite.FORWARD), torch.device("cpu"), torch.float32, 1, 0.01)
     assert record["status"] == "skipped" and "not implemented" in record["error"]
-    assert bench.summarize([record])[0]["failures"] == 0
+    assert bench_report.summarize([record])[0]["failures"] == 0
 
 
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
 def test_channels_last_cases_run_on_channels_last_tensors_and_check_strides(direction, monkeypatch):
     """--channels-last gives both sides channels_last inputs and weights, and the check
     compares the outputs' strides with torch's as well as their values."""
-    t = bench.make_inputs("conv_transpose2d", TINY, 2, "cpu", torch.float32, False, channels_last=True)
+    t = measure.make_inputs("conv_transpose2d", TINY, 2, "cpu", torch.float32, False, channels_last=True)
     assert t["x"].is_contiguous(memory_format=torch.channels_last) and not t["x"].is_contiguous()
     assert t["w"].is_contiguous(memory_format=torch.channels_last) and not t["w"].is_contiguous()
-    d = bench.FORWARD if direction == "forward" else bench.BACKWARD
-    record = bench.run_case(bench.Case("conv_transpose2d", TINY, d), torch.device("cpu"), torch.float64, 1, 0.01,
+    d = suite.FORWARD if direction == "forward" else suite.BACKWARD
+    record = measure.run_case(suite.Case("conv_transpose2d", TINY, d), torch.device("cpu"), torch.float64, 1, 0.01,
                             channels_last=True)
     assert record["status"] == "ok", record
     # A planar result is a failure of the check, even with the right values.
     planar = torch.ones(2, 3, 4, 4)
-    assert "memory format" in bench.check([planar], [planar.contiguous(memory_format=torch.channels_last)],
+    assert "memory format" in measure.check([planar], [planar.contiguous(memory_format=torch.channels_last)],
                                           torch.float32, ["output"])
 
 
@@ -442,24 +466,24 @@ def test_tf32_is_set_for_both_sides_alike():
     and the report says what each used (the flags exist without a GPU too)."""
     try:
         for on in (True, False):
-            used = bench._set_tf32(on)
+            used = machine.set_tf32(on)
             assert used == {"torch_cudnn": on, "convt_ext": on, "matmul_ceiling": on}
             assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
     finally:
-        bench._set_tf32(False)  # as tests/conftest.py has it
-    assert bench.parse_args(["--tf32", "on"]).tf32 == "on"
-    assert bench.parse_args([]).tf32 == "off"
-    assert bench.parse_args(["--gemm-engine", "onednn"]).gemm_engine == "onednn"
+        machine.set_tf32(False)  # as tests/conftest.py has it
+    assert cli.parse_args(["--tf32", "on"]).tf32 == "on"
+    assert cli.parse_args([]).tf32 == "off"
+    assert cli.parse_args(["--gemm-engine", "onednn"]).gemm_engine == "onednn"
 
 
-def test_the_issues_targets_are_checked(quick_run):
-    """Every target of the device's issue is reported: pass or miss by its
-    threshold where the run covered it (recomputed here from the per-shape
-    results), "not run" where it did not."""
+def test_the_performance_goals_are_checked(quick_run):
+    """Every goal of the device is reported: pass or miss by its threshold
+    where the run covered it (recomputed here from the per-shape results),
+    "not run" where it did not; and each is a row of the printed table."""
     code, out, stdout = quick_run
     report = json.loads(out.read_text())
     targets = report["targets"]
-    assert len(targets) == len(bench.TARGETS["cpu"])
+    assert len(targets) == len(bench_report.TARGETS["cpu"])
     covered = 0
     for t in targets:
         group = [r for r in report["results"] if r["op"] == t["op"] and r["dims"] == t["dims"]
@@ -473,6 +497,56 @@ def test_the_issues_targets_are_checked(quick_run):
         elif not group:
             assert t["measured"] is None and t["status"] == "not run"
     assert covered >= 2  # im2col and conv_transpose2d forward ran
-    assert "targets (issue 10, CPU;" in stdout
-    for t in targets:
-        assert t["status"] in stdout
+    met = sum(t["status"] == "pass" for t in targets)
+    lines = stdout.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("performance goals on the CPU: ")))
+    assert lines[head].startswith(f"performance goals on the CPU: {met} of {len(targets)} met")
+    spans = [m.span() for m in re.finditer(r"-+", lines[head + 2])]  # the rule under the column names
+    table = lines[head + 3: head + 3 + len(targets)]
+    for t, line in zip(targets, table):
+        cells = [line[i:j].strip() for i, j in spans]
+        measured = "-" if t["measured"] is None else (f"{t['measured']:.2f}x" if t["measure"].startswith("vs_")
+                                                       else f"{t['measured']:.0f}%")
+        assert cells == [t["status"], t["op"], t["direction"], bench_report.describe_target(t),
+                         cells[4], measured], line
+        assert float(cells[4].strip(">= x%")) == t["at_least"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_goals_speak_of_the_product(device):
+    """The goals read as the product's, for a user: no issue numbers, and every
+    measure and statistic in words."""
+    checked = bench_report.check_targets([], device)
+    assert len(checked) == len(bench_report.TARGETS[device]) > 0
+    assert all(t["status"] == "not run" for t in checked)
+    text = bench_report.format_targets(checked, device)
+    assert "issue" not in text.lower()
+    assert text.splitlines()[0].startswith(f"performance goals on {'a GPU' if device == 'cuda' else 'the CPU'}: 0 of ")
+    for t in checked:
+        words = bench_report.describe_target(t)
+        assert words in text and "_" not in words  # no code names (vs_torch, percent_out)
+
+
+def test_no_issue_numbers_in_what_the_bench_prints_or_says(quick_run):
+    _, _, stdout = quick_run
+    assert "issue" not in stdout.lower()
+    package = Path(cli.__file__).parent
+    for path in [*package.glob("*.py"), README.parent / "benchmarks" / "README.md"]:
+        assert "issue" not in path.read_text().lower(), path
+
+
+def test_a_quick_run_from_the_command_line_writes_the_json_and_both_pngs(tmp_path):
+    """`python -P -m convt_ext.bench --quick` (narrowed to one small case) end to end: the
+    exit status, the JSON, the chart and its appendix, and the goals table."""
+    out = tmp_path / "q.json"
+    env = dict(os.environ, PYTHONPATH=str(Path(convt_ext.__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-P", "-m", "convt_ext.bench", "--quick", "--ops", "im2col", "--dims", "2",
+                           "--shapes", SMALL, "--min-run-time", "0.01", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["settings"]["quick"] and [r["status"] for r in report["results"]] == ["ok"]
+    for png in (out.with_suffix(".png"), tmp_path / "q-cases.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "performance goals on the CPU: " in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"chart: {out.with_suffix('.png')} (every case: {tmp_path / 'q-cases.png'})")
