@@ -2,14 +2,14 @@
 in 1, 2 and 3 spatial dimensions.
 
 Each normalises its arguments (int or tuple, string padding, unbatched input)
-and calls one torch.ops.convt_ext op (through convt_ext._ops, which carries
-its derivatives to torch.func); the ops check the geometry and raise
+and calls one torch.ops.convt_ext op (through convt_ext._autograd, which
+carries its derivatives to torch.func); the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _autograd
 
 ops = torch.ops.convt_ext
 
@@ -91,7 +91,7 @@ def _dims_of(op, named, default):
 def _window_op(op, input, args, out):
     """im2col or col2im (`op`), into `out` when one is given."""
     if out is None:
-        return getattr(_ops, op)(input, *args)
+        return getattr(_autograd, op)(input, *args)
     _check_tensor(out, "out", op)
     getattr(ops, op).out(input, *args, out=out)
     return out
@@ -261,7 +261,7 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
     else:
         padding = _ntuple(padding, d, "padding", op)
-    out = _ops.conv(x, weight, bias, stride, padding, dilation, groups)
+    out = _autograd.conv(x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -270,7 +270,7 @@ def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, gro
     x, unbatched = _batched(input, d, op)
     _check_tensor(weight, "weight", op)
     _check_bias(bias, op)
-    out = _ops.conv_transpose(
+    out = _autograd.conv_transpose(
         x,
         weight,
         bias,
@@ -289,7 +289,7 @@ def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, 
     dy, _ = _batched(grad_output, d, op, "grad_output")
     if not isinstance(weight_size, _SEQUENCE):
         raise TypeError(f"{op}: weight_size must be a sequence of {d + 2} ints, but got weight_size={weight_size!r}")
-    return _ops.conv_weight(
+    return _autograd.conv_weight(
         x,
         dy,
         [_int(v, "weight_size", op) for v in weight_size],

@@ -19,7 +19,7 @@ for deep learning", in code:
 
 The number of spatial dimensions D is a parameter of one implementation:
 every relation holds per dimension, and the flattened indices are row-major
-over the D dimensions. Every size formula comes from :mod:`convt_ext._ops`
+over the D dimensions. Every size formula comes from :mod:`convt_ext._geometry`
 and every index from the C++ header ``csrc/im2col.h`` (through
 ``torch.ops.convt_ext.im2col_indices``); nothing here derives them a second
 time. See ``docs/relationships.md``.
