@@ -6,10 +6,14 @@ and calls one torch.ops.convt_ext op (through convt_ext._autograd, which
 carries its derivatives to torch.func); the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _autograd
+from ._geometry import INT64_MAX, default_window_dims, dilated_extent
 
 ops = torch.ops.convt_ext
 
@@ -38,7 +42,7 @@ def _is_int(value):
 
 def _fits(value, name, op):
     """A plain int must fit in int64, the ops' integer type."""
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
         raise ValueError(f"{op}: {name}={value} does not fit in int64")
     return value
 
@@ -119,11 +123,10 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
 
 
 def _image_dims(op, input, named):
-    """D for an image op (im2col, im2col_view): from any sequence in `named`;
-    with ints only 1 for a 2-d input, 2 for a 3-d or 4-d one (as F.unfold),
-    3 for a 5-d one."""
-    default = {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim())
-    if default is None:
+    """D for an image op (im2col, im2col_view): from any sequence in `named`,
+    else from the input's dimensions (default_window_dims)."""
+    default = default_window_dims(op, input.dim())
+    if default == 0:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
     return _dims_of(op, named, default)
 
@@ -176,7 +179,7 @@ def im2col_view(input, kernel_size, dilation=1, stride=1):
             f"{op}: input must have non-zero channels and spatial sizes (only the batch may be empty), "
             f"but got shape {tuple(input.shape)}"
         )
-    spans = [dilation[i] * (kernel_size[i] - 1) + 1 for i in range(d)]
+    spans = [dilated_extent(kernel_size[i], dilation[i]) for i in range(d)]
     if any(spans[i] > input.shape[first + i] for i in range(d)):
         raise ValueError(
             f"{op}: input of spatial size {tuple(input.shape[first:])} is too small for kernel_size={kernel_size} "
@@ -202,7 +205,7 @@ def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, 
     op = "col2im"
     _check_tensor(input, "input", op)
     named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
-    d = _dims_of(op, named, 2)
+    d = _dims_of(op, named, default_window_dims(op, input.dim()))
     return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
 
 
@@ -211,23 +214,35 @@ def _check_bias(bias, op):
         _check_tensor(bias, "bias", op)
 
 
-def _batched(input, d, op, name="input"):
-    """(input with a batch dimension, whether it was unbatched)."""
-    _check_tensor(input, name, op)
+def _as_batch(input: Tensor, d: int) -> Tuple[Tensor, bool]:
+    """(input with a batch dimension, whether it had none): like torch's, the
+    convolutions take one unbatched sample, (C, *spatial), as a batch of one;
+    _unbatch() takes the batch dimension off the result again. TorchScript
+    compiles both for convt_ext.nn's scripted forwards."""
     if input.dim() == d + 1:
         return input.unsqueeze(0), True
-    if input.dim() == d + 2:
-        return input, False
-    raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
+    return input, False
+
+
+def _unbatch(output: Tensor, unbatched: bool) -> Tensor:
+    return output.squeeze(0) if unbatched else output
+
+
+def _batched(input, d, op, name="input"):
+    """_as_batch(input, d), for an input of d spatial dimensions, batched or not."""
+    _check_tensor(input, name, op)
+    if input.dim() not in (d + 1, d + 2):
+        raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
+    return _as_batch(input, d)
 
 
 def _same_padding(input, kernel, dilation, op):
     """'same' padding: total d(k-1) per dimension, the odd pixel on the high
     side as in torch. Returns (input padded on the high side where needed,
     symmetric padding)."""
-    total = [dilation[i] * (kernel[i] - 1) for i in range(len(kernel))]
+    total = [dilated_extent(kernel[i], dilation[i]) - 1 for i in range(len(kernel))]
     size = input.shape[-len(kernel):]
-    if any(isinstance(size[i], int) and size[i] + total[i] > 2**63 - 1 for i in range(len(kernel))):
+    if any(isinstance(size[i], int) and size[i] + total[i] > INT64_MAX for i in range(len(kernel))):
         # The padding is derived from dilation: say so, not padding=<a number the caller never wrote>.
         raise ValueError(
             f"{op}: padding='same' with dilation={tuple(dilation)} and kernel size {tuple(kernel)} is too large: "
@@ -261,8 +276,7 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
     else:
         padding = _ntuple(padding, d, "padding", op)
-    out = _autograd.conv(x, weight, bias, stride, padding, dilation, groups)
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(_autograd.conv(x, weight, bias, stride, padding, dilation, groups), unbatched)
 
 
 def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, groups, dilation):
@@ -280,7 +294,7 @@ def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, gro
         _int(groups, "groups", op),
         _ntuple(dilation, d, "dilation", op),
     )
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(out, unbatched)
 
 
 def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, groups):

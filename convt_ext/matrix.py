@@ -385,7 +385,7 @@ def _equivalent_conv(dims, op, input_shape_or_size, weight, stride, padding, out
             f"{op}: the output size {output_size} is not positive for input size {size}, kernel_size={kernel}, "
             f"stride={stride}, padding={padding}, output_padding={output_padding}, dilation={dilation}"
         )
-    span = tuple(dilation[i] * (kernel[i] - 1) for i in axes)  # the dilated kernel's extent minus one
+    span = tuple(_geometry.dilated_extent(kernel[i], dilation[i]) - 1 for i in axes)
     # Reverse every spatial axis (rot180 in 2-d) and swap in/out channels within each group:
     # (C_in, C_out/g, *k) -> (g, C_in/g, C_out/g, *k) -> (g, C_out/g, C_in/g, *k) -> (C_out, C_in/g, *k).
     direct = (
