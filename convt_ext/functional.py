@@ -40,7 +40,7 @@ def _is_int(value):
     return isinstance(value, _INT) and not isinstance(value, bool)
 
 
-def _fits(value, name, op):
+def _fits_int64(value, name, op):
     """A plain int must fit in int64, the ops' integer type."""
     if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
         raise ValueError(f"{op}: {name}={value} does not fit in int64")
@@ -51,9 +51,9 @@ def _ntuple(value, n, name, op):
     """An int, or a sequence of n ints, as a tuple of n ints; anything else
     (bools, other types, a sequence of another length) is a TypeError."""
     if _is_int(value):
-        return (_fits(value, name, op),) * n
+        return (_fits_int64(value, name, op),) * n
     if isinstance(value, _SEQUENCE) and len(value) == n and all(_is_int(v) for v in value):
-        return tuple(_fits(v, name, op) for v in value)
+        return tuple(_fits_int64(v, name, op) for v in value)
     what = "a pair of ints" if n == 2 else f"a sequence of {n} ints (one per spatial dimension)"
     raise TypeError(f"{op}: {name} must be an int or {what}, but got {name}={value!r}")
 
@@ -64,7 +64,7 @@ def _pair(value, name, op):
 
 def _int(value, name, op):
     if _is_int(value):
-        return _fits(value, name, op)
+        return _fits_int64(value, name, op)
     raise TypeError(f"{op}: {name} must be an int, but got {name}={value!r}")
 
 

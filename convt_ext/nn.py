@@ -172,15 +172,15 @@ class _ConvMixin:
     def _scripted_conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         d = len(self.kernel_size)
         padding = [0] * d
-        twice = self._reversed_padding_repeated_twice  # (low, high) pairs, last dimension first
+        low_high = self._reversed_padding_repeated_twice  # (low, high) pairs, last dimension first
         if self.padding_mode != "zeros":
-            input = F.pad(input, twice, mode=self.padding_mode)
+            input = F.pad(input, low_high, mode=self.padding_mode)
         elif isinstance(self.padding, str):
             # 'same': the low side symmetric, any odd pixel padded on the high side.
             extra: List[int] = []
             for i in range(d):
-                padding[d - 1 - i] = twice[2 * i]
-                extra += [0, twice[2 * i + 1] - twice[2 * i]]
+                padding[d - 1 - i] = low_high[2 * i]
+                extra += [0, low_high[2 * i + 1] - low_high[2 * i]]
             if sum(extra) > 0:
                 input = F.pad(input, extra)
         else:
