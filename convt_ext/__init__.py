@@ -12,7 +12,7 @@ import torch
 
 from ._version import __version__
 from . import _C
-from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _autograd, _fake, _vmap  # noqa: F401  (each registers its Python kernels of the ops, once)
 from .functional import (
     col2im,
     conv1d,

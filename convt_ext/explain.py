@@ -349,6 +349,14 @@ def _equivalent_lines(wt, eq, s, p, a, d, k, dm=None):
     wt.say(f"    4. {dm.conv} with stride 1, dilation {eq.dilation[0]}: {eq.output_size[0]} pixels{dm.side}")
 
 
+def _dropped(k, s, p, d, i):
+    """The pixels relationship 15's floor drops, a = (i + 2p - d(k-1) - 1) mod s:
+    the output_padding a transposed convolution needs to get back to i,
+    worked out here apart from the library's output_padding_for, which the
+    walkthrough checks against it."""
+    return (i + 2 * p - d * (k - 1) - 1) % s
+
+
 def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
     """Stride: zero insertion and output_padding (relationships 12-14)."""
     dm = dm or Dims(2)
@@ -356,7 +364,7 @@ def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
     k, s, p, d, i = kernel, stride, padding, dilation, size
     wt.section(f"2. Stride {s}: zero insertion and output_padding (relationships 12–14; k={k}, p={p}, d={d}, i={i})")
     o = _geometry.window_count(i, k, s, p, d)
-    a = (i + 2 * p - d * (k - 1) - 1) % s
+    a = _dropped(k, s, p, d, i)
     w = torch.randn(1, 1, *dm.shape(k), generator=gen, dtype=DTYPE)
     x = torch.randint(-4, 5, (1, 1, *dm.shape(i)), generator=gen).to(DTYPE)
     y = torch.randint(1, 10, (1, 1, *dm.shape(o)), generator=gen).to(DTYPE)
@@ -434,7 +442,7 @@ def dilated_grouped(wt, gen, kernel, stride, padding, dilation, size, groups=2, 
     c_in, c_out = 2 * g, 3 * g
     wt.section(f"3. Dilation {d} and groups {g} (relationship 15; k={k}, s={s}, p={p}, i={i}, {c_in}→{c_out} channels)")
     o = _geometry.window_count(i, k, s, p, d)
-    a = (i + 2 * p - d * (k - 1) - 1) % s
+    a = _dropped(k, s, p, d, i)
     w = torch.randn(c_out, c_in // g, *dm.shape(k), generator=gen, dtype=DTYPE)
     x = torch.randn(1, c_in, *dm.shape(i), generator=gen, dtype=DTYPE, requires_grad=True)
     y = torch.randint(1, 10, (1, c_out, *dm.shape(o)), generator=gen).to(DTYPE)

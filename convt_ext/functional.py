@@ -2,14 +2,18 @@
 in 1, 2 and 3 spatial dimensions.
 
 Each normalises its arguments (int or tuple, string padding, unbatched input)
-and calls one torch.ops.convt_ext op (through convt_ext._ops, which carries
-its derivatives to torch.func); the ops check the geometry and raise
+and calls one torch.ops.convt_ext op (through convt_ext._autograd, which
+carries its derivatives to torch.func); the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import _ops
+from . import _autograd
+from ._geometry import INT64_MAX, default_window_dims, dilated_extent
 
 ops = torch.ops.convt_ext
 
@@ -36,9 +40,9 @@ def _is_int(value):
     return isinstance(value, _INT) and not isinstance(value, bool)
 
 
-def _fits(value, name, op):
+def _fits_int64(value, name, op):
     """A plain int must fit in int64, the ops' integer type."""
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
         raise ValueError(f"{op}: {name}={value} does not fit in int64")
     return value
 
@@ -47,9 +51,9 @@ def _ntuple(value, n, name, op):
     """An int, or a sequence of n ints, as a tuple of n ints; anything else
     (bools, other types, a sequence of another length) is a TypeError."""
     if _is_int(value):
-        return (_fits(value, name, op),) * n
+        return (_fits_int64(value, name, op),) * n
     if isinstance(value, _SEQUENCE) and len(value) == n and all(_is_int(v) for v in value):
-        return tuple(_fits(v, name, op) for v in value)
+        return tuple(_fits_int64(v, name, op) for v in value)
     what = "a pair of ints" if n == 2 else f"a sequence of {n} ints (one per spatial dimension)"
     raise TypeError(f"{op}: {name} must be an int or {what}, but got {name}={value!r}")
 
@@ -60,7 +64,7 @@ def _pair(value, name, op):
 
 def _int(value, name, op):
     if _is_int(value):
-        return _fits(value, name, op)
+        return _fits_int64(value, name, op)
     raise TypeError(f"{op}: {name} must be an int, but got {name}={value!r}")
 
 
@@ -91,7 +95,7 @@ def _dims_of(op, named, default):
 def _window_op(op, input, args, out):
     """im2col or col2im (`op`), into `out` when one is given."""
     if out is None:
-        return getattr(_ops, op)(input, *args)
+        return getattr(_autograd, op)(input, *args)
     _check_tensor(out, "out", op)
     getattr(ops, op).out(input, *args, out=out)
     return out
@@ -119,11 +123,10 @@ def im2col(input, kernel_size, dilation=1, padding=0, stride=1, *, out=None):
 
 
 def _image_dims(op, input, named):
-    """D for an image op (im2col, im2col_view): from any sequence in `named`;
-    with ints only 1 for a 2-d input, 2 for a 3-d or 4-d one (as F.unfold),
-    3 for a 5-d one."""
-    default = {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim())
-    if default is None:
+    """D for an image op (im2col, im2col_view): from any sequence in `named`,
+    else from the input's dimensions (default_window_dims)."""
+    default = default_window_dims(op, input.dim())
+    if default == 0:
         raise ValueError(f"{op}: input must be 2-d to 5-d, (C, L) to (N, C, D, H, W), but got a {input.dim()}-d tensor")
     return _dims_of(op, named, default)
 
@@ -176,7 +179,7 @@ def im2col_view(input, kernel_size, dilation=1, stride=1):
             f"{op}: input must have non-zero channels and spatial sizes (only the batch may be empty), "
             f"but got shape {tuple(input.shape)}"
         )
-    spans = [dilation[i] * (kernel_size[i] - 1) + 1 for i in range(d)]
+    spans = [dilated_extent(kernel_size[i], dilation[i]) for i in range(d)]
     if any(spans[i] > input.shape[first + i] for i in range(d)):
         raise ValueError(
             f"{op}: input of spatial size {tuple(input.shape[first:])} is too small for kernel_size={kernel_size} "
@@ -202,7 +205,7 @@ def col2im(input, output_size, kernel_size, dilation=1, padding=0, stride=1, *, 
     op = "col2im"
     _check_tensor(input, "input", op)
     named = dict(output_size=output_size, kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
-    d = _dims_of(op, named, 2)
+    d = _dims_of(op, named, default_window_dims(op, input.dim()))
     return _window_op(op, input, [_ntuple(v, d, k, op) for k, v in named.items()], out)
 
 
@@ -211,23 +214,35 @@ def _check_bias(bias, op):
         _check_tensor(bias, "bias", op)
 
 
-def _batched(input, d, op, name="input"):
-    """(input with a batch dimension, whether it was unbatched)."""
-    _check_tensor(input, name, op)
+def _as_batch(input: Tensor, d: int) -> Tuple[Tensor, bool]:
+    """(input with a batch dimension, whether it had none): like torch's, the
+    convolutions take one unbatched sample, (C, *spatial), as a batch of one;
+    _unbatch() takes the batch dimension off the result again. TorchScript
+    compiles both for convt_ext.nn's scripted forwards."""
     if input.dim() == d + 1:
         return input.unsqueeze(0), True
-    if input.dim() == d + 2:
-        return input, False
-    raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
+    return input, False
+
+
+def _unbatch(output: Tensor, unbatched: bool) -> Tensor:
+    return output.squeeze(0) if unbatched else output
+
+
+def _batched(input, d, op, name="input"):
+    """_as_batch(input, d), for an input of d spatial dimensions, batched or not."""
+    _check_tensor(input, name, op)
+    if input.dim() not in (d + 1, d + 2):
+        raise ValueError(f"{op}: {name} must be {d + 1}-d (C, *spatial) or {d + 2}-d (N, C, *spatial), but got a {input.dim()}-d tensor")
+    return _as_batch(input, d)
 
 
 def _same_padding(input, kernel, dilation, op):
     """'same' padding: total d(k-1) per dimension, the odd pixel on the high
     side as in torch. Returns (input padded on the high side where needed,
     symmetric padding)."""
-    total = [dilation[i] * (kernel[i] - 1) for i in range(len(kernel))]
+    total = [dilated_extent(kernel[i], dilation[i]) - 1 for i in range(len(kernel))]
     size = input.shape[-len(kernel):]
-    if any(isinstance(size[i], int) and size[i] + total[i] > 2**63 - 1 for i in range(len(kernel))):
+    if any(isinstance(size[i], int) and size[i] + total[i] > INT64_MAX for i in range(len(kernel))):
         # The padding is derived from dilation: say so, not padding=<a number the caller never wrote>.
         raise ValueError(
             f"{op}: padding='same' with dilation={tuple(dilation)} and kernel size {tuple(kernel)} is too large: "
@@ -261,8 +276,7 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding must be an int, a tuple of {d} ints, 'valid' or 'same', but got padding={padding!r}")
     else:
         padding = _ntuple(padding, d, "padding", op)
-    out = _ops.conv(x, weight, bias, stride, padding, dilation, groups)
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(_autograd.conv(x, weight, bias, stride, padding, dilation, groups), unbatched)
 
 
 def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, groups, dilation):
@@ -270,7 +284,7 @@ def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, gro
     x, unbatched = _batched(input, d, op)
     _check_tensor(weight, "weight", op)
     _check_bias(bias, op)
-    out = _ops.conv_transpose(
+    out = _autograd.conv_transpose(
         x,
         weight,
         bias,
@@ -280,7 +294,7 @@ def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, gro
         _int(groups, "groups", op),
         _ntuple(dilation, d, "dilation", op),
     )
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(out, unbatched)
 
 
 def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, groups):
@@ -289,7 +303,7 @@ def _conv_weight(d, input, weight_size, grad_output, stride, padding, dilation, 
     dy, _ = _batched(grad_output, d, op, "grad_output")
     if not isinstance(weight_size, _SEQUENCE):
         raise TypeError(f"{op}: weight_size must be a sequence of {d + 2} ints, but got weight_size={weight_size!r}")
-    return _ops.conv_weight(
+    return _autograd.conv_weight(
         x,
         dy,
         [_int(v, "weight_size", op) for v in weight_size],

@@ -19,7 +19,7 @@ for deep learning", in code:
 
 The number of spatial dimensions D is a parameter of one implementation:
 every relation holds per dimension, and the flattened indices are row-major
-over the D dimensions. Every size formula comes from :mod:`convt_ext._ops`
+over the D dimensions. Every size formula comes from :mod:`convt_ext._geometry`
 and every index from the C++ header ``csrc/im2col.h`` (through
 ``torch.ops.convt_ext.im2col_indices``); nothing here derives them a second
 time. See ``docs/relationships.md``.
@@ -385,7 +385,7 @@ def _equivalent_conv(dims, op, input_shape_or_size, weight, stride, padding, out
             f"{op}: the output size {output_size} is not positive for input size {size}, kernel_size={kernel}, "
             f"stride={stride}, padding={padding}, output_padding={output_padding}, dilation={dilation}"
         )
-    span = tuple(dilation[i] * (kernel[i] - 1) for i in axes)  # the dilated kernel's extent minus one
+    span = tuple(_geometry.dilated_extent(kernel[i], dilation[i]) - 1 for i in axes)
     # Reverse every spatial axis (rot180 in 2-d) and swap in/out channels within each group:
     # (C_in, C_out/g, *k) -> (g, C_in/g, C_out/g, *k) -> (g, C_out/g, C_in/g, *k) -> (C_out, C_in/g, *k).
     direct = (

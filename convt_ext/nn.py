@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._geometry import default_window_dims
 from .functional import (
+    _as_batch,
     col2im,
     conv1d,
     conv2d,
@@ -28,6 +30,7 @@ from .functional import (
     conv_transpose2d,
     conv_transpose3d,
     im2col,
+    _unbatch,
 )
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Fold", "Unfold"]
@@ -53,16 +56,14 @@ def script_conv(
     dilation: List[int],
     groups: int,
 ) -> Tensor:
-    unbatched = input.dim() == d + 1
-    if unbatched:
-        input = input.unsqueeze(0)
+    input, unbatched = _as_batch(input, d)
     if d == 1:
         out = torch.ops.convt_ext.conv1d(input, weight, bias, stride, padding, dilation, groups)
     elif d == 2:
         out = torch.ops.convt_ext.conv2d(input, weight, bias, stride, padding, dilation, groups)
     else:
         out = torch.ops.convt_ext.conv3d(input, weight, bias, stride, padding, dilation, groups)
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(out, unbatched)
 
 
 def script_conv_transpose(
@@ -76,16 +77,14 @@ def script_conv_transpose(
     groups: int,
     dilation: List[int],
 ) -> Tensor:
-    unbatched = input.dim() == d + 1
-    if unbatched:
-        input = input.unsqueeze(0)
+    input, unbatched = _as_batch(input, d)
     if d == 1:
         out = torch.ops.convt_ext.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups, dilation)
     elif d == 2:
         out = torch.ops.convt_ext.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
     else:
         out = torch.ops.convt_ext.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return out.squeeze(0) if unbatched else out
+    return _unbatch(out, unbatched)
 
 
 def _geometry_lists(*values):
@@ -98,15 +97,18 @@ def _geometry_lists(*values):
 
 def script_window_op(input: Tensor, geometry: List[List[int]], sequences: List[bool], fold: bool) -> Tensor:
     """im2col (fold=False) or col2im (fold=True) with the dimension rule of
-    convt_ext.im2col/col2im: the length of a sequence argument, else from
-    the input's dimensions (im2col) or 2 (col2im)."""
-    d = 2 if fold else {2: 1, 3: 2, 4: 2, 5: 3}.get(input.dim(), 2)
-    for i in range(len(geometry)):
+    convt_ext.im2col/col2im: the length of the first sequence argument, else
+    default_window_dims. A sequence of another length goes to the op as it
+    is, to be refused there."""
+    d = default_window_dims("col2im" if fold else "im2col", input.dim())
+    if d == 0:
+        d = 2  # an input im2col refuses: the op says so, naming its dimensions
+    for i in range(len(geometry) - 1, -1, -1):
         if sequences[i]:
             d = len(geometry[i])
     args: List[List[int]] = []
-    for g in geometry:
-        args.append(g if len(g) == d else [g[0]] * d)
+    for i in range(len(geometry)):
+        args.append(geometry[i] if sequences[i] else [geometry[i][0]] * d)
     if fold:
         return torch.ops.convt_ext.col2im(input, args[0], args[1], args[2], args[3], args[4])
     return torch.ops.convt_ext.im2col(input, args[0], args[1], args[2], args[3])
@@ -170,15 +172,15 @@ class _ConvMixin:
     def _scripted_conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         d = len(self.kernel_size)
         padding = [0] * d
-        twice = self._reversed_padding_repeated_twice  # (low, high) pairs, last dimension first
+        low_high = self._reversed_padding_repeated_twice  # (low, high) pairs, last dimension first
         if self.padding_mode != "zeros":
-            input = F.pad(input, twice, mode=self.padding_mode)
+            input = F.pad(input, low_high, mode=self.padding_mode)
         elif isinstance(self.padding, str):
             # 'same': the low side symmetric, any odd pixel padded on the high side.
             extra: List[int] = []
             for i in range(d):
-                padding[d - 1 - i] = twice[2 * i]
-                extra += [0, twice[2 * i + 1] - twice[2 * i]]
+                padding[d - 1 - i] = low_high[2 * i]
+                extra += [0, low_high[2 * i + 1] - low_high[2 * i]]
             if sum(extra) > 0:
                 input = F.pad(input, extra)
         else:

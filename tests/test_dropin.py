@@ -766,6 +766,42 @@ def test_torchscript(cls, args, kwargs, in_shape, output_size, rng):
     close64(gg, nonzero(gw))
 
 
+@pytest.mark.parametrize("cls, args, in_shape", [
+    ("Conv1d", (3, 4, 3), (3, 9)),
+    ("Conv3d", (2, 3, 2), (2, 4, 3, 4)),
+    ("ConvTranspose2d", (3, 2, 3), (3, 4, 5)),
+    ("Unfold", ((2, 3),), (3, 5, 6)),
+    ("Unfold", (2,), (3, 9)),
+])
+def test_torchscript_unbatched(cls, args, in_shape, rng):
+    """A scripted module takes an unbatched input (C, *spatial) as torch.nn's does, by the
+    same rule as convt_ext.functional, and gives torch's result."""
+    torch.manual_seed(0)
+    if cls == "Unfold":
+        ref, ours = torch.nn.Unfold(*args), cnn.Unfold(*args)
+        if len(in_shape) == 2:  # 1-d: torch's Unfold is 2-d only; the 1-d windows of a 1-row image
+            ref = lambda x: F.unfold(x.unsqueeze(1), (1, args[0]))  # noqa: E731
+    else:
+        ref = getattr(torch.nn, cls)(*args, dtype=DT)
+        ours = getattr(cnn, cls).from_torch(ref)
+    x = randn(in_shape, rng)
+    got = torch.jit.script(ours)(x)
+    assert got.shape == ours(x).shape
+    close64(got, nonzero(ref(x)))
+
+
+def test_torchscript_unfold_refuses_sequences_of_other_lengths(rng):
+    """A scripted Unfold whose tuple arguments disagree in length is refused by the op
+    (naming the argument), as the eager one is, never computed with one of them cut or
+    stretched."""
+    ours = cnn.Unfold((2, 2), stride=(1, 1, 1))
+    x = randn((1, 2, 5, 5), rng)
+    with pytest.raises(ValueError, match="stride"):
+        ours(x)
+    with pytest.raises(RuntimeError, match="stride must have 2 values"):
+        torch.jit.script(ours)(x)
+
+
 def test_torchscript_save_and_load(tmp_path, rng):
     """A scripted model of convt_ext modules (2-d 'same' padding with an even kernel, a
     1-d transposed layer, a 3-d Unfold) survives torch.jit.save / torch.jit.load and still

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import convt_ext
-from convt_ext import _ops
+from convt_ext import _fake
 
 ENGINES = [e for e in ("aten", "onednn", "brgemm") if e in convt_ext.engine_info()["available"]]
 
@@ -160,10 +160,10 @@ def test_memory_format_query_raises_what_it_does_not_expect(monkeypatch):
 
     monkeypatch.setattr(torch._C, "_select_conv_backend", refuse)
     with pytest.raises(RuntimeError, match="refused by torch"):
-        _ops._output_format(x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+        _fake.output_format(x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     # The one expected refusal, conv_transpose over zero input channels, is decided
     # without asking torch.
-    assert _ops._output_format(torch.zeros(1, 0, 6, 6), torch.zeros(0, 4, 3, 3), None, [1, 1], [0, 0], [1, 1],
+    assert _fake.output_format(torch.zeros(1, 0, 6, 6), torch.zeros(0, 4, 3, 3), None, [1, 1], [0, 0], [1, 1],
                                True, [0, 0], 1) == torch.contiguous_format
 
 

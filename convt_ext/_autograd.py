@@ -1,0 +1,338 @@
+"""Derivatives of the torch.ops.convt_ext ops, reverse and forward mode, and
+the differentiable calls that convt_ext.functional makes. Importing this
+module registers the ops' Autograd kernels.
+
+The autograd formulas are the point of the library: every backward is another
+convt_ext op, so double backward works and the duality is plain to see. Every
+op is linear in each argument, so each tangent is the op itself applied to it.
+
+    op                 grad wrt its image input          grad wrt the other input
+    im2col             col2im                            -
+    col2im             im2col                            -
+    convNd             conv_transposeNd                  convNd_weight
+    conv_transposeNd   convNd                            convNd_weight (roles swapped)
+    convNd_weight      conv_transposeNd (wrt input)      convNd (wrt grad_output)
+
+for N = 1, 2, 3, with one generic formula per op.
+"""
+import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
+
+from ._fake import conv_format, conv_transpose_format
+from ._geometry import output_padding_to_reach, windows
+from ._ops import apply, below_autograd, call, ops, ops_for, transforms_active, unpack
+
+# Note [Autograd and torch.func]
+# Each op's derivatives live in one torch.autograd.Function below (backward,
+# and jvp for forward mode), which serves two ways in:
+#   - the op's Autograd kernel (_autograd_kernel) applies it whenever an input
+#     requires grad or a forward-mode dual level is open, so torch.ops calls
+#     get backward, double backward and torch.autograd.forward_ad;
+#   - under torch.func transforms (grad, jvp, vjp, jacrev, jacfwd, hessian,
+#     vmap), functorch can only take an autograd.Function through its own
+#     entry point, before the dispatcher, so the Python calls (the functions
+#     just below, through convt_ext._ops.call, and every backward and jvp
+#     formula) apply it there.
+# The vmap rules (convt_ext/_vmap.py) fold the vmapped dimension into the
+# batch, or into the groups when a weight is vmapped.
+
+# ---------------------------------------------------------------- the calls
+
+
+def im2col(input, kernel_size, dilation, padding, stride):
+    return call(Im2col, ops.im2col, input, kernel_size, dilation, padding, stride)
+
+
+def col2im(input, output_size, kernel_size, dilation, padding, stride):
+    return call(Col2im, ops.col2im, input, output_size, kernel_size, dilation, padding, stride)
+
+
+def conv(input, weight, bias, stride, padding, dilation, groups):
+    return call(Conv, ops_for(len(stride))[0], input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    op = ops_for(len(stride))[1]
+    return call(ConvTranspose, op, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_weight(input, grad_output, weight_size, stride, padding, dilation, groups):
+    op = ops_for(len(stride))[2]
+    return call(ConvWeight, op, input, grad_output, weight_size, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _sum_present(*terms):
+    """The sum of the terms that are not None (a tangent's parts)."""
+    terms = [t for t in terms if t is not None]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _in_format(t, fmt):
+    """t with the strides torch gives a gradient of format fmt, that of the
+    forward's output (Note [Memory format] in csrc/conv.cpp). Not under
+    torch.func, whose vmap has no channels_last."""
+    if t is None or fmt is None or transforms_active():
+        return t
+    # Not t.contiguous(memory_format=fmt), which keeps t where two formats
+    # coincide (size-1 dimensions) though its strides differ from torch's.
+    out = torch.empty_like(t, memory_format=fmt)
+    return t if out.stride() == t.stride() else out.copy_(t)
+
+
+def _forward(select):
+    """A Function's forward: the op that select(inputs) names, below autograd."""
+    return staticmethod(lambda *inputs: below_autograd(select(inputs), *unpack(inputs)))
+
+
+def _save(ctx, *tensors):
+    """Tensors for both backward and jvp."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+def _crop_to(t, like):
+    """t cropped to like's spatial size. A transposed convolution with
+    output_padding >= stride owns fewer windows than its output image has
+    (see csrc/im2col.h), so the natural size of its adjoint can overshoot."""
+    return t[(Ellipsis,) + tuple(slice(0, n) for n in like.shape[2:])]
+
+
+# ---------------------------------------------------------------- im2col and col2im
+
+
+class Im2col(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensor_args = 1
+    forward = _forward(lambda inputs: ops.im2col)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, dilation, padding, stride = unpack(inputs)
+        ctx.image_size = input.shape[-len(kernel_size) :]
+        ctx.args = (kernel_size, dilation, padding, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # <im2col(x), g> = <x, col2im(g)>: the adjoint of im2col is col2im.
+        return col2im(grad, ctx.image_size, *ctx.args), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return im2col(tangent, *ctx.args)
+
+
+class Col2im(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensor_args = 1
+    forward = _forward(lambda inputs: ops.col2im)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.output_size, *ctx.args = unpack(inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return im2col(grad, *ctx.args), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return col2im(tangent, ctx.output_size, *ctx.args)
+
+
+# ---------------------------------------------------------------- convolutions
+
+
+def _setup_convolution(ctx, inputs, format_of):
+    """setup_context of conv and conv_transpose: input and weight saved, the
+    other arguments kept, and the memory format of the output (Not under
+    torch.func: see _in_format)."""
+    input, weight, bias, *args = unpack(inputs)
+    _save(ctx, input, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = tuple(args)
+    ctx.format = None if transforms_active() else format_of(input, weight, bias, *args)
+
+
+def _convolution_grads(ctx, grad, grad_input, grad_weight):
+    """A convolution's backward result: the input and weight gradients in the
+    forward's memory format, the bias gradient (the upstream gradient summed
+    over all but the channels), nothing for the Args."""
+    grad_bias = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum((0,) + tuple(range(2, grad.dim())))
+    return _in_format(grad_input, ctx.format), _in_format(grad_weight, ctx.format), grad_bias, None
+
+
+def _convolution_jvp(op, ctx, t_input, t_weight, t_bias):
+    """The tangent of op(input, weight, bias, *ctx.args), linear in each of
+    the three: op(t_input, weight, t_bias) + op(input, t_weight), any of the
+    tangents absent."""
+    input, weight = ctx.saved_tensors
+    terms = []
+    if t_input is not None:
+        terms.append(op(t_input, weight, t_bias, *ctx.args))
+        t_bias = None
+    if t_weight is not None:
+        terms.append(op(input, t_weight, t_bias, *ctx.args))
+        t_bias = None
+    if t_bias is not None:  # the bias's alone: broadcast over the output's shape
+        like = op(input, weight, None, *ctx.args)
+        terms.append(t_bias.view((1, -1) + (1,) * (like.dim() - 2)).expand_as(like).clone())
+    return _sum_present(*terms)
+
+
+class Conv(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensor_args = 3
+    forward = _forward(lambda inputs: ops_for(inputs[1].dim() - 2)[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_convolution(ctx, inputs, conv_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        d = len(stride)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # The input gradient is C^T applied to the upstream gradient: a transposed
+            # convolution, with the output_padding that brings the size back to the input's.
+            output_padding = [
+                output_padding_to_reach(grad.shape[2 + i], input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                for i in range(d)
+            ]
+            grad_input = conv_transpose(grad, weight, None, stride, padding, output_padding, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_weight = conv_weight(input, grad, weight.shape, stride, padding, dilation, groups)
+        return _convolution_grads(ctx, grad, grad_input, grad_weight)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _):
+        return _convolution_jvp(conv, ctx, t_input, t_weight, t_bias)
+
+
+class ConvTranspose(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensor_args = 3
+    forward = _forward(lambda inputs: ops_for(inputs[1].dim() - 2)[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_convolution(ctx, inputs, conv_transpose_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, output_padding, groups, dilation = ctx.args
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not torch.is_grad_enabled() and not transforms_active():
+            # Both from one im2col of grad (Note [One column buffer for
+            # conv_transpose's backward] in csrc/conv.cpp); the two ops below
+            # state the same, and are differentiable for double backward.
+            grad_input, grad_weight = ops._conv_transpose_backward(
+                grad, input, weight, stride, padding, output_padding, groups, dilation
+            )
+            return _convolution_grads(ctx, grad, grad_input, grad_weight)
+        if ctx.needs_input_grad[0]:
+            # The adjoint of a transposed convolution is the direct one.
+            grad_input = _crop_to(conv(grad, weight, None, stride, padding, dilation, groups), input)
+        if ctx.needs_input_grad[1]:
+            grad_weight = conv_weight(grad, input, weight.shape, stride, padding, dilation, groups)
+        return _convolution_grads(ctx, grad, grad_input, grad_weight)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _):
+        return _convolution_jvp(conv_transpose, ctx, t_input, t_weight, t_bias)
+
+
+class ConvWeight(torch.autograd.Function):
+    generate_vmap_rule = True
+    tensor_args = 2
+    forward = _forward(lambda inputs: ops_for(inputs[0].dim() - 2)[2])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, grad_output, weight_size, stride, padding, dilation, groups = unpack(inputs)
+        _save(ctx, input, grad_output)
+        ctx.weight_size = weight_size
+        ctx.args = (stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # conv_weight(x, dy) is bilinear: <G, conv_weight(x, dy)> = <conv(x, G), dy>
+        # = <x, conv_transpose(dy, G)>.
+        input, grad_output = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        d = grad.dim() - 2
+        grad_input = grad_grad_output = None
+        if ctx.needs_input_grad[0]:
+            # dy may cover fewer windows than x has (the weight gradient of a transposed
+            # convolution with output_padding >= stride). The missing windows contribute
+            # nothing, so give them zeros: then the output_padding that restores x's size
+            # is the natural one, below the stride.
+            natural = windows(input.shape[2:], grad.shape[2:], stride, padding, dilation)
+            short = [natural[i] - grad_output.shape[2 + i] for i in range(d)]
+            pad = [p for i in reversed(range(d)) for p in (0, short[i])]
+            dy = F.pad(grad_output, pad) if any(short) else grad_output
+            output_padding = [
+                output_padding_to_reach(natural[i], input.shape[2 + i], grad.shape[2 + i], stride[i], padding[i], dilation[i])
+                for i in range(d)
+            ]
+            grad_input = conv_transpose(dy, grad, None, stride, padding, output_padding, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_grad_output = _crop_to(conv(input, grad, None, stride, padding, dilation, groups), grad_output)
+        return grad_input, grad_grad_output, None
+
+    @staticmethod
+    def jvp(ctx, t_input, t_grad_output, _):
+        input, grad_output = ctx.saved_tensors
+        out = None
+        if t_input is not None:
+            out = conv_weight(t_input, grad_output, ctx.weight_size, *ctx.args)
+        if t_grad_output is not None:
+            out = _sum_present(out, conv_weight(input, t_grad_output, ctx.weight_size, *ctx.args))
+        return out
+
+
+# ---------------------------------------------------------------- Autograd kernels
+
+
+def _autograd_kernel(function, name):
+    """The Autograd kernel of op `name`: `function` when derivatives are
+    wanted (Note [Autograd and torch.func]), else straight below autograd."""
+    op = getattr(ops, name).default
+
+    def kernel(keyset, *args):
+        # Derivatives for floating and complex inputs only, as torch has them
+        # (an integer or bool im2col/col2im has none).
+        differentiable = args[0].is_floating_point() or args[0].is_complex()
+        if differentiable and torch._C.is_grad_enabled() and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0):
+            if transforms_active():
+                raise RuntimeError(
+                    f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "
+                    f"that need derivatives; call convt_ext.{name}() (the Python function) instead, "
+                    f"which carries its derivatives to torch.func"
+                )
+            return apply(function, args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+_FUNCTIONS = {"im2col": Im2col, "col2im": Col2im}
+for _d in (1, 2, 3):
+    _FUNCTIONS.update({f"conv{_d}d": Conv, f"conv_transpose{_d}d": ConvTranspose, f"conv{_d}d_weight": ConvWeight})
+
+_lib = torch.library.Library("convt_ext", "IMPL")  # the Autograd kernels; kept for the process
+for _name, _function in _FUNCTIONS.items():
+    _lib.impl(_name, _autograd_kernel(_function, _name), "Autograd", with_keyset=True)
