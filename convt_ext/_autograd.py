@@ -76,7 +76,7 @@ def _sum_present(*terms):
 
 def _in_format(t, fmt):
     """t with the strides torch gives a gradient of format fmt, that of the
-    forward's output (Note [Memory format] in csrc/conv.cpp). Not under
+    forward's output (Note [Memory format] in csrc/conv/args.cpp). Not under
     torch.func, whose vmap has no channels_last."""
     if t is None or fmt is None or transforms_active():
         return t
@@ -236,7 +236,7 @@ class ConvTranspose(torch.autograd.Function):
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not torch.is_grad_enabled() and not transforms_active():
             # Both from one im2col of grad (Note [One column buffer for
-            # conv_transpose's backward] in csrc/conv.cpp); the two ops below
+            # conv_transpose's backward] in csrc/conv/columns.cpp); the two ops below
             # state the same, and are differentiable for double backward.
             grad_input, grad_weight = ops._conv_transpose_backward(
                 grad, input, weight, stride, padding, output_padding, groups, dilation

@@ -16,7 +16,7 @@ from ._geometry import checked, prod, transposed_size, windows
 def output_format(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     """The memory format torch's own convolution gives its output (and
     gradients) for these arguments, asked of torch as its fake kernels do:
-    Note [Memory format] in csrc/conv.cpp, which asks the same."""
+    Note [Memory format] in csrc/conv/args.cpp, which asks the same."""
     if weight.dim() < 4:
         return torch.contiguous_format
     if transposed and weight.shape[0] == 0:
