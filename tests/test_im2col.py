@@ -663,8 +663,18 @@ def test_64bit_indexing_cuda(dtype):
 CUDA_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+# The CUDA tests' cases: the first 20 of the sweep with data (an empty batch computes nothing).
+CUDA_SWEEP = [c for c in SWEEP if c[0] != 0][:20]
+
+
+def test_cuda_sweep_has_data():
+    assert len(CUDA_SWEEP) == 20 and all(c[0] != 0 for c in CUDA_SWEEP)
+    assert {1, 3, None} <= {c[0] for c in CUDA_SWEEP}
+    assert len({c[7] for c in CUDA_SWEEP}) >= 2  # memory layouts
+
+
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("case", SWEEP[:20], ids=_case_id)
+@pytest.mark.parametrize("case", CUDA_SWEEP, ids=_case_id)
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_matches_cpu(case, dtype):
