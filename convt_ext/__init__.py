@@ -54,6 +54,7 @@ __all__ = [
     "conv2d_weight",
     "conv3d",
     "conv3d_weight",
+    "conv_path",
     "conv_transpose1d",
     "conv_transpose2d",
     "conv_transpose3d",
@@ -62,6 +63,7 @@ __all__ = [
     "im2col",
     "im2col_view",
     "release_workspace",
+    "set_conv_path",
     "set_gemm_engine",
     "set_workspace_limit",
     "workspace_limit",
@@ -83,6 +85,8 @@ __all__ = [
 WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"
 GEMM_ENGINE_ENV = "CONVT_EXT_GEMM_ENGINE"
 GEMM_ENGINES = ("auto", "benchmark", "aten", "onednn", "brgemm")
+CONV_PATH_ENV = "CONVT_EXT_CONV_PATH"
+CONV_PATHS = ("auto", "view", "columns")
 
 
 def set_gemm_engine(engine):
@@ -110,6 +114,30 @@ def gemm_engine():
     return _C.gemm_engine()
 
 
+def set_conv_path(path):
+    """Choose how the CPU convolutions feed their GEMMs (Note [im2col as a
+    view] in csrc/conv/view.h; also the CONVT_EXT_CONV_PATH environment
+    variable):
+
+    - "auto" (default): the view path where its rule says it wins (float32,
+      at least 16 channels per group on both sides, not 1x1), the column
+      path elsewhere;
+    - "view": per-tap GEMMs on strided views of channels-last memory, no
+      column matrix, wherever it can run (float32 on a CPU where oneDNN's
+      ukernel runs, IEEE float32 convolutions, within the workspace limit);
+    - "columns": im2col/col2im and GEMMs, always.
+
+    Results agree with torch to rounding whatever the path."""
+    if not isinstance(path, str):
+        raise TypeError(f"set_conv_path: path must be a str, but got {path!r}")
+    _C.set_conv_path(path)
+
+
+def conv_path():
+    """The current convolution path setting (see set_conv_path)."""
+    return _C.conv_path()
+
+
 def engine_info():
     """What the GEMM engine layer does here: the setting, the engines this
     build and CPU can run, the rule's inputs (AVX-512, CPU vendor) and its
@@ -124,9 +152,12 @@ def engine_info():
     convolutions follow torch.backends.mkldnn.conv.fp32_precision = "bf16"
     here, and how many GEMMs did), and "cores" (the cores this process may
     use, after its affinity mask and cgroup quota: the most tasks a call runs
-    at once)."""
+    at once), and "path": the convolution path setting (set_conv_path),
+    whether the view path can run here, and how many CPU convolution calls
+    each path ran."""
     info = _C.engine_report()
     info["cores"] = _C.usable_cores()
+    info["path"] = _C.path_report()
     return info
 
 
@@ -176,6 +207,7 @@ def build_info():
         "torch": torch.__version__,
         "workspace_limit": workspace_limit(),
         "gemm_engine": gemm_engine(),
+        "conv_path": conv_path(),
     }
 
 
@@ -204,6 +236,16 @@ def _gemm_engine_from_env():
     set_gemm_engine(value)
 
 
+def _conv_path_from_env():
+    value = os.environ.get(CONV_PATH_ENV)
+    if not value:
+        return
+    if value not in CONV_PATHS:
+        raise ValueError(f"{CONV_PATH_ENV} must be one of {', '.join(CONV_PATHS)}, but got {value!r}")
+    set_conv_path(value)
+
+
 _workspace_from_env()
 _gemm_engine_from_env()
+_conv_path_from_env()
 _C.check_environment()  # the tuning variables (README): a malformed one fails at import

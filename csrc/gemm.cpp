@@ -418,6 +418,20 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 const char* engine_name(Engine e) { return kEngineNames[static_cast<int>(e)]; }
 
+bool tap_gemm_runs() { return brgemm_runs(); }
+
+void tap_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float* c, int64_t ldc) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, true, a, b, c, false);
+}
+
+void tap_gemms_done(int64_t calls) {
+  g_calls[static_cast<int>(Engine::Brgemm)].fetch_add(calls, std::memory_order_relaxed);
+  at::native::cpublas::brgemm_release(false);
+}
+
+bool fp32_convs_in_bf16() { return cpu_fp32_in_bf16(); }
+
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& add,
           bool accumulate) {
   if (out.numel() == 0) return;

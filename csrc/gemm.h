@@ -76,6 +76,23 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // with the compute type chosen per call (FAST_TF32, or PEDANTIC for full
 // float32), changing no flag and no handle state, even briefly, so
 // concurrent callers cannot see each other's settings.
+// Note [The view path's GEMMs]
+// The view path (conv/view.h) multiplies raw float32 operands whose rows are
+// strided views of a tensor, one small GEMM per kernel tap, too many for a
+// tensor per call. They go to the ukernel, the one engine that takes a
+// leading dimension per operand without a copy and runs single-threaded
+// inside the plan's tasks: c (m x n, ld ldc) += a (m x k, ld lda) . b (k x
+// n, ld ldb). tap_gemms_done() counts a task's GEMMs (as the brgemm engine's
+// calls) and releases the ukernel's state on the calling thread.
+bool tap_gemm_runs();
+void tap_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float* c, int64_t ldc);
+void tap_gemms_done(int64_t calls);
+
+// Note [CPU float32 precision]: whether float32 convolutions on the CPU run
+// in bfloat16 now.
+bool fp32_convs_in_bf16();
+
 // The setting: "auto", "benchmark", "aten", "onednn" or "brgemm".
 void set_gemm_engine(const std::string& setting);
 std::string gemm_engine();

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "conv/view.h"
 #include "gemm.h"
 #include "ops.h"
 #include "plan.h"
@@ -299,6 +300,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cpu_native_bf16"] = r.cpu_native_bf16;
     d["fp32_in_bf16"] = r.fp32_in_bf16;
     d["bf16_calls"] = r.bf16_calls;
+    return d;
+  });
+  m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
+  m.def("conv_path", &convt_ext::conv_path);
+  m.def("path_report", [] {
+    const convt_ext::PathReport r = convt_ext::path_report();
+    py::dict d, calls;
+    calls["view"] = r.view_calls;
+    calls["columns"] = r.column_calls;
+    d["setting"] = r.setting;
+    d["view_available"] = r.view_available;
+    d["calls"] = calls;
     return d;
   });
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),

@@ -3,6 +3,8 @@
 // memory format (args.h), then this router says which path computes it:
 //   - pixel rows: a 1x1 layer (stride 1, no padding) on a channels_last
 //     input, whose pixels' rows are already the GEMM operands;
+//   - the view: a float32 CPU call, per-tap GEMMs on strided views of pixel
+//     (channels-last) memory, no columns copied (view.h);
 //   - columns: everything else, im2col/col2im + GEMMs (columns.h).
 // conv_transpose is conv's input gradient taken as an op of its own, so the
 // two are adjoints. Every GEMM goes through the engine layer (../gemm.h),
@@ -17,6 +19,7 @@
 #include "../ops.h"
 #include "args.h"
 #include "columns.h"
+#include "view.h"
 
 namespace convt_ext {
 
@@ -75,9 +78,17 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   const at::MemoryFormat format =
       conv_format(input, weight, bias, stride, padding, dilation, groups);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
+  const bool one_to_one = pointwise(kernel, stride, padding);
+  const bool cl = format != at::MemoryFormat::Contiguous;
+  if (!(cl && one_to_one && pixel_memory(input)) &&
+      view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups,
+                 pixel_memory(input), false, cl, one_to_one)) {
+    return in_format(conv_view(input, weight, bias, call, groups), format);
+  }
+  count_column_call(input);
   const at::Tensor out =
       conv_route(input, weight, bias, call, groups, shape_of(input.size(0), weight.size(0), windows, dims),
-                 format, pointwise(kernel, stride, padding));
+                 format, one_to_one);
   return in_format(out, format);
 }
 
@@ -103,6 +114,11 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
     return conv_transpose_pixel_rows(input, weight, bias, groups,
                                      at::empty(shape, input.options().memory_format(format)));
   }
+  if (view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1), groups, false,
+                 pixel_memory(input), format != at::MemoryFormat::Contiguous, one_to_one)) {
+    return in_format(conv_transpose_view(input, weight, bias, call, groups), format);
+  }
+  count_column_call(input);
   at::Tensor out = at::empty(shape, input.options());
   conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
   return in_format(out, format);
@@ -123,6 +139,13 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   // windows (it may be short of them: conv_transpose's output_padding).
   bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
   for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
+  const bool cl = format != at::MemoryFormat::Contiguous;
+  if (!(cl && one_to_one) &&
+      view_takes(ViewOp::ConvWeight, input, call, input.size(1), grad_output.size(1), groups,
+                 pixel_memory(input), pixel_memory(grad_output), true, one_to_one)) {
+    return in_format(conv_weight_view(input, grad_output, call, groups, weight_size), format);
+  }
+  count_column_call(input);
   const at::Tensor grad_weight =
       conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
   return in_format(grad_weight.view(weight_size), format);
@@ -144,6 +167,14 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   c10::DeviceGuard guard(input.device());
   const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding) &&
                           no_output_padding(output_padding);
+  // conv's ops on the same relation: the input gradient is conv(dy, W), the
+  // weight gradient conv_weight(dy, x).
+  if (view_takes(ViewOp::ConvWeight, input, call, call.channels, input.size(1), groups,
+                 pixel_memory(grad_output), pixel_memory(input), true, one_to_one)) {
+    return {conv_view(grad_output, weight, std::nullopt, call, groups),
+            conv_weight_view(grad_output, input, call, groups, weight.sizes())};
+  }
+  count_column_call(input);
   auto [grad_input, grad_weight] =
       conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
   return {grad_input, grad_weight.view(weight.sizes())};
