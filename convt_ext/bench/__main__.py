@@ -14,7 +14,9 @@ import convt_ext.bench
 
 from . import chart, machine, measure, report
 from .measure import DTYPES, FAILED, NOT_BUILT, TOLERANCES
-from .suite import CUDA_SCALE, DIMS, OP_NAMES, SUITE, op_label, select_cases
+from .suite import CUDA_SCALE, DIMS, HELD_OUT, OP_NAMES, SUITE, op_label, select_cases
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _progress(cases):
@@ -47,10 +49,19 @@ def parse_args(argv):
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--channels-last", action="store_true",
                    help="2-d/3-d convolutions on channels_last inputs and weights (both sides)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"],
+                   help="float32 inputs, every call under torch.autocast to this dtype (both sides)")
+    p.add_argument("--held-out", action="store_true",
+                   help="the held-out layers instead of the suite (never used to tune the view path)")
+    p.add_argument("--model", choices=["dcgan"],
+                   help="time a model's training step instead: dcgan, a 64x64 DCGAN generator and "
+                        "discriminator step at batch 64")
     p.add_argument("--tf32", choices=["on", "off"], default="off",
                    help="CUDA float32: TF32 for torch's convolutions and convt_ext's alike (default off)")
     p.add_argument("--gemm-engine", choices=list(convt_ext.GEMM_ENGINES),
                    help="convt_ext's GEMM engine (convt_ext.set_gemm_engine; default: its setting, 'auto')")
+    p.add_argument("--conv-path", choices=list(convt_ext.CONV_PATHS),
+                   help="convt_ext's convolution path (convt_ext.set_conv_path; default: its setting, 'auto')")
     p.add_argument("--out", type=Path, help="JSON path (the two PNGs go next to it)")
     p.add_argument("--list", action="store_true", help="print the suite and exit")
     args = p.parse_args(argv)
@@ -84,12 +95,13 @@ def _header(args, device, machine_info):
     return "\n".join([
         f"convt_ext {convt_ext.__version__} vs torch {torch.__version__} on {device} "
         f"({machine_info.get('gpu') or machine_info['cpu']}, {args.dtype}"
-        f"{', channels_last' if args.channels_last else ''}, {torch.get_num_threads()} threads); "
+        f"{', channels_last' if args.channels_last else ''}{', autocast ' + args.autocast if args.autocast else ''}, {torch.get_num_threads()} threads); "
         f"torch default = {default}",
         f"CPU capability {machine_info['cpu_capability']} ({machine.describe_flags(machine_info['cpu_flags'])}); "
         f"unfoldNd {machine_info['unfoldNd'] or 'not installed'}",
         f"convt_ext GEMM engine: {engines['setting']} (the rule picks {engines['rule']['float32']} for float32 "
-        f"here; available: {', '.join(engines['available'])})",
+        f"here; available: {', '.join(engines['available'])}); convolution path: {engines['path']['setting']} "
+        f"(the view path {'runs' if engines['path']['view_available'] else 'does not run'} here)",
     ])
 
 
@@ -102,14 +114,15 @@ def _run(cases, args, device, dtype, started):
             probe = machine.reference_rates(device, args.quick, args.min_run_time, probe=True)
             probes.append(dict(probe, before_case=i, elapsed_s=time.perf_counter() - started))
             last_probe = time.perf_counter()
-        results.append(measure.run_case(case, device, dtype, args.rounds, args.min_run_time, args.channels_last))
+        results.append(measure.run_case(case, device, dtype, args.rounds, args.min_run_time, args.channels_last,
+                                        AUTOCAST.get(args.autocast)))
     return results, probes
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.list:
-        for s in SUITE:
+        for s in HELD_OUT if args.held_out else SUITE:
             print(f"{s.name:32} {s.dims}-d {','.join(s.ops):34} {'quick ' if s.quick else ''}{s.description}")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,8 +133,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.gemm_engine:
         convt_ext.set_gemm_engine(args.gemm_engine)
+    if args.conv_path:
+        convt_ext.set_conv_path(args.conv_path)
+    if args.model:
+        from . import model
+        return model.main(args, device)
     dtype = DTYPES[args.dtype]
-    cases = select_cases(args.ops, args.shapes, args.quick, not args.no_backward, args.dims)
+    if args.autocast and args.dtype != "float32":
+        print("error: --autocast takes float32 inputs (leave --dtype at float32)", file=sys.stderr)
+        return 2
+    cases = select_cases(args.ops, args.shapes, args.quick and not args.held_out, not args.no_backward, args.dims,
+                         HELD_OUT if args.held_out else None)
     if not cases:
         print(f"error: no case matches --ops {','.join(args.ops)} --dims {','.join(map(str, args.dims))} "
               f"--shapes {','.join(args.shapes)}{' --quick' if args.quick else ''} (see --list)", file=sys.stderr)
@@ -170,13 +192,14 @@ def main(argv=None):
             "device": str(device), "dtype": args.dtype, "ops": args.ops, "dims": list(args.dims), "shapes": args.shapes,
             "quick": args.quick, "rounds": args.rounds, "min_run_time_s": args.min_run_time,
             "backward": not args.no_backward, "cuda_scale": CUDA_SCALE, "channels_last": args.channels_last,
+            "autocast": args.autocast, "held_out": args.held_out,
             "tolerances": {"rtol": TOLERANCES[dtype][0], "atol_x_max_abs": TOLERANCES[dtype][1]},
             "tf32": tf32,
         },
         machine=machine_info,
         gemm=convt_ext.engine_info(),  # the GEMM engine setting, and per engine how many GEMMs it ran
         reference=reference,
-        suite=[asdict(s) for s in SUITE],
+        suite=[asdict(s) for s in (HELD_OUT if args.held_out else SUITE)],
         results=results,
         summary=summary,
         targets=targets,
@@ -186,7 +209,8 @@ def main(argv=None):
     )
     print(f"\nwrote {out}")
     title = (f"convt_ext vs torch {torch.__version__}, {machine_info.get('gpu') or machine_info['cpu']}, "
-             f"{torch.get_num_threads()} threads, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+             f"{torch.get_num_threads()} threads, {args.dtype}{', channels_last' if args.channels_last else ''}"
+             f"{', autocast ' + args.autocast if args.autocast else ''}{', held-out layers' if args.held_out else ''}, "
              f"GEMM {convt_ext.engine_info()['setting']}, {machine_info['date'][:10]}\n"
              f"fp32 peak {reference['peak_gflops']:.0f} GFLOP/s ({reference['peak_engine']}), "
              f"copy {reference['copy_gbps']:.0f} GB/s, CPU capability {machine_info['cpu_capability']}")

@@ -13,6 +13,7 @@ from .suite import FORWARD, UNFOLD_OPS, op_label
 # The comparators, as the chart names and draws them: (key, legend, marker, color).
 SERIES = (
     ("torch", "torch's default kernel", "o", "tab:blue"),
+    ("torch_channels_last", "torch on channels_last", "v", "tab:purple"),
     ("torch_im2col", "torch's own im2col kernel", "D", "tab:orange"),
     ("unfoldNd", "unfoldNd", "s", "tab:green"),
 )

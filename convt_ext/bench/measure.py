@@ -31,7 +31,7 @@ import convt_ext
 from .._geometry import output_padding_to_reach, prod
 from .suite import BACKWARD, CONV_OPS, UNFOLD_OPS
 
-IMPLS = ("convt_ext", "torch", "torch_im2col", "unfoldNd")  # also the order of the first round
+IMPLS = ("convt_ext", "torch", "torch_channels_last", "torch_im2col", "unfoldNd")  # also the order of the first round
 FAILED = ("FAIL", "error")  # case statuses that make the exit status 1
 NOT_BUILT = "not built"  # the installed convt_ext lacks the op (or its 1-d/3-d form): skipped, not failed
 SLOW_CALL_S = 2.0  # a comparator whose checked call takes longer is timed by that one call, not in rounds
@@ -111,14 +111,20 @@ def _slow_conv(s, t):
     return y.squeeze(2) if s.dims == 1 else y
 
 
-def _conv_fn(module):
-    """(shape, tensors) -> module's conv{d}d / conv_transpose{d}d of the layer (F or convt_ext)."""
+def _conv_fn(module, suffix=""):
+    """(shape, tensors) -> module's conv{d}d / conv_transpose{d}d of the layer (F or convt_ext),
+    on the tensors t["x" + suffix] and t["w" + suffix]."""
     def fn(s, t):
         conv = getattr(module, s.conv)
+        x, w = t["x" + suffix], t["w" + suffix]
         if s.transposed:
-            return conv(t["x"], t["w"], t["b"], s.stride, s.padding, s.output_padding, s.groups, s.dilation)
-        return conv(t["x"], t["w"], t["b"], s.stride, s.padding, s.dilation, s.groups)
+            return conv(x, w, t["b"], s.stride, s.padding, s.output_padding, s.groups, s.dilation)
+        return conv(x, w, t["b"], s.stride, s.padding, s.dilation, s.groups)
     return fn
+
+
+def _channels_last_skip(s):
+    return "1-d: no channels_last format" if s.dims == 1 else None
 
 
 def _unfold_args(s):
@@ -209,6 +215,8 @@ for _op in CONV_OPS:
     OPS[_op] = Op("GFLOP/s", {
         "convt_ext": Impl(f"convt_ext.{_op}", _conv_fn(convt_ext)),
         "torch": Impl(f"F.{_op}", _conv_fn(F)),
+        # torch on channels_last copies of the same tensors, converted before the timing
+        "torch_channels_last": Impl(f"F.{_op} (channels_last)", _conv_fn(F, "_cl"), _channels_last_skip),
         "torch_im2col": Impl(_slow_label, _slow_conv, _slow_skip),
     })
 
@@ -279,11 +287,16 @@ def make_inputs(op, s, batch, device, dtype, requires_grad, channels_last=False)
     else:
         w_shape = (s.c_out, s.c_in // s.groups, *s.kernels)
         fan_in = s.c_in // s.groups * taps
-    return {
+    t = {
         "x": randn(batch, s.c_in, *s.sizes),
         "w": randn(*w_shape, scale=1 / math.sqrt(max(fan_in, 1))),
         "b": randn(s.c_out) if s.bias else None,
     }
+    if s.dims > 1:
+        cl = {2: torch.channels_last, 3: torch.channels_last_3d}[s.dims]
+        for key in ("x", "w"):
+            t[key + "_cl"] = t[key].detach().contiguous(memory_format=cl).requires_grad_(requires_grad)
+    return t
 
 
 # -------------------------------------------------------------------- timing
@@ -335,12 +348,19 @@ def _backend(case, t):
     return name or f"backend#{b.value}"
 
 
-def run_case(case, device, dtype, rounds, min_run_time, channels_last=False):
+def _autocast(dtype, device, fn, s, t):
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        return fn(s, t)
+
+
+def run_case(case, device, dtype, rounds, min_run_time, channels_last=False, autocast=None):
     """Check every implementation of one case against torch's default, then
     time those that pass in `rounds` interleaved rounds. Returns a dict (the
     JSON record); status "ok", "FAIL"/"error" when convt_ext is wrong or
     raises, "skipped" when torch's default raises (no reference), "not built"
-    when the convt_ext in use lacks the op or its 1-d/3-d form."""
+    when the convt_ext in use lacks the op or its 1-d/3-d form. With
+    `autocast` (a dtype), float32 inputs and every call under torch.autocast,
+    checked to that dtype's tolerance."""
     op, s = OPS[case.op], case.shape
     backward = case.direction == BACKWARD
     batch = s.batch(device)
@@ -364,11 +384,16 @@ def run_case(case, device, dtype, rounds, min_run_time, channels_last=False):
     leaves = [v for v in (t["x"], t["w"], t["b"]) if v is not None]
     names = ["grad_input", "grad_weight", "grad_bias"][: len(leaves)] if backward else ["output"]
 
-    def runner(impl):
+    def runner(impl, key="convt_ext"):
+        if autocast is not None:
+            fn = impl.fn
+            impl = Impl(impl.label, lambda s_, t_: _autocast(autocast, device, fn, s_, t_))
         if not backward:
             return lambda: impl.fn(s, t)
-        # The gradient of sum(output * grad) with respect to input, weight and bias.
-        return lambda: torch.autograd.grad(impl.fn(s, t), leaves, grad)
+        # The gradient of sum(output * grad) with respect to input, weight and bias
+        # (torch_channels_last: its own channels_last copies of input and weight).
+        own = [t["x_cl"], t["w_cl"], *leaves[2:]] if key == "torch_channels_last" else leaves
+        return lambda: torch.autograd.grad(impl.fn(s, t), own, grad)
 
     def as_tuple(r):
         return r if isinstance(r, tuple) else (r,)
@@ -393,14 +418,14 @@ def run_case(case, device, dtype, rounds, min_run_time, channels_last=False):
         if reason:
             entry.update(status="n/a", note=reason)
             continue
-        fn = runner(impl)
+        fn = runner(impl, key)
         try:
             begun = time.perf_counter()
             got = as_tuple(fn())
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - begun
-            problem = check(got, expected, dtype, names)
+            problem = check(got, expected, autocast or dtype, names)
             del got
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             problem, entry["status"] = f"{type(exc).__name__}: {exc}".splitlines()[0], "error"

@@ -12,7 +12,7 @@ from pathlib import Path
 from .measure import FAILED, IMPLS, NOT_BUILT, OPS, SLOW_CALL_S
 from .suite import BACKWARD, CONV_OPS, DIMS, FORWARD, OP_NAMES, op_label
 
-COLUMNS = {"convt_ext": "ours", "torch": "torch", "torch_im2col": "t-im2col", "unfoldNd": "unfoldNd"}
+COLUMNS = {"convt_ext": "ours", "torch": "torch", "torch_channels_last": "torch-cl", "torch_im2col": "t-im2col", "unfoldNd": "unfoldNd"}
 SCHEMA = 2  # of the JSON
 
 

@@ -158,6 +158,27 @@ SUITE = [
     Shape("unet3d-up-2x2x2-64to32-8x16x16", "3-d U-Net up-conv 2x2x2 s2 transposed, 64->32, 8x16x16->16x32x32, bias", ("conv_transpose3d", "col2im"), 8, 64, 32, (8, 16, 16), 2, 2, transposed=True, bias=True, dims=3, quick=True),
 ]
 
+# Layers the view path's blocking and rule were never tuned on, committed
+# before the tuning (python -m convt_ext.bench --held-out): a check that what
+# the suite shows is not fitted to it.
+HELD_OUT = [
+    Shape("vgg-3x3-128-56", "VGG 3x3, 128->128 at 56x56", ("conv2d",), 4, 128, 128, 56, 3, padding=1),
+    Shape("unet-3x3-64-96", "U-Net 3x3, 64->64 at 96x96, bias", ("conv2d",), 2, 64, 64, 96, 3, padding=1, bias=True),
+    Shape("5x5-48to64-32", "5x5 p2, 48->64 at 32x32", ("conv2d",), 8, 48, 64, 32, 5, padding=2),
+    Shape("disc-4x4-s2-128to256-16", "GAN discriminator 4x4 s2 p1, 128->256, 16->8", ("conv2d",), 32, 128, 256, 16, 4, 2, 1),
+    Shape("atrous-3x3-d4-128-32", "atrous 3x3 dilation 4, 128->128 at 32x32", ("conv2d",), 4, 128, 128, 32, 3, padding=4, dilation=4),
+    Shape("grouped-3x3-g4-128-28", "grouped 3x3, 4 groups, 128->128 at 28x28", ("conv2d",), 8, 128, 128, 28, 3, padding=1, groups=4),
+    Shape("rect-1x7-96to128-17", "Inception 1x7, 96->128 at 17x17", ("conv2d",), 8, 96, 128, 17, (1, 7), padding=(0, 3)),
+    Shape("decoder-3x3-s2-op1-256to128-14", "decoder 3x3 s2 p1 output_padding 1 transposed, 256->128, 14->28", ("conv_transpose2d",), 8, 256, 128, 14, 3, 2, 1, 1, transposed=True),
+    Shape("up-4x4-s2-128to128-24", "4x4 s2 p1 transposed, 128->128, 24->48", ("conv_transpose2d",), 4, 128, 128, 24, 4, 2, 1, transposed=True),
+    Shape("transposed-3x3-s1-64-40", "3x3 s1 p1 transposed, 64->64 at 40x40", ("conv_transpose2d",), 4, 64, 64, 40, 3, 1, 1, transposed=True),
+    Shape("wavenet-1d-k2-d4-128-8000", "1-d 2-tap dilation 4, 128->128 over 8000 samples", ("conv1d",), 4, 128, 128, 8000, 2, dilation=4, dims=1),
+    Shape("tts-1d-k5-256-1000", "1-d 5-tap p2, 256->256 over 1000 frames, bias", ("conv1d",), 8, 256, 256, 1000, 5, padding=2, bias=True, dims=1),
+    Shape("upsample-1d-k8-s4-256to128-250", "1-d 8-tap s4 p2 transposed, 256->128, 250->1000", ("conv_transpose1d",), 8, 256, 128, 250, 8, 4, 2, transposed=True, dims=1),
+    Shape("video-3x3x3-64-8x28x28", "3-d 3x3x3, 64->64 on 8x28x28", ("conv3d",), 2, 64, 64, (8, 28, 28), 3, padding=1, dims=3),
+    Shape("volume-up-3x3x3-s2-64to32-12", "3-d 3x3x3 s2 p1 output_padding 1 transposed, 64->32, 12^3->24^3", ("conv_transpose3d",), 2, 64, 32, 12, 3, 2, 1, 1, transposed=True, dims=3),
+]
+
 
 def op_label(op, dims):
     """im2col/col2im are one op for every dims: "im2col" (2-d), "im2col-1d", "im2col-3d"."""
@@ -175,10 +196,10 @@ class Case:
         return f"{op_label(self.op, self.shape.dims)} {'fwd' if self.direction == FORWARD else 'fwd+bwd'} {self.shape.name}"
 
 
-def select_cases(ops, shape_filters, quick, backward, dims=DIMS):
+def select_cases(ops, shape_filters, quick, backward, dims=DIMS, shapes=None):
     cases = []
     for op in ops:
-        for s in SUITE:
+        for s in SUITE if shapes is None else shapes:
             if op not in s.ops or (quick and not s.quick) or s.dims not in dims:
                 continue
             if shape_filters and not any(f in s.name for f in shape_filters):

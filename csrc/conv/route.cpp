@@ -83,7 +83,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   if (!(cl && one_to_one && pixel_memory(input)) &&
       view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups,
                  pixel_memory(input), false, cl, one_to_one)) {
-    return in_format(conv_view(input, weight, bias, call, groups), format);
+    return in_format(conv_view(input, weight, bias, call, groups, !cl), format);
   }
   count_column_call(input);
   const at::Tensor out =
@@ -169,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
                           no_output_padding(output_padding);
   // conv's ops on the same relation: the input gradient is conv(dy, W), the
   // weight gradient conv_weight(dy, x).
-  if (view_takes(ViewOp::ConvWeight, input, call, call.channels, input.size(1), groups,
-                 pixel_memory(grad_output), pixel_memory(input), true, one_to_one)) {
-    return {conv_view(grad_output, weight, std::nullopt, call, groups),
+  if (view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels, input.size(1), groups,
+                 pixel_memory(grad_output), pixel_memory(input), false, one_to_one)) {
+    return {conv_view(grad_output, weight, std::nullopt, call, groups, true),
             conv_weight_view(grad_output, input, call, groups, weight.sizes())};
   }
   count_column_call(input);

@@ -22,6 +22,10 @@ namespace {
 // (benchmarks/NOTES.md item 25: 94 GFLOP/s a core at 64, 56-70 at 96-128 on
 // an AVX2 EPYC); a block of rows x span pixels of one task.
 constexpr int64_t kBlockN = 64, kRows = 4, kSpan = 256;
+// Virtual rows a task of the plane form computes (Note [The padded plane]),
+// and the output row width from which a channels-last image is read in
+// place by the row form instead.
+constexpr int64_t kPlaneRows = 128, kWideRows = 32;
 
 constexpr int kAuto = 0, kView = 1, kColumns = 2;
 std::atomic<int> g_path{kAuto};
@@ -54,6 +58,47 @@ at::Tensor empty_pixels(int64_t n, int64_t c, const int64_t* spatial, int dims,
 bool tap_inside(const Window3& w, int i, int64_t o, int64_t k, int64_t* at) {
   *at = tap(o, k, w.stride[i], w.padding[i], w.dilation[i]);
   return *at >= 0 && *at < w.image[i];
+}
+
+// Whether the plane form computes conv or the weight gradient (Note [The
+// padded plane]): a planar image needs a copy anyway, and short output rows
+// are too few for the ukernel; a channels-last image with long rows is read
+// in place by the row form.
+bool plane_form(const at::Tensor& image, const Window3& call) {
+  return !pixel_memory(image) || call.windows[2] < kWideRows;  // view_takes counts the same
+}
+
+// The plane's virtual row width (make_plane's wv).
+int64_t plane_wv(const Window3& w) {
+  const int64_t s2 = w.stride[2];
+  const int64_t span2 = (w.windows[2] - 1) * s2 + (w.kernel[2] - 1) * w.dilation[2] + 1;
+  return (span2 + s2 - 1) / s2;
+}
+
+// The floats of make_plane's plane of a `c`-channel image.
+// (In double: a padding as large as the image's int64 bound allows makes a
+// plane no tensor could be.)
+double plane_floats(const Window3& w, int64_t c) {
+  const int64_t s1 = w.stride[1];
+  const int64_t span1 = (w.windows[1] - 1) * s1 + (w.kernel[1] - 1) * w.dilation[1] + 1;
+  return double(w.batch) * w.image[0] * s1 * ((span1 + s1 - 1) / s1 + 1) * double(plane_wv(w)) *
+         w.stride[2] * c;
+}
+
+// A new planar (N, C, *spatial) tensor.
+at::Tensor empty_planar(int64_t n, int64_t c, const int64_t* spatial, int dims,
+                        const at::TensorOptions& options) {
+  std::vector<int64_t> shape{n, c};
+  shape.insert(shape.end(), spatial + kMaxDims - dims, spatial + kMaxDims);
+  return at::empty(shape, options);
+}
+
+// The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
+// range order, then laid out as the weight (G*Og, Cg, *kernel).
+at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArrayRef weight_size) {
+  at::Tensor sum = partials.select(0, 0);
+  for (int64_t r = 1; r < ranges; ++r) sum.add_(partials.select(0, r));
+  return sum.permute({0, 2, 3, 1}).reshape(weight_size).contiguous();
 }
 
 // The tasks of one call: (n, p0, a block of kRows positions along dim 1, a
@@ -111,19 +156,187 @@ at::Tensor tap_major(const at::Tensor& weight, int64_t groups, bool k_first) {
   return (k_first ? w.permute({0, 3, 1, 2}) : w.permute({0, 3, 2, 1})).contiguous();
 }
 
-// Runs task_fn(box, calls) over the call's tasks in for_each_task's fixed
+// Runs task_fn(range, task, calls) over `count` tasks in for_each_task's fixed
 // ranges, and counts the GEMMs.
 template <typename F>
-void run_tasks(const at::Tensor& like, const Tasks& tasks, const F& task_fn) {
+void run_tasks(const at::Tensor& like, int64_t count, const F& task_fn) {
   std::atomic<int64_t> calls{0};
-  for_each_task(like, tasks.count, [&](int64_t range, int64_t begin, int64_t end) {
+  for_each_task(like, count, [&](int64_t range, int64_t begin, int64_t end) {
     int64_t local = 0;
-    for (int64_t i = begin; i < end; ++i) task_fn(range, tasks.at(i), local);
+    for (int64_t i = begin; i < end; ++i) task_fn(range, i, local);
     calls.fetch_add(local, std::memory_order_relaxed);
     tap_gemms_done(0);
   });
   tap_gemms_done(calls.load());
   g_view_calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+
+// Note [The padded plane]
+// The row form's GEMMs are one output row long: M = 7 or 14 for ResNet's
+// late layers, 4 to 32 for DCGAN's, too few rows for the ukernel. The plane
+// form makes M as long as it likes. The image is copied once into a zeroed
+// plane (N, I0, s1, rows, width, C): the padding is written out, and image
+// row i1 (padded: i1 + p1) goes to phase (i1 + p1) % s1, row (i1 + p1) / s1.
+// Then output row o1's tap k1 reads phase (k1 d1) % s1, row o1 + (k1 d1) / s1:
+// consecutive output rows read consecutive rows of one phase. With width a
+// multiple of s2 and wv = width / s2, the output's "virtual" pixel
+// m = o1 wv + o2 reads plane pixel m s2 + k2 d2 of that phase from the tap's
+// first row on, a single matrix of leading dimension s2 C for every m. The
+// wv - O2 virtual columns past each output row are computed and dropped (or,
+// in the weight gradient, meet zeros). A planar input needs one conversion
+// anyway, which the plane replaces; the output is written from each task's
+// block straight into its format. Rows below (k2 - 1) d2 read past a
+// phase's last row: one row of zeros more per phase keeps them inside.
+struct Plane {
+  at::Tensor data;
+  int64_t phases, rows, width, wv;
+  // The first element that tap (k1, k2) of output row 0 reads, in image plane i0 of sample n.
+  int64_t at(const Window3& w, int64_t n, int64_t i0, int64_t k1, int64_t k2, int64_t c) const {
+    const int64_t r1 = k1 * w.dilation[1];
+    return ((((n * w.image[0] + i0) * phases + r1 % phases) * rows + r1 / phases) * width +
+            k2 * w.dilation[2]) * c;
+  }
+};
+
+Plane make_plane(const at::Tensor& image, const Window3& w) {
+  Plane pl;
+  const int64_t s1 = w.stride[1], s2 = w.stride[2], C = image.size(1);
+  const int64_t span1 = (w.windows[1] - 1) * s1 + (w.kernel[1] - 1) * w.dilation[1] + 1;
+  pl.phases = s1;
+  pl.rows = (span1 + s1 - 1) / s1 + 1;  // plane_floats counts the same
+  pl.wv = plane_wv(w);
+  pl.width = pl.wv * s2;
+  pl.data = at::zeros({w.batch, w.image[0], s1, pl.rows, pl.width, C}, image.options());
+  at::Tensor x = image;
+  while (x.dim() < 2 + kMaxDims) x = x.unsqueeze(2);
+  x = x.permute({0, 2, 3, 4, 1});  // (N, I0, I1, I2, C), strided as it comes
+  const int64_t p1 = w.padding[1], p2 = w.padding[2];
+  const int64_t cols = std::min(w.image[2], pl.width - std::min(p2, pl.width));
+  if (cols <= 0) return pl;
+  for (int64_t phase = 0; phase < s1; ++phase) {
+    const int64_t first = ((phase - p1) % s1 + s1) % s1;  // the first image row of this phase
+    if (first >= w.image[1]) continue;
+    const int64_t row = (first + p1) / s1;
+    const int64_t count = std::min((w.image[1] - first + s1 - 1) / s1, pl.rows - row);
+    if (count <= 0) continue;
+    pl.data.select(2, phase).narrow(2, row, count).narrow(3, p2, cols).copy_(
+        x.slice(2, first, first + (count - 1) * s1 + 1, s1).narrow(3, 0, cols));
+  }
+  return pl;
+}
+
+// The plane form of conv: a task computes kPlaneRows virtual rows of one
+// output plane (n, o0) into its block, then writes the real ones out.
+void conv_plane(const at::Tensor& input, const at::Tensor& wt, const at::Tensor& bias,
+                const Window3& call, int64_t groups, int64_t O, const at::Tensor& out) {
+  const int64_t C = input.size(1), Cg = C / groups, Og = O / groups, T = call.kernel_numel();
+  const Plane pl = make_plane(input, call);
+  const int64_t O0 = call.windows[0], O1 = call.windows[1], O2 = call.windows[2];
+  const int64_t virtual_rows = O1 * pl.wv, blocks = (virtual_rows + kPlaneRows - 1) / kPlaneRows;
+  const float* px = pl.data.const_data_ptr<float>();
+  const float* pw = wt.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* py = out.mutable_data_ptr<float>();
+  // out is (N, O, *windows) in pixel memory or planar: the strides of a channel and a pixel.
+  const bool pixels_out = pixel_memory(out);
+  const int64_t s2 = call.stride[2];
+  run_tasks(input, call.batch * O0 * blocks, [&](int64_t, int64_t task, int64_t& calls) {
+    const int64_t m0 = task % blocks * kPlaneRows, m1 = std::min(m0 + kPlaneRows, virtual_rows);
+    const int64_t o0 = task / blocks % O0, n = task / blocks / O0;
+    const at::Tensor block = scratch(Slot::Product, {kPlaneRows, O}, input.options());
+    float* pc = block.mutable_data_ptr<float>();
+    for (int64_t m = 0; m < m1 - m0; ++m) {
+      if (pb) std::memcpy(pc + m * O, pb, O * sizeof(float)); else std::fill(pc + m * O, pc + (m + 1) * O, 0.f);
+    }
+    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
+      int64_t i0;
+      if (!tap_inside(call, 0, o0, k0, &i0)) {
+        t += call.kernel[1] * call.kernel[2];
+        continue;
+      }
+      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
+        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
+          const float* a = px + pl.at(call, n, i0, k1, k2, C) + m0 * s2 * C;
+          for (int64_t g = 0; g < groups; ++g) {
+            const float* w_t = pw + (g * T + t) * Cg * Og;
+            for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
+              tap_gemm(m1 - m0, std::min(kBlockN, Og - n0), Cg, a + g * Cg, s2 * C, w_t + n0, Og,
+                       pc + g * Og + n0, O);
+            }
+          }
+        }
+      }
+    }
+    // The real pixels of the block, into the output: pixel rows, or each
+    // channel's run of pixels in a planar output.
+    const int64_t plane = O0 * O1 * O2, offset = o0 * O1 * O2;
+    if (pixels_out) {
+      for (int64_t m = m0; m < m1; ++m) {
+        if (m % pl.wv >= O2) continue;
+        std::memcpy(py + (n * plane + offset + m / pl.wv * O2 + m % pl.wv) * O, pc + (m - m0) * O, O * sizeof(float));
+      }
+      return;
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      float* dst = py + (n * O + o) * plane + offset;
+      for (int64_t m = m0; m < m1; ++m) {
+        if (m % pl.wv < O2) dst[m / pl.wv * O2 + m % pl.wv] = pc[(m - m0) * O + o];
+      }
+    }
+  });
+}
+
+// The plane form of the weight gradient: grad_output's block turned onto
+// the virtual rows, zero on the dropped ones, against the plane's views.
+void weight_plane(const at::Tensor& input, const at::Tensor& grad_output, const Window3& call,
+                  int64_t groups, const at::Tensor& partials) {
+  const int64_t C = input.size(1), O = grad_output.size(1), Cg = C / groups, Og = O / groups;
+  const int64_t T = call.kernel_numel();
+  const Plane pl = make_plane(input, call);
+  const int64_t O0 = call.windows[0], O1 = call.windows[1], O2 = call.windows[2];
+  const int64_t virtual_rows = O1 * pl.wv, blocks = (virtual_rows + kPlaneRows - 1) / kPlaneRows;
+  at::Tensor dy = grad_output;
+  while (dy.dim() < 2 + kMaxDims) dy = dy.unsqueeze(2);
+  const int64_t sn = dy.stride(0), sc = dy.stride(1), s0 = dy.stride(2), s1 = dy.stride(3), s2 = dy.stride(4);
+  const float* pdy = dy.const_data_ptr<float>();
+  const float* px = pl.data.const_data_ptr<float>();
+  float* pp = partials.mutable_data_ptr<float>();
+  const int64_t stride2 = call.stride[2];
+  run_tasks(input, call.batch * O0 * blocks, [&](int64_t range, int64_t task, int64_t& calls) {
+    const int64_t m0 = task % blocks * kPlaneRows, m1 = std::min(m0 + kPlaneRows, virtual_rows);
+    const int64_t o0 = task / blocks % O0, n = task / blocks / O0;
+    const at::Tensor turned = scratch(Slot::Operand, {O, kPlaneRows}, input.options());
+    float* pt = turned.mutable_data_ptr<float>();
+    for (int64_t o = 0; o < O; ++o) {
+      const float* src = pdy + n * sn + o * sc + o0 * s0;
+      float* dst = pt + o * kPlaneRows;
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t o1 = m / pl.wv, o2 = m % pl.wv;
+        dst[m - m0] = o2 < O2 ? src[o1 * s1 + o2 * s2] : 0.f;
+      }
+    }
+    float* part = pp + range * groups * T * Og * Cg;
+    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
+      int64_t i0;
+      if (!tap_inside(call, 0, o0, k0, &i0)) {
+        t += call.kernel[1] * call.kernel[2];
+        continue;
+      }
+      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
+        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
+          const float* b = px + pl.at(call, n, i0, k1, k2, C) + m0 * stride2 * C;
+          for (int64_t g = 0; g < groups; ++g) {
+            float* dw_t = part + (g * T + t) * Og * Cg;
+            for (int64_t n0 = 0; n0 < Cg; n0 += kBlockN, ++calls) {
+              tap_gemm(Og, std::min(kBlockN, Cg - n0), m1 - m0, pt + g * Og * kPlaneRows, kPlaneRows,
+                       b + g * Cg + n0, stride2 * C, dw_t + n0, Cg);
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -144,19 +357,28 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
     return false;
   }
   const int64_t cg_image = c_image / groups, cg_windows = c_windows / groups;
-  // Every buffer of the call: the copies into pixel memory, the weights, the
-  // output's conversion back, and per task its rows of grad_output turned.
-  const int64_t image = call.batch * c_image * call.image_numel();
-  const int64_t windows = call.batch * c_windows * call.window_numel();
-  const int64_t weights = groups * cg_image * cg_windows * call.kernel_numel();
-  int64_t floats = weights;
-  if (op == ViewOp::Conv) floats += (image_pixels ? 0 : image) + (output_pixels ? 0 : windows);
-  if (op == ViewOp::ConvTranspose) floats += (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
-  if (op == ViewOp::ConvWeight) {
-    floats += (image_pixels ? 0 : image) + (windows_pixels ? 0 : windows);
-    floats += tasks_at_once(like) * (weights + kRows * kSpan * c_windows);
+  // Every buffer of the call: the weights; the image's plane, or the copies
+  // into pixel memory and back; per task its block of products or of
+  // grad_output turned; the weight gradient's partials.
+  const double image = double(call.batch) * c_image * call.image_numel();
+  const double windows = double(call.batch) * c_windows * call.window_numel();
+  const double weights = double(groups) * cg_image * cg_windows * call.kernel_numel();
+  const double tasks = double(tasks_at_once(like));
+  const bool plane = !image_pixels || call.windows[2] < kWideRows;
+  const double gather = plane ? plane_floats(call, c_image) + tasks * kPlaneRows * c_windows
+                               : (image_pixels ? 0 : image);
+  double floats = weights;
+  if (op == ViewOp::ConvTranspose) {
+    floats += (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
+  } else {
+    // conv, the weight gradient, or both (conv_transpose's backward)
+    floats += (op == ViewOp::ConvTransposeBackward ? 2 : 1) * gather;
+    if (op != ViewOp::ConvWeight) floats += plane || output_pixels ? 0 : windows;
+    if (op != ViewOp::Conv) {
+      floats += (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
+    }
   }
-  if (floats > workspace_limit() / static_cast<int64_t>(sizeof(float))) return false;
+  if (floats * sizeof(float) > double(workspace_limit())) return false;
   if (setting == kView) return true;
   // The rule: a tap's GEMM needs enough channels on both sides to beat
   // copying its columns, and a 1x1 layer has no columns to copy
@@ -165,20 +387,29 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
 }
 
 at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
-                     const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups) {
+                     const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
+                     bool planar_out) {
   const int dims = static_cast<int>(input.dim()) - 2;
   const int64_t C = input.size(1), O = weight.size(0), Cg = C / groups, Og = O / groups;
   const int64_t T = call.kernel_numel();
-  const at::Tensor x = pixels(input), wt = tap_major(weight, groups, false);
-  at::Tensor out = empty_pixels(call.batch, O, call.windows, dims, input.options());
+  const at::Tensor wt = tap_major(weight, groups, false);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (plane_form(input, call)) {
+    at::Tensor out = planar_out ? empty_planar(call.batch, O, call.windows, dims, input.options())
+                                : empty_pixels(call.batch, O, call.windows, dims, input.options());
+    conv_plane(input, wt, b, call, groups, O, out);
+    return out;
+  }
+  const at::Tensor x = pixels(input);
+  at::Tensor out = empty_pixels(call.batch, O, call.windows, dims, input.options());
   const float* px = x.const_data_ptr<float>();
   const float* pw = wt.const_data_ptr<float>();
   const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
   const Tasks tasks(call.batch, call.windows), image(call.batch, call.image);
   const int64_t s2 = call.stride[2];
-  run_tasks(input, tasks, [&](int64_t, const Tasks::Box& box, int64_t& calls) {
+  run_tasks(input, tasks.count, [&](int64_t, int64_t task, int64_t& calls) {
+    const Tasks::Box box = tasks.at(task);
     start_rows(py, tasks, box, O, pb);
     Tasks::Box in = box;  // the same sample, on the image side
     for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
@@ -230,7 +461,8 @@ at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight
   // (input pixels) whose taps land on them, as col2im does.
   const Tasks tasks(call.batch, call.image), windows(call.batch, call.windows);
   const int64_t s2 = call.stride[2];
-  run_tasks(input, tasks, [&](int64_t, const Tasks::Box& box, int64_t& calls) {
+  run_tasks(input, tasks.count, [&](int64_t, int64_t task, int64_t& calls) {
+    const Tasks::Box box = tasks.at(task);
     start_rows(py, tasks, box, O, pb);
     Tasks::Box in = box;
     for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
@@ -270,16 +502,25 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
                             const Window3& call, int64_t groups, at::IntArrayRef weight_size) {
   const int64_t C = input.size(1), O = grad_output.size(1), Cg = C / groups, Og = O / groups;
   const int64_t T = call.kernel_numel();
-  const at::Tensor x = pixels(input), dy = pixels(grad_output);
   const Tasks tasks(call.batch, call.windows), image(call.batch, call.image);
-  const int64_t ranges = std::min(tasks.count, tasks_at_once(input));
+  const bool plane = plane_form(input, call);
+  const int64_t count = plane ? call.batch * call.windows[0] *
+                                    ((call.windows[1] * plane_wv(call) + kPlaneRows - 1) / kPlaneRows)
+                              : tasks.count;
+  const int64_t ranges = std::min(count, tasks_at_once(input));
   // One partial (G, T, Og, Cg) per fixed range of tasks, summed in range order.
   const at::Tensor partials = at::zeros({std::max<int64_t>(ranges, 1), groups, T, Og, Cg}, input.options());
+  if (plane) {
+    weight_plane(input, grad_output, call, groups, partials);
+    return finish_weight(partials, ranges, weight_size);
+  }
+  const at::Tensor x = pixels(input), dy = pixels(grad_output);
   const float* px = x.const_data_ptr<float>();
   const float* pdy = dy.const_data_ptr<float>();
   float* pp = partials.mutable_data_ptr<float>();
   const int64_t s2 = call.stride[2], span = std::min(kSpan, call.windows[2]);
-  run_tasks(input, tasks, [&](int64_t range, const Tasks::Box& box, int64_t& calls) {
+  run_tasks(input, tasks.count, [&](int64_t range, int64_t task, int64_t& calls) {
+    const Tasks::Box box = tasks.at(task);
     // The task's rows of grad_output, turned (row, O, span): the A operand
     // of every tap, turned once and read from the cache.
     const at::Tensor turned = scratch(Slot::Operand, {kRows, O, span}, input.options());
@@ -323,10 +564,7 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
       }
     }
   });
-  at::Tensor sum = partials.select(0, 0);
-  for (int64_t r = 1; r < ranges; ++r) sum.add_(partials.select(0, r));
-  // (G, T, Og, Cg) -> (G*Og, Cg, *kernel)
-  return sum.permute({0, 2, 3, 1}).reshape(weight_size).contiguous();
+  return finish_weight(partials, ranges, weight_size);
 }
 
 void set_conv_path(const std::string& setting) {

@@ -41,7 +41,9 @@
 
 namespace convt_ext {
 
-enum class ViewOp : int { Conv = 0, ConvTranspose = 1, ConvWeight = 2 };
+// conv, conv_transpose, the weight gradient, and conv_transpose's backward
+// (conv and the weight gradient on the same image).
+enum class ViewOp : int { Conv = 0, ConvTranspose = 1, ConvWeight = 2, ConvTransposeBackward = 3 };
 
 // Whether the view path computes this call. `image` is the tensor on the
 // image side of `call` (conv's input, conv_transpose's output, the weight
@@ -61,9 +63,11 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
 // Whether t (N, C, *spatial) is in pixel memory, (N, *spatial, C) contiguous.
 bool pixel_memory(const at::Tensor& t);
 
-// conv: (N, C_out, *windows), in pixel memory.
+// conv: (N, C_out, *windows), in pixel memory, or planar with `planar_out`
+// where the path writes it so (route.cpp converts what is left).
 at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
-                     const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups);
+                     const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
+                     bool planar_out);
 
 // conv_transpose: (N, C_out, *image), in pixel memory.
 at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight,
