@@ -253,6 +253,34 @@ def _view_is_U(wt, x, dm):
     )
 
 
+def _paths_agree(wt, x, w, s, p, d, dm):
+    """One claim: the view path (per-tap GEMMs on strided views of channels-last
+    memory, no columns) and the column path (im2col + GEMM) compute the same
+    convolution and its transpose, in float32 where the view path runs."""
+    from . import conv_path, engine_info, set_conv_path
+
+    if not engine_info()["path"]["view_available"]:
+        wt.say("  (the view path does not run on this CPU: no comparison of the two paths)")
+        return
+    x32, w32 = x.float().repeat(1, 16, *([1] * dm.n)), w.float().repeat(16, 16, *([1] * dm.n))
+    before, got = conv_path(), {}
+    try:
+        for path in ("view", "columns"):
+            set_conv_path(path)
+            calls = engine_info()["path"]["calls"]["view"]
+            y = dm.lib(dm.conv)(x32, w32, None, s, p, d)
+            z = dm.lib(dm.tconv)(y, w32, None, s, p, 0, 1, d)
+            got[path] = (y, z, engine_info()["path"]["calls"]["view"] - calls)
+    finally:
+        set_conv_path(before)
+    (yv, zv, ran), (yc, zc, _) = got["view"], got["columns"]
+    wt.claim(
+        f"the view path ({ran} calls: per-tap GEMMs reading x in place, ld = s·C) and the column path "
+        f"(im2col + GEMM) give the same {dm.conv} and {dm.tconv}, to float32 rounding",
+        ran == 2 and all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in ((yv, yc), (zv, zc))),
+    )
+
+
 def guide_example(wt, gen, dm=None):
     """Section 4.1's example, its two puzzles and their answers (a 4×4 input
     and a 3×3 kernel in 2-d; 4 and 3 per axis in 1-d and 3-d)."""
@@ -422,6 +450,7 @@ def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
         z.flatten(),
     )
     wt.same(f"C·x = {conv}(x, w)", C @ x.flatten(), dm.F(conv)(x, w, None, s, p, d).flatten())
+    _paths_agree(wt, x, w, s, p, d, dm)
     if s > 1 and o > 1:
         try:
             plain = dm.lib(dm.as_conv)(y, w, None, 1, p, 0, 1, d)

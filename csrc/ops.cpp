@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "conv/view.h"
+#include "cpu/fma_peak.h"
 #include "gemm.h"
 #include "ops.h"
 #include "plan.h"
@@ -302,6 +303,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["bf16_calls"] = r.bf16_calls;
     return d;
   });
+  m.def("fma_peak", [](double seconds) {
+    const convt_ext::FmaPeak p = convt_ext::fma_peak(seconds);
+    py::dict d;
+    d["gflops"] = p.gflops;
+    d["isa"] = p.isa;
+    d["threads"] = p.threads;
+    return d;
+  }, py::arg("seconds"));
   m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", [] {

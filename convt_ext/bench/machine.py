@@ -91,7 +91,17 @@ def reference_rates(device, quick, min_run_time, probe=False):
         "peak_gflops": best["gflops"], "peak_engine": best["engine"], "peak_shape": [best["m"], best["k"], best["n"]],
         "gemm": gemm, "gemm_dtype": "float32", "statistic": "fastest block",
         "copy_gbps": 2 * src.nbytes / min(times) / 1e9, "copy_bytes": src.nbytes,
+        **({} if probe else fma_peak(device, 0.3 if quick else 1.0)),
     }
+
+
+def fma_peak(device, seconds):
+    """The CPU's float32 FMA peak, by a compiled loop of independent FMAs on
+    torch's threads (convt_ext._C.fma_peak): the ceiling no GEMM passes."""
+    if device.type != "cpu" or not hasattr(convt_ext._C, "fma_peak"):
+        return {}
+    p = convt_ext._C.fma_peak(seconds)
+    return {"fma_peak_gflops": p["gflops"], "fma_isa": p["isa"]} if p["gflops"] else {}
 
 
 def combine_references(start, end, probes, machine):
@@ -121,7 +131,9 @@ def combine_references(start, end, probes, machine):
         if g["gflops"] and g["gflops"] > engines.get(g["engine"], 0):
             engines[g["engine"]] = g["gflops"]
     copies = [ref["copy_gbps"] for ref in (start, end, *probes)]
+    fma = [ref["fma_peak_gflops"] for ref in (start, end) if ref.get("fma_peak_gflops")]
     return {
+        **({"fma_peak_gflops": max(fma), "fma_isa": start.get("fma_isa") or end.get("fma_isa")} if fma else {}),
         "peak_gflops": best["gflops"], "peak_engine": best["engine"], "peak_shape": [best["m"], best["k"], best["n"]],
         "peak_by_engine": engines, "gemm": gemm, "gemm_dtype": "float32", "statistic": "fastest block",
         "copy_gbps": max(copies), "copy_bytes": start["copy_bytes"],

@@ -366,6 +366,7 @@ def run_case(case, device, dtype, rounds, min_run_time, channels_last=False, aut
     batch = s.batch(device)
     record = {
         "op": case.op, "dims": s.dims, "direction": case.direction, "shape": s.name, "batch": batch,
+        "layer": {"kernels": list(s.kernels), "c_in": s.c_in, "c_out": s.c_out, "groups": s.groups},
         "torch_backend": None, "status": "ok", "error": None, "impls": {},
         "load_average": load_average(),  # other processes on the machine skew timings
     }
