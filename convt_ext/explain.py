@@ -253,7 +253,7 @@ def _view_is_U(wt, x, dm):
     )
 
 
-def _paths_agree(wt, x, w, s, p, d, dm):
+def _paths_agree(wt, x, w, s, p, a, d, dm):
     """One claim: the view path (per-tap GEMMs on strided views of channels-last
     memory, no columns) and the column path (im2col + GEMM) compute the same
     convolution and its transpose, in float32 where the view path runs."""
@@ -269,7 +269,7 @@ def _paths_agree(wt, x, w, s, p, d, dm):
             set_conv_path(path)
             calls = engine_info()["path"]["calls"]["view"]
             y = dm.lib(dm.conv)(x32, w32, None, s, p, d)
-            z = dm.lib(dm.tconv)(y, w32, None, s, p, 0, 1, d)
+            z = dm.lib(dm.tconv)(y, w32, None, s, p, a, 1, d)
             got[path] = (y, z, engine_info()["path"]["calls"]["view"] - calls)
     finally:
         set_conv_path(before)
@@ -450,7 +450,7 @@ def strided(wt, gen, kernel, stride, padding, dilation, size, dm=None):
         z.flatten(),
     )
     wt.same(f"C·x = {conv}(x, w)", C @ x.flatten(), dm.F(conv)(x, w, None, s, p, d).flatten())
-    _paths_agree(wt, x, w, s, p, d, dm)
+    _paths_agree(wt, x, w, s, p, a, d, dm)
     if s > 1 and o > 1:
         try:
             plain = dm.lib(dm.as_conv)(y, w, None, 1, p, 0, 1, d)

@@ -258,7 +258,7 @@ def describe_target(t):
             "percent_out": f"share of the {ceiling}, into a reused out= buffer",
             "percent_fma_3x3": "share of the FMA peak, 3x3 layers of >= 64 channels"}[t["measure"]]
     run = t.get("run") or {}
-    where = (" (channels_last in and out)" if run.get("channels_last") else
+    where = (" (channels-last in and out)" if run.get("channels_last") else
              f" (under autocast {run['autocast']}, on CPUs with native bf16)" if run.get("autocast") else "")
     return f"{stat} {what}{where}"
 

@@ -171,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   // weight gradient conv_weight(dy, x).
   if (view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels, input.size(1), groups,
                  pixel_memory(grad_output), pixel_memory(input), false, one_to_one)) {
-    return {conv_view(grad_output, weight, std::nullopt, call, groups, true),
+    // Planar, as the column path and the fake kernel give them.
+    return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
             conv_weight_view(grad_output, input, call, groups, weight.sizes())};
   }
   count_column_call(input);
