@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import convt_ext
+from conftest import make_tensor
 
 pytestmark = pytest.mark.skipif(
     not convt_ext.engine_info()["path"]["view_available"],
@@ -440,6 +441,109 @@ def test_backward_on_the_view_path(item, view_path, ieee_fp32):
         assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("how", ["transposed", "sliced", "channels_last", "offset", "batch_slice_cl"])
+def test_strided_and_offset_operands(op, how, view_path, ieee_fp32):
+    """Operands that are neither contiguous nor in pixel memory (copied once),
+    or in pixel memory at a storage offset (read in place), and a strided bias."""
+    gen = torch.Generator().manual_seed(len(op) * 7 + len(how))
+    case = Case(op, 2, 6, 8, (7, 6), (3, 2), stride=(2, 1), padding=1, groups=2,
+                output_padding=(1, 0) if op == "conv_transpose" else 0)
+    a, b, _ = _tensors(case)
+    if how == "batch_slice_cl":
+        a = pixel_layout(torch.randn(case.n + 1, *a.shape[1:], generator=gen))[1:]
+        assert a.storage_offset() > 0
+    else:
+        a = make_tensor(a.shape, gen, how, dtype=torch.float32)
+        b = make_tensor(b.shape, gen, how, dtype=torch.float32)
+    bias = torch.randn(2 * case.c_out, generator=gen)[::2] if op != "conv_weight" else None
+    saved = [t.clone() for t in (a, b, bias) if t is not None]
+    with Ran() as ran:
+        got = _ours(case, a, b, bias)
+    assert_view_ran(ran, calls=1)
+    want, magnitude = _reference(case, a, b, bias)
+    assert_within(got, want, magnitude, _reduction_length(case), f"{op} {how}")
+    for before, after in zip(saved, (t for t in (a, b, bias) if t is not None)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_unbatched_input(dims, view_path, ieee_fp32):
+    gen = torch.Generator().manual_seed(dims)
+    size = (9, 8, 7)[:dims]
+    x, w, b = torch.randn(5, *size, generator=gen), torch.randn(6, 5, *(3,) * dims, generator=gen), torch.randn(6, generator=gen)
+    wt = torch.randn(5, 4, *(2,) * dims, generator=gen)
+    with Ran() as ran:
+        y = getattr(convt_ext, f"conv{dims}d")(x, w, b, padding=1)
+        yt = getattr(convt_ext, f"conv_transpose{dims}d")(x, wt, None, stride=2, output_padding=1)
+    assert_view_ran(ran, calls=2)
+    x64 = x.double()
+    conv, conv_t = getattr(F, f"conv{dims}d"), getattr(F, f"conv_transpose{dims}d")
+    assert_within(y, conv(x64, w.double(), b.double(), padding=1),
+                  conv(x64.abs(), w.double().abs(), b.double().abs(), padding=1), 5 * 3**dims + 1, "conv")
+    assert_within(yt, conv_t(x64, wt.double(), None, stride=2, output_padding=1),
+                  conv_t(x64.abs(), wt.double().abs(), None, stride=2, output_padding=1), 5 * 2**dims, "conv_transpose")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch(op, view_path, ieee_fp32):
+    """Nothing to compute: the view path is not asked, and the shape is torch's."""
+    case = Case(op, 0, 4, 6, (5, 6), (3, 3), padding=1, groups=2)
+    a, b, bias = _tensors(case)
+    with Ran() as ran:
+        got = _ours(case, a, b, bias)
+    assert ran.view == 0
+    want = _torch(case, a, b, bias)
+    assert got.shape == want.shape
+    if op == "conv_weight":
+        assert torch.count_nonzero(got) == 0
+
+
+FAKE_CASES = [c for c in CASES if c.dims > 1][::3] + [CASES[0], CASES[11], CASES[21]]
+
+
+@pytest.mark.parametrize("case", FAKE_CASES, ids=lambda c: c.id)
+def test_fake_kernels_agree_with_the_view_path(case, view_path, ieee_fp32):
+    """torch.compile traces with the fake kernels: their shapes and strides must be
+    the real op's (torch.library.opcheck compares them)."""
+    a, b, bias = _tensors(case)
+    d, g = case.dims, case.geometry
+    if case.op == "conv":
+        op, args = f"conv{d}d", (a, b, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+    elif case.op == "conv_transpose":
+        op, args = f"conv_transpose{d}d", (a, b, bias, g["stride"], g["padding"], case.output_padding, g["groups"],
+                                           g["dilation"])
+    else:
+        op, args = f"conv{d}d_weight", (a, b, case.weight_shape, g["stride"], g["padding"], g["dilation"], g["groups"])
+    args = tuple(list(v) if isinstance(v, tuple) else v for v in args)
+    with Ran() as ran:
+        torch.library.opcheck(getattr(torch.ops.convt_ext, op).default, args, test_utils=("test_faketensor",))
+    assert_view_ran(ran)
+
+
+@pytest.mark.xfail(strict=True, reason="view path bug: the fused _conv_transpose_backward returns grad_input in "
+                   "pixel (channels-last) memory where its fake kernel, and the column path, give it contiguous, "
+                   "so torch.compile (inductor) of conv_transpose's backward fails its stride assertion")
+@pytest.mark.parametrize("layouts", [(NC, NC), (CL, CL)], ids="-".join)
+def test_fused_conv_transpose_backward_strides_match_its_fake(layouts, view_path, ieee_fp32):
+    case = Case(T, 2, 4, 6, (5, 6), (3, 3), stride=2, padding=1, output_padding=1, layouts=layouts)
+    x, w, _ = _tensors(case)
+    dy = layout(torch.randn(case.n, case.c_out, *case.out_size, generator=torch.Generator().manual_seed(3)), layouts[0])
+    args = (dy, x, w, list(case.stride), list(case.padding), list(case.output_padding), case.groups, list(case.dilation))
+    op = torch.ops.convt_ext._conv_transpose_backward.default
+    with Ran() as ran:
+        grad_input, grad_weight = op(*args)
+    assert_view_ran(ran, calls=2)
+    # the values are right ...
+    x64, w64, dy64 = x.double().requires_grad_(), w.double().requires_grad_(), dy.double()
+    F.conv_transpose2d(x64, w64, None, 2, 1, 1).backward(dy64)
+    assert_within(grad_input, x64.grad, F.conv2d(dy64.abs(), w64.detach().abs(), None, 2, 1), 6 * 9, "grad_input")
+    # ... the strides are not the ones torch.compile traced with
+    with Ran() as ran:
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+    assert_view_ran(ran, calls=2)
+
+
 # ------------------------------------------------------------------ the tables' own coverage
 
 
@@ -498,14 +602,16 @@ def test_case_tables_cover_what_they_claim():
 # ------------------------------------------------------------------ memory format
 
 
-@pytest.mark.parametrize("dims", [1, 2, 3])
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("layouts", [(NC, NC), (CL, NC), (NC, CL), (CL, CL)], ids="-".join)
+# torch's 1-d output follows a weight stored (O, k, C) into (N, L, C) memory, but 1-d
+# has no channels_last format and both of convt_ext's paths return it contiguous:
+# not the view path's choice, so those two are left out here.
+FORMAT_CASES = [(op, dims, layouts) for op in OPS for dims in (1, 2, 3)
+                for layouts in ((NC, NC), (CL, NC), (NC, CL), (CL, CL))
+                if not (dims == 1 and op != "conv_weight" and layouts[1] == CL)]
+
+
+@pytest.mark.parametrize("op, dims, layouts", FORMAT_CASES, ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v))
 def test_output_memory_format_is_torchs(op, dims, layouts, view_path, ieee_fp32):
-    if dims == 1 and op != "conv_weight" and layouts[1] == CL:
-        # torch's 1-d output follows a weight stored (O, k, C) into (N, L, C) memory; 1-d
-        # has no channels_last format, and both of convt_ext's paths return it contiguous.
-        pytest.skip("1-d with a pixel-layout weight: no channels_last format in 1-d (not the view path's choice)")
     size = {1: (11,), 2: (7, 6), 3: (5, 4, 6)}[dims]
     case = Case(op, 2, 4, 6, size, (3,) * dims, stride=2, padding=1, groups=2,
                 output_padding=1 if op == "conv_transpose" else 0, layouts=layouts)
