@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import convt_ext
 from conftest import requires_cuda, set_tf32
-from tf32_bounds import check_within, reference, relative_error, round_to_tf32, tf32_was_used
+from tf32_bounds import allowed_error, check_within, reference, relative_error, round_to_tf32, tf32_was_used
 
 
 def cuda_test(fn):
@@ -227,8 +227,7 @@ def test_allowance_on_the_cpu(index, restore_workspace_limit):
         _check(case, emulated[:3], refs[:3], tf32=False)
     assert tf32_was_used([relative_error(t, ref, sq) for t, (ref, sq, _) in zip(emulated[:3], refs[:3])])
 
-    from tf32_bounds import allowed_error
-    typical_product = (2 / math.pi)  # E|a|*E|b| for standard normal a, b
+    typical_product = 2 / math.pi  # E|a|*E|b| for standard normal a, b
     for ref, sq, n in refs[:3]:
         assert allowed_error(ref, sq, n, tf32=True).median() < 0.5 * typical_product, case["name"]
 
@@ -444,29 +443,30 @@ def _patches(t, n, i, j):
 @cuda_test
 @pytest.mark.slow
 def test_past_int32_elements():
-    """conv2d whose input, and conv_transpose2d whose output, hold more than 2^31 elements (8 GiB
-    each in float32, under 24 GiB in all): sampled elements, many of them past offset 2^31, equal
-    the sums of their 3x3 neighbourhoods in float64 within the TF32 allowance."""
+    """conv2d whose input, and conv_transpose2d whose output, hold more than 2^32 elements, each
+    sample more than 2^31 (16 GiB each in float32, under 40 GiB in all): sampled elements, many
+    of them past offset 2^31 within a sample and past 2^32 in all, equal the sums of their 3x3
+    neighbourhoods in float64 within the TF32 allowance."""
     free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
-    N, C, O, H, W = 2, 4, 2, 16384, 16385
-    assert N * C * H * W > 2**31
+    if free < 40 * 2**30:
+        pytest.skip("needs 40 GiB of free GPU memory")
+    N, C, O, H, W = 2, 8, 2, 16384, 16385
+    assert C * H * W > 2**31
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(O, C, 3, 3, generator=gen)
     S = 400
-    n = torch.cat([torch.randint(0, N, (S,), generator=gen), torch.full((S + 4,), N - 1)])
+    n = torch.cat([torch.randint(0, N, (2 * S,), generator=gen), torch.tensor([0, 0, N - 1, N - 1])])
     i = torch.cat([torch.randint(0, H, (S,), generator=gen), torch.randint(H - 9, H, (S,), generator=gen),
                    torch.tensor([0, H - 1, H - 1, 0])])
     j = torch.cat([torch.randint(0, W, (2 * S,), generator=gen), torch.tensor([0, W - 1, 0, W - 1])])
     c = torch.randint(0, C, (2 * S + 4,), generator=gen)
-    c[S:] = C - 1  # the last channel of the last sample: offsets past 2^31 in a (N, C, H, W) tensor
+    c[S:] = C - 1  # the last channel's last rows: offsets past 2^31 in every sample
     o = c % O
+    past = ((((n * C + c) * H + i) * W + j) >= 2**31).sum().item()
+    assert past >= S // 2
     n, i, j, c, o = (t.cuda() for t in (n, i, j, c, o))
     wd = w.double()
 
-    past = ((((n * C + c) * H + i) * W + j) >= 2**31).sum().item()
-    assert past >= S // 2  # sampled (N, C, H, W) offsets past 2^31: the tail rows of the last channel
     x = torch.randn(N, C, H, W, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     assert x.numel() > 2**31
     y = convt_ext.conv2d(x, w.cuda(), padding=1)
