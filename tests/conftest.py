@@ -24,8 +24,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # GEMMs run in TF32 by default (Note [TF32 as a convolution] in csrc/gemm.h),
 # and the float32 tests allow for it (tests/tf32_bounds.py). The fixture
 # tf32_setting runs a test under each combination of the convolution flag and
-# the matmul flag, set through either of torch's two APIs; ieee_float32 turns
-# TF32 off for a test that needs IEEE float32. Both put torch's defaults back.
+# the matmul flag, set through either of torch's two APIs, and puts torch's
+# defaults back; set_tf32("neither") gives a test IEEE float32 throughout.
 TF32_SETTINGS = {  # name: (convolutions in TF32, at::mm in TF32)
     "default": (True, False),  # torch's defaults: convt_ext calls cuBLAS itself, in TF32
     "both": (True, True),  # matmul by fp32_precision, which made the legacy getter throw
@@ -69,16 +69,6 @@ def tf32_setting(request):
     set_tf32(request.param)
     try:
         yield TF32_SETTINGS[request.param]
-    finally:
-        reset_tf32()
-
-
-@pytest.fixture
-def ieee_float32():
-    """Full float32 on CUDA for this test (TF32 off for convolutions and at::mm)."""
-    set_tf32("neither")
-    try:
-        yield
     finally:
         reset_tf32()
 
