@@ -19,11 +19,58 @@ import convt_ext
 # Use together with @pytest.mark.cuda on every CUDA test.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# CUDA float32 parity is checked in full float32: cuDNN's convolutions, and
-# convt_ext's, which follow the same flag (Note [TF32 as a convolution] in
-# csrc/gemm.h), would otherwise run TF32. tests/test_gemm_engine.py checks
-# the TF32 setting itself.
-torch.backends.cudnn.allow_tf32 = False
+# Note [TF32 settings in the tests]
+# Torch's own flags stay as torch sets them: on CUDA, a float32 convolution's
+# GEMMs run in TF32 by default (Note [TF32 as a convolution] in csrc/gemm.h),
+# and the float32 tests allow for it (tests/tf32_bounds.py). The fixture
+# tf32_setting runs a test under each combination of the convolution flag and
+# the matmul flag, set through either of torch's two APIs, and puts torch's
+# defaults back; set_tf32("neither") gives a test IEEE float32 throughout.
+TF32_SETTINGS = {  # name: (convolutions in TF32, at::mm in TF32)
+    "default": (True, False),  # torch's defaults: convt_ext calls cuBLAS itself, in TF32
+    "both": (True, True),  # matmul by fp32_precision, which made the legacy getter throw
+    "matmul_only": (False, True),  # the legacy flags: convt_ext calls cuBLAS, in IEEE
+    "neither": (False, False),  # the convolution by fp32_precision: at::mm in IEEE
+}
+
+
+def set_tf32(name):
+    b = torch.backends
+    reset_tf32()
+    if name == "both":
+        b.cuda.matmul.fp32_precision = "tf32"
+    elif name == "matmul_only":
+        b.cudnn.allow_tf32 = False
+        b.cuda.matmul.allow_tf32 = True
+    elif name == "neither":
+        b.cudnn.conv.fp32_precision = "ieee"
+
+
+def reset_tf32():
+    """Torch's defaults: TF32 for cuDNN's convolutions, the matmul precision inherited ("none")."""
+    b = torch.backends
+    b.cudnn.allow_tf32 = True
+    b.cuda.matmul.allow_tf32 = False  # the legacy precision back to "highest"
+    b.cuda.matmul.fp32_precision = "none"
+
+
+def tf32_state():
+    """The flags as fp32_precision reads them (the legacy getters throw on mixed settings)."""
+    b = torch.backends
+    return b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision
+
+
+DEFAULT_TF32_STATE = tf32_state()
+
+
+@pytest.fixture(params=list(TF32_SETTINGS))
+def tf32_setting(request):
+    """Runs the test once per TF32_SETTINGS entry; gives (conv TF32, matmul TF32)."""
+    set_tf32(request.param)
+    try:
+        yield TF32_SETTINGS[request.param]
+    finally:
+        reset_tf32()
 
 # The default workspace limit as this process started, before any test changed it.
 DEFAULT_WORKSPACE_LIMIT = convt_ext.workspace_limit()

@@ -50,11 +50,11 @@ def run_and_grads(module, x, upstream, **fwd):
     return out.detach(), got
 
 
-def check_parity(ours, ref, input_shape, seed=1, **fwd):
+def check_parity(ours, ref, input_shape, seed=1, device="cpu", **fwd):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(input_shape, generator=gen, dtype=DT)
+    x = torch.randn(input_shape, generator=gen, dtype=DT).to(device)
     out_ref = ref(x, **fwd)
-    upstream = torch.randn(out_ref.shape, generator=gen, dtype=DT)
+    upstream = torch.randn(out_ref.shape, generator=gen, dtype=DT).to(device)
     expected, expected_grads = run_and_grads(ref, x, upstream, **fwd)
     got, got_grads = run_and_grads(ours, x, upstream, **fwd)
     assert got.shape == expected.shape
@@ -386,6 +386,7 @@ def test_from_torch_keeps_meta_device():
         assert p.device.type == "meta" and p.dtype == torch.float16
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
 def test_from_torch_cuda(torch_cls, our_cls, args, kw):
@@ -395,7 +396,7 @@ def test_from_torch_cuda(torch_cls, our_cls, args, kw):
     ref = torch_cls(*args, **kw, dtype=DT, device="cuda")
     ours = our_cls.from_torch(ref)
     assert all(p.is_cuda for p in ours.parameters())
-    check_parity(ours, ref, (2, args[0], 6, 7))
+    check_parity(ours, ref, (2, args[0], 6, 7), device="cuda")
 
 
 def test_from_torch_accepts_our_own_modules_and_subclasses():

@@ -68,18 +68,45 @@ void strided_batched(const at::Tensor& out, const Blas& A, const Blas& B, float 
       tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
 }
 
+// Note [The flags, read as ATen reads them]
+// Each flag is read through the per-backend, per-op API that torch's own
+// kernels read (torch 2.10 on: at::Float32Backend/Float32Op, the same
+// declarations in 2.11, 2.13 and 2.14), never through
+// float32MatmulPrecision(), which throws once a user has set
+// torch.backends.cuda.matmul.fp32_precision (the legacy value can no longer
+// describe the state), nor allowTF32CuDNN() without an op, which throws when
+// the conv and rnn settings differ.
+//  - A convolution's TF32: allowTF32CuDNN(CONV), what cuDNN's convolutions
+//    read; it inherits from torch.backends.cudnn.fp32_precision and
+//    torch.backends.fp32_precision as torch resolves them.
+//  - at::mm's TF32: what getCurrentCUDABlasHandle sets the handle's math mode
+//    from (CublasHandlePool.cpp) and cuBLASLt's float32 compute type follows:
+//    the cuda/matmul precision (with the same inheritance) is "tf32", and no
+//    at::NoTF32Guard is active on this thread.
+bool matmul_tf32() {
+  return !at::NoTF32Guard::should_disable_tf32() &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
+}
+
 }  // namespace
 
+// Note [Deterministic cuBLAS calls]
+// Under torch.use_deterministic_algorithms(True), ATen's cuBLAS GEMMs in torch
+// 2.10-2.14 make no check of their own: Context lost
+// alertCuBLASConfigNotDeterministic (the CUBLAS_WORKSPACE_CONFIG check) when
+// torch began to give every (handle, stream) pair its own workspace, which is
+// what cuBLAS's reproducibility needs. getCurrentCUDABlasHandle() does that
+// (and binds the current stream), so this call, which takes its handle from
+// it, is as deterministic as at::mm: the same bits for the same inputs on the
+// same GPU and toolkit. Nothing here changes with the flag.
 bool cuda_tf32_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                     const at::Tensor& add, bool accumulate) {
   if (out.scalar_type() != at::kFloat || a.size(2) == 0) return false;
+  // Note [The flags, read as ATen reads them]
   const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
   // at::mm already does what F.conv2d would: TF32 exactly when allowed.
-  const auto matmul = at::globalContext().float32MatmulPrecision();
-  if (tf32 ? matmul == at::Float32MatmulPrecision::HIGH
-           : matmul == at::Float32MatmulPrecision::HIGHEST) {
-    return false;
-  }
+  if (tf32 == matmul_tf32()) return false;
   const Blas A = as_blas(a), B = as_blas(b);
   for (int64_t v : {out.size(0), out.size(1), out.size(2), a.size(2), A.ld, B.ld,
                     out.stride(1), out.stride(2)}) {
