@@ -432,6 +432,8 @@ void tap_gemms_done(int64_t calls) {
 
 bool fp32_convs_in_bf16() { return cpu_fp32_in_bf16(); }
 
+bool cpu_avx512f() { return cpu_avx512(); }
+
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& add,
           bool accumulate) {
   if (out.numel() == 0) return;

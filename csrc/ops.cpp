@@ -28,6 +28,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -311,6 +312,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["threads"] = p.threads;
     return d;
   }, py::arg("seconds"));
+  m.def("view_rule", [](const std::string& op, bool avx512, bool image_pixels, bool windows_pixels,
+                        int64_t dims, bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise) {
+    const std::vector<std::string> names{"conv", "conv_transpose", "conv_weight", "conv_transpose_backward"};
+    const auto it = std::find(names.begin(), names.end(), op);
+    TORCH_CHECK_VALUE(it != names.end(), "view_rule: op must be one of conv, conv_transpose, conv_weight, "
+                      "conv_transpose_backward, but got '", op, "'");
+    return convt_ext::view_rule(static_cast<convt_ext::ViewOp>(it - names.begin()), avx512, image_pixels,
+                                windows_pixels, dims, overlap, cg_image, cg_windows, pointwise);
+  }, py::arg("op"), py::arg("avx512"), py::arg("image_pixels"), py::arg("windows_pixels"), py::arg("dims"),
+     py::arg("overlap"), py::arg("cg_image"), py::arg("cg_windows"), py::arg("pointwise"));
   m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", [] {

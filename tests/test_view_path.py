@@ -685,10 +685,16 @@ def _three_torch(x, w, dy, geometry):
             torch.nn.grad.conv2d_weight(x, w.shape, dy, **geometry)]
 
 
-def test_auto_takes_the_view_for_a_typical_layer(ieee_fp32):
+def _cl(*tensors):
+    return [t.contiguous(memory_format=torch.channels_last) for t in tensors]
+
+
+def test_auto_takes_the_view_for_a_typical_channels_last_layer(ieee_fp32):
+    """In pixel memory the view path saves the copy on every CPU: auto takes it."""
     with _path("auto"):
         assert convt_ext.engine_info()["path"]["setting"] == "auto"
         x, w, dy, geometry = _layer(64, 64, 3)
+        x, dy = _cl(x, dy)
         with Ran() as ran:
             got = _three(x, w, dy, geometry)
         assert_view_ran(ran, calls=3)
@@ -712,9 +718,45 @@ def test_auto_takes_the_columns_elsewhere(c_in, c_out, k, groups, ieee_fp32):
             assert (g.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_auto_on_planar_inputs_follows_the_rule_for_this_cpu(ieee_fp32):
+    """NCHW: with AVX-512 the view everywhere; with AVX2 only conv_transpose's
+    overlapping windows (the rule, view_rule, decides; its table is below)."""
+    avx512 = convt_ext.engine_info()["cpu_avx512"]
+    with _path("auto"):
+        x, w, dy, geometry = _layer(64, 64, 3)
+        with Ran() as ran:
+            got = _three(x, w, dy, geometry)
+        assert ran.view == (3 if avx512 else 1) and ran.columns == 3 - ran.view
+        for g, want in zip(got, _three_torch(x, w, dy, geometry)):
+            assert (g.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_the_rule_as_a_table(avx512):
+    rule = convt_ext._C.view_rule
+    ops = ("conv", "conv_transpose", "conv_weight", "conv_transpose_backward")
+    for op in ops:
+        # too few channels on either side, or 1x1: never
+        for cg_image, cg_windows, pointwise in ((15, 64, False), (64, 15, False), (64, 64, True)):
+            assert not rule(op, avx512, True, True, 2, True, cg_image, cg_windows, pointwise)
+        # in pixel memory already: always
+        assert rule(op, avx512, True, True, 2, True, 16, 16, False)
+    for op in ops:
+        planar = rule(op, avx512, False, False, 2, True, 64, 64, False)
+        assert planar == (avx512 or op == "conv_transpose")
+    # conv_transpose on planar input, AVX2: 2-d or 3-d overlapping windows only
+    assert rule("conv_transpose", False, False, False, 3, True, 64, 64, False)
+    assert not rule("conv_transpose", False, False, False, 1, True, 64, 64, False)
+    assert not rule("conv_transpose", False, False, False, 2, False, 64, 64, False)
+    assert rule("conv_transpose", avx512, False, True, 1, False, 64, 64, False)
+    with pytest.raises(ValueError, match="op must be one of"):
+        rule("deconv", avx512, True, True, 2, True, 64, 64, False)
+
+
 def test_auto_boundary_is_16_channels_per_group(ieee_fp32):
     with _path("auto"):
         x, w, dy, geometry = _layer(32, 32, 3, groups=2)
+        x, dy = _cl(x, dy)
         with Ran() as ran:
             _three(x, w, dy, geometry)
         assert_view_ran(ran, calls=3)

@@ -199,6 +199,21 @@ struct Plane {
   }
 };
 
+// For the virtual rows [m0, m1) of a plane of row width wv, the offset of
+// each real one, o1 * row + o2 * col (o1 = m / wv, o2 = m % wv < O2), or -1
+// for a dropped one.
+void virtual_places(int64_t m0, int64_t m1, int64_t wv, int64_t O2, int64_t row, int64_t col,
+                    int64_t* at) {
+  int64_t o1 = m0 / wv, o2 = m0 % wv;
+  for (int64_t m = 0; m < m1 - m0; ++m) {
+    at[m] = o2 < O2 ? o1 * row + o2 * col : -1;
+    if (++o2 == wv) {
+      o2 = 0;
+      ++o1;
+    }
+  }
+}
+
 Plane make_plane(const at::Tensor& image, const Window3& w) {
   Plane pl;
   const int64_t s1 = w.stride[1], s2 = w.stride[2], C = image.size(1);
@@ -269,19 +284,21 @@ void conv_plane(const at::Tensor& input, const at::Tensor& wt, const at::Tensor&
       }
     }
     // The real pixels of the block, into the output: pixel rows, or each
-    // channel's run of pixels in a planar output.
+    // channel's run of pixels in a planar output. Each virtual row's place
+    // in the output plane (or -1: dropped) is found once, not per channel.
     const int64_t plane = O0 * O1 * O2, offset = o0 * O1 * O2;
+    int64_t at[kPlaneRows];
+    virtual_places(m0, m1, pl.wv, O2, O2, 1, at);
     if (pixels_out) {
-      for (int64_t m = m0; m < m1; ++m) {
-        if (m % pl.wv >= O2) continue;
-        std::memcpy(py + (n * plane + offset + m / pl.wv * O2 + m % pl.wv) * O, pc + (m - m0) * O, O * sizeof(float));
+      for (int64_t m = 0; m < m1 - m0; ++m) {
+        if (at[m] >= 0) std::memcpy(py + (n * plane + offset + at[m]) * O, pc + m * O, O * sizeof(float));
       }
       return;
     }
     for (int64_t o = 0; o < O; ++o) {
       float* dst = py + (n * O + o) * plane + offset;
-      for (int64_t m = m0; m < m1; ++m) {
-        if (m % pl.wv < O2) dst[m / pl.wv * O2 + m % pl.wv] = pc[(m - m0) * O + o];
+      for (int64_t m = 0; m < m1 - m0; ++m) {
+        if (at[m] >= 0) dst[at[m]] = pc[m * O + o];
       }
     }
   });
@@ -308,13 +325,12 @@ void weight_plane(const at::Tensor& input, const at::Tensor& grad_output, const 
     const int64_t o0 = task / blocks % O0, n = task / blocks / O0;
     const at::Tensor turned = scratch(Slot::Operand, {O, kPlaneRows}, input.options());
     float* pt = turned.mutable_data_ptr<float>();
+    int64_t at[kPlaneRows];
+    virtual_places(m0, m1, pl.wv, O2, s1, s2, at);
     for (int64_t o = 0; o < O; ++o) {
       const float* src = pdy + n * sn + o * sc + o0 * s0;
       float* dst = pt + o * kPlaneRows;
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t o1 = m / pl.wv, o2 = m % pl.wv;
-        dst[m - m0] = o2 < O2 ? src[o1 * s1 + o2 * s2] : 0.f;
-      }
+      for (int64_t m = 0; m < m1 - m0; ++m) dst[m] = at[m] >= 0 ? src[at[m]] : 0.f;
     }
     float* part = pp + range * groups * T * Og * Cg;
     for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
@@ -380,10 +396,11 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
   }
   if (floats * sizeof(float) > double(workspace_limit())) return false;
   if (setting == kView) return true;
-  // The rule: a tap's GEMM needs enough channels on both sides to beat
-  // copying its columns, and a 1x1 layer has no columns to copy
-  // (benchmarks/NOTES.md item 25).
-  return !pointwise && cg_image >= 16 && cg_windows >= 16;
+  bool overlap = false;  // windows that share pixels: col2im sums, where the view path gathers
+  for (int i = 0; i < kMaxDims; ++i) overlap |= call.kernel[i] > call.stride[i];
+  static const bool avx512 = cpu_avx512f();
+  return view_rule(op, avx512, image_pixels, windows_pixels, like.dim() - 2, overlap, cg_image,
+                   cg_windows, pointwise);
 }
 
 at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
@@ -565,6 +582,30 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
     }
   });
   return finish_weight(partials, ranges, weight_size);
+}
+
+bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
+               bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise) {
+  // A tap's GEMM needs enough channels on both sides, and a 1x1 layer has no
+  // columns to copy.
+  if (pointwise || cg_image < 16 || cg_windows < 16) return false;
+  // With AVX-512 the ukernel runs the per-tap GEMMs near the FMA peak
+  // (87-92% on an Intel Xeon in the prototype), above the BLAS on im2col's
+  // columns (73-85%).
+  if (avx512) return true;
+  // With AVX2 the BLAS is the faster GEMM, so the view path wins only where
+  // it saves a copy (benchmarks/NOTES.md item 25): an image already in pixel
+  // memory, read in place, and conv_transpose with overlapping windows in 2-d
+  // or 3-d, whose strided accumulation replaces col2im's sums.
+  switch (op) {
+    case ViewOp::Conv:
+    case ViewOp::ConvWeight:
+    case ViewOp::ConvTransposeBackward:
+      return image_pixels;
+    case ViewOp::ConvTranspose:
+      return windows_pixels || (dims >= 2 && overlap);
+  }
+  return false;
 }
 
 void set_conv_path(const std::string& setting) {

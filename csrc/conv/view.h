@@ -51,14 +51,18 @@ enum class ViewOp : int { Conv = 0, ConvTranspose = 1, ConvWeight = 2, ConvTrans
 // `c_windows` their channel counts. The path setting (set_conv_path) decides:
 // "columns" never, "view" wherever the path can run (float32 on a CPU where
 // the ukernel runs, float32 convolutions in IEEE float32, within the
-// workspace limit), "auto" where it also wins (the rule: benchmarks/NOTES.md
-// item 25).
+// workspace limit), "auto" where it also wins (view_rule).
 // `*_pixels`: whether that tensor is in pixel memory already (the output:
 // whether torch's format for it is channels-last); `pointwise`: a 1x1
 // kernel, stride 1, no padding.
 bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
                 int64_t c_windows, int64_t groups, bool image_pixels, bool windows_pixels,
                 bool output_pixels, bool pointwise);
+
+// The "auto" rule, as a function of its inputs, for tests on any machine:
+// `dims` spatial dimensions, `overlap` a kernel larger than its stride.
+bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
+               bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise);
 
 // Whether t (N, C, *spatial) is in pixel memory, (N, *spatial, C) contiguous.
 bool pixel_memory(const at::Tensor& t);
