@@ -553,3 +553,70 @@ def test_a_quick_run_from_the_command_line_writes_the_json_and_both_pngs(tmp_pat
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "performance goals on the CPU: " in proc.stdout
     assert proc.stdout.rstrip().endswith(f"chart: {out.with_suffix('.png')} (every case: {tmp_path / 'q-cases.png'})")
+
+
+def _summary_entry(op, dims, direction, vs_torch):
+    return {"op": op, "dims": dims, "direction": direction, "vs_torch": {"median": vs_torch, "min": vs_torch}}
+
+
+def test_goals_are_judged_by_the_kind_of_run_they_are_for():
+    """A channels_last goal counts in a --channels-last run only, a bf16 goal in an
+    --autocast bf16 run only (and is reported, not judged, without native bf16),
+    and the FMA goal takes the 3x3 layers of >= 64 channels, over the FMA peak."""
+    summary = [_summary_entry("conv2d", 2, suite.FORWARD, 1.3), _summary_entry("conv_transpose2d", 2, suite.FORWARD, 0.5)]
+    layer = lambda k, c: {"kernels": [k, k], "c_in": c, "c_out": c, "groups": 1}  # noqa: E731
+    results = [
+        {"op": "conv2d", "dims": 2, "direction": suite.FORWARD, "layer": layer(3, 64),
+         "rate": {"impls": {"convt_ext": {"value": 90.0}}}},
+        {"op": "conv2d", "dims": 2, "direction": suite.FORWARD, "layer": layer(3, 256),
+         "rate": {"impls": {"convt_ext": {"value": 70.0}}}},
+        {"op": "conv2d", "dims": 2, "direction": suite.FORWARD, "layer": layer(1, 256),  # not 3x3: left out
+         "rate": {"impls": {"convt_ext": {"value": 10.0}}}},
+        {"op": "conv2d", "dims": 2, "direction": suite.FORWARD, "layer": layer(3, 32),  # too few channels
+         "rate": {"impls": {"convt_ext": {"value": 10.0}}}},
+    ]
+    reference = {"fma_peak_gflops": 100.0}
+
+    def judged(settings, native=True):
+        return {(t["op"], t["measure"], t["statistic"], tuple(sorted(t["run"]))): t
+                for t in bench_report.check_targets(summary, "cpu", results, reference, settings, native)
+                if t["direction"] == suite.FORWARD and t["dims"] == 2}
+
+    default = judged({"channels_last": False, "autocast": None})
+    assert default[("conv2d", "vs_torch", "median", ())]["measured"] == 1.3
+    assert default[("conv2d", "vs_torch", "median", ())]["status"] == "pass"  # 1.3 >= 1.2
+    assert default[("conv_transpose2d", "vs_torch", "median", ())]["status"] == "miss"
+    assert all(t["status"] == "not run" for k, t in default.items() if k[3])
+
+    cl = judged({"channels_last": True, "autocast": None})
+    fma = cl[("conv2d", "percent_fma_3x3", "median", ("channels_last",))]
+    assert fma["measured"] == pytest.approx(80.0) and fma["status"] == "miss"  # median of 90% and 70%
+    assert cl[("conv2d", "vs_torch", "median", ("channels_last",))]["status"] == "pass"
+    assert all(t["status"] == "not run" for k, t in cl.items() if not k[3])
+
+    bf16 = judged({"channels_last": False, "autocast": "bf16"}, native=False)
+    assert bf16[("conv2d", "vs_torch", "median", ("autocast",))]["status"] == "report"
+    bf16 = judged({"channels_last": False, "autocast": "bf16"}, native=True)
+    assert bf16[("conv_transpose2d", "vs_torch", "median", ("autocast",))]["status"] == "miss"
+
+
+def test_the_dcgan_step(tmp_path):
+    """--model dcgan: both sides train from the same weights; the first step's
+    losses agree; the JSON has the step times and the speedup."""
+    out = tmp_path / "dcgan.json"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = cli.main(["--model", "dcgan", "--quick", "--out", str(out)])
+    assert code == 0, stdout.getvalue()
+    report = json.loads(out.read_text())
+    assert report["agree"] and report["model"] == "dcgan" and report["batch"] == 64
+    assert report["speedup"] > 0 and len(report["round_s"]["torch"]) == len(report["round_s"]["convt_ext"]) == 1
+    a, b = report["first_losses"]["torch"], report["first_losses"]["convt_ext"]
+    assert all(abs(x - y) <= 1e-3 * max(1.0, abs(x)) for x, y in zip(a, b))
+    assert "speedup" in stdout.getvalue() and "goal: at least 1.0x" in stdout.getvalue()
+
+
+def test_the_fma_peak_is_measured():
+    p = convt_ext._C.fma_peak(0.05)
+    if not p["isa"]:
+        pytest.skip("no FMA loop for this CPU (not x86 with AVX2)")
+    assert p["isa"] in ("avx2+fma", "avx512f") and p["gflops"] > 1.0 and p["threads"] == torch.get_num_threads()
