@@ -86,7 +86,7 @@ WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"
 GEMM_ENGINE_ENV = "CONVT_EXT_GEMM_ENGINE"
 GEMM_ENGINES = ("auto", "benchmark", "aten", "onednn", "brgemm")
 CONV_PATH_ENV = "CONVT_EXT_CONV_PATH"
-CONV_PATHS = ("auto", "view", "columns")
+CONV_PATHS = ("auto", "benchmark", "view", "columns")
 
 
 def set_gemm_engine(engine):
@@ -119,13 +119,21 @@ def set_conv_path(path):
     view] in csrc/conv/view.h; also the CONVT_EXT_CONV_PATH environment
     variable):
 
-    - "auto" (default): the view path where its rule says it wins (float32,
-      at least 16 channels per group on both sides, not 1x1), the column
-      path elsewhere;
+    - "auto" (default): the view path where its rule says it wins, the
+      column path elsewhere. The rule (benchmarks/NOTES.md item 25): float32,
+      at least 16 channels per group on both sides, not 1x1; then, on a CPU
+      with AVX-512, always; with AVX2 only where the view saves a copy (an
+      input already channels_last, or conv_transpose with overlapping
+      windows in 2-d or 3-d);
     - "view": per-tap GEMMs on strided views of channels-last memory, no
       column matrix, wherever it can run (float32 on a CPU where oneDNN's
       ukernel runs, IEEE float32 convolutions, within the workspace limit);
-    - "columns": im2col/col2im and GEMMs, always.
+    - "columns": im2col/col2im and GEMMs, always;
+    - "benchmark": where the view path can run, time both paths on a call's
+      first use of its geometry and keep the faster, like
+      torch.backends.cudnn.benchmark (engine_info()["path"]["benchmarked"]
+      lists the choices; acts as "auto" under
+      torch.use_deterministic_algorithms(True)).
 
     Results agree with torch to rounding whatever the path."""
     if not isinstance(path, str):

@@ -332,6 +332,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["setting"] = r.setting;
     d["view_available"] = r.view_available;
     d["calls"] = calls;
+    py::list timed;
+    for (const auto& t : r.benchmarked) {
+      py::dict row;
+      row["op"] = t.op;
+      row["key"] = t.key;
+      row["view_s"] = t.view_s;
+      row["columns_s"] = t.columns_s;
+      row["path"] = t.view ? "view" : "columns";
+      timed.append(row);
+    }
+    d["benchmarked"] = timed;
     return d;
   });
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),

@@ -884,13 +884,13 @@ def test_fp32_precision_bf16_rule(view_path, restore_precision):
 def test_set_conv_path_and_engine_info():
     old = convt_ext.conv_path()
     try:
-        for setting in ("view", "columns", "auto"):
+        for setting in ("view", "columns", "benchmark", "auto"):
             convt_ext.set_conv_path(setting)
             assert convt_ext.conv_path() == setting
             assert convt_ext.engine_info()["path"]["setting"] == setting
             assert convt_ext.build_info()["conv_path"] == setting
         path = convt_ext.engine_info()["path"]
-        assert set(path) == {"setting", "view_available", "calls"}
+        assert set(path) == {"setting", "view_available", "calls", "benchmarked"}
         assert set(path["calls"]) == {"view", "columns"}
     finally:
         convt_ext.set_conv_path(old)
@@ -934,3 +934,37 @@ def test_environment_variable():
     assert columns.out.split() == ["columns", "0", "1"]
     assert bogus.returncode != 0
     assert "ValueError" in bogus.err and "CONVT_EXT_CONV_PATH" in bogus.err and "bogus" in bogus.err, bogus.err
+
+
+def test_benchmark_mode_times_both_paths_once_per_geometry(ieee_fp32):
+    """"benchmark": the first call of a geometry times the view and the column
+    path and keeps the faster (reported with both times); later calls reuse the
+    choice; results are torch's either way; under deterministic algorithms it is
+    "auto" (nothing timed)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 32, 11, 13, generator=gen)
+    w = torch.randn(32, 32, 3, 3, generator=gen)
+    want = F.conv2d(x.double(), w.double(), None, 1, 1)
+    with _path("benchmark"):
+        assert convt_ext.conv_path() == "benchmark"
+        before = {tuple(b["key"]) for b in convt_ext.engine_info()["path"]["benchmarked"]}
+        for _ in range(3):
+            got = convt_ext.conv2d(x, w, None, 1, 1)
+            assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+        rows = [b for b in convt_ext.engine_info()["path"]["benchmarked"] if tuple(b["key"]) not in before]
+        assert len(rows) == 1 and rows[0]["op"] == "conv"
+        row = rows[0]
+        assert row["view_s"] > 0 and row["columns_s"] > 0
+        assert row["path"] == ("view" if row["view_s"] <= row["columns_s"] else "columns")
+        with Ran() as ran:
+            convt_ext.conv2d(x, w, None, 1, 1)
+        assert (ran.view, ran.columns) == ((1, 0) if row["path"] == "view" else (0, 1))
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            count = len(convt_ext.engine_info()["path"]["benchmarked"])
+            y = torch.randn(2, 32, 9, 17, generator=gen)
+            convt_ext.conv2d(y, w, None, 1, 1)
+            assert len(convt_ext.engine_info()["path"]["benchmarked"]) == count
+        finally:
+            torch.use_deterministic_algorithms(previous)

@@ -80,16 +80,24 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   const bool one_to_one = pointwise(kernel, stride, padding);
   const bool cl = format != at::MemoryFormat::Contiguous;
-  if (!(cl && one_to_one && pixel_memory(input)) &&
-      view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups,
-                 pixel_memory(input), false, cl, one_to_one)) {
-    return in_format(conv_view(input, weight, bias, call, groups, !cl), format);
+  const auto columns = [&] {
+    count_column_call(input);
+    return in_format(conv_route(input, weight, bias, call, groups,
+                                shape_of(input.size(0), weight.size(0), windows, dims), format,
+                                one_to_one),
+                     format);
+  };
+  const bool pixels = pixel_memory(input);
+  if (!(cl && one_to_one && pixels) &&
+      view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups, pixels, false,
+                 cl, one_to_one)) {
+    const auto view = [&] { return in_format(conv_view(input, weight, bias, call, groups, !cl), format); };
+    if (!path_benchmark()) return view();
+    return by_timing<at::Tensor>(
+        path_key(ViewOp::Conv, call, input.size(1), weight.size(0), groups, pixels, false, cl), view,
+        columns);
   }
-  count_column_call(input);
-  const at::Tensor out =
-      conv_route(input, weight, bias, call, groups, shape_of(input.size(0), weight.size(0), windows, dims),
-                 format, one_to_one);
-  return in_format(out, format);
+  return columns();
 }
 
 at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
@@ -114,14 +122,22 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
     return conv_transpose_pixel_rows(input, weight, bias, groups,
                                      at::empty(shape, input.options().memory_format(format)));
   }
+  const bool cl = format != at::MemoryFormat::Contiguous, pixels = pixel_memory(input);
+  const auto columns = [&] {
+    count_column_call(input);
+    at::Tensor out = at::empty(shape, input.options());
+    conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
+    return in_format(out, format);
+  };
   if (view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1), groups, false,
-                 pixel_memory(input), format != at::MemoryFormat::Contiguous, one_to_one)) {
-    return in_format(conv_transpose_view(input, weight, bias, call, groups), format);
+                 pixels, cl, one_to_one)) {
+    const auto view = [&] { return in_format(conv_transpose_view(input, weight, bias, call, groups), format); };
+    if (!path_benchmark()) return view();
+    return by_timing<at::Tensor>(path_key(ViewOp::ConvTranspose, call, call.channels, input.size(1),
+                                          groups, false, pixels, cl),
+                                 view, columns);
   }
-  count_column_call(input);
-  at::Tensor out = at::empty(shape, input.options());
-  conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
-  return in_format(out, format);
+  return columns();
 }
 
 // As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
@@ -140,15 +156,25 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
   for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
   const bool cl = format != at::MemoryFormat::Contiguous;
+  const auto columns = [&] {
+    count_column_call(input);
+    const at::Tensor grad_weight =
+        conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
+    return in_format(grad_weight.view(weight_size), format);
+  };
+  const bool pixels = pixel_memory(input), dy_pixels = pixel_memory(grad_output);
   if (!(cl && one_to_one) &&
       view_takes(ViewOp::ConvWeight, input, call, input.size(1), grad_output.size(1), groups,
-                 pixel_memory(input), pixel_memory(grad_output), true, one_to_one)) {
-    return in_format(conv_weight_view(input, grad_output, call, groups, weight_size), format);
+                 pixels, dy_pixels, true, one_to_one)) {
+    const auto view = [&] {
+      return in_format(conv_weight_view(input, grad_output, call, groups, weight_size), format);
+    };
+    if (!path_benchmark()) return view();
+    return by_timing<at::Tensor>(path_key(ViewOp::ConvWeight, call, input.size(1),
+                                          grad_output.size(1), groups, pixels, dy_pixels, true),
+                                 view, columns);
   }
-  count_column_call(input);
-  const at::Tensor grad_weight =
-      conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
-  return in_format(grad_weight.view(weight_size), format);
+  return columns();
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
@@ -167,18 +193,29 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   c10::DeviceGuard guard(input.device());
   const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding) &&
                           no_output_padding(output_padding);
+  using Grads = std::tuple<at::Tensor, at::Tensor>;
+  const auto columns = [&]() -> Grads {
+    count_column_call(input);
+    auto [grad_input, grad_weight] =
+        conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
+    return {grad_input, grad_weight.view(weight.sizes())};
+  };
   // conv's ops on the same relation: the input gradient is conv(dy, W), the
   // weight gradient conv_weight(dy, x).
+  const bool dy_pixels = pixel_memory(grad_output), pixels = pixel_memory(input);
   if (view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels, input.size(1), groups,
-                 pixel_memory(grad_output), pixel_memory(input), false, one_to_one)) {
-    // Planar, as the column path and the fake kernel give them.
-    return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
-            conv_weight_view(grad_output, input, call, groups, weight.sizes())};
+                 dy_pixels, pixels, false, one_to_one)) {
+    const auto view = [&]() -> Grads {
+      // Planar, as the column path and the fake kernel give them.
+      return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
+              conv_weight_view(grad_output, input, call, groups, weight.sizes())};
+    };
+    if (!path_benchmark()) return view();
+    return by_timing<Grads>(path_key(ViewOp::ConvTransposeBackward, call, call.channels, input.size(1),
+                                     groups, dy_pixels, pixels, false),
+                            view, columns);
   }
-  count_column_call(input);
-  auto [grad_input, grad_weight] =
-      conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
-  return {grad_input, grad_weight.view(weight.sizes())};
+  return columns();
 }
 
 }  // namespace convt_ext

@@ -6,9 +6,13 @@
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 
+#include <ATen/Context.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "../gemm.h"
@@ -27,7 +31,8 @@ constexpr int64_t kBlockN = 64, kRows = 4, kSpan = 256;
 // place by the row form instead.
 constexpr int64_t kPlaneRows = 128, kWideRows = 32;
 
-constexpr int kAuto = 0, kView = 1, kColumns = 2;
+constexpr int kAuto = 0, kView = 1, kColumns = 2, kBenchmark = 3;
+constexpr const char* kOpNames[] = {"conv", "conv_transpose", "conv_weight", "conv_transpose_backward"};
 std::atomic<int> g_path{kAuto};
 std::atomic<int64_t> g_view_calls{0}, g_column_calls{0};
 
@@ -395,7 +400,7 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
     }
   }
   if (floats * sizeof(float) > double(workspace_limit())) return false;
-  if (setting == kView) return true;
+  if (setting == kView || path_benchmark()) return true;
   bool overlap = false;  // windows that share pixels: col2im sums, where the view path gathers
   for (int i = 0; i < kMaxDims; ++i) overlap |= call.kernel[i] > call.stride[i];
   static const bool avx512 = cpu_avx512f();
@@ -609,15 +614,52 @@ bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, i
 }
 
 void set_conv_path(const std::string& setting) {
-  const int v = setting == "auto" ? kAuto : setting == "view" ? kView : setting == "columns" ? kColumns : -1;
-  TORCH_CHECK_VALUE(v >= 0, "set_conv_path: path must be one of 'auto', 'view' or 'columns', but got '",
-                    setting, "'");
+  const int v = setting == "auto" ? kAuto : setting == "view" ? kView : setting == "columns" ? kColumns
+              : setting == "benchmark" ? kBenchmark : -1;
+  TORCH_CHECK_VALUE(v >= 0, "set_conv_path: path must be one of 'auto', 'benchmark', 'view' or 'columns', "
+                    "but got '", setting, "'");
   g_path.store(v);
 }
 
 std::string conv_path() {
   const int v = g_path.load();
-  return v == kAuto ? "auto" : v == kView ? "view" : "columns";
+  return v == kAuto ? "auto" : v == kView ? "view" : v == kColumns ? "columns" : "benchmark";
+}
+
+bool path_benchmark() {
+  return g_path.load() == kBenchmark && !at::globalContext().deterministicAlgorithms();
+}
+
+std::vector<int64_t> path_key(ViewOp op, const Window3& call, int64_t c_image, int64_t c_windows,
+                              int64_t groups, bool image_pixels, bool windows_pixels,
+                              bool output_pixels) {
+  std::vector<int64_t> key{static_cast<int64_t>(op), call.batch, c_image, c_windows, groups,
+                           image_pixels, windows_pixels, output_pixels};
+  for (const int64_t* v : {call.image, call.windows, call.kernel, call.stride, call.padding, call.dilation}) {
+    key.insert(key.end(), v, v + kMaxDims);
+  }
+  return key;
+}
+
+namespace {
+std::mutex g_timed_mutex;
+std::map<std::vector<int64_t>, PathReport::Timed>& timed_paths() {
+  static auto* m = new std::map<std::vector<int64_t>, PathReport::Timed>();
+  return *m;
+}
+}  // namespace
+
+std::optional<bool> kept_path(const std::vector<int64_t>& key) {
+  std::lock_guard<std::mutex> lock(g_timed_mutex);
+  const auto it = timed_paths().find(key);
+  if (it == timed_paths().end()) return std::nullopt;
+  return it->second.view;
+}
+
+bool keep_path(const std::vector<int64_t>& key, double view_s, double columns_s) {
+  PathReport::Timed t{kOpNames[key[0]], key, view_s, columns_s, view_s <= columns_s};
+  std::lock_guard<std::mutex> lock(g_timed_mutex);
+  return timed_paths().emplace(key, t).first->second.view;
 }
 
 PathReport path_report() {
@@ -626,6 +668,8 @@ PathReport path_report() {
   r.view_available = tap_gemm_runs();
   r.view_calls = g_view_calls.load();
   r.column_calls = g_column_calls.load();
+  std::lock_guard<std::mutex> lock(g_timed_mutex);
+  for (const auto& [key, t] : timed_paths()) r.benchmarked.push_back(t);
   return r;
 }
 
