@@ -283,7 +283,8 @@ def format_summary(summary):
     out = []
     for e in summary:
         parts = []
-        for key, what in (("torch", "torch default"), ("torch_im2col", "torch im2col kernel"), ("unfoldNd", "unfoldNd")):
+        for key, what in (("torch", "torch default"), ("torch_channels_last", "torch on channels_last"),
+                          ("torch_im2col", "torch im2col kernel"), ("unfoldNd", "unfoldNd")):
             v = e.get(f"vs_{key}")
             if v:
                 parts.append(f"median {v['median']:.2f}x vs {what} (min {v['min']:.2f}x, max {v['max']:.2f}x, "
