@@ -177,6 +177,35 @@ void run_tasks(const at::Tensor& like, int64_t count, const F& task_fn) {
 }
 
 
+// Runs fn(t, i0, k1, k2) for every kernel tap t = (k0, k1, k2), in order,
+// whose offset k0 takes window plane o0 inside the image, at image plane i0:
+// the taps a gather reads (conv and the weight gradient).
+template <typename F>
+void for_each_tap(const Window3& w, int64_t o0, const F& fn) {
+  for (int64_t k0 = 0, t = 0; k0 < w.kernel[0]; ++k0) {
+    int64_t i0;
+    if (!tap_inside(w, 0, o0, k0, &i0)) {
+      t += w.kernel[1] * w.kernel[2];
+      continue;
+    }
+    for (int64_t k1 = 0; k1 < w.kernel[1]; ++k1) {
+      for (int64_t k2 = 0; k2 < w.kernel[2]; ++k2, ++t) fn(t, i0, k1, k2);
+    }
+  }
+}
+
+// The window positions [*lo, *hi) of the span [m0, m1) whose tap k2 lies
+// inside the image (taps_inside), and the image position *i2 of the first;
+// false when there is none.
+bool span_taps(const Window3& w, int64_t k2, int64_t m0, int64_t m1, int64_t* lo, int64_t* hi,
+               int64_t* i2) {
+  taps_inside(w.image[2], w.windows[2], k2, w.stride[2], w.padding[2], w.dilation[2], lo, hi);
+  *lo = std::max(*lo, m0);
+  *hi = std::min(*hi, m1);
+  *i2 = tap(*lo, k2, w.stride[2], w.padding[2], w.dilation[2]);
+  return *lo < *hi;
+}
+
 // Note [The padded plane]
 // The row form's GEMMs are one output row long: M = 7 or 14 for ResNet's
 // late layers, 4 to 32 for DCGAN's, too few rows for the ukernel. The plane
@@ -269,25 +298,16 @@ void conv_plane(const at::Tensor& input, const at::Tensor& wt, const at::Tensor&
     for (int64_t m = 0; m < m1 - m0; ++m) {
       if (pb) std::memcpy(pc + m * O, pb, O * sizeof(float)); else std::fill(pc + m * O, pc + (m + 1) * O, 0.f);
     }
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      int64_t i0;
-      if (!tap_inside(call, 0, o0, k0, &i0)) {
-        t += call.kernel[1] * call.kernel[2];
-        continue;
-      }
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          const float* a = px + pl.at(call, n, i0, k1, k2, C) + m0 * s2 * C;
-          for (int64_t g = 0; g < groups; ++g) {
-            const float* w_t = pw + (g * T + t) * Cg * Og;
-            for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
-              tap_gemm(m1 - m0, std::min(kBlockN, Og - n0), Cg, a + g * Cg, s2 * C, w_t + n0, Og,
-                       pc + g * Og + n0, O);
-            }
-          }
+    for_each_tap(call, o0, [&](int64_t t, int64_t i0, int64_t k1, int64_t k2) {
+      const float* a = px + pl.at(call, n, i0, k1, k2, C) + m0 * s2 * C;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* w_t = pw + (g * T + t) * Cg * Og;
+        for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
+          tap_gemm(m1 - m0, std::min(kBlockN, Og - n0), Cg, a + g * Cg, s2 * C, w_t + n0, Og,
+                   pc + g * Og + n0, O);
         }
       }
-    }
+    });
     // The real pixels of the block, into the output: pixel rows, or each
     // channel's run of pixels in a planar output. Each virtual row's place
     // in the output plane (or -1: dropped) is found once, not per channel.
@@ -338,25 +358,16 @@ void weight_plane(const at::Tensor& input, const at::Tensor& grad_output, const 
       for (int64_t m = 0; m < m1 - m0; ++m) dst[m] = at[m] >= 0 ? src[at[m]] : 0.f;
     }
     float* part = pp + range * groups * T * Og * Cg;
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      int64_t i0;
-      if (!tap_inside(call, 0, o0, k0, &i0)) {
-        t += call.kernel[1] * call.kernel[2];
-        continue;
-      }
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          const float* b = px + pl.at(call, n, i0, k1, k2, C) + m0 * stride2 * C;
-          for (int64_t g = 0; g < groups; ++g) {
-            float* dw_t = part + (g * T + t) * Og * Cg;
-            for (int64_t n0 = 0; n0 < Cg; n0 += kBlockN, ++calls) {
-              tap_gemm(Og, std::min(kBlockN, Cg - n0), m1 - m0, pt + g * Og * kPlaneRows, kPlaneRows,
-                       b + g * Cg + n0, stride2 * C, dw_t + n0, Cg);
-            }
-          }
+    for_each_tap(call, o0, [&](int64_t t, int64_t i0, int64_t k1, int64_t k2) {
+      const float* b = px + pl.at(call, n, i0, k1, k2, C) + m0 * stride2 * C;
+      for (int64_t g = 0; g < groups; ++g) {
+        float* dw_t = part + (g * T + t) * Og * Cg;
+        for (int64_t n0 = 0; n0 < Cg; n0 += kBlockN, ++calls) {
+          tap_gemm(Og, std::min(kBlockN, Cg - n0), m1 - m0, pt + g * Og * kPlaneRows, kPlaneRows,
+                   b + g * Cg + n0, stride2 * C, dw_t + n0, Cg);
         }
       }
-    }
+    });
   });
 }
 
@@ -434,34 +445,23 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
     const Tasks::Box box = tasks.at(task);
     start_rows(py, tasks, box, O, pb);
     Tasks::Box in = box;  // the same sample, on the image side
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      if (!tap_inside(call, 0, box.p0, k0, &in.p0)) {
-        t += call.kernel[1] * call.kernel[2];
-        continue;
-      }
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          int64_t lo, hi;
-          taps_inside(call.image[2], call.windows[2], k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
-          lo = std::max(lo, box.m0);
-          hi = std::min(hi, box.m1);
-          if (lo >= hi) continue;
-          const int64_t i2 = tap(lo, k2, s2, call.padding[2], call.dilation[2]);
-          for (int64_t g = 0; g < groups; ++g) {
-            const float* w_t = pw + (g * T + t) * Cg * Og;
-            for (int64_t r = box.r0; r < box.r1; ++r) {
-              int64_t i1;
-              if (!tap_inside(call, 1, r, k1, &i1)) continue;
-              const float* a = px + image.pixel(in, i1, i2, C) + g * Cg;
-              float* c = py + tasks.pixel(box, r, lo, O) + g * Og;
-              for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
-                tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, s2 * C, w_t + n0, Og, c + n0, O);
-              }
-            }
+    for_each_tap(call, box.p0, [&](int64_t t, int64_t i0, int64_t k1, int64_t k2) {
+      int64_t lo, hi, i2;
+      if (!span_taps(call, k2, box.m0, box.m1, &lo, &hi, &i2)) return;
+      in.p0 = i0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* w_t = pw + (g * T + t) * Cg * Og;
+        for (int64_t r = box.r0; r < box.r1; ++r) {
+          int64_t i1;
+          if (!tap_inside(call, 1, r, k1, &i1)) continue;
+          const float* a = px + image.pixel(in, i1, i2, C) + g * Cg;
+          float* c = py + tasks.pixel(box, r, lo, O) + g * Og;
+          for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
+            tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, s2 * C, w_t + n0, Og, c + n0, O);
           }
         }
       }
-    }
+    });
   });
   return out;
 }
@@ -557,34 +557,23 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
     }
     float* part = pp + range * groups * T * Og * Cg;
     Tasks::Box in = box;
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      if (!tap_inside(call, 0, box.p0, k0, &in.p0)) {
-        t += call.kernel[1] * call.kernel[2];
-        continue;
-      }
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          int64_t lo, hi;
-          taps_inside(call.image[2], call.windows[2], k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
-          lo = std::max(lo, box.m0);
-          hi = std::min(hi, box.m1);
-          if (lo >= hi) continue;
-          const int64_t i2 = tap(lo, k2, s2, call.padding[2], call.dilation[2]);
-          for (int64_t g = 0; g < groups; ++g) {
-            float* dw_t = part + (g * T + t) * Og * Cg;
-            for (int64_t r = box.r0; r < box.r1; ++r) {
-              int64_t i1;
-              if (!tap_inside(call, 1, r, k1, &i1)) continue;
-              const float* a = pt + ((r - box.r0) * O + g * Og) * span + (lo - box.m0);
-              const float* b = px + image.pixel(in, i1, i2, C) + g * Cg;
-              for (int64_t n0 = 0; n0 < Cg; n0 += kBlockN, ++calls) {
-                tap_gemm(Og, std::min(kBlockN, Cg - n0), hi - lo, a, span, b + n0, s2 * C, dw_t + n0, Cg);
-              }
-            }
+    for_each_tap(call, box.p0, [&](int64_t t, int64_t i0, int64_t k1, int64_t k2) {
+      int64_t lo, hi, i2;
+      if (!span_taps(call, k2, box.m0, box.m1, &lo, &hi, &i2)) return;
+      in.p0 = i0;
+      for (int64_t g = 0; g < groups; ++g) {
+        float* dw_t = part + (g * T + t) * Og * Cg;
+        for (int64_t r = box.r0; r < box.r1; ++r) {
+          int64_t i1;
+          if (!tap_inside(call, 1, r, k1, &i1)) continue;
+          const float* a = pt + ((r - box.r0) * O + g * Og) * span + (lo - box.m0);
+          const float* b = px + image.pixel(in, i1, i2, C) + g * Cg;
+          for (int64_t n0 = 0; n0 < Cg; n0 += kBlockN, ++calls) {
+            tap_gemm(Og, std::min(kBlockN, Cg - n0), hi - lo, a, span, b + n0, s2 * C, dw_t + n0, Cg);
           }
         }
       }
-    }
+    });
   });
   return finish_weight(partials, ranges, weight_size);
 }
