@@ -45,11 +45,12 @@ bool no_output_padding(at::IntArrayRef output_padding) {
 // path writes it so (Note [Memory format] in args.cpp).
 at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
-                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise) {
+                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise,
+                      const DevicePolicy& policy) {
   const bool channels_last = format != at::MemoryFormat::Contiguous;
   if (channels_last && input.size(1) > 0 && pointwise && input.is_contiguous(format)) {
     return conv_pixel_rows(input, weight, bias, groups,
-                           at::empty(shape, input.options().memory_format(format)));
+                           at::empty(shape, input.options().memory_format(format)), policy);
   }
   // With one group the GEMMs store a channels_last output through the
   // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
@@ -59,7 +60,7 @@ at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   if (input.size(1) == 0) return bias_only(out, bias);
   conv_columns(planar(input), weight, bias, call, groups,
-               out.view({shape[0], shape[1], call.window_numel()}), pointwise);
+               out.view({shape[0], shape[1], call.window_numel()}), pointwise, policy);
   return out;
 }
 
@@ -67,7 +68,8 @@ at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                const DevicePolicy& policy) {
   int64_t windows[kMaxDims];
   const Window3 call =
       check_conv(op, dims, input, weight, bias, stride, padding, dilation, groups, windows);
@@ -77,7 +79,7 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   const at::Tensor out =
       conv_route(input, weight, bias, call, groups, shape_of(input.size(0), weight.size(0), windows, dims),
-                 format, pointwise(kernel, stride, padding));
+                 format, pointwise(kernel, stride, padding), policy);
   return in_format(out, format);
 }
 
@@ -85,7 +87,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
-                          at::IntArrayRef dilation) {
+                          at::IntArrayRef dilation, const DevicePolicy& policy) {
   int64_t image[kMaxDims];
   const Window3 call = check_conv_transpose(op, dims, input, weight, bias, stride, padding,
                                             output_padding, groups, dilation, image);
@@ -101,10 +103,10 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   const bool one_to_one = pointwise(kernel, stride, padding) && no_output_padding(output_padding);
   if (format != at::MemoryFormat::Contiguous && one_to_one && input.is_contiguous(format)) {
     return conv_transpose_pixel_rows(input, weight, bias, groups,
-                                     at::empty(shape, input.options().memory_format(format)));
+                                     at::empty(shape, input.options().memory_format(format)), policy);
   }
   at::Tensor out = at::empty(shape, input.options());
-  conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
+  conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one, policy);
   return in_format(out, format);
 }
 
@@ -113,7 +115,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
 at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t groups) {
+                       int64_t groups, const DevicePolicy& policy) {
   const Window3 call = check_conv_weight(op, dims, input, grad_output, weight_size, stride,
                                          padding, dilation, groups);
   c10::DeviceGuard guard(input.device());
@@ -124,14 +126,15 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
   for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
   const at::Tensor grad_weight =
-      conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
+      conv_weight_columns(input, grad_output, call, groups, one_to_one, format, policy);
   return in_format(grad_weight.view(weight_size), format);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
     const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+    const DevicePolicy& policy) {
   // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
   int64_t image[kMaxDims];
   const Window3 call = check_conv_transpose(op, dims, input, weight, std::nullopt, stride,
@@ -145,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding) &&
                           no_output_padding(output_padding);
   auto [grad_input, grad_weight] =
-      conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
+      conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one, policy);
   return {grad_input, grad_weight.view(weight.sizes())};
 }
 
