@@ -112,3 +112,25 @@ def test_weight_gradient_format_allocates_no_weight():
     sizes = allocations(call)
     assert sizes.count(7 * 5 * 3 * 3 * 4) == 1, sizes
     torch.testing.assert_close(call(), torch.nn.grad.conv2d_weight(x, weight_size, dy))
+
+
+def test_overhead_bench_mode(capsys, monkeypatch):
+    """python -m convt_ext.bench --overhead: every case timed on both sides and printed,
+    on one thread unless told otherwise (shortened here)."""
+    from convt_ext.bench import __main__ as cli
+    from convt_ext.bench import overhead
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(overhead, "CALLS", 3)
+    monkeypatch.setattr(overhead, "REPEATS", 1)
+    try:
+        assert cli.main(["--overhead"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("conv2d", "conv_transpose2d"))]
+    assert len(rows) == len(overhead.cases()) == 6
+    for line in rows:
+        ours, theirs, ratio = (float(v) for v in line.split()[-3:])
+        assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.02)

@@ -18,11 +18,6 @@
 namespace convt_ext {
 namespace {
 
-constexpr const char* kConv[] = {"", "conv1d", "conv2d", "conv3d"};
-constexpr const char* kConvTranspose[] = {"", "conv_transpose1d", "conv_transpose2d",
-                                          "conv_transpose3d"};
-constexpr const char* kConvWeight[] = {"", "conv1d_weight", "conv2d_weight", "conv3d_weight"};
-
 DevicePolicy gpu() { return device_policy(c10::DeviceType::CUDA); }
 
 // The spatial dimensions, from a geometry list's length.
@@ -41,7 +36,7 @@ at::Tensor conv_gpu_plan(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_cpu(input);
   const int d = dims_of(stride);
-  return conv(kConv[d], d, input, weight, bias, stride, padding, dilation, groups, gpu());
+  return conv("conv_gpu_plan", d, input, weight, bias, stride, padding, dilation, groups, gpu());
 }
 
 at::Tensor conv_transpose_gpu_plan(const at::Tensor& input, const at::Tensor& weight,
@@ -50,7 +45,7 @@ at::Tensor conv_transpose_gpu_plan(const at::Tensor& input, const at::Tensor& we
                                    int64_t groups, at::IntArrayRef dilation) {
   check_cpu(input);
   const int d = dims_of(stride);
-  return conv_transpose(kConvTranspose[d], d, input, weight, bias, stride, padding,
+  return conv_transpose("conv_transpose_gpu_plan", d, input, weight, bias, stride, padding,
                         output_padding, groups, dilation, gpu());
 }
 
@@ -60,7 +55,7 @@ at::Tensor conv_weight_gpu_plan(const at::Tensor& input, const at::Tensor& grad_
                                 int64_t groups) {
   check_cpu(input);
   const int d = dims_of(stride);
-  return conv_weight(kConvWeight[d], d, input, grad_output, weight_size, stride, padding,
+  return conv_weight("conv_weight_gpu_plan", d, input, grad_output, weight_size, stride, padding,
                      dilation, groups, gpu());
 }
 
@@ -70,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_gpu_plan(
     int64_t groups, at::IntArrayRef dilation) {
   check_cpu(input);
   const int d = dims_of(stride);
-  return conv_transpose_backward(kConvTranspose[d], d, grad_output, input, weight, stride,
+  return conv_transpose_backward("conv_transpose_backward_gpu_plan", d, grad_output, input, weight, stride,
                                  padding, output_padding, groups, dilation, gpu());
 }
 
