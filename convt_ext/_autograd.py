@@ -16,12 +16,11 @@ op is linear in each argument, so each tangent is the op itself applied to it.
 for N = 1, 2, 3, with one generic formula per op.
 """
 import torch
-import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ._fake import conv_format, conv_transpose_format
 from ._geometry import output_padding_to_reach, windows
-from ._ops import apply, below_autograd, call, ops, ops_for, transforms_active, unpack
+from ._ops import apply, below_autograd, call, needs_graph, ops, ops_for, transforms_active, unpack
 
 # Note [Autograd and torch.func]
 # Each op's derivatives live in one torch.autograd.Function below (backward,
@@ -74,6 +73,21 @@ def _sum_present(*terms):
     return out
 
 
+def _strides(shape, fmt):
+    """The strides torch gives a new tensor of `shape` in memory format fmt
+    (c10's contiguous_strides and get_channels_last_strides_{2,3}d), computed
+    without allocating one."""
+    if fmt == torch.contiguous_format:
+        order = range(len(shape) - 1, -1, -1)
+    else:  # channels_last(_3d): the channels fastest, then the spatial dims, the batch last
+        order = [1, *range(len(shape) - 1, 1, -1), 0]
+    strides, step = [0] * len(shape), 1
+    for i in order:
+        strides[i] = step
+        step *= max(shape[i], 1) if fmt == torch.contiguous_format else shape[i]
+    return tuple(strides)
+
+
 def _in_format(t, fmt):
     """t with the strides torch gives a gradient of format fmt, that of the
     forward's output (Note [Memory format] in csrc/conv/args.cpp). Not under
@@ -82,8 +96,20 @@ def _in_format(t, fmt):
         return t
     # Not t.contiguous(memory_format=fmt), which keeps t where two formats
     # coincide (size-1 dimensions) though its strides differ from torch's.
-    out = torch.empty_like(t, memory_format=fmt)
-    return t if out.stride() == t.stride() else out.copy_(t)
+    return t if t.stride() == _strides(t.shape, fmt) else t.clone(memory_format=fmt)
+
+
+def _format_of_output(output, ask):
+    """The memory format the forward gave its output: the op gives it torch's
+    exact strides for that format, so they name it, and ask() (torch's choice,
+    asked again) is needed only where two formats give the same strides."""
+    if output.dim() < 4:
+        return torch.contiguous_format
+    channels_last = torch.channels_last if output.dim() == 4 else torch.channels_last_3d
+    planar, last = _strides(output.shape, torch.contiguous_format), _strides(output.shape, channels_last)
+    if planar != last and output.stride() in (planar, last):
+        return torch.contiguous_format if output.stride() == planar else channels_last
+    return ask()
 
 
 def _forward(select):
@@ -149,15 +175,22 @@ class Col2im(torch.autograd.Function):
 # ---------------------------------------------------------------- convolutions
 
 
-def _setup_convolution(ctx, inputs, format_of):
+def _setup_convolution(ctx, inputs, output, format_of):
     """setup_context of conv and conv_transpose: input and weight saved, the
     other arguments kept, and the memory format of the output (Not under
-    torch.func: see _in_format)."""
+    torch.func: see _in_format), read from the output in eager mode, so that
+    a call asks torch for it once, in the op."""
     input, weight, bias, *args = unpack(inputs)
     _save(ctx, input, weight)
     ctx.has_bias = bias is not None
     ctx.args = tuple(args)
-    ctx.format = None if transforms_active() else format_of(input, weight, bias, *args)
+    ask = lambda: format_of(input, weight, bias, *args)  # noqa: E731
+    if transforms_active():
+        ctx.format = None
+    elif torch.compiler.is_compiling():
+        ctx.format = ask()
+    else:
+        ctx.format = _format_of_output(output, ask)
 
 
 def _convolution_grads(ctx, grad, grad_input, grad_weight):
@@ -195,7 +228,7 @@ class Conv(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_convolution(ctx, inputs, conv_format)
+        _setup_convolution(ctx, inputs, output, conv_format)
 
     @staticmethod
     def backward(ctx, grad):
@@ -227,7 +260,7 @@ class ConvTranspose(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_convolution(ctx, inputs, conv_transpose_format)
+        _setup_convolution(ctx, inputs, output, conv_transpose_format)
 
     @staticmethod
     def backward(ctx, grad):
@@ -314,8 +347,7 @@ def _autograd_kernel(function, name):
     def kernel(keyset, *args):
         # Derivatives for floating and complex inputs only, as torch has them
         # (an integer or bool im2col/col2im has none).
-        differentiable = args[0].is_floating_point() or args[0].is_complex()
-        if differentiable and torch._C.is_grad_enabled() and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0):
+        if needs_graph(args):
             if transforms_active():
                 raise RuntimeError(
                     f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "

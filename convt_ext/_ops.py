@@ -13,6 +13,7 @@ them once):
     _vmap.py       vmap rules
 """
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 
@@ -56,11 +57,29 @@ def unpack(inputs):
     return (*inputs[:-1], *inputs[-1].values)
 
 
+def needs_graph(args):
+    """Whether a call on these op arguments records derivatives, as the ops'
+    Autograd kernels decide (convt_ext/_autograd.py): a floating or complex
+    first input, grad mode on, and an input that requires grad or an open
+    forward-mode level."""
+    return (
+        torch.is_grad_enabled()
+        and (args[0].is_floating_point() or args[0].is_complex())
+        and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0)
+    )
+
+
 def call(function, op, *args):
-    """op(*args), through its autograd.Function `function` under torch.func."""
+    """op(*args), through its autograd.Function `function` under torch.func.
+    A call that records no graph skips the op's Python Autograd kernel (which
+    would only pass it on below autograd); one that does, and torch.compile's
+    tracing, go through the dispatcher, where autocast casts the inputs before
+    the Autograd kernel applies `function`."""
     if transforms_active():
         return apply(function, args)
-    return op(*args)
+    if torch.compiler.is_compiling() or needs_graph(args):
+        return op(*args)
+    return below_autograd(op, *args)
 
 
 def below_autograd(op, *args):

@@ -51,7 +51,8 @@ template <int D>
 at::Tensor conv_nd(const at::Tensor& input, const at::Tensor& weight,
                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return conv(kConv[D], D, input, weight, bias, stride, padding, dilation, groups);
+  return conv(kConv[D], D, input, weight, bias, stride, padding, dilation, groups,
+              device_policy(input));
 }
 
 template <int D>
@@ -60,7 +61,7 @@ at::Tensor conv_transpose_nd(const at::Tensor& input, const at::Tensor& weight,
                              at::IntArrayRef padding, at::IntArrayRef output_padding,
                              int64_t groups, at::IntArrayRef dilation) {
   return conv_transpose(kConvTranspose[D], D, input, weight, bias, stride, padding, output_padding,
-                        groups, dilation);
+                        groups, dilation, device_policy(input));
 }
 
 template <int D>
@@ -68,7 +69,7 @@ at::Tensor conv_weight_nd(const at::Tensor& input, const at::Tensor& grad_output
                           at::IntArrayRef weight_size, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return conv_weight(kConvWeight[D], D, input, grad_output, weight_size, stride, padding,
-                     dilation, groups);
+                     dilation, groups, device_policy(input));
 }
 
 // Both gradients of conv_transposeNd at once; D from the weight.
@@ -80,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_any(
   TORCH_CHECK_VALUE(d >= 1 && d <= 3, "_conv_transpose_backward: weight must be 3-d to 5-d, but got shape ",
                     weight.sizes());
   return conv_transpose_backward(kConvTranspose[d], static_cast<int>(d), grad_output, input,
-                                 weight, stride, padding, output_padding, groups, dilation);
+                                 weight, stride, padding, output_padding, groups, dilation,
+                                 device_policy(input));
 }
 
 template <int D>

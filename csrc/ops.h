@@ -12,6 +12,8 @@
 
 namespace convt_ext {
 
+struct DevicePolicy;  // plan.h
+
 // F.unfold in D dimensions: (N, C, *spatial) or (C, *spatial) ->
 // (N, C*prod(k), L) or (C*prod(k), L); D = kernel_size.size().
 at::Tensor im2col(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
@@ -31,17 +33,20 @@ void col2im_out(const at::Tensor& input, at::IntArrayRef output_size,
                 at::IntArrayRef stride, const at::Tensor& out);
 
 // F.convNd, batched (N, C, *spatial) only, D = dims; the Python layer handles
-// unbatched input and string padding. `op` names the op in messages.
+// unbatched input and string padding. `op` names the op in messages. The
+// convolutions plan with `policy`: the registered ops pass their input's
+// device_policy(), and only a test-only build another (Note [Device policy]).
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                const DevicePolicy& policy);
 
 // F.conv_transposeNd (note: groups before dilation, as in torch).
 at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
-                          at::IntArrayRef dilation);
+                          at::IntArrayRef dilation, const DevicePolicy& policy);
 
 // The weight gradient of convNd, sum_n grad_output[n] . im2col(input[n])^T per
 // group; also the weight gradient of conv_transposeNd with the roles of the
@@ -50,14 +55,15 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
 at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t groups);
+                       int64_t groups, const DevicePolicy& policy);
 
 // Both gradients of conv_transposeNd, input and weight, from one im2col of
 // grad_output (Note [One column buffer for conv_transpose's backward]), planar.
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
     const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation);
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+    const DevicePolicy& policy);
 
 // The (row, column) indices of the nonzeros of the im2col selection matrix U
 // of one channel, an int64 (2, nnz) tensor (see matrix.cpp).

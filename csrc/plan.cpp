@@ -110,18 +110,19 @@ DevicePolicy device_policy(c10::DeviceType type) {
     p.tile_bytes = forward_tile_bytes();
     p.wide_below = kWideBelow;
     p.keep_scratch = true;
+    p.view = true;
   }
   return p;
 }
 
-int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positions) {
+int64_t forward_tile_cap(const DevicePolicy& policy, int64_t groups, int64_t positions) {
   // Measured on the 2-d suite (NOTES item 21): 1 MiB tiles sped up the
   // forward pass of one-group layers with many positions (ResNet 56x56 and
   // 28x28, the 7x7 stem: 1.2-1.3x) but slowed those with few (7x7 maps:
   // their wide GEMMs shrank) and grouped ones (thinner GEMMs still).
   // CONVT_EXT_FORWARD_TILE_BYTES overrides the size (0: no cap), for tuning.
   constexpr int64_t kTiledFrom = 128;
-  return groups == 1 && positions >= kTiledFrom ? device_policy(like).tile_bytes : INT64_MAX;
+  return groups == 1 && positions >= kTiledFrom ? policy.tile_bytes : INT64_MAX;
 }
 
 void check_environment() {
@@ -144,11 +145,8 @@ int64_t usable_cores() {
   return cores;
 }
 
-int64_t tasks_at_once(const at::Tensor& like) { return device_policy(like).tasks; }
-
-int64_t task_budget(const at::Tensor& like) {
-  const DevicePolicy p = device_policy(like);
-  return std::min(workspace_limit() / p.tasks, p.chunk_bytes);
+int64_t task_budget(const DevicePolicy& policy) {
+  return std::min(workspace_limit() / policy.tasks, policy.chunk_bytes);
 }
 
 namespace {
@@ -185,10 +183,11 @@ KeptBuffers::~KeptBuffers() {
 
 }  // namespace
 
-at::Tensor scratch(Slot slot_name, at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor scratch(const DevicePolicy& policy, Slot slot_name, at::IntArrayRef sizes,
+                   const at::TensorOptions& options) {
   const int slot = static_cast<int>(slot_name);
   const int64_t numel = c10::multiply_integers(sizes);
-  if (!device_policy(options.device().type()).keep_scratch) return at::empty(sizes, options);
+  if (!policy.keep_scratch) return at::empty(sizes, options);
   thread_local KeptBuffers kept;
   at::Tensor t;
   {
@@ -217,9 +216,8 @@ at::Tensor scratch(Slot slot_name, at::IntArrayRef sizes, const at::TensorOption
 // CPU, running samples side by side (benchmarks/NOTES.md, item 10). On a GPU,
 // where blocks run one after another, one GEMM over as many samples as the
 // limit allows always beats a launch and a thin GEMM per sample.
-int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows,
-                   int64_t cap) {
-  const DevicePolicy p = device_policy(like);
+int64_t wide_chunk(const DevicePolicy& p, const at::Tensor& like, int64_t positions, int64_t rows,
+                   int64_t aux_rows, int64_t cap) {
   const int64_t batch = like.size(0);
   if (positions >= p.wide_below || batch < 2) return 0;
   const int64_t budget = std::min({workspace_limit(), p.chunk_bytes, cap});

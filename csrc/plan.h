@@ -75,7 +75,14 @@ void release_workspace();
 //                 a GPU, where one GEMM over many samples beats a launch and
 //                 a thin GEMM per sample;
 //   keep_scratch  threads keep their buffers between calls (the CPU, where
-//                 fresh pages cost more than the im2col that fills them).
+//                 fresh pages cost more than the im2col that fills them);
+//   view          whether the view path may run (the CPU: its GEMMs are
+//                 oneDNN's CPU ukernel; conv/view.h).
+// An op takes its policy once per call, from its input's device, and hands
+// it to every step of the plan below, which reads no other: so a test-only
+// build can run the CPU's tensors with a GPU's policy (tests/emulated/
+// gpu_plan.cpp), executing the GPU's blocks, wide batches, buffers and GEMM
+// calls where there is no GPU. The library itself has no such switch.
 struct DevicePolicy {
   int64_t tasks = 1;
   bool parallel = false;
@@ -83,17 +90,18 @@ struct DevicePolicy {
   int64_t tile_bytes = INT64_MAX;
   int64_t wide_below = INT64_MAX;
   bool keep_scratch = false;
+  bool view = false;
 };
 DevicePolicy device_policy(c10::DeviceType type);
 inline DevicePolicy device_policy(const at::Tensor& like) {
   return device_policy(like.device().type());
 }
 
-// The most tasks that run at once, each with its own column buffer: a
-// constant of the process (usable_cores()), not torch.get_num_threads(), so
-// the plan and every sum are the same for any thread count; 1 off the CPU
-// or inside a parallel region.
-int64_t tasks_at_once(const at::Tensor& like);
+// The most tasks that run at once, each with its own column buffer
+// (policy.tasks): a constant of the process (usable_cores()), not
+// torch.get_num_threads(), so the plan and every sum are the same for any
+// thread count; 1 off the CPU or inside a parallel region.
+inline int64_t tasks_at_once(const at::Tensor& like) { return device_policy(like).tasks; }
 
 // The cores this process may use: the CPU affinity mask (taskset, cpusets)
 // and the cgroup's CPU quota (containers), not the machine's core count.
@@ -104,7 +112,7 @@ int64_t usable_cores();
 void check_environment();
 
 // Bytes one task's column buffers may hold.
-int64_t task_budget(const at::Tensor& like);
+int64_t task_budget(const DevicePolicy& policy);
 
 // The scratch buffers one op call may hold at once, each kept per thread.
 enum class Slot : int {
@@ -115,27 +123,31 @@ enum class Slot : int {
 constexpr int kSlots = 3;
 
 // A (sizes) view of this thread's kept scratch buffer `slot`, grown as
-// needed; a fresh tensor where the device keeps none (Note [Device policy]).
-at::Tensor scratch(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options);
+// needed; a fresh tensor where the policy keeps none (Note [Device policy]).
+at::Tensor scratch(const DevicePolicy& policy, Slot slot, at::IntArrayRef sizes,
+                   const at::TensorOptions& options);
+inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return scratch(device_policy(options.device().type()), slot, sizes, options);
+}
 
 // The column bytes a task of conv's forward pass aims for (a cap on the two
 // budgets above; INT64_MAX for none): an L2-sized tile, so that the GEMM
 // reads its columns from L2, for one group and at least kTiledFrom window
 // positions per sample (benchmarks/NOTES.md item 21).
-int64_t forward_tile_cap(const at::Tensor& like, int64_t groups, int64_t positions);
+int64_t forward_tile_cap(const DevicePolicy& policy, int64_t groups, int64_t positions);
 
-// Samples per chunk of the wide path, or 0 when it does not apply.
-int64_t wide_chunk(const at::Tensor& like, int64_t positions, int64_t rows, int64_t aux_rows,
-                   int64_t cap = INT64_MAX);
+// Samples of `like` per chunk of the wide path, or 0 when it does not apply.
+int64_t wide_chunk(const DevicePolicy& policy, const at::Tensor& like, int64_t positions,
+                   int64_t rows, int64_t aux_rows, int64_t cap = INT64_MAX);
 
 // Storage for the columns of up to `chunk` samples laid side by side:
 // (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)
 // matrix [cols_0 | ... | cols_{b-1}] for one wide GEMM.
 struct ColumnBuffer {
   at::Tensor data;
-  ColumnBuffer(Slot slot, int64_t chunk, int64_t rows, int64_t positions,
-               const at::TensorOptions& options)
-      : data(scratch(slot, {rows, chunk, positions}, options)) {}
+  ColumnBuffer(const DevicePolicy& policy, Slot slot, int64_t chunk, int64_t rows,
+               int64_t positions, const at::TensorOptions& options)
+      : data(scratch(policy, slot, {rows, chunk, positions}, options)) {}
   // (b, rows, L), the per-sample view that im2col writes and col2im reads.
   at::Tensor samples(int64_t b) const { return data.narrow(1, 0, b).permute({1, 0, 2}); }
   // (rows, b*L) = [cols_0 | ... | cols_{b-1}].
@@ -220,7 +232,7 @@ inline int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
 }
 
 // Runs fn(range, begin, end) over the task indices [0, n), split into
-// min(n, tasks_at_once()) fixed ranges. On the CPU the ranges run in
+// min(n, policy.tasks) fixed ranges. On the CPU the ranges run in
 // parallel, and everything inside a task runs single-threaded (ATen and MKL
 // do not nest parallel regions). One region per call keeps both cores busy
 // without a barrier after every small GEMM; such barriers cost a scheduler
@@ -228,15 +240,15 @@ inline int64_t flat_offset(const int64_t* lo, const int64_t* extent) {
 // Elsewhere (CUDA) the tasks run in order, each kernel and GEMM using the
 // whole device.
 template <typename F>
-void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
-  const int64_t ranges = std::min(n, device_policy(like).tasks);
+void for_each_task(const DevicePolicy& policy, int64_t n, const F& fn) {
+  const int64_t ranges = std::min(n, policy.tasks);
   if (ranges <= 0) return;
   // Range r: n / ranges tasks, one more for the first n % ranges.
   const int64_t q = n / ranges, extra = n % ranges;
   auto run = [&](int64_t r) {
     fn(r, r * q + std::min(r, extra), (r + 1) * q + std::min(r + 1, extra));
   };
-  if (device_policy(like).parallel) {
+  if (policy.parallel) {
     // Two ranges at least, so that even one task runs inside a parallel
     // region, where BLAS is single-threaded: a multi-threaded GEMM may split
     // its reduction by the thread count (Note [Determinism across thread counts]).
@@ -249,6 +261,10 @@ void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
   } else {
     for (int64_t r = 0; r < ranges; ++r) run(r);
   }
+}
+template <typename F>
+void for_each_task(const at::Tensor& like, int64_t n, const F& fn) {
+  for_each_task(device_policy(like), n, fn);
 }
 
 }  // namespace convt_ext

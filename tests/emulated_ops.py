@@ -1,7 +1,12 @@
-"""The test-only extension that runs the CUDA kernels' per-element code on the
-CPU (tests/emulated/emulate.cpp), built on first use and loaded into this
-process: torch.ops.convt_ext_emulated.im2col / .col2im. It is never part of
-the installed library (tests/test_reliability.py checks the shipped .so)."""
+"""The test-only extension that runs device code on the CPU, built on first
+use and loaded into this process (torch.ops.convt_ext_emulated):
+  - tests/emulated/emulate.cpp: the CUDA kernels' per-element code, .im2col
+    and .col2im;
+  - tests/emulated/gpu_plan.cpp: the convolutions with a GPU's plan,
+    .conv_gpu_plan and its kin, which call the built library's own code
+    (convt_ext._C, linked by its path).
+It is never part of the installed library (tests/test_reliability.py checks
+the shipped .so)."""
 import functools
 import os
 
@@ -15,12 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @functools.cache
 def emulated():
+    library = os.path.abspath(convt_ext._C.__file__)
     cpp_extension.load(
         name="convt_ext_emulated",
-        sources=[os.path.join(ROOT, "tests", "emulated", "emulate.cpp")],
+        sources=[os.path.join(ROOT, "tests", "emulated", name) for name in ("emulate.cpp", "gpu_plan.cpp")],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        # The library this process loaded already: the loader finds it loaded
+        # and binds gpu_plan.cpp's calls to its code.
+        extra_ldflags=["-fopenmp", library, f"-Wl,-rpath,{os.path.dirname(library)}"],
         is_python_module=False,
         verbose=False,
     )

@@ -888,8 +888,9 @@ def test_workspace_limit_bounds_peak_memory(layer, memory):
 
 
 def test_no_test_only_code_in_the_shipped_library():
-    """The emulated CUDA kernels are a test-only extension (tests/emulated/): neither their
-    symbols nor their ops are in the library users install."""
+    """The emulated CUDA kernels and the GPU's plan run on the CPU are a test-only extension
+    (tests/emulated/): neither their symbols nor their ops are in the library users install,
+    so the library has no switch that runs a CPU tensor with another device's plan."""
     import shutil
 
     so = convt_ext._C.__file__
@@ -897,10 +898,14 @@ def test_no_test_only_code_in_the_shipped_library():
     assert nm is not None, "binutils' nm is needed to inspect the built library"
     symbols = subprocess.run([nm, "-D", "-C", "--defined-only", so], capture_output=True, text=True, check=True).stdout
     assert "convt_ext::" in symbols or "PyInit__C" in symbols  # the listing is real
-    for marker in ("emulat", "Emulat"):
+    for marker in ("emulat", "Emulat", "gpu_plan", "gpu_policy"):
         assert marker not in symbols, [line for line in symbols.splitlines() if marker in line][:5]
     ops = [name for name in dir(torch.ops.convt_ext) if not name.startswith("__")]
-    assert "im2col" in ops and not any("emulat" in name for name in ops), ops
+    assert "im2col" in ops and not any("emulat" in name or "gpu_plan" in name for name in ops), ops
+    # The markers are real: the test-only extension defines them.
+    from emulated_ops import emulated
+
+    assert hasattr(emulated(), "conv_gpu_plan") and hasattr(emulated(), "gpu_policy")
 
 
 def test_a_cuda_tensor_without_the_cuda_path_says_how_to_rebuild():

@@ -64,6 +64,8 @@ def parse_args(argv):
                    help="convt_ext's convolution path (convt_ext.set_conv_path; default: its setting, 'auto')")
     p.add_argument("--out", type=Path, help="JSON path (the two PNGs go next to it)")
     p.add_argument("--list", action="store_true", help="print the suite and exit")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the host overhead per call: a tiny CPU convolution against torch's (overhead.py)")
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in args.ops if o not in OP_NAMES]
@@ -121,6 +123,10 @@ def _run(cases, args, device, dtype, started):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.overhead:
+        from . import overhead
+
+        return overhead.main(threads=args.threads)
     if args.list:
         for s in HELD_OUT if args.held_out else SUITE:
             print(f"{s.name:32} {s.dims}-d {','.join(s.ops):34} {'quick ' if s.quick else ''}{s.description}")

@@ -206,13 +206,14 @@ at::MemoryFormat conv_format(const at::Tensor& input, const at::Tensor& weight,
   return output_format(input, weight, bias, stride, padding, dilation, false, none, groups);
 }
 
-// torch.nn.grad's: that of the convolution with a new, contiguous weight
-// (allocated, never written).
+// torch.nn.grad's: that of the convolution with a new, contiguous weight.
+// Torch's choice reads the weight's sizes, dtype and strides, never its
+// device or data: a meta tensor stands in for it, with no allocation.
 at::MemoryFormat conv_weight_format(const at::Tensor& input, at::IntArrayRef weight_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups) {
-  return conv_format(input, at::empty(weight_size, input.options()), std::nullopt, stride,
-                     padding, dilation, groups);
+  return conv_format(input, at::empty(weight_size, input.options().device(at::kMeta)),
+                     std::nullopt, stride, padding, dilation, groups);
 }
 
 // The input in planar (NCHW) memory (Note [Memory format]).

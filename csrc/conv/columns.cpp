@@ -7,6 +7,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "../gemm.h"
@@ -56,19 +57,20 @@ void windows_reaching(const Window3& w, int i, int64_t lo, int64_t hi, int64_t* 
 // sample n's window positions [first, first + count). With
 // `input_is_columns`, the input (contiguous) is its own column matrix.
 template <typename F>
-void for_each_column_block(const at::Tensor& x, const Window3& call, int64_t rows, bool input_is_columns,
-                           const F& fn, int64_t cap = INT64_MAX) {
+void for_each_column_block(const DevicePolicy& policy, const at::Tensor& x, const Window3& call,
+                           int64_t rows, bool input_is_columns, const F& fn,
+                           int64_t cap = INT64_MAX) {
   const int64_t L = call.window_numel(), elem = x.element_size();
   int64_t inner[kMaxDims + 1];
   inner[kMaxDims] = 1;
   for (int i = kMaxDims - 1; i >= 0; --i) inner[i] = inner[i + 1] * call.windows[i];
   const Blocks blocks =
-      plan_blocks(call.windows, input_is_columns ? INT64_MAX : std::min(cap, task_budget(x)), call.batch, tasks_at_once(x),
+      plan_blocks(call.windows, input_is_columns ? INT64_MAX : std::min(cap, task_budget(policy)), call.batch, policy.tasks,
                   [&](int dim, int64_t count) { return rows * elem * inner[dim + 1] * count; });
   const int64_t max_positions = inner[blocks.dim + 1] * blocks.count;
   const at::Tensor x5 = lift(x);
-  for_each_task(x, call.batch * blocks.per_sample(), [&](int64_t range, int64_t begin, int64_t end) {
-    const at::Tensor buffer = input_is_columns ? at::Tensor() : scratch(Slot::Columns, {rows, max_positions}, x.options());
+  for_each_task(policy, call.batch * blocks.per_sample(), [&](int64_t range, int64_t begin, int64_t end) {
+    const at::Tensor buffer = input_is_columns ? at::Tensor() : scratch(policy, Slot::Columns, {rows, max_positions}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks.per_sample();
       int64_t lo[kMaxDims], hi[kMaxDims];
@@ -90,10 +92,10 @@ void for_each_column_block(const at::Tensor& x, const Window3& call, int64_t row
 // every chunk of `chunk` samples [n0, n0 + b) of image, fn(n0, b, cols) with
 // cols (rows, b*L) the columns of their windows side by side.
 template <typename F>
-void for_each_wide_chunk(const at::Tensor& image, const Window3& call, int64_t chunk,
-                         const F& fn) {
+void for_each_wide_chunk(const DevicePolicy& policy, const at::Tensor& image, const Window3& call,
+                         int64_t chunk, const F& fn) {
   const int64_t N = image.size(0), rows = call.rows(), L = call.window_numel();
-  const ColumnBuffer cols(Slot::Columns, chunk, rows, L, image.options());
+  const ColumnBuffer cols(policy, Slot::Columns, chunk, rows, L, image.options());
   const at::Tensor x5 = lift(image);
   const int64_t lo[kMaxDims] = {0, 0, 0};
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
@@ -112,9 +114,9 @@ at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
 
 // gemm over the columns of out and b, split into for_each_task's ranges: a
 // multi-threaded GEMM with a fixed split.
-void gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                        const at::Tensor& add) {
-  for_each_task(out, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
+void gemm_columns(const DevicePolicy& policy, const at::Tensor& out, const at::Tensor& a,
+                  const at::Tensor& b, const at::Tensor& add) {
+  for_each_task(policy, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
     gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
   });
 }
@@ -122,32 +124,33 @@ void gemm_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 // One chunk of the wide path's conv: y[n0, n0 + b) = w3 . c (+ b3), where c
 // holds the chunk's columns side by side; the GEMM writes the (G, C/G, b*L)
 // scratch `wide`, permuted into the samples by one copy.
-void wide_conv(const at::Tensor& y, int64_t n0, int64_t b, const at::Tensor& wide,
-               const at::Tensor& w3, const at::Tensor& c, const at::Tensor& b3) {
+void wide_conv(const DevicePolicy& policy, const at::Tensor& y, int64_t n0, int64_t b,
+               const at::Tensor& wide, const at::Tensor& w3, const at::Tensor& c,
+               const at::Tensor& b3) {
   const int64_t C = y.size(1), L = y.size(2);
   const at::Tensor yw = wide.narrow(2, 0, b * L);
-  gemm_columns(yw, w3, c, b3);
+  gemm_columns(policy, yw, w3, c, b3);
   y.narrow(0, n0, b).copy_(yw.view({C, b, L}).permute({1, 0, 2}));
 }
 
 // A weight gradient summed over blocks: each of for_each_task's fixed ranges
 // sums into its own partial, and the partials are added in range order, so
 // the result is the same for any thread count (Note [Determinism across
-// thread counts]).
+// thread counts]). With one range (a GPU's plan), it sums into the total.
 struct PartialSums {
   at::Tensor total;  // (G, M, N), zeros
   std::vector<at::Tensor> partial;
-  PartialSums(at::Tensor zeros, const at::Tensor& like)
-      : total(std::move(zeros)), partial(tasks_at_once(like)) {}
-  // partial[range] += a . b, per group; only group `group`'s with one >= 0.
-  void add(int64_t range, const at::Tensor& a, const at::Tensor& b, int64_t group = -1) {
+  PartialSums(at::Tensor zeros, const DevicePolicy& policy)
+      : total(std::move(zeros)), partial(policy.tasks) {}
+  // partial[range] += a . b, per group.
+  void add(int64_t range, const at::Tensor& a, const at::Tensor& b) {
     at::Tensor& acc = partial[range];
-    if (!acc.defined()) acc = at::zeros_like(total);
-    gemm(group < 0 ? acc : acc.narrow(0, group, 1), a, b, at::Tensor(), true);
+    if (!acc.defined()) acc = partial.size() == 1 ? total : at::zeros_like(total);
+    gemm(acc, a, b, at::Tensor(), true);
   }
   const at::Tensor& sum() {
     for (const at::Tensor& p : partial) {
-      if (p.defined()) total.add_(p);
+      if (p.defined() && !p.is_same(total)) total.add_(p);
     }
     return total;
   }
@@ -155,9 +158,9 @@ struct PartialSums {
 
 // sums += a . c^T over a wide chunk: the reduction over its b*L positions
 // split into for_each_task's fixed ranges, each into its own partial.
-void wide_weight_sum(PartialSums& sums, const at::Tensor& like, const at::Tensor& a,
+void wide_weight_sum(const DevicePolicy& policy, PartialSums& sums, const at::Tensor& a,
                      const at::Tensor& c) {
-  for_each_task(like, a.size(2), [&](int64_t range, int64_t begin, int64_t end) {
+  for_each_task(policy, a.size(2), [&](int64_t range, int64_t begin, int64_t end) {
     sums.add(range, a.narrow(2, begin, end - begin), c.narrow(2, begin, end - begin).transpose(1, 2));
   });
 }
@@ -171,22 +174,25 @@ at::Tensor group_bias(const std::optional<at::Tensor>& bias, int64_t groups) {
 // (N*L, C) matrix: a view (Note [Memory format]).
 at::Tensor pixel_rows(const at::Tensor& t) { return t.movedim(1, -1).reshape({-1, t.size(1)}); }
 
-// A 1x1 layer (stride 1, no padding) on a channels_last input: for each group
-// g, rows(out)_g = rows(a)_g . b_g (+ bias_g), over fixed ranges of rows.
-// b_g(g) is the group's (C_in/G, C_out/G) matrix.
-template <typename B>
-at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
-                           const std::optional<at::Tensor>& bias, const B& b_g) {
+// Rows [begin, end) of a pixel-row matrix (R, G*c) as the (G, end - begin, c)
+// view of its groups' columns: the groups' columns interleave in a pixel
+// row, so each group's rows are one strided matrix, and the groups one
+// strided batch of them.
+at::Tensor group_rows(const at::Tensor& rows, int64_t groups, int64_t begin, int64_t end) {
+  return rows.narrow(0, begin, end - begin).view({end - begin, groups, rows.size(1) / groups}).transpose(0, 1);
+}
+
+// A 1x1 layer (stride 1, no padding) on a channels_last input: for every
+// group g, rows(out)_g = rows(a)_g . w3[g] (+ bias_g), one GEMM batched over
+// the groups per fixed range of rows. w3 is (G, C_in/G, C_out/G).
+at::Tensor pixel_rows_gemm(const DevicePolicy& policy, const at::Tensor& a, at::Tensor out,
+                           int64_t groups, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& w3) {
   if (out.numel() == 0) return out;
   const at::Tensor x = pixel_rows(a), y = pixel_rows(out);
-  const int64_t ci = x.size(1) / groups, co = y.size(1) / groups;
-  for_each_task(a, x.size(0), [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t g = 0; g < groups; ++g) {
-      at::Tensor yg = y.narrow(0, begin, end - begin).narrow(1, g * co, co);
-      const at::Tensor xg = x.narrow(0, begin, end - begin).narrow(1, g * ci, ci);
-      gemm(yg.unsqueeze(0), xg.unsqueeze(0), b_g(g).unsqueeze(0),
-           bias.has_value() ? bias->narrow(0, g * co, co).view({1, 1, co}) : at::Tensor());
-    }
+  const at::Tensor b3 = bias.has_value() ? bias->reshape({groups, 1, -1}) : at::Tensor();
+  for_each_task(policy, x.size(0), [&](int64_t, int64_t begin, int64_t end) {
+    gemm(group_rows(y, groups, begin, end), group_rows(x, groups, begin, end), w3, b3);
   });
   return out;
 }
@@ -197,20 +203,21 @@ at::Tensor pixel_rows_gemm(const at::Tensor& a, at::Tensor out, int64_t groups,
 
 void conv_columns(const at::Tensor& image, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
-                  const at::Tensor& y, bool pointwise) {
+                  const at::Tensor& y, bool pointwise, const DevicePolicy& policy) {
   const int64_t G = groups, L = call.window_numel(), rows = call.rows(), C_out = y.size(1);
   const at::Tensor w3 = weight.reshape({G, C_out / G, rows / G});
   const at::Tensor b3 = group_bias(bias, G);
-  const int64_t cap = forward_tile_cap(image, G, L);
-  if (const int64_t chunk = wide_chunk(image, L, rows, C_out, cap)) {
-    const at::Tensor wide_out = scratch(Slot::Product, {G, C_out / G, chunk * L}, image.options());
-    for_each_wide_chunk(image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
-      wide_conv(y, n0, b, wide_out, w3, cols.view({G, rows / G, b * L}), b3);
+  const int64_t cap = forward_tile_cap(policy, G, L);
+  if (const int64_t chunk = wide_chunk(policy, image, L, rows, C_out, cap)) {
+    const at::Tensor wide_out =
+        scratch(policy, Slot::Product, {G, C_out / G, chunk * L}, image.options());
+    for_each_wide_chunk(policy, image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+      wide_conv(policy, y, n0, b, wide_out, w3, cols.view({G, rows / G, b * L}), b3);
     });
     return;
   }
   const at::Tensor x = pointwise ? image.contiguous() : image;
-  for_each_column_block(x, call, rows, pointwise, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+  for_each_column_block(policy, x, call, rows, pointwise, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
          c.view({G, rows / G, count}), b3);
   }, cap);
@@ -218,48 +225,64 @@ void conv_columns(const at::Tensor& image, const at::Tensor& weight,
 
 at::Tensor conv_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t groups,
-                           at::Tensor out) {
-  const int64_t C_out = weight.size(0), co = C_out / groups;
-  const at::Tensor w = weight.reshape({C_out, input.size(1) / groups});
-  return pixel_rows_gemm(input, std::move(out), groups, bias,
-                         [&](int64_t g) { return w.narrow(0, g * co, co).t(); });
+                           at::Tensor out, const DevicePolicy& policy) {
+  // W_g^T: (G, C_in/G, C_out/G), a transposed view of the stored weight.
+  const at::Tensor w3 = weight.reshape({groups, weight.size(0) / groups, weight.size(1)}).transpose(1, 2);
+  return pixel_rows_gemm(policy, input, std::move(out), groups, bias, w3);
 }
 
 // ---- conv_transpose
 
 namespace {
 
-// A 1x1 kernel (stride 1, no padding, no output_padding): col2im is the
-// identity, so the GEMM writes the output.
-void conv_transpose_pointwise(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& b3,
-                              const at::Tensor& out, int64_t L) {
-  const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0);
-  const at::Tensor y = out.view({N, G, out.size(1) / G, L});
-  if (N < tasks_at_once(x)) {  // few samples: split each one's columns
-    for (int64_t i = 0; i < N; ++i) {
-      gemm_columns(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
-    }
+// y[n] = wt3 . x[n] (+ b3) for every sample n, per group: y (n, G, M, L),
+// x (n, G, K, L), wt3 (G, M, K), b3 (G, M, 1) or undefined. The weight is
+// one strided batch over the samples (stride 0), or over the groups, not
+// over both: so one GEMM batched over the samples per group, or over the
+// groups per sample, whichever makes fewer calls (one without groups).
+void gemm_each_sample(const at::Tensor& y, const at::Tensor& wt3, const at::Tensor& x,
+                      const at::Tensor& b3) {
+  const int64_t n = y.size(0), G = wt3.size(0);
+  if (n < G) {
+    for (int64_t i = 0; i < n; ++i) gemm(y.select(0, i), wt3, x.select(0, i), b3);
     return;
   }
-  for_each_task(x, N, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      gemm(y.select(0, i), wt3, x.select(0, i).view({G, C_in / G, L}), b3);
-    }
+  for (int64_t g = 0; g < G; ++g) {
+    const at::Tensor yg = y.select(1, g), w = wt3.select(0, g);
+    gemm(yg, w.expand({n, w.size(0), w.size(1)}), x.select(1, g),
+         b3.defined() ? b3.select(0, g).expand({n, w.size(0), 1}) : at::Tensor());
+  }
+}
+
+// A 1x1 kernel (stride 1, no padding, no output_padding): col2im is the
+// identity, so the GEMM writes the output. The tasks take ranges of samples,
+// or, with fewer samples than tasks, ranges of each sample's columns.
+void conv_transpose_pointwise(const DevicePolicy& policy, const at::Tensor& x,
+                              const at::Tensor& wt3, const at::Tensor& b3, const at::Tensor& out,
+                              int64_t L) {
+  const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0);
+  const at::Tensor y = out.view({N, G, out.size(1) / G, L});
+  const at::Tensor x4 = x.view({N, G, C_in / G, L});
+  const bool by_columns = N < policy.tasks;
+  for_each_task(policy, by_columns ? L : N, [&](int64_t, int64_t begin, int64_t end) {
+    const int dim = by_columns ? 3 : 0;
+    gemm_each_sample(y.narrow(dim, begin, end - begin), wt3, x4.narrow(dim, begin, end - begin), b3);
   });
 }
 
 // The wide path: the columns of a chunk of samples side by side, one GEMM,
 // then col2im of the chunk.
-void conv_transpose_wide(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& bias_1d,
-                         const Window3& call, int64_t chunk, const at::Tensor& out) {
+void conv_transpose_wide(const DevicePolicy& policy, const at::Tensor& x, const at::Tensor& wt3,
+                         const at::Tensor& bias_1d, const Window3& call, int64_t chunk,
+                         const at::Tensor& out) {
   const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0), L = call.window_numel();
   const int64_t rows = call.rows();
-  const ColumnBuffer cols(Slot::Columns, chunk, rows, L, x.options());
-  const ColumnBuffer wide_x(Slot::Operand, chunk, C_in, L, x.options());
+  const ColumnBuffer cols(policy, Slot::Columns, chunk, rows, L, x.options());
+  const ColumnBuffer wide_x(policy, Slot::Operand, chunk, C_in, L, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t b = std::min(chunk, N - n0);
     gemm_columns(
-        cols.matrix(b).view({G, rows / G, b * L}), wt3,
+        policy, cols.matrix(b).view({G, rows / G, b * L}), wt3,
         side_by_side(x.narrow(0, n0, b).view({b, C_in, L}), wide_x).view({G, C_in / G, b * L}),
         at::Tensor());
     Window3 w = call;
@@ -268,17 +291,22 @@ void conv_transpose_wide(const at::Tensor& x, const at::Tensor& wt3, const at::T
   }
 }
 
-// The largest number of window positions whose taps reach a block of the
-// output: single positions before `dim`, `count` along it (at the worst
-// offset), whole after.
+// The most window positions whose taps reach one block of the output:
+// single positions before `dim`, `count` along it, whole after, each block
+// starting at a multiple of its size. Past the first blocks, which the
+// padding clips, the number along a dimension depends only on the start
+// modulo the stride, so one period of starts covers them all.
 int64_t positions_reaching(const Window3& call, int dim, int64_t count) {
   int64_t positions = 1;
   for (int i = 0; i < kMaxDims; ++i) {
     const int64_t n = i < dim ? 1 : i == dim ? count : call.image[i];
+    const int64_t s = call.stride[i], span = call.dilation[i] * (call.kernel[i] - 1);
+    const int64_t clipped = (std::max<int64_t>(span - call.padding[i], 0) + n - 1) / n;
+    const int64_t starts = std::min((call.image[i] + n - 1) / n, clipped + s / std::gcd(n, s));
     int64_t most = 0;
-    for (int64_t start : {int64_t(0), call.image[i] / 2}) {
+    for (int64_t q = 0; q < starts; ++q) {
       int64_t o_lo, o_hi;
-      windows_reaching(call, i, start, std::min(start + n, call.image[i]), &o_lo, &o_hi);
+      windows_reaching(call, i, q * n, std::min(q * n + n, call.image[i]), &o_lo, &o_hi);
       most = std::max(most, o_hi - o_lo);
     }
     positions *= std::max<int64_t>(most, 1);
@@ -289,15 +317,21 @@ int64_t positions_reaching(const Window3& call, int dim, int64_t count) {
 // Blocks of the output, each with the columns of the input windows that
 // reach it (Note [Column plans and the workspace limit]): a task owns its
 // output pixels.
-void conv_transpose_blocks(const at::Tensor& x, const at::Tensor& wt3, const at::Tensor& bias_1d,
-                           const Window3& call, const at::Tensor& out) {
+void conv_transpose_blocks(const DevicePolicy& policy, const at::Tensor& x, const at::Tensor& wt3,
+                           const at::Tensor& bias_1d, const Window3& call, const at::Tensor& out) {
   const int64_t N = x.size(0), C_in = x.size(1), G = wt3.size(0), rows = call.rows();
   const int64_t elem = x.element_size();
-  const Blocks blocks = plan_blocks(call.image, task_budget(x), N, tasks_at_once(x), [&](int dim, int64_t count) {
+  const Blocks blocks = plan_blocks(call.image, task_budget(policy), N, policy.tasks, [&](int dim, int64_t count) {
     return rows * elem * positions_reaching(call, dim, count);
   });
+  const int64_t max_positions = positions_reaching(call, blocks.dim, blocks.count);
   const at::Tensor x5 = lift(x), out5 = lift(out);
-  for_each_task(x, N * blocks.per_sample(), [&](int64_t, int64_t begin, int64_t end) {
+  for_each_task(policy, N * blocks.per_sample(), [&](int64_t, int64_t begin, int64_t end) {
+    // One buffer per task for its every block's columns, and one for the
+    // input windows of a block, which a box of x holds as a matrix only when
+    // it is contiguous.
+    const at::Tensor buffer = scratch(policy, Slot::Columns, {rows * max_positions}, x.options());
+    const at::Tensor operand = scratch(policy, Slot::Operand, {C_in * max_positions}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks.per_sample();
       int64_t lo[kMaxDims], hi[kMaxDims];
@@ -316,8 +350,11 @@ void conv_transpose_blocks(const at::Tensor& x, const at::Tensor& wt3, const at:
         w.windows[i] = o_hi - o_lo;
       }
       const int64_t positions = w.window_numel();
-      const at::Tensor cols = scratch(Slot::Columns, {1, rows, positions}, x.options());
-      gemm(cols.view({G, rows / G, positions}), wt3, xs.reshape({G, C_in / G, positions}),
+      const at::Tensor cols = buffer.narrow(0, 0, rows * positions).view({1, rows, positions});
+      const at::Tensor xb = xs.is_contiguous()
+                                ? xs
+                                : operand.narrow(0, 0, C_in * positions).view(xs.sizes()).copy_(xs);
+      gemm(cols.view({G, rows / G, positions}), wt3, xb.view({G, C_in / G, positions}),
            at::Tensor());
       col2im_into(cols, bias_1d, ys, w);
     }
@@ -328,26 +365,26 @@ void conv_transpose_blocks(const at::Tensor& x, const at::Tensor& wt3, const at:
 
 void conv_transpose_columns(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const Window3& call,
-                            int64_t groups, const at::Tensor& out, bool pointwise) {
+                            int64_t groups, const at::Tensor& out, bool pointwise,
+                            const DevicePolicy& policy) {
   const int64_t G = groups, C_in = input.size(1), L = call.window_numel(), rows = call.rows();
   // W_g^T: (G, C_out/G*prod(k), C_in/G), a transposed view of the stored weight.
   const at::Tensor wt3 = weight.reshape({G, C_in / G, rows / G}).transpose(1, 2);
   const at::Tensor x = input.contiguous();
-  if (pointwise) return conv_transpose_pointwise(x, wt3, group_bias(bias, G), out, L);
+  if (pointwise) return conv_transpose_pointwise(policy, x, wt3, group_bias(bias, G), out, L);
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
-  if (const int64_t chunk = wide_chunk(input, L, rows, C_in)) {
-    return conv_transpose_wide(x, wt3, bias_1d, call, chunk, out);
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_in)) {
+    return conv_transpose_wide(policy, x, wt3, bias_1d, call, chunk, out);
   }
-  conv_transpose_blocks(x, wt3, bias_1d, call, out);
+  conv_transpose_blocks(policy, x, wt3, bias_1d, call, out);
 }
 
 at::Tensor conv_transpose_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, int64_t groups,
-                                     at::Tensor out) {
-  const int64_t C_in = input.size(1), ci = C_in / groups;
-  const at::Tensor w = weight.reshape({C_in, weight.size(1)});
-  return pixel_rows_gemm(input, std::move(out), groups, bias,
-                         [&](int64_t g) { return w.narrow(0, g * ci, ci); });
+                                     at::Tensor out, const DevicePolicy& policy) {
+  // W_g: (G, C_in/G, C_out/G), a view of the stored weight.
+  const at::Tensor w3 = weight.reshape({groups, input.size(1) / groups, weight.size(1)});
+  return pixel_rows_gemm(policy, input, std::move(out), groups, bias, w3);
 }
 
 // ---- the weight gradient
@@ -355,17 +392,14 @@ at::Tensor conv_transpose_pixel_rows(const at::Tensor& input, const at::Tensor& 
 namespace {
 
 // dW_g = rows(dy)_g^T . rows(x)_g over a 1x1 layer's channels_last pixels,
-// the sum over pixels split into fixed ranges.
-void weight_sum_of_pixel_rows(PartialSums& sums, const at::Tensor& input, const at::Tensor& dy_rows,
-                              int64_t groups) {
+// the sum over pixels split into fixed ranges, one GEMM batched over the
+// groups per range.
+void weight_sum_of_pixel_rows(const DevicePolicy& policy, PartialSums& sums,
+                              const at::Tensor& input, const at::Tensor& dy_rows, int64_t groups) {
   const at::Tensor x = pixel_rows(input);
-  const int64_t ci = x.size(1) / groups, co = dy_rows.size(1) / groups;
-  for_each_task(input, x.size(0), [&](int64_t range, int64_t begin, int64_t end) {
-    // One GEMM per group: the groups' columns interleave in a pixel row.
-    for (int64_t g = 0; g < groups; ++g) {
-      sums.add(range, dy_rows.narrow(0, begin, end - begin).narrow(1, g * co, co).t().unsqueeze(0),
-               x.narrow(0, begin, end - begin).narrow(1, g * ci, ci).unsqueeze(0), g);
-    }
+  for_each_task(policy, x.size(0), [&](int64_t range, int64_t begin, int64_t end) {
+    sums.add(range, group_rows(dy_rows, groups, begin, end).transpose(1, 2),
+             group_rows(x, groups, begin, end));
   });
 }
 
@@ -373,29 +407,30 @@ void weight_sum_of_pixel_rows(PartialSums& sums, const at::Tensor& input, const 
 
 at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_output,
                                const Window3& call, int64_t groups, bool pointwise,
-                               at::MemoryFormat format) {
-  const at::Tensor image = planar(input);
+                               at::MemoryFormat format, const DevicePolicy& policy) {
   const int64_t N = input.size(0), C_out = grad_output.size(1), G = groups;
   const int64_t L = call.window_numel(), rows = call.rows();
   at::Tensor grad_weight = at::zeros({G, C_out / G, rows / G}, input.options());
   if (N == 0 || L == 0 || grad_weight.numel() == 0) return grad_weight;
 
+  PartialSums sums(grad_weight, policy);
+  // The pixel rows first: the other paths would copy what they read in place.
+  if (pointwise && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
+    weight_sum_of_pixel_rows(policy, sums, input, pixel_rows(grad_output.contiguous(format)), G);
+    return sums.sum();
+  }
+  const at::Tensor image = planar(input);
   const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
-  PartialSums sums(grad_weight, input);
-  if (const int64_t chunk = wide_chunk(input, L, rows, C_out)) {
-    const ColumnBuffer wide_dy(Slot::Operand, chunk, C_out, L, input.options());
-    for_each_wide_chunk(image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_out)) {
+    const ColumnBuffer wide_dy(policy, Slot::Operand, chunk, C_out, L, input.options());
+    for_each_wide_chunk(policy, image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
       const at::Tensor dy = side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L});
-      wide_weight_sum(sums, input, dy, cols.view({G, rows / G, b * L}));
+      wide_weight_sum(policy, sums, dy, cols.view({G, rows / G, b * L}));
     });
     return sums.sum();
   }
-  if (pointwise && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
-    weight_sum_of_pixel_rows(sums, input, pixel_rows(grad_output.contiguous(format)), G);
-    return sums.sum();
-  }
   const at::Tensor x = pointwise ? image.contiguous() : image;
-  for_each_column_block(x, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+  for_each_column_block(policy, x, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     sums.add(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
              c.view({G, rows / G, count}).transpose(1, 2));
   });
@@ -414,7 +449,7 @@ at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_o
 // planar (the autograd layer gives them the forward's format).
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const Window3& call, int64_t groups, bool pointwise) {
+    const Window3& call, int64_t groups, bool pointwise, const DevicePolicy& policy) {
   const int64_t N = input.size(0), C_in = input.size(1), G = groups;
   const int64_t L = call.window_numel(), rows = call.rows();
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
@@ -424,19 +459,20 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
   const at::Tensor x3 = input.contiguous().view({N, C_in, L});
   const at::Tensor w3 = weight.reshape({G, C_in / G, rows / G});
   const at::Tensor gi = grad_input.view({N, C_in, L});
-  PartialSums sums(grad_weight, input);
-  if (const int64_t chunk = wide_chunk(input, L, rows, 2 * C_in)) {
-    const ColumnBuffer wide_x(Slot::Operand, chunk, C_in, L, input.options());
-    const at::Tensor wide_out = scratch(Slot::Product, {G, C_in / G, chunk * L}, input.options());
-    for_each_wide_chunk(dy, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
+  PartialSums sums(grad_weight, policy);
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, 2 * C_in)) {
+    const ColumnBuffer wide_x(policy, Slot::Operand, chunk, C_in, L, input.options());
+    const at::Tensor wide_out =
+        scratch(policy, Slot::Product, {G, C_in / G, chunk * L}, input.options());
+    for_each_wide_chunk(policy, dy, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
       const at::Tensor c = cols.view({G, rows / G, b * L});
-      wide_conv(gi, n0, b, wide_out, w3, c, at::Tensor());
-      wide_weight_sum(sums, input, side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L}), c);
+      wide_conv(policy, gi, n0, b, wide_out, w3, c, at::Tensor());
+      wide_weight_sum(policy, sums, side_by_side(x3.narrow(0, n0, b), wide_x).view({G, C_in / G, b * L}), c);
     });
     return {grad_input, sums.sum()};
   }
   const at::Tensor image_dy = pointwise ? dy.contiguous() : dy;
-  for_each_column_block(image_dy, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
+  for_each_column_block(policy, image_dy, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     const at::Tensor cg = c.view({G, rows / G, count});
     gemm(gi.select(0, n).narrow(1, first, count).view({G, C_in / G, count}), w3, cg);
     sums.add(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),

@@ -18,38 +18,44 @@
 
 namespace convt_ext {
 
+// Every path plans with the `policy` it is given (Note [Device policy] in
+// ../plan.h): the policy of the op's device.
+struct DevicePolicy;
+
 // conv into y, (N, C_out, L): a planar output's view, or (with one group)
 // the transposed view of a channels_last output's. `call` is the relation of
 // the whole call; `image` planar (NCHW).
 void conv_columns(const at::Tensor& image, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
-                  const at::Tensor& y, bool pointwise);
+                  const at::Tensor& y, bool pointwise, const DevicePolicy& policy);
 
 // conv_transpose into the planar output `out` (N, C_out, *image).
 void conv_transpose_columns(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const Window3& call,
-                            int64_t groups, const at::Tensor& out, bool pointwise);
+                            int64_t groups, const at::Tensor& out, bool pointwise,
+                            const DevicePolicy& policy);
 
 // The weight gradient, (G, C_out/G, C_in/G*prod(k)), planar: by the wide
 // path, or the pixel rows of a 1x1 layer's channels_last (`format`) input,
 // or blocks of columns.
 at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_output,
                                const Window3& call, int64_t groups, bool pointwise,
-                               at::MemoryFormat format);
+                               at::MemoryFormat format, const DevicePolicy& policy);
 
 // Both gradients of conv_transpose from one im2col of grad_output (Note [One
 // column buffer for conv_transpose's backward]), planar.
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const Window3& call, int64_t groups, bool pointwise);
+    const Window3& call, int64_t groups, bool pointwise, const DevicePolicy& policy);
 
 // A 1x1 layer (stride 1, no padding) on a channels_last input: the image is
-// the (N*L, C) matrix of its pixels' rows, and each op is one GEMM per group
-// on such matrices, channels_last by construction (Note [Memory format]).
+// the (N*L, C) matrix of its pixels' rows, and each op is one GEMM, batched
+// over the groups, on such matrices, channels_last by construction (Note
+// [Memory format]).
 at::Tensor conv_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t groups,
-                           at::Tensor out);
+                           at::Tensor out, const DevicePolicy& policy);
 at::Tensor conv_transpose_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, int64_t groups,
-                                     at::Tensor out);
+                                     at::Tensor out, const DevicePolicy& policy);
 }  // namespace convt_ext

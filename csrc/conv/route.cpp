@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../plan.h"
 #include "args.h"
 #include "columns.h"
 #include "view.h"
@@ -48,11 +49,12 @@ bool no_output_padding(at::IntArrayRef output_padding) {
 // path writes it so (Note [Memory format] in args.cpp).
 at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
-                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise) {
+                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise,
+                      const DevicePolicy& policy) {
   const bool channels_last = format != at::MemoryFormat::Contiguous;
   if (channels_last && input.size(1) > 0 && pointwise && input.is_contiguous(format)) {
     return conv_pixel_rows(input, weight, bias, groups,
-                           at::empty(shape, input.options().memory_format(format)));
+                           at::empty(shape, input.options().memory_format(format)), policy);
   }
   // With one group the GEMMs store a channels_last output through the
   // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
@@ -62,7 +64,7 @@ at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   if (input.size(1) == 0) return bias_only(out, bias);
   conv_columns(planar(input), weight, bias, call, groups,
-               out.view({shape[0], shape[1], call.window_numel()}), pointwise);
+               out.view({shape[0], shape[1], call.window_numel()}), pointwise, policy);
   return out;
 }
 
@@ -70,7 +72,8 @@ at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                const DevicePolicy& policy) {
   int64_t windows[kMaxDims];
   const Window3 call =
       check_conv(op, dims, input, weight, bias, stride, padding, dilation, groups, windows);
@@ -84,11 +87,11 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
     count_column_call(input);
     return in_format(conv_route(input, weight, bias, call, groups,
                                 shape_of(input.size(0), weight.size(0), windows, dims), format,
-                                one_to_one),
+                                one_to_one, policy),
                      format);
   };
   const bool pixels = pixel_memory(input);
-  if (!(cl && one_to_one && pixels) &&
+  if (policy.view && !(cl && one_to_one && pixels) &&
       view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups, pixels, false,
                  cl, one_to_one)) {
     const auto view = [&] { return in_format(conv_view(input, weight, bias, call, groups, !cl), format); };
@@ -104,7 +107,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef output_padding, int64_t groups,
-                          at::IntArrayRef dilation) {
+                          at::IntArrayRef dilation, const DevicePolicy& policy) {
   int64_t image[kMaxDims];
   const Window3 call = check_conv_transpose(op, dims, input, weight, bias, stride, padding,
                                             output_padding, groups, dilation, image);
@@ -120,17 +123,17 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   const bool one_to_one = pointwise(kernel, stride, padding) && no_output_padding(output_padding);
   if (format != at::MemoryFormat::Contiguous && one_to_one && input.is_contiguous(format)) {
     return conv_transpose_pixel_rows(input, weight, bias, groups,
-                                     at::empty(shape, input.options().memory_format(format)));
+                                     at::empty(shape, input.options().memory_format(format)), policy);
   }
   const bool cl = format != at::MemoryFormat::Contiguous, pixels = pixel_memory(input);
   const auto columns = [&] {
     count_column_call(input);
     at::Tensor out = at::empty(shape, input.options());
-    conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one);
+    conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one, policy);
     return in_format(out, format);
   };
-  if (view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1), groups, false,
-                 pixels, cl, one_to_one)) {
+  if (policy.view && view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1),
+                                groups, false, pixels, cl, one_to_one)) {
     const auto view = [&] { return in_format(conv_transpose_view(input, weight, bias, call, groups), format); };
     if (!path_benchmark()) return view();
     return by_timing<at::Tensor>(path_key(ViewOp::ConvTranspose, call, call.channels, input.size(1),
@@ -145,7 +148,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
 at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
                        const at::Tensor& grad_output, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t groups) {
+                       int64_t groups, const DevicePolicy& policy) {
   const Window3 call = check_conv_weight(op, dims, input, grad_output, weight_size, stride,
                                          padding, dilation, groups);
   c10::DeviceGuard guard(input.device());
@@ -159,11 +162,11 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   const auto columns = [&] {
     count_column_call(input);
     const at::Tensor grad_weight =
-        conv_weight_columns(input, grad_output, call, groups, one_to_one, format);
+        conv_weight_columns(input, grad_output, call, groups, one_to_one, format, policy);
     return in_format(grad_weight.view(weight_size), format);
   };
   const bool pixels = pixel_memory(input), dy_pixels = pixel_memory(grad_output);
-  if (!(cl && one_to_one) &&
+  if (policy.view && !(cl && one_to_one) &&
       view_takes(ViewOp::ConvWeight, input, call, input.size(1), grad_output.size(1), groups,
                  pixels, dy_pixels, true, one_to_one)) {
     const auto view = [&] {
@@ -180,7 +183,8 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
     const char* op, int dims, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+    const DevicePolicy& policy) {
   // The columns of the input's windows over dy: conv(dy, W) cropped to the input.
   int64_t image[kMaxDims];
   const Window3 call = check_conv_transpose(op, dims, input, weight, std::nullopt, stride,
@@ -197,14 +201,14 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   const auto columns = [&]() -> Grads {
     count_column_call(input);
     auto [grad_input, grad_weight] =
-        conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one);
+        conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one, policy);
     return {grad_input, grad_weight.view(weight.sizes())};
   };
   // conv's ops on the same relation: the input gradient is conv(dy, W), the
   // weight gradient conv_weight(dy, x).
   const bool dy_pixels = pixel_memory(grad_output), pixels = pixel_memory(input);
-  if (view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels, input.size(1), groups,
-                 dy_pixels, pixels, false, one_to_one)) {
+  if (policy.view && view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels,
+                                input.size(1), groups, dy_pixels, pixels, false, one_to_one)) {
     const auto view = [&]() -> Grads {
       // Planar, as the column path and the fake kernel give them.
       return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
