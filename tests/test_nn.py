@@ -386,6 +386,7 @@ def test_from_torch_keeps_meta_device():
         assert p.device.type == "meta" and p.dtype == torch.float16
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("torch_cls, our_cls, args, kw", MODULE_CONFIGS, ids=CONFIG_IDS)
 def test_from_torch_cuda(torch_cls, our_cls, args, kw):
