@@ -77,7 +77,11 @@ step() {
 
 # --- env
 env_info() {
-  echo "checkout $(git rev-parse --short HEAD 2>/dev/null || echo '(not a git checkout)')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+  if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    echo "checkout $commit$(git diff --quiet HEAD 2>/dev/null || echo ' (modified)')"
+  else
+    echo "checkout: not a git checkout"
+  fi
   echo "host $(hostname), $(nproc) cores, dry run: $DRY_RUN"
   "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torch CUDA', torch.version.cuda, '| GPU visible:', torch.cuda.is_available())" || return 1
   if home=$(cuda_home); then echo "CUDA_HOME=$home: $("$home/bin/nvcc" --version | tail -n 2 | head -n 1)"; else echo "no nvcc found"; fi
