@@ -235,25 +235,16 @@ def _workspace_from_env():
         raise ValueError(f"{WORKSPACE_ENV} must be a positive number of bytes, but got {value!r}") from exc
 
 
-def _gemm_engine_from_env():
-    value = os.environ.get(GEMM_ENGINE_ENV)
+def _setting_from_env(variable, choices, apply):
+    value = os.environ.get(variable)
     if not value:
         return
-    if value not in GEMM_ENGINES:
-        raise ValueError(f"{GEMM_ENGINE_ENV} must be one of {', '.join(GEMM_ENGINES)}, but got {value!r}")
-    set_gemm_engine(value)
-
-
-def _conv_path_from_env():
-    value = os.environ.get(CONV_PATH_ENV)
-    if not value:
-        return
-    if value not in CONV_PATHS:
-        raise ValueError(f"{CONV_PATH_ENV} must be one of {', '.join(CONV_PATHS)}, but got {value!r}")
-    set_conv_path(value)
+    if value not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}, but got {value!r}")
+    apply(value)
 
 
 _workspace_from_env()
-_gemm_engine_from_env()
-_conv_path_from_env()
+_setting_from_env(GEMM_ENGINE_ENV, GEMM_ENGINES, set_gemm_engine)
+_setting_from_env(CONV_PATH_ENV, CONV_PATHS, set_conv_path)
 _C.check_environment()  # the tuning variables (README): a malformed one fails at import
