@@ -919,7 +919,7 @@ def _python(code, value):
     env["CONVT_EXT_CONV_PATH"] = value
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(convt_ext.__file__)))
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-P", "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_environment_variable():
