@@ -114,18 +114,37 @@ def _import_with(env_updates):
     )
 
 
-@pytest.mark.parametrize("name", ["CONVT_EXT_CHUNK_BYTES", "CONVT_EXT_FORWARD_TILE_BYTES"])
-@pytest.mark.parametrize("value", ["8MB", "1e6", "", " 5", "-1", "99999999999999999999999"])
-def test_malformed_tuning_variables_fail_at_import(name, value):
-    done = _import_with({name: value})
+# Every malformed value on one variable, and two on the other: one parser
+# (env_bytes in csrc/plan.cpp) reads both.
+_MALFORMED = [("CONVT_EXT_CHUNK_BYTES", v) for v in ["8MB", "1e6", "", " 5", "-1", "99999999999999999999999"]] + \
+    [("CONVT_EXT_FORWARD_TILE_BYTES", v) for v in ["8MB", "-1"]]
+_VALID = [("CONVT_EXT_CHUNK_BYTES", "1"), ("CONVT_EXT_CHUNK_BYTES", "65536"),
+          ("CONVT_EXT_FORWARD_TILE_BYTES", "0"), ("CONVT_EXT_FORWARD_TILE_BYTES", "4096")]
+
+
+@pytest.fixture(scope="module")
+def tuning_imports():
+    """A fresh import under each tuning variable's setting below, four at a time
+    (each is a process of its own; one after another they took most of this
+    file's time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = _MALFORMED + _VALID
+    with ThreadPoolExecutor(4) as pool:
+        done = pool.map(lambda nv: _import_with({nv[0]: nv[1]}), settings)
+        return dict(zip(settings, done))
+
+
+@pytest.mark.parametrize("name, value", _MALFORMED)
+def test_malformed_tuning_variables_fail_at_import(name, value, tuning_imports):
+    done = tuning_imports[name, value]
     assert done.returncode != 0
     assert "ValueError" in done.stderr and name in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("name, value", [("CONVT_EXT_CHUNK_BYTES", "1"), ("CONVT_EXT_CHUNK_BYTES", "65536"),
-                                         ("CONVT_EXT_FORWARD_TILE_BYTES", "0"), ("CONVT_EXT_FORWARD_TILE_BYTES", "4096")])
-def test_valid_tuning_variables_give_the_same_result(name, value):
-    done = _import_with({name: value})
+@pytest.mark.parametrize("name, value", _VALID)
+def test_valid_tuning_variables_give_the_same_result(name, value, tuning_imports):
+    done = tuning_imports[name, value]
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) == 2 * 4 * 7 * 7 * 27.0
 

@@ -230,6 +230,9 @@ CASES = [
     Case(T, 1, 6, 6, (5, 7), (3, 3), stride=3, padding=2, dilation=2, groups=3, output_padding=(2, 1), layouts=(CL, NC)),
     Case(T, 2, 5, 7, (6, 5), (3, 2), padding=(1, 0), layouts=(NC, CL)),
     Case(T, 2, 5, 3, (6, 5), (1, 1)),  # 1x1 stride 1, NCHW input
+    Case(T, 2, 4, 6, (3, 40), (3, 3), stride=2, padding=1, layouts=(CL, NC)),  # the row form: rows of >= 32
+    Case(T, 1, 3, 4, (8, 16), (2, 2), stride=(3, 4), padding=(0, 1), output_padding=(2, 3)),  # outputs no tap reaches
+    Case(T, 2, 4, 70, (9, 10), (3, 3), stride=2, padding=1, output_padding=1),  # the plane: a 9 x 11 phase pair
     Case(T, 2, 4, 6, (3, 4, 5), (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), dilation=(1, 1, 2), groups=2,
          output_padding=(1, 0, 0), layouts=(CL, CL)),
     Case(T, 1, 3, 4, (4, 3, 5), (3, 1, 2), stride=1, padding=(1, 0, 0), dilation=(2, 1, 1), output_padding=(1, 0, 0),
@@ -305,8 +308,8 @@ def _reference(case, a, b, bias):
 def _expected_tap_gemms(case, image_pixels):
     """The tap GEMMs the view path runs, from the geometry alone.
 
-    Row form (conv_transpose; conv and the weight gradient on a channels-last
-    image with output rows of >= 32): one per (sample, outer positions of the
+    Row form (conv_transpose but where _phase_gemms applies; conv and the
+    weight gradient on a channels-last image with output rows of >= 32): one per (sample, outer positions of the
     rows a task owns, kSpan-segment of the last dimension, kernel tap, group,
     64-wide block of the GEMM's N) where some position of the segment has that
     tap inside the image.
@@ -338,6 +341,10 @@ def _expected_tap_gemms(case, image_pixels):
             return q % stride[i] == 0 and 0 <= q // stride[i] < windows[i]
         return 0 <= p * stride[i] - padding[i] + k * dilation[i] < image[i]
 
+    if case.op == "conv_transpose" and not image_pixels:
+        phase_gemms = _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits)
+        if phase_gemms is not None:
+            return case.n * phase_gemms * case.groups * -(-n_block // block)
     if case.op != "conv_transpose" and (not image_pixels or windows[2] < 32):
         cover = (windows[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1
         virtual = windows[1] * -(-cover // stride[2])
@@ -353,6 +360,37 @@ def _expected_tap_gemms(case, image_pixels):
                                for m0 in range(0, owned[2], span))
                 count += rows0 * rows1 * segments
     return case.n * count * case.groups * -(-n_block // block)
+
+
+def _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits):
+    """conv_transpose's plane form (a planar input whose first phase pair has
+    at least 64 virtual rows; None otherwise), per sample and group and 64-wide block of N:
+    one GEMM per (output position along dimension 0, tap k0 that reaches it,
+    output phase pair (r1, r2), block of 128 virtual rows of that pair, tap
+    (k1, k2) of that pair). Along dimensions 1 and 2 the outputs q with
+    (q + p) % s == r form phase r, reached by the taps k with k*d = r (mod s)
+    from input position (q + p - k*d) / s; a virtual row of every phase is as
+    wide as the input positions that all phases read."""
+
+    def phases(i):
+        found = []
+        for r in range(stride[i]):
+            js = [(q + padding[i]) // stride[i] for q in range(image[i]) if (q + padding[i]) % stride[i] == r]
+            taps = [k for k in range(kernel[i]) if k * dilation[i] % stride[i] == r]
+            if js and taps:
+                reads = [j - (k * dilation[i] - r) // stride[i] for j in js for k in taps]
+                found.append((len(js), len(taps), min(reads), max(reads)))
+        return found
+
+    p1, p2 = phases(1), phases(2)
+    if not p1 or not p2:
+        return None
+    width = max(hi for *_, hi in p2) - min(lo for *_, lo, _ in p2) + 1
+    if p1[0][0] * width < 64:
+        return None  # the row form: a phase pair of fewer than 64 virtual rows
+    per_plane = sum(t1 * t2 * -(-(n1 * width) // 128) for n1, t1, *_ in p1 for _, t2, *_ in p2)
+    outer = sum(hits(0, p, k0) for p in range(image[0]) for k0 in range(kernel[0]))
+    return outer * per_plane
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

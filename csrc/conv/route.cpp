@@ -134,7 +134,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   };
   if (policy.view && view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1),
                                 groups, false, pixels, cl, one_to_one)) {
-    const auto view = [&] { return in_format(conv_transpose_view(input, weight, bias, call, groups), format); };
+    const auto view = [&] { return in_format(conv_transpose_view(input, weight, bias, call, groups, !cl), format); };
     if (!path_benchmark()) return view();
     return by_timing<at::Tensor>(path_key(ViewOp::ConvTranspose, call, call.channels, input.size(1),
                                           groups, false, pixels, cl),

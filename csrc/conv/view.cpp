@@ -153,12 +153,41 @@ void start_rows(float* out, const Tasks& t, const Tasks::Box& b, int64_t c, cons
   }
 }
 
-// The tap-major weight blocks (G, T, K, N) of a weight viewed as (G, a, b, T):
-// `k_first` when its K (input channels of the GEMM) come before its N.
-at::Tensor tap_major(const at::Tensor& weight, int64_t groups, bool k_first) {
-  const int64_t T = c10::multiply_integers(weight.sizes().slice(2));
-  const at::Tensor w = weight.reshape({groups, -1, weight.size(1), T});
-  return (k_first ? w.permute({0, 3, 1, 2}) : w.permute({0, 3, 2, 1})).contiguous();
+// The weights as the GEMMs' B operands, prepared once per call: for each
+// group g and tap t, the tap's (K x N) block in panels of kBlockN columns,
+// each panel contiguous (K x kBlockN, the last one padded with zeros), so
+// that a GEMM reads its B as one run of memory (benchmarks/NOTES.md item 27).
+struct Panels {
+  at::Tensor data;  // (G, T, ceil(N / kBlockN), K, kBlockN)
+  int64_t T, blocks, K;
+  // The panel of columns n0 .. n0 + kBlockN - 1 of group g's tap t; its ld is kBlockN.
+  static constexpr int64_t ld = kBlockN;
+  const float* at(int64_t g, int64_t t, int64_t n0) const {
+    return data.const_data_ptr<float>() + ((g * T + t) * blocks + n0 / kBlockN) * K * kBlockN;
+  }
+};
+
+// The panels of a weight viewed as (G, a, b, *kernel): `k_first` when its
+// K (input channels of the GEMM) come before its N.
+Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
+  Panels p;
+  p.T = c10::multiply_integers(weight.sizes().slice(2));
+  const at::Tensor w = weight.reshape({groups, -1, weight.size(1), p.T});
+  at::Tensor major = k_first ? w.permute({0, 3, 1, 2}) : w.permute({0, 3, 2, 1});  // (G, T, K, N)
+  p.K = major.size(2);
+  const int64_t N = major.size(3);
+  p.blocks = (N + kBlockN - 1) / kBlockN;
+  p.data = at::zeros({groups, p.T, p.blocks, p.K, kBlockN}, weight.options());
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    const int64_t n = std::min(kBlockN, N - b * kBlockN);
+    p.data.select(2, b).narrow(3, 0, n).copy_(major.narrow(3, b * kBlockN, n));
+  }
+  return p;
+}
+
+// The floats of tap_panels' panels.
+double panel_floats(int64_t groups, int64_t T, int64_t K, int64_t N) {
+  return double(groups) * T * K * ((N + kBlockN - 1) / kBlockN) * kBlockN;
 }
 
 // Runs task_fn(range, task, calls) over `count` tasks in for_each_task's fixed
@@ -248,6 +277,37 @@ void virtual_places(int64_t m0, int64_t m1, int64_t wv, int64_t O2, int64_t row,
   }
 }
 
+// A block of `rows` virtual rows of O channels (row m at block + m * O),
+// into sample n of an output of `plane` pixels a channel, from pixel
+// `offset` on: row m to pixel offset + at[m], or nowhere where at[m] is -1.
+// Pixel rows into pixel memory, or each channel's run of pixels into a
+// planar output; each row's place is found once (virtual_places), not per
+// channel.
+void write_block(const float* block, int64_t rows, const int64_t* at, float* out, bool pixels_out,
+                 int64_t n, int64_t O, int64_t plane, int64_t offset) {
+  if (pixels_out) {
+    for (int64_t m = 0; m < rows; ++m) {
+      if (at[m] >= 0) std::memcpy(out + (n * plane + offset + at[m]) * O, block + m * O, O * sizeof(float));
+    }
+    return;
+  }
+  for (int64_t o = 0; o < O; ++o) {
+    float* dst = out + (n * O + o) * plane + offset;
+    for (int64_t m = 0; m < rows; ++m) {
+      if (at[m] >= 0) dst[at[m]] = block[m * O + o];
+    }
+  }
+}
+
+// A task's block of kPlaneRows rows of O channels, set to the bias (or zero).
+float* start_block(const at::Tensor& like, int64_t rows, int64_t O, const float* bias) {
+  float* pc = scratch(Slot::Product, {kPlaneRows, O}, like.options()).mutable_data_ptr<float>();
+  for (int64_t m = 0; m < rows; ++m) {
+    if (bias) std::memcpy(pc + m * O, bias, O * sizeof(float)); else std::fill(pc + m * O, pc + (m + 1) * O, 0.f);
+  }
+  return pc;
+}
+
 Plane make_plane(const at::Tensor& image, const Window3& w) {
   Plane pl;
   const int64_t s1 = w.stride[1], s2 = w.stride[2], C = image.size(1);
@@ -277,14 +337,13 @@ Plane make_plane(const at::Tensor& image, const Window3& w) {
 
 // The plane form of conv: a task computes kPlaneRows virtual rows of one
 // output plane (n, o0) into its block, then writes the real ones out.
-void conv_plane(const at::Tensor& input, const at::Tensor& wt, const at::Tensor& bias,
+void conv_plane(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
                 const Window3& call, int64_t groups, int64_t O, const at::Tensor& out) {
-  const int64_t C = input.size(1), Cg = C / groups, Og = O / groups, T = call.kernel_numel();
+  const int64_t C = input.size(1), Cg = C / groups, Og = O / groups;
   const Plane pl = make_plane(input, call);
   const int64_t O0 = call.windows[0], O1 = call.windows[1], O2 = call.windows[2];
   const int64_t virtual_rows = O1 * pl.wv, blocks = (virtual_rows + kPlaneRows - 1) / kPlaneRows;
   const float* px = pl.data.const_data_ptr<float>();
-  const float* pw = wt.const_data_ptr<float>();
   const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
   // out is (N, O, *windows) in pixel memory or planar: the strides of a channel and a pixel.
@@ -293,39 +352,19 @@ void conv_plane(const at::Tensor& input, const at::Tensor& wt, const at::Tensor&
   run_tasks(input, call.batch * O0 * blocks, [&](int64_t, int64_t task, int64_t& calls) {
     const int64_t m0 = task % blocks * kPlaneRows, m1 = std::min(m0 + kPlaneRows, virtual_rows);
     const int64_t o0 = task / blocks % O0, n = task / blocks / O0;
-    const at::Tensor block = scratch(Slot::Product, {kPlaneRows, O}, input.options());
-    float* pc = block.mutable_data_ptr<float>();
-    for (int64_t m = 0; m < m1 - m0; ++m) {
-      if (pb) std::memcpy(pc + m * O, pb, O * sizeof(float)); else std::fill(pc + m * O, pc + (m + 1) * O, 0.f);
-    }
+    float* pc = start_block(input, m1 - m0, O, pb);
     for_each_tap(call, o0, [&](int64_t t, int64_t i0, int64_t k1, int64_t k2) {
       const float* a = px + pl.at(call, n, i0, k1, k2, C) + m0 * s2 * C;
       for (int64_t g = 0; g < groups; ++g) {
-        const float* w_t = pw + (g * T + t) * Cg * Og;
         for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
-          tap_gemm(m1 - m0, std::min(kBlockN, Og - n0), Cg, a + g * Cg, s2 * C, w_t + n0, Og,
+          tap_gemm(m1 - m0, std::min(kBlockN, Og - n0), Cg, a + g * Cg, s2 * C, wt.at(g, t, n0), wt.ld,
                    pc + g * Og + n0, O);
         }
       }
     });
-    // The real pixels of the block, into the output: pixel rows, or each
-    // channel's run of pixels in a planar output. Each virtual row's place
-    // in the output plane (or -1: dropped) is found once, not per channel.
-    const int64_t plane = O0 * O1 * O2, offset = o0 * O1 * O2;
     int64_t at[kPlaneRows];
     virtual_places(m0, m1, pl.wv, O2, O2, 1, at);
-    if (pixels_out) {
-      for (int64_t m = 0; m < m1 - m0; ++m) {
-        if (at[m] >= 0) std::memcpy(py + (n * plane + offset + at[m]) * O, pc + m * O, O * sizeof(float));
-      }
-      return;
-    }
-    for (int64_t o = 0; o < O; ++o) {
-      float* dst = py + (n * O + o) * plane + offset;
-      for (int64_t m = 0; m < m1 - m0; ++m) {
-        if (at[m] >= 0) dst[at[m]] = pc[m * O + o];
-      }
-    }
+    write_block(pc, m1 - m0, at, py, pixels_out, n, O, O0 * O1 * O2, o0 * O1 * O2);
   });
 }
 
@@ -371,6 +410,164 @@ void weight_plane(const at::Tensor& input, const at::Tensor& grad_output, const 
   });
 }
 
+// Note [conv_transpose by output phases]
+// conv_transpose's row form gathers, for each output row, the window
+// positions whose taps land on it: 4 to 32 of them in DCGAN's layers, too
+// few rows for the ukernel. Split instead each output position q along a
+// dimension by its phase r = (q + p) mod s, q = r - p + s j: the taps that
+// reach phase r are the k with k d = r (mod s), and tap k reaches it from
+// window position o = j - e_k, e_k = (k d - r) / s. Each phase is then a
+// direct convolution at stride 1 of the input with its own taps: the
+// guide's relationship 14 (a transposed convolution is a direct one on the
+// zero-inserted input, kernel rotated) with the s - 1 inserted zeros taken
+// out, since each phase meets only the taps that do not multiply them. At
+// stride 1 the padded plane of Note [The padded plane] has one phase and
+// rows as wide as itself, so along dimensions 1 and 2 a tap's operand for
+// kPlaneRows virtual rows of one output phase is one run of pixels, leading
+// dimension C: M = 128 again. Every output pixel belongs to one phase and
+// one task, which sums its taps (k0, k1, k2) in order, so no two tasks add
+// into one pixel and the result does not depend on the thread count.
+struct Phase {
+  int64_t r, jlo, jhi;               // the outputs q = r - p + s j, j in [jlo, jhi)
+  std::vector<int64_t> taps, shift;  // the taps k that reach them, and their e_k
+};
+struct PhaseAxis {
+  std::vector<Phase> phases;  // the phases with outputs and taps
+  int64_t lo = 0, hi = 0;     // the window positions they read (the plane's, zero outside the input)
+  bool bare = false;          // some output has no tap: stride larger than the kernel's reach
+};
+
+PhaseAxis phase_axis(const Window3& w, int i) {
+  PhaseAxis a;
+  const int64_t s = w.stride[i], p = w.padding[i], d = w.dilation[i], last = w.image[i] - 1 + p;
+  bool first = true;
+  for (int64_t r = 0; r < s; ++r) {
+    Phase ph{r, p - r <= 0 ? 0 : (p - r + s - 1) / s, last - r < 0 ? 0 : (last - r) / s + 1, {}, {}};
+    if (ph.jhi <= ph.jlo) continue;
+    for (int64_t k = 0; k < w.kernel[i]; ++k) {
+      if (k * d >= r && (k * d - r) % s == 0) {
+        ph.taps.push_back(k);
+        ph.shift.push_back((k * d - r) / s);
+      }
+    }
+    if (ph.taps.empty()) {
+      a.bare = true;
+      continue;
+    }
+    // taps are in increasing k, so shift.back() is the largest e_k
+    const int64_t lo = ph.jlo - ph.shift.back(), hi = ph.jhi - ph.shift.front();
+    a.lo = first ? lo : std::min(a.lo, lo);
+    a.hi = first ? hi : std::max(a.hi, hi);
+    first = false;
+    a.phases.push_back(std::move(ph));
+  }
+  return a;
+}
+
+// Whether conv_transpose computes by output phases: where the input is
+// planar, so that the plane replaces its conversion (and the output's), and
+// a phase pair has at least half a task's virtual rows. With fewer (DCGAN's
+// 4x4 images: 20) the row form is the faster (benchmarks/NOTES.md item 27),
+// as it is on channels-last inputs, whose rows it reads in place.
+bool transpose_plane_form(bool input_pixels, const Window3& call) {
+  if (input_pixels) return false;
+  const PhaseAxis a1 = phase_axis(call, 1), a2 = phase_axis(call, 2);
+  if (a1.phases.empty() || a2.phases.empty()) return false;
+  const Phase& first = a1.phases.front();
+  return (first.jhi - first.jlo) * (a2.hi - a2.lo) >= kPlaneRows / 2;  // view_takes counts the same
+}
+
+// The floats of conv_transpose_plane's plane of a `c`-channel input.
+double transpose_plane_floats(const Window3& w, int64_t c) {
+  const PhaseAxis a1 = phase_axis(w, 1), a2 = phase_axis(w, 2);
+  return double(w.batch) * w.windows[0] * (a1.hi - a1.lo + 1) * double(a2.hi - a2.lo) * c;
+}
+
+// The plane form of conv_transpose (Note [conv_transpose by output phases]):
+// a task computes kPlaneRows virtual rows of one phase pair (r1, r2) of one
+// output plane (n, q0) into its block, then writes the real ones out.
+void conv_transpose_plane(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
+                          const Window3& call, int64_t groups, const at::Tensor& out) {
+  const int64_t C = input.size(1), O = call.channels, Cg = C / groups, Og = O / groups;
+  const PhaseAxis a1 = phase_axis(call, 1), a2 = phase_axis(call, 2);
+  if (a1.bare || a2.bare) {
+    // The outputs no tap reaches hold the bias; the tasks overwrite the rest.
+    if (bias.defined()) {
+      std::vector<int64_t> shape(out.dim(), 1);
+      shape[1] = O;
+      out.copy_(bias.view(shape).expand_as(out));
+    } else {
+      out.zero_();
+    }
+  }
+  if (a1.phases.empty() || a2.phases.empty()) return;
+  // The plane (N, W0, rows, width, C): window positions [lo, hi) along
+  // dimensions 1 and 2, zero outside the input, and one row of zeros more
+  // for the virtual columns of the last row (as make_plane's).
+  const int64_t W0 = call.windows[0], rows = a1.hi - a1.lo + 1, width = a2.hi - a2.lo;
+  const at::Tensor plane = at::zeros({call.batch, W0, rows, width, C}, input.options());
+  {
+    at::Tensor x = input;
+    while (x.dim() < 2 + kMaxDims) x = x.unsqueeze(2);
+    x = x.permute({0, 2, 3, 4, 1});  // (N, W0, W1, W2, C), strided as it comes
+    const int64_t b1 = std::max<int64_t>(a1.lo, 0), e1 = std::min(a1.hi, call.windows[1]);
+    const int64_t b2 = std::max<int64_t>(a2.lo, 0), e2 = std::min(a2.hi, call.windows[2]);
+    if (b1 < e1 && b2 < e2) {
+      plane.narrow(2, b1 - a1.lo, e1 - b1).narrow(3, b2 - a2.lo, e2 - b2).copy_(
+          x.narrow(2, b1, e1 - b1).narrow(3, b2, e2 - b2));
+    }
+  }
+  // The tasks: per sample and output plane, each phase pair's virtual rows in blocks.
+  struct Block {
+    const Phase *ph1, *ph2;
+    int64_t m0, m1;
+  };
+  std::vector<Block> list;
+  for (const Phase& ph1 : a1.phases) {
+    for (const Phase& ph2 : a2.phases) {
+      const int64_t virtual_rows = (ph1.jhi - ph1.jlo) * width;
+      for (int64_t m0 = 0; m0 < virtual_rows; m0 += kPlaneRows) {
+        list.push_back({&ph1, &ph2, m0, std::min(m0 + kPlaneRows, virtual_rows)});
+      }
+    }
+  }
+  const int64_t per_plane = static_cast<int64_t>(list.size()), I0 = call.image[0];
+  const int64_t I1 = call.image[1], I2 = call.image[2];
+  const float* px = plane.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* py = out.mutable_data_ptr<float>();
+  const bool pixels_out = pixel_memory(out);
+  run_tasks(input, call.batch * I0 * per_plane, [&](int64_t, int64_t task, int64_t& calls) {
+    const Block& blk = list[task % per_plane];
+    const int64_t q0 = task / per_plane % I0, n = task / per_plane / I0;
+    const Phase &ph1 = *blk.ph1, &ph2 = *blk.ph2;
+    float* pc = start_block(input, blk.m1 - blk.m0, O, pb);
+    for (int64_t k0 = 0; k0 < call.kernel[0]; ++k0) {
+      const int64_t o0 = window_at(q0, k0, call.stride[0], call.padding[0], call.dilation[0], W0);
+      if (o0 < 0) continue;
+      const float* x0 = px + ((n * W0 + o0) * rows * width + blk.m0) * C;
+      for (size_t i1 = 0; i1 < ph1.taps.size(); ++i1) {
+        for (size_t i2 = 0; i2 < ph2.taps.size(); ++i2) {
+          const int64_t t = (k0 * call.kernel[1] + ph1.taps[i1]) * call.kernel[2] + ph2.taps[i2];
+          // virtual row m = a * width + b reads plane pixel m + base
+          const int64_t base = (ph1.jlo - ph1.shift[i1] - a1.lo) * width + ph2.jlo - ph2.shift[i2] - a2.lo;
+          for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
+              tap_gemm(blk.m1 - blk.m0, std::min(kBlockN, Og - n0), Cg, x0 + base * C + g * Cg, C,
+                       wt.at(g, t, n0), wt.ld, pc + g * Og + n0, O);
+            }
+          }
+        }
+      }
+    }
+    int64_t at[kPlaneRows];
+    virtual_places(blk.m0, blk.m1, width, ph2.jhi - ph2.jlo, call.stride[1] * I2, call.stride[2], at);
+    const int64_t offset = (q0 * I1 + ph1.r - call.padding[1] + call.stride[1] * ph1.jlo) * I2 +
+                           ph2.r - call.padding[2] + call.stride[2] * ph2.jlo;
+    write_block(pc, blk.m1 - blk.m0, at, py, pixels_out, n, O, I0 * I1 * I2, offset);
+  });
+}
+
 }  // namespace
 
 bool pixel_memory(const at::Tensor& t) {
@@ -399,9 +596,13 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
   const bool plane = !image_pixels || call.windows[2] < kWideRows;
   const double gather = plane ? plane_floats(call, c_image) + tasks * kPlaneRows * c_windows
                                : (image_pixels ? 0 : image);
-  double floats = weights;
+  // The weights' panels (for the weight gradient: its sum, no larger)
+  double floats = op == ViewOp::ConvTranspose ? panel_floats(groups, call.kernel_numel(), cg_windows, cg_image)
+                                              : panel_floats(groups, call.kernel_numel(), cg_image, cg_windows);
   if (op == ViewOp::ConvTranspose) {
-    floats += (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
+    floats += transpose_plane_form(windows_pixels, call)
+                  ? transpose_plane_floats(call, c_windows) + tasks * kPlaneRows * c_image
+                  : (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
   } else {
     // conv, the weight gradient, or both (conv_transpose's backward)
     floats += (op == ViewOp::ConvTransposeBackward ? 2 : 1) * gather;
@@ -424,8 +625,7 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
                      bool planar_out) {
   const int dims = static_cast<int>(input.dim()) - 2;
   const int64_t C = input.size(1), O = weight.size(0), Cg = C / groups, Og = O / groups;
-  const int64_t T = call.kernel_numel();
-  const at::Tensor wt = tap_major(weight, groups, false);
+  const Panels wt = tap_panels(weight, groups, false);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (plane_form(input, call)) {
     at::Tensor out = planar_out ? empty_planar(call.batch, O, call.windows, dims, input.options())
@@ -436,7 +636,6 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x = pixels(input);
   at::Tensor out = empty_pixels(call.batch, O, call.windows, dims, input.options());
   const float* px = x.const_data_ptr<float>();
-  const float* pw = wt.const_data_ptr<float>();
   const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
   const Tasks tasks(call.batch, call.windows), image(call.batch, call.image);
@@ -450,14 +649,13 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
       if (!span_taps(call, k2, box.m0, box.m1, &lo, &hi, &i2)) return;
       in.p0 = i0;
       for (int64_t g = 0; g < groups; ++g) {
-        const float* w_t = pw + (g * T + t) * Cg * Og;
         for (int64_t r = box.r0; r < box.r1; ++r) {
           int64_t i1;
           if (!tap_inside(call, 1, r, k1, &i1)) continue;
           const float* a = px + image.pixel(in, i1, i2, C) + g * Cg;
           float* c = py + tasks.pixel(box, r, lo, O) + g * Og;
           for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
-            tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, s2 * C, w_t + n0, Og, c + n0, O);
+            tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, s2 * C, wt.at(g, t, n0), wt.ld, c + n0, O);
           }
         }
       }
@@ -468,15 +666,20 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const Window3& call,
-                               int64_t groups) {
+                               int64_t groups, bool planar_out) {
   const int dims = static_cast<int>(input.dim()) - 2;
   const int64_t C = input.size(1), O = call.channels, Cg = C / groups, Og = O / groups;
-  const int64_t T = call.kernel_numel();
-  const at::Tensor x = pixels(input), wt = tap_major(weight, groups, true);
-  at::Tensor out = empty_pixels(call.batch, O, call.image, dims, input.options());
+  const Panels wt = tap_panels(weight, groups, true);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (transpose_plane_form(pixel_memory(input), call)) {
+    at::Tensor out = planar_out ? empty_planar(call.batch, O, call.image, dims, input.options())
+                                : empty_pixels(call.batch, O, call.image, dims, input.options());
+    conv_transpose_plane(input, wt, b, call, groups, out);
+    return out;
+  }
+  const at::Tensor x = pixels(input);
+  at::Tensor out = empty_pixels(call.batch, O, call.image, dims, input.options());
   const float* px = x.const_data_ptr<float>();
-  const float* pw = wt.const_data_ptr<float>();
   const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
   // A task owns rows of the output image and gathers the window positions
@@ -502,14 +705,13 @@ at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight
           if (lo >= hi) continue;
           const int64_t i2 = tap(lo, k2, s2, call.padding[2], call.dilation[2]);
           for (int64_t g = 0; g < groups; ++g) {
-            const float* w_t = pw + (g * T + t) * Cg * Og;
             for (int64_t r = box.r0; r < box.r1; ++r) {
               const int64_t o1 = window_at(r, k1, call.stride[1], call.padding[1], call.dilation[1], call.windows[1]);
               if (o1 < 0) continue;
               const float* a = px + windows.pixel(in, o1, lo, C) + g * Cg;
               float* c = py + tasks.pixel(box, r, i2, O) + g * Og;
               for (int64_t n0 = 0; n0 < Og; n0 += kBlockN, ++calls) {
-                tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, C, w_t + n0, Og, c + n0, s2 * O);
+                tap_gemm(hi - lo, std::min(kBlockN, Og - n0), Cg, a, C, wt.at(g, t, n0), wt.ld, c + n0, s2 * O);
               }
             }
           }

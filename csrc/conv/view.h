@@ -24,12 +24,14 @@
 // gradient keeps one partial per fixed range of tasks, added in range order
 // (Note [Determinism across thread counts] in ../plan.h).
 //
-// The weights are prepared once per call as (G, T, C/G, O/G) tap-major
-// blocks. A planar (NCHW) input is converted once, at memory speed, and a
-// planar output converted back once, in route.cpp (benchmarks/NOTES.md
-// item 25 measures both against the GEMMs). Every buffer, those copies
-// included, counts against the workspace limit; a call that would exceed it
-// takes the column path.
+// The weights are prepared once per call, tap-major, each tap's block in
+// contiguous panels of 64 output channels (view.cpp, Panels). A planar
+// (NCHW) input is copied once, into a padded plane (Note [The padded plane];
+// conv_transpose: Note [conv_transpose by output phases]) or, for the row
+// form, into pixel memory; each block writes straight into a planar output,
+// or route.cpp converts it (benchmarks/NOTES.md items 25 and 27). Every
+// buffer, those copies included, counts against the workspace limit; a call
+// that would exceed it takes the column path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -76,10 +78,11 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
                      bool planar_out);
 
-// conv_transpose: (N, C_out, *image), in pixel memory.
+// conv_transpose: (N, C_out, *image), in pixel memory, or planar with
+// `planar_out` where the path writes it so (route.cpp converts what is left).
 at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const Window3& call,
-                               int64_t groups);
+                               int64_t groups, bool planar_out);
 
 // The weight gradient: a contiguous tensor of weight_size.
 at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_output,
