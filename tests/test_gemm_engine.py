@@ -25,9 +25,13 @@ ENGINES = convt_ext.engine_info()["available"]
 
 @pytest.fixture(autouse=True)
 def _restore_engine():
-    before = convt_ext.gemm_engine()
+    """The engines multiply the column path's GEMMs: every test here runs on
+    it (the view path's own GEMMs are tests/test_view_path.py's)."""
+    before, path = convt_ext.gemm_engine(), convt_ext.conv_path()
+    convt_ext.set_conv_path("columns")
     yield
     convt_ext.set_gemm_engine(before)
+    convt_ext.set_conv_path(path)
 
 
 def _calls():

@@ -44,11 +44,12 @@ at::Tensor pixels(const at::Tensor& t) {
   return v.permute({0, 2, 3, 4, 1}).contiguous();
 }
 
-// A new (N, C, *spatial) tensor whose memory is (N, *spatial, C).
-at::Tensor empty_pixels(int64_t n, int64_t c, const int64_t* spatial, int dims,
+// A new (N, C, *spatial) tensor, planar or in pixel memory (N, *spatial, C).
+at::Tensor empty_output(bool planar, int64_t n, int64_t c, const int64_t* spatial, int dims,
                         const at::TensorOptions& options) {
   std::vector<int64_t> shape{n, c}, strides(2 + dims);
   shape.insert(shape.end(), spatial + kMaxDims - dims, spatial + kMaxDims);
+  if (planar) return at::empty(shape, options);
   int64_t s = c;
   strides[1] = 1;
   for (int i = dims - 1; i >= 0; --i) {
@@ -88,14 +89,6 @@ double plane_floats(const Window3& w, int64_t c) {
   const int64_t span1 = (w.windows[1] - 1) * s1 + (w.kernel[1] - 1) * w.dilation[1] + 1;
   return double(w.batch) * w.image[0] * s1 * ((span1 + s1 - 1) / s1 + 1) * double(plane_wv(w)) *
          w.stride[2] * c;
-}
-
-// A new planar (N, C, *spatial) tensor.
-at::Tensor empty_planar(int64_t n, int64_t c, const int64_t* spatial, int dims,
-                        const at::TensorOptions& options) {
-  std::vector<int64_t> shape{n, c};
-  shape.insert(shape.end(), spatial + kMaxDims - dims, spatial + kMaxDims);
-  return at::empty(shape, options);
 }
 
 // The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
@@ -628,13 +621,12 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
   const Panels wt = tap_panels(weight, groups, false);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (plane_form(input, call)) {
-    at::Tensor out = planar_out ? empty_planar(call.batch, O, call.windows, dims, input.options())
-                                : empty_pixels(call.batch, O, call.windows, dims, input.options());
+    at::Tensor out = empty_output(planar_out, call.batch, O, call.windows, dims, input.options());
     conv_plane(input, wt, b, call, groups, O, out);
     return out;
   }
   const at::Tensor x = pixels(input);
-  at::Tensor out = empty_pixels(call.batch, O, call.windows, dims, input.options());
+  at::Tensor out = empty_output(false, call.batch, O, call.windows, dims, input.options());
   const float* px = x.const_data_ptr<float>();
   const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
@@ -672,13 +664,12 @@ at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight
   const Panels wt = tap_panels(weight, groups, true);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (transpose_plane_form(pixel_memory(input), call)) {
-    at::Tensor out = planar_out ? empty_planar(call.batch, O, call.image, dims, input.options())
-                                : empty_pixels(call.batch, O, call.image, dims, input.options());
+    at::Tensor out = empty_output(planar_out, call.batch, O, call.image, dims, input.options());
     conv_transpose_plane(input, wt, b, call, groups, out);
     return out;
   }
   const at::Tensor x = pixels(input);
-  at::Tensor out = empty_pixels(call.batch, O, call.image, dims, input.options());
+  at::Tensor out = empty_output(false, call.batch, O, call.image, dims, input.options());
   const float* px = x.const_data_ptr<float>();
   const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
@@ -789,15 +780,19 @@ bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, i
   // (87-92% on an Intel Xeon in the prototype), above the BLAS on im2col's
   // columns (73-85%).
   if (avx512) return true;
-  // With AVX2 the BLAS is the faster GEMM, so the view path wins only where
-  // it saves a copy (benchmarks/NOTES.md item 25): an image already in pixel
-  // memory, read in place, and conv_transpose with overlapping windows in 2-d
-  // or 3-d, whose strided accumulation replaces col2im's sums.
+  // With AVX2 the BLAS is as fast a GEMM, so the view path wins where it
+  // saves a copy (benchmarks/NOTES.md items 25 and 27): an image already in
+  // pixel memory, read in place; conv_transpose with overlapping windows in
+  // 2-d or 3-d, whose strided accumulation replaces col2im's sums; and conv
+  // and its weight gradient on a planar image in 3-d, where im2col's columns
+  // are kernel-volume times the image, or in 2-d while a tap's K x N block
+  // is at most 128 x 256 (beyond, the per-tap GEMMs slow down as B leaves
+  // the cache). In 1-d the columns win.
   switch (op) {
     case ViewOp::Conv:
     case ViewOp::ConvWeight:
     case ViewOp::ConvTransposeBackward:
-      return image_pixels;
+      return image_pixels || dims == 3 || (dims == 2 && cg_image * cg_windows <= 128 * 256);
     case ViewOp::ConvTranspose:
       return windows_pixels || (dims >= 2 && overlap);
   }
