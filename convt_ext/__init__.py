@@ -120,11 +120,12 @@ def set_conv_path(path):
     variable):
 
     - "auto" (default): the view path where its rule says it wins, the
-      column path elsewhere. The rule (benchmarks/NOTES.md item 25): float32,
-      at least 16 channels per group on both sides, not 1x1; then, on a CPU
-      with AVX-512, always; with AVX2 only where the view saves a copy (an
-      input already channels_last, or conv_transpose with overlapping
-      windows in 2-d or 3-d);
+      column path elsewhere. The rule (benchmarks/NOTES.md items 25 and
+      27): float32, at least 16 channels per group on both sides, not 1x1;
+      then, on a CPU with AVX-512, always; with AVX2 where the view saves a
+      copy: an input already channels_last, or overlapping windows in 2-d or
+      3-d (conv and its weight gradient in 2-d only while a tap is at most
+      128 x 256 channels);
     - "view": per-tap GEMMs on strided views of channels-last memory, no
       column matrix, wherever it can run (float32 on a CPU where oneDNN's
       ukernel runs, IEEE float32 convolutions, within the workspace limit);

@@ -757,9 +757,9 @@ def test_auto_takes_the_columns_elsewhere(c_in, c_out, k, groups, ieee_fp32):
 
 
 def test_auto_on_planar_inputs_follows_the_rule_for_this_cpu(ieee_fp32):
-    """NCHW: with AVX-512 the view everywhere; with AVX2 conv_transpose's
-    overlapping windows, and conv and its weight gradient while a tap's block
-    is at most 128 x 256 (the rule, view_rule, decides; its table is below)."""
+    """NCHW: with AVX-512 the view everywhere; with AVX2 where the windows
+    overlap: conv_transpose, and conv and its weight gradient while a tap's
+    block is at most 128 x 256 (the rule, view_rule, decides; its table is below)."""
     avx512 = convt_ext.engine_info()["cpu_avx512"]
     with _path("auto"):
         x, w, dy, geometry = _layer(64, 64, 3)
@@ -787,11 +787,14 @@ def test_the_rule_as_a_table(avx512):
         # in pixel memory already: always
         assert rule(op, avx512, True, True, 2, True, 16, 16, False)
     for op in ops:
-        # planar, 2-d: AVX2 takes the view for conv_transpose, and for the others while K x N <= 128 x 256
+        # planar, 2-d, overlapping windows: AVX2 takes the view for conv_transpose, and for the
+        # others while K x N <= 128 x 256
         assert rule(op, avx512, False, False, 2, True, 128, 256, False)
         assert rule(op, avx512, False, False, 2, True, 256, 129, False) == (avx512 or op == "conv_transpose")
-        # planar 3-d: the view; planar 1-d: only with AVX-512
+        # planar 3-d: the view where the windows overlap; planar 1-d, or windows apart: only with AVX-512
         assert rule(op, avx512, False, False, 3, True, 512, 512, False)
+        assert rule(op, avx512, False, False, 3, False, 64, 64, False) == avx512
+        assert rule(op, avx512, False, False, 2, False, 64, 64, False) == avx512
         assert rule(op, avx512, False, False, 1, True, 64, 64, False) == avx512
     # conv_transpose on planar input, AVX2: 2-d or 3-d overlapping windows only
     assert rule("conv_transpose", False, False, False, 3, True, 64, 64, False)

@@ -784,15 +784,16 @@ bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, i
   // saves a copy (benchmarks/NOTES.md items 25 and 27): an image already in
   // pixel memory, read in place; conv_transpose with overlapping windows in
   // 2-d or 3-d, whose strided accumulation replaces col2im's sums; and conv
-  // and its weight gradient on a planar image in 3-d, where im2col's columns
-  // are kernel-volume times the image, or in 2-d while a tap's K x N block
-  // is at most 128 x 256 (beyond, the per-tap GEMMs slow down as B leaves
-  // the cache). In 1-d the columns win.
+  // and its weight gradient on a planar image with overlapping windows,
+  // whose columns repeat each pixel, in 3-d, or in 2-d while a tap's K x N
+  // block is at most 128 x 256 (beyond, the per-tap GEMMs slow down as B
+  // leaves the cache). In 1-d the columns win.
   switch (op) {
     case ViewOp::Conv:
     case ViewOp::ConvWeight:
     case ViewOp::ConvTransposeBackward:
-      return image_pixels || dims == 3 || (dims == 2 && cg_image * cg_windows <= 128 * 256);
+      return image_pixels ||
+             (overlap && (dims == 3 || (dims == 2 && cg_image * cg_windows <= 128 * 256)));
     case ViewOp::ConvTranspose:
       return windows_pixels || (dims >= 2 && overlap);
   }
