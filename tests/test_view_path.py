@@ -542,6 +542,21 @@ def test_unbatched_input(dims, view_path, ieee_fp32):
                   conv_t(x64.abs(), wt.double().abs(), None, stride=2, output_padding=1), 5 * 2**dims, "conv_transpose")
 
 
+def test_conv_transpose_with_a_huge_stride_over_one_input_row(view_path, ieee_fp32):
+    """Over a one-row input the stride does not change the output (one window
+    position), so stride 10**12 must give stride 1's result, with the phases
+    found from the taps, not by a loop over the stride."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 16, 1, 70, generator=gen)  # planar, and 71 virtual rows: the phase form
+    w = torch.randn(16, 20, 3, 2, generator=gen)
+    with Ran() as ran:
+        got = convt_ext.conv_transpose2d(x, w, None, (10**12, 1), (1, 0))
+    assert_view_ran(ran, calls=1)
+    want = F.conv_transpose2d(x.double(), w.double(), None, 1, (1, 0))
+    assert got.shape == want.shape == (2, 20, 1, 71)
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_empty_batch(op, view_path, ieee_fp32):
     """Nothing to compute: the view path is not asked, and the shape is torch's."""

@@ -433,27 +433,29 @@ struct PhaseAxis {
 PhaseAxis phase_axis(const Window3& w, int i) {
   PhaseAxis a;
   const int64_t s = w.stride[i], p = w.padding[i], d = w.dilation[i], last = w.image[i] - 1 + p;
-  bool first = true;
-  for (int64_t r = 0; r < s; ++r) {
-    Phase ph{r, p - r <= 0 ? 0 : (p - r + s - 1) / s, last - r < 0 ? 0 : (last - r) / s + 1, {}, {}};
+  // The phases of the taps, in increasing r (not a loop over r < s: s may
+  // be huge where the image is one pixel).
+  std::map<int64_t, Phase> by_phase;
+  for (int64_t k = 0; k < w.kernel[i]; ++k) {
+    Phase& ph = by_phase[k * d % s];
+    ph.taps.push_back(k);
+    ph.shift.push_back(k * d / s);  // (k d - r) / s
+  }
+  int64_t reached = 0;
+  for (auto& [r, ph] : by_phase) {
+    ph.r = r;
+    ph.jlo = p - r <= 0 ? 0 : (p - r + s - 1) / s;
+    ph.jhi = last - r < 0 ? 0 : (last - r) / s + 1;
     if (ph.jhi <= ph.jlo) continue;
-    for (int64_t k = 0; k < w.kernel[i]; ++k) {
-      if (k * d >= r && (k * d - r) % s == 0) {
-        ph.taps.push_back(k);
-        ph.shift.push_back((k * d - r) / s);
-      }
-    }
-    if (ph.taps.empty()) {
-      a.bare = true;
-      continue;
-    }
+    ++reached;
     // taps are in increasing k, so shift.back() is the largest e_k
     const int64_t lo = ph.jlo - ph.shift.back(), hi = ph.jhi - ph.shift.front();
-    a.lo = first ? lo : std::min(a.lo, lo);
-    a.hi = first ? hi : std::max(a.hi, hi);
-    first = false;
+    a.lo = a.phases.empty() ? lo : std::min(a.lo, lo);
+    a.hi = a.phases.empty() ? hi : std::max(a.hi, hi);
     a.phases.push_back(std::move(ph));
   }
+  // The image's positions fall into min(s, image) phases; those no tap reaches hold the bias.
+  a.bare = reached < std::min(s, w.image[i]);
   return a;
 }
 
