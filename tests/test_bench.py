@@ -20,6 +20,7 @@ import convt_ext
 from convt_ext.bench import __main__ as cli
 from convt_ext.bench import chart, machine, measure, suite
 from convt_ext.bench import report as bench_report
+from conftest import reset_tf32
 
 SMALL = "dcgan-64to3-32"  # a --quick shape with both im2col and conv_transpose2d
 QUICK = ["--quick", "--ops", "im2col,conv_transpose2d", "--shapes", SMALL, "--min-run-time", "0.02"]
@@ -461,16 +462,29 @@ def test_channels_last_cases_run_on_channels_last_tensors_and_check_strides(dire
                                           torch.float32, ["output"])
 
 
-def test_tf32_is_set_for_both_sides_alike():
-    """--tf32: torch's convolutions and convt_ext's GEMMs read the same flag,
-    and the report says what each used (the flags exist without a GPU too)."""
+@pytest.mark.parametrize("caller", ["default", "global_tf32_matmul_ieee"])
+def test_tf32_is_set_for_both_sides_alike(caller):
+    """--tf32: torch's convolutions and convt_ext's GEMMs read the same per-op flag, the
+    report says what each used (the flags exist without a GPU too), and the caller's
+    settings come back after. Also from the state in which torch's legacy allow_tf32
+    getters throw: the global precision "tf32" with the matmul's "ieee"."""
+    b = torch.backends
+    state = lambda: (b.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision,  # noqa: E731
+                     b.cuda.matmul.fp32_precision)
+    if caller == "global_tf32_matmul_ieee":
+        b.fp32_precision = "tf32"
+        b.cuda.matmul.fp32_precision = "ieee"
+    before = state()
     try:
         for on in (True, False):
-            used = machine.set_tf32(on)
-            assert used == {"torch_cudnn": on, "convt_ext": on, "matmul_ceiling": on}
-            assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
+            with machine.tf32(on) as used:
+                assert used == {"torch_cudnn": on, "convt_ext": on, "matmul_ceiling": on}
+                want = "tf32" if on else "ieee"
+                assert b.cudnn.conv.fp32_precision == want and b.cuda.matmul.fp32_precision == want
+            assert state() == before
     finally:
-        machine.set_tf32(False)  # as tests/conftest.py has it
+        b.fp32_precision = "none"
+        reset_tf32()
     assert cli.parse_args(["--tf32", "on"]).tf32 == "on"
     assert cli.parse_args([]).tf32 == "off"
     assert cli.parse_args(["--gemm-engine", "onednn"]).gemm_engine == "onednn"

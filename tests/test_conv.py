@@ -688,6 +688,31 @@ def test_workspace_limit_does_not_change_results(spatial, rng, restore_workspace
             torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_transpose_backward_over_many_wide_chunks(dtype, rng):
+    """conv_transpose's fused backward (one im2col of grad_output for both gradients) on
+    the wide path, over many chunks of samples at the default workspace limit: a batch
+    of 64 with 30x30 = 900 window positions (under the CPU's 1024). A chunk holds the
+    columns (C_out*3*3 rows) and two input-sized operands (2*C_in rows) of each sample:
+    (144 + 32) * 900 * 8 bytes = 1.27 MB in float64, so the 8 MiB chunk budget takes 6
+    samples (11 chunks), and 13 in float32 (5 chunks). On the column path (pinned: in
+    float32 an AVX-512 CPU's rule takes the view), against float64 torch."""
+    assert convt_ext.workspace_limit() == DEFAULT_WORKSPACE_LIMIT
+    old = convt_ext.conv_path()
+    convt_ext.set_conv_path("columns")
+    try:
+        x, w, b = randn((64, 16, 30, 30), rng, dtype), randn((16, 16, 3, 3), rng, dtype), randn((16,), rng, dtype)
+        gy = randn((64, 16, 30, 30), rng, dtype)
+        got = _conv_grads(lambda x, w, b: convt_ext.conv_transpose2d(x, w, b, 1, 1), (x, w, b), gy)
+    finally:
+        convt_ext.set_conv_path(old)
+    l64 = [t.double() for t in (x, w, b)]
+    want = _conv_grads(lambda x, w, b: F.conv_transpose2d(x, w, b, 1, 1), l64, gy.double())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-3)
+    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, want):
+        torch.testing.assert_close(a.double(), e, **tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_workspace_limit_conv2d_weight(rng, restore_workspace_limit):
     x = randn((5, 4, 9, 8), rng)
     dy = randn((5, 6, 5, 5), rng)

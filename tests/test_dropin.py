@@ -18,6 +18,7 @@ Torch behaviour these tests pin down (torch 2.13, CPU), which convt_ext follows:
 - torch's own CPU convolution is NOT bitwise reproducible across thread counts (its weight
   and bias gradients change with torch.set_num_threads); convt_ext's must be.
 """
+import itertools
 import math
 
 import pytest
@@ -961,3 +962,58 @@ def test_bitwise_reproducible_across_thread_counts(ours, ref, xs, ws, out_ch, kw
     want_all = [want.detach()] + list(torch.autograd.grad(want, l64, up.double()))
     for a, e in zip(results[1], want_all):
         torch.testing.assert_close(a.double(), nonzero(e), rtol=1e-4, atol=1e-3)
+
+
+def _pixels(t):
+    """t with the same values, in channels-last memory."""
+    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("path", ["auto", "view", "columns"])
+def test_route_is_the_same_at_every_thread_count(path, restore_determinism):
+    """Small 1x1 layers, where torch's own choice of the output's memory format follows the
+    thread count (oneDNN with several threads, its slow kernel with one): the path each op
+    takes, and so every bit of the output and the gradients, do not. The 3-d weight
+    gradient of a channels_last_3d input took the view path at one thread and the pixel
+    rows at two, under a forced view, and differed in the last bits."""
+    if path == "view" and not convt_ext.engine_info()["path"]["view_available"]:
+        pytest.skip("the view path needs oneDNN's ukernel")
+    old_path = convt_ext.conv_path()
+    convt_ext.set_conv_path(path)
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for dims, batch, pixels_in, pixels_w in itertools.product((2, 3), (1, 2), (False, True), (False, True)):
+            spatial = (3, 6, 4)[:dims] if dims == 3 else (3, 6)
+            x = torch.randn(batch, 16, *spatial, generator=gen)
+            w = torch.randn(16, 16, *(1,) * dims, generator=gen)
+            x, w = (_pixels(t) if p else t for t, p in ((x, pixels_in), (w, pixels_w)))
+            for op in ("conv", "conv_transpose"):
+                f = getattr(convt_ext, f"{op}{dims}d")
+                runs, dy = {}, None
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    before = convt_ext.engine_info()["path"]["calls"]
+                    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+                    y = f(*leaves)
+                    # One upstream gradient, in one layout: torch's format for y, which
+                    # follows the thread count, must not reach the backward's route.
+                    if dy is None:
+                        dy = torch.randn(y.shape, generator=gen)
+                        dy = _pixels(dy) if pixels_w else dy
+                    grads = torch.autograd.grad(y, leaves, dy)
+                    dw = getattr(convt_ext, f"conv{dims}d_weight")(x, w.shape, dy)
+                    after = convt_ext.engine_info()["path"]["calls"]
+                    runs[threads] = ([after[k] - before[k] for k in ("view", "columns")], [y.detach(), *grads, dw])
+                what = (path, op, dims, batch, pixels_in, pixels_w)
+                assert runs[1][0] == runs[2][0], f"{what}: calls per path {runs[1][0]} at 1 thread, {runs[2][0]} at 2"
+                for a, b in zip(runs[1][1], runs[2][1]):
+                    assert torch.equal(a, b), f"{what}: differs by {(a - b).abs().max()}"
+                # And the values are torch's.
+                l64 = [t.double().requires_grad_() for t in (x, w)]
+                ref = getattr(F, f"{op}{dims}d")(*l64)
+                want = [ref.detach(), *torch.autograd.grad(ref, l64, dy.double())]
+                want.append(getattr(torch.nn.grad, f"conv{dims}d_weight")(l64[0].detach(), w.shape, dy.double()))
+                for a, e in zip(runs[1][1], want):
+                    torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+    finally:
+        convt_ext.set_conv_path(old_path)

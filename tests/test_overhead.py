@@ -99,19 +99,33 @@ def test_ambiguous_output_strides_ask_torch(counting):
     torch.testing.assert_close(x.grad, xr.grad)
 
 
-def test_weight_gradient_format_allocates_no_weight():
+@pytest.mark.parametrize("engine", convt_ext.engine_info()["available"])
+def test_weight_gradient_format_allocates_no_weight(engine):
     """The weight gradient asks torch for its memory format with a meta weight: under a
     GPU's plan (one range, which sums into the result), its only weight-sized allocation
-    is the gradient itself."""
+    is the gradient itself, on the engines that write into it (aten, the ukernel).
+    oneDNN's matmul returns a new tensor, which the engine adds into the result: one
+    weight-sized allocation more, and no other. The engine is pinned: which one "auto"
+    picks depends on the CPU (oneDNN for float32 on an AVX-512 AMD, aten elsewhere)."""
     from emulated_ops import emulated
 
     x, dy = torch.randn(2, 5, 9, 8), torch.randn(2, 7, 7, 6)
     weight_size = [7, 5, 3, 3]
     call = lambda: emulated().conv_weight_gpu_plan(x, dy, weight_size, [1, 1], [0, 0], [1, 1], 1)  # noqa: E731
-    call()
-    sizes = allocations(call)
-    assert sizes.count(7 * 5 * 3 * 3 * 4) == 1, sizes
-    torch.testing.assert_close(call(), torch.nn.grad.conv2d_weight(x, weight_size, dy))
+    old = convt_ext.gemm_engine()
+    convt_ext.set_gemm_engine(engine)
+    try:
+        call()
+        before = convt_ext.engine_info()["calls"]
+        sizes = allocations(call)
+        ran = {e: n - before[e] for e, n in convt_ext.engine_info()["calls"].items() if n > before[e]}
+        result = call()
+    finally:
+        convt_ext.set_gemm_engine(old)
+    # The ukernel takes no transposed operand (this GEMM's columns are): aten runs it.
+    assert list(ran) == (["aten"] if engine == "brgemm" else [engine]), ran
+    assert sizes.count(7 * 5 * 3 * 3 * 4) == (2 if engine == "onednn" else 1), sizes
+    torch.testing.assert_close(result, torch.nn.grad.conv2d_weight(x, weight_size, dy))
 
 
 def test_overhead_bench_mode(capsys, monkeypatch):

@@ -557,6 +557,47 @@ def test_conv_transpose_with_a_huge_stride_over_one_input_row(view_path, ieee_fp
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("setting", ["view", "auto"])
+def test_a_huge_last_stride_falls_back_to_the_columns(setting, ieee_fp32):
+    """A leading dimension the ukernel cannot address (s2 * C floats over a span of
+    rows, past 2^31 bytes: oneDNN's descriptors hold them as int) goes to the column
+    path, which computes it; the view path raised std::bad_alloc there. The plain
+    conv2d backward reaches it: its input gradient is a conv_transpose at that stride."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 3, 2, generator=gen)
+    w = torch.randn(16, 16, 2, 2, generator=gen)
+    with _path(setting):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with Ran() as ran:
+            y = convt_ext.conv2d(xg, wg, None, (1, 2**26))
+            got = torch.autograd.grad(y, [xg, wg], torch.ones_like(y))
+            yt = convt_ext.conv_transpose2d(x[:, :, :, :1], w, None, (1, 2**25))
+    assert ran.view == 0 and ran.columns > 0
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, None, (1, 2**26))
+    want = torch.autograd.grad(y64, [x64, w64], torch.ones_like(y64))
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    # One input column: the output is stride 1's, two columns apart.
+    want_t = F.conv_transpose2d(x[:, :, :, :1].double(), w.double(), None, 1)
+    assert yt.shape == (1, 16, 4, 2)
+    torch.testing.assert_close(yt.double(), want_t, rtol=1e-5, atol=1e-5)
+
+
+def test_a_large_stride_within_the_ukernels_reach_keeps_the_view(view_path, ieee_fp32):
+    """The bound is on what the ukernel addresses, not on strides as such: a stride
+    of 1024 over 16 channels (leading dimension 16384 floats) still runs the view."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 16, 3, 3, generator=gen)
+    w = torch.randn(16, 16, 2, 2, generator=gen)
+    with Ran() as ran:
+        got = convt_ext.conv_transpose2d(x, w, None, (1, 1024))
+    assert_view_ran(ran, calls=1)
+    torch.testing.assert_close(got.double(), F.conv_transpose2d(x.double(), w.double(), None, (1, 1024)),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_empty_batch(op, view_path, ieee_fp32):
     """Nothing to compute: the view path is not asked, and the shape is torch's."""

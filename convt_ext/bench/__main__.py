@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,11 +156,16 @@ def main(argv=None):
               f"--shapes {','.join(args.shapes)}{' --quick' if args.quick else ''} (see --list)", file=sys.stderr)
         return 2
 
-    started = time.perf_counter()
-    tf32 = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        tf32 = machine.set_tf32(args.tf32 == "on")
+    # TF32 as --tf32 says for both sides on CUDA, the caller's flags put back after.
+    with machine.tf32(args.tf32 == "on") if device.type == "cuda" else nullcontext() as tf32:
+        return _suite(args, device, dtype, cases, tf32)
+
+
+def _suite(args, device, dtype, cases, tf32):
+    """Runs and reports the suite's cases: the table, the goals, the JSON and the charts."""
+    started = time.perf_counter()
     machine_info = machine.machine_info(device)
     print(_header(args, device, machine_info))
     ref_start = machine.reference_rates(device, args.quick, args.min_run_time)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -75,13 +75,13 @@ def ordered_cases(smoke):
 def tf32(device, on):
     """TF32 on or off for both sides (on CUDA), with float32 checked to TF32_TOLERANCE while on."""
     saved = measure.TOLERANCES[torch.float32]
-    flags = machine.set_tf32(on) if device.type == "cuda" else None
-    if on:
-        measure.TOLERANCES[torch.float32] = TF32_TOLERANCE
-    try:
-        yield flags
-    finally:
-        measure.TOLERANCES[torch.float32] = saved
+    with machine.tf32(on) if device.type == "cuda" else nullcontext() as flags:
+        if on:
+            measure.TOLERANCES[torch.float32] = TF32_TOLERANCE
+        try:
+            yield flags
+        finally:
+            measure.TOLERANCES[torch.float32] = saved
 
 
 def transfer_rates(device, min_run_time):

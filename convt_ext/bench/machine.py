@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import subprocess
+from contextlib import contextmanager
 
 import torch
 
@@ -223,16 +224,22 @@ def nvidia_smi(index):
     return dict(zip(fields, values)) if done.returncode == 0 and len(values) == len(fields) else None
 
 
-def set_tf32(on):
-    """TF32 on or off for both sides on CUDA: torch's convolutions (cuDNN) and
-    convt_ext's GEMMs follow the convolution flag (Note [TF32 as a convolution]
-    in csrc/gemm.h); the matmul flag is set alike, so that the GEMM-rate
-    ceiling is measured under the same arithmetic. Returns what each side
-    then uses, read back from torch. The allow_tf32 flags set cuDNN's conv
-    and RNN settings together; torch refuses to read them back after the
-    newer per-op API has set the two apart."""
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
-    conv = torch.backends.cudnn.allow_tf32
-    return {"torch_cudnn": conv, "convt_ext": conv, "matmul_ceiling": torch.backends.cuda.matmul.allow_tf32}
+@contextmanager
+def tf32(on):
+    """TF32 on or off for both sides on CUDA while the block runs, the caller's settings
+    put back after: torch's convolutions (cuDNN) and convt_ext's GEMMs read
+    torch.backends.cudnn.conv.fp32_precision (Note [TF32 as a convolution] in
+    csrc/gemm.h), and torch.backends.cuda.matmul.fp32_precision is set alike, so that
+    the GEMM-rate ceiling is measured under the same arithmetic. Only these per-op flags
+    are set and read, as the library reads them: the legacy allow_tf32 flags throw once
+    a user has set the newer API's values apart. Yields what each side then uses, read
+    back from torch."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32" if on else "ieee"
+    try:
+        used = conv.fp32_precision == "tf32"
+        yield {"torch_cudnn": used, "convt_ext": used, "matmul_ceiling": matmul.fp32_precision == "tf32"}
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 

@@ -12,7 +12,8 @@
 //   - a 1x1 layer (stride 1, no padding) on a channels_last input needs no
 //     columns: the image is the (N*L, C) matrix of its pixels' rows
 //     (pixel_rows), and every op is one GEMM per group on such matrices,
-//     whose output is channels_last by construction;
+//     whose output is channels_last by construction (converted at the end
+//     where torch chooses otherwise);
 //   - otherwise the input is made planar (NCHW) once (planar(): read in
 //     place, im2col would gather at a stride of C); conv with one group
 //     stores its GEMMs through the transposed view of a channels_last
@@ -214,6 +215,15 @@ at::MemoryFormat conv_weight_format(const at::Tensor& input, at::IntArrayRef wei
                                     at::IntArrayRef dilation, int64_t groups) {
   return conv_format(input, at::empty(weight_size, input.options().device(at::kMeta)),
                      std::nullopt, stride, padding, dilation, groups);
+}
+
+at::MemoryFormat channels_last_of(int64_t dim) {
+  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+bool reads_pixel_rows(const at::Tensor& input, bool pointwise) {
+  return pointwise && (input.dim() == 4 || input.dim() == 5) && input.size(1) > 0 &&
+         input.is_contiguous(channels_last_of(input.dim()));
 }
 
 // The input in planar (NCHW) memory (Note [Memory format]).

@@ -50,6 +50,15 @@ at::MemoryFormat conv_weight_format(const at::Tensor& input, at::IntArrayRef wei
                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups);
 
+// The channels-last format of a 4-d (2 spatial dimensions) or 5-d tensor.
+at::MemoryFormat channels_last_of(int64_t dim);
+
+// Whether a 1x1 layer (`pointwise`) reads its input's pixels in place as the
+// rows of its GEMMs: a 2-d or 3-d image with channels in channels-last
+// memory. The routes ask this of the operand, never torch's format choice
+// (Note [Memory format]).
+bool reads_pixel_rows(const at::Tensor& input, bool pointwise);
+
 // The input in planar (NCHW) memory.
 at::Tensor planar(const at::Tensor& input);
 

@@ -407,7 +407,7 @@ void weight_sum_of_pixel_rows(const DevicePolicy& policy, PartialSums& sums,
 
 at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_output,
                                const Window3& call, int64_t groups, bool pointwise,
-                               at::MemoryFormat format, const DevicePolicy& policy) {
+                               bool pixel_rows_in, const DevicePolicy& policy) {
   const int64_t N = input.size(0), C_out = grad_output.size(1), G = groups;
   const int64_t L = call.window_numel(), rows = call.rows();
   at::Tensor grad_weight = at::zeros({G, C_out / G, rows / G}, input.options());
@@ -415,8 +415,9 @@ at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_o
 
   PartialSums sums(grad_weight, policy);
   // The pixel rows first: the other paths would copy what they read in place.
-  if (pointwise && format != at::MemoryFormat::Contiguous && input.is_contiguous(format)) {
-    weight_sum_of_pixel_rows(policy, sums, input, pixel_rows(grad_output.contiguous(format)), G);
+  if (pixel_rows_in) {
+    const at::Tensor dy = grad_output.contiguous(channels_last_of(input.dim()));
+    weight_sum_of_pixel_rows(policy, sums, input, pixel_rows(dy), G);
     return sums.sum();
   }
   const at::Tensor image = planar(input);

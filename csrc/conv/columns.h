@@ -35,12 +35,12 @@ void conv_transpose_columns(const at::Tensor& input, const at::Tensor& weight,
                             int64_t groups, const at::Tensor& out, bool pointwise,
                             const DevicePolicy& policy);
 
-// The weight gradient, (G, C_out/G, C_in/G*prod(k)), planar: by the wide
-// path, or the pixel rows of a 1x1 layer's channels_last (`format`) input,
-// or blocks of columns.
+// The weight gradient, (G, C_out/G, C_in/G*prod(k)), planar: by the pixel
+// rows of a 1x1 layer's channels-last input (`pixel_rows_in`, args.h's
+// reads_pixel_rows), or the wide path, or blocks of columns.
 at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_output,
                                const Window3& call, int64_t groups, bool pointwise,
-                               at::MemoryFormat format, const DevicePolicy& policy);
+                               bool pixel_rows_in, const DevicePolicy& policy);
 
 // Both gradients of conv_transpose from one im2col of grad_output (Note [One
 // column buffer for conv_transpose's backward]), planar.

@@ -45,22 +45,23 @@ bool no_output_padding(at::IntArrayRef output_padding) {
   return true;
 }
 
-// The routes of conv; the output planar, or already in `format` where the
-// path writes it so (Note [Memory format] in args.cpp).
+// The routes of conv, chosen by the input's memory (Note [Memory format] in
+// args.cpp); the output in the input's format, or planar.
 at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups,
-                      const std::vector<int64_t>& shape, at::MemoryFormat format, bool pointwise,
-                      const DevicePolicy& policy) {
-  const bool channels_last = format != at::MemoryFormat::Contiguous;
-  if (channels_last && input.size(1) > 0 && pointwise && input.is_contiguous(format)) {
+                      const std::vector<int64_t>& shape, bool pointwise, const DevicePolicy& policy) {
+  if (reads_pixel_rows(input, pointwise)) {
     return conv_pixel_rows(input, weight, bias, groups,
-                           at::empty(shape, input.options().memory_format(format)), policy);
+                           at::empty(shape, input.options().memory_format(channels_last_of(input.dim()))),
+                           policy);
   }
-  // With one group the GEMMs store a channels_last output through the
-  // transposed view of each sample's (C_out, L) matrix; grouped (bmm) stores
-  // that way are slow, so those convert at the end.
+  // With one group the GEMMs store a channels-last output (for a
+  // channels-last input) through the transposed view of each sample's
+  // (C_out, L) matrix; grouped (bmm) stores that way are slow, so those
+  // convert at the end.
+  const at::MemoryFormat stored = input.suggest_memory_format();
   at::Tensor out = at::empty(
-      shape, input.options().memory_format(groups == 1 ? format : at::MemoryFormat::Contiguous));
+      shape, input.options().memory_format(groups == 1 ? stored : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   if (input.size(1) == 0) return bias_only(out, bias);
   conv_columns(planar(input), weight, bias, call, groups,
@@ -86,12 +87,12 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   const auto columns = [&] {
     count_column_call(input);
     return in_format(conv_route(input, weight, bias, call, groups,
-                                shape_of(input.size(0), weight.size(0), windows, dims), format,
-                                one_to_one, policy),
+                                shape_of(input.size(0), weight.size(0), windows, dims), one_to_one,
+                                policy),
                      format);
   };
   const bool pixels = pixel_memory(input);
-  if (policy.view && !(cl && one_to_one && pixels) &&
+  if (policy.view && !reads_pixel_rows(input, one_to_one) &&
       view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups, pixels, false,
                  cl, one_to_one)) {
     const auto view = [&] { return in_format(conv_view(input, weight, bias, call, groups, !cl), format); };
@@ -121,9 +122,11 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   if (c10::multiply_integers(shape) == 0) return in_format(at::empty(shape, input.options()), format);
   if (input.size(1) == 0) return in_format(bias_only(at::empty(shape, input.options()), bias), format);
   const bool one_to_one = pointwise(kernel, stride, padding) && no_output_padding(output_padding);
-  if (format != at::MemoryFormat::Contiguous && one_to_one && input.is_contiguous(format)) {
-    return conv_transpose_pixel_rows(input, weight, bias, groups,
-                                     at::empty(shape, input.options().memory_format(format)), policy);
+  if (reads_pixel_rows(input, one_to_one)) {
+    const at::MemoryFormat pixels = channels_last_of(input.dim());
+    return in_format(conv_transpose_pixel_rows(input, weight, bias, groups,
+                                               at::empty(shape, input.options().memory_format(pixels)), policy),
+                     format);
   }
   const bool cl = format != at::MemoryFormat::Contiguous, pixels = pixel_memory(input);
   const auto columns = [&] {
@@ -158,15 +161,15 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   // windows (it may be short of them: conv_transpose's output_padding).
   bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
   for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
-  const bool cl = format != at::MemoryFormat::Contiguous;
+  const bool rows = reads_pixel_rows(input, one_to_one);
   const auto columns = [&] {
     count_column_call(input);
     const at::Tensor grad_weight =
-        conv_weight_columns(input, grad_output, call, groups, one_to_one, format, policy);
+        conv_weight_columns(input, grad_output, call, groups, one_to_one, rows, policy);
     return in_format(grad_weight.view(weight_size), format);
   };
   const bool pixels = pixel_memory(input), dy_pixels = pixel_memory(grad_output);
-  if (policy.view && !(cl && one_to_one) &&
+  if (policy.view && !rows &&
       view_takes(ViewOp::ConvWeight, input, call, input.size(1), grad_output.size(1), groups,
                  pixels, dy_pixels, true, one_to_one)) {
     const auto view = [&] {

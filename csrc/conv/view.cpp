@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -563,6 +565,19 @@ void conv_transpose_plane(const at::Tensor& input, const Panels& wt, const at::T
   });
 }
 
+// Whether the ukernel can address every operand of the call's tap GEMMs.
+// oneDNN's brgemm descriptor holds leading dimensions, and the byte offsets
+// of an operand's rows, as int: a leading dimension of 2^29 floats already
+// fails (std::bad_alloc), and one row of a huge stride can reach it (a
+// conv_transpose at stride 2^25 over 16 channels). The largest leading
+// dimension of any form is s2 * c_image (conv's and the weight gradient's
+// gather, conv_transpose's strided accumulation) or c_windows, over at most
+// kSpan rows (kPlaneRows in the plane forms).
+bool ukernel_reaches(const Window3& call, int64_t c_image, int64_t c_windows) {
+  const double ld = std::max(double(call.stride[2]) * double(c_image), double(c_windows));
+  return double(kSpan) * ld * sizeof(float) <= double(std::numeric_limits<int32_t>::max());
+}
+
 }  // namespace
 
 bool pixel_memory(const at::Tensor& t) {
@@ -577,7 +592,8 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
   const int setting = g_path.load();
   if (setting == kColumns || !like.is_cpu() || like.scalar_type() != at::kFloat ||
       call.batch == 0 || c_image == 0 || c_windows == 0 || call.image_numel() == 0 ||
-      call.window_numel() == 0 || !tap_gemm_runs() || fp32_convs_in_bf16()) {
+      call.window_numel() == 0 || !tap_gemm_runs() || fp32_convs_in_bf16() ||
+      !ukernel_reaches(call, c_image, c_windows)) {
     return false;
   }
   const int64_t cg_image = c_image / groups, cg_windows = c_windows / groups;
