@@ -1,5 +1,6 @@
 """Modules: drop-in replacements for torch.nn's convolutions in 1, 2 and 3 spatial dimensions
-(``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``), and ``Unfold`` / ``Fold`` for any of them.
+(``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``, and their ``Lazy`` variants), and ``Unfold`` /
+``Fold`` for any of them.
 
 Each subclasses the torch module, so its constructor (arguments, order, defaults and
 validation), parameters, initialisation, ``repr`` and ``state_dict`` are torch's own; only
@@ -18,6 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parameter import UninitializedParameter
 
 from ._geometry import default_window_dims
 from .functional import (
@@ -33,7 +35,22 @@ from .functional import (
     _unbatch,
 )
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Fold", "Unfold"]
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Fold",
+    "LazyConv1d",
+    "LazyConv2d",
+    "LazyConv3d",
+    "LazyConvTranspose1d",
+    "LazyConvTranspose2d",
+    "LazyConvTranspose3d",
+    "Unfold",
+]
 
 # Note [TorchScript]
 # TorchScript cannot compile convt_ext.functional (it checks Python types, and
@@ -114,20 +131,16 @@ def script_window_op(input: Tensor, geometry: List[List[int]], sequences: List[b
     return torch.ops.convt_ext.im2col(input, args[0], args[1], args[2], args[3])
 
 
-def _copy_from(cls, module, expected):
-    """A `cls` with `module`'s configuration, parameters (copied, not shared), dtype,
-    device, requires_grad flags and training mode. Consumes no random numbers."""
+def _check_type(cls, module, expected):
     if not isinstance(module, expected):
         raise TypeError(
             f"{cls.__name__}.from_torch: expected a {expected.__module__}.{expected.__name__}, "
             f"but got {type(module).__name__}"
         )
-    params = {name: getattr(module, name) for name in ("weight", "bias")}
-    if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in params.values()):
-        raise ValueError(
-            f"{cls.__name__}.from_torch: {type(module).__name__} has uninitialized parameters; "
-            "run a forward pass through it first"
-        )
+
+
+def _configuration(module):
+    """`module`'s constructor arguments, but device and dtype."""
     kwargs = dict(
         in_channels=module.in_channels,
         out_channels=module.out_channels,
@@ -136,13 +149,26 @@ def _copy_from(cls, module, expected):
         padding=module.padding,
         dilation=module.dilation,
         groups=module.groups,
-        bias=params["bias"] is not None,
+        bias=module.bias is not None,
         padding_mode=module.padding_mode,
     )
     if module.transposed:
         kwargs["output_padding"] = module.output_padding
+    return kwargs
+
+
+def _copy_from(cls, module, expected):
+    """A `cls` with `module`'s configuration, parameters (copied, not shared), dtype,
+    device, requires_grad flags and training mode. Consumes no random numbers."""
+    _check_type(cls, module, expected)
+    params = {name: getattr(module, name) for name in ("weight", "bias")}
+    if any(isinstance(p, UninitializedParameter) for p in params.values()):
+        raise ValueError(
+            f"{cls.__name__}.from_torch: {type(module).__name__} has uninitialized parameters; "
+            "run a forward pass through it first"
+        )
     # Built on the meta device, so the throwaway initialisation draws no random numbers.
-    new = cls(**kwargs, device="meta", dtype=params["weight"].dtype)
+    new = cls(**_configuration(module), device="meta", dtype=params["weight"].dtype)
     for name, p in params.items():
         if p is not None:
             setattr(new, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
@@ -296,6 +322,97 @@ class ConvTranspose3d(_ConvTransposeMixin, torch.nn.ConvTranspose3d):
 
     _torch_base = torch.nn.ConvTranspose3d
     _convolve = staticmethod(conv_transpose3d)
+
+
+class _LazyMixin:
+    """``from_torch`` for the lazy modules. The rest is torch's ``LazyConv*`` class (placed
+    after the convt_ext forward mixin): ``in_channels`` and the parameters come from the first
+    input, and that forward makes the module its ``cls_to_become``, the matching convt_ext
+    module, before computing. Each names its convt_ext function too, so that a forward called
+    directly, before the parameters exist, is refused as torch's is."""
+
+    @classmethod
+    def from_torch(cls, module):
+        """A copy of torch's lazy module of this kind (``torch.nn.LazyConv2d`` for
+        ``LazyConv2d``, ...). Uninitialized: a convt_ext lazy module with its configuration,
+        dtype, device, requires_grad flags and training mode. Materialized by
+        ``load_state_dict``: the module its first forward would make it, by that class's
+        ``from_torch`` (a copy of its parameters). Any other module is a TypeError (torch's lazy
+        module becomes a ``torch.nn.Conv2d``, ..., at its first forward: copy that with
+        ``convt_ext.nn.Conv2d.from_torch``), and one with only some parameters loaded a
+        ValueError."""
+        _check_type(cls, module, cls._torch_base)
+        params = {name: getattr(module, name) for name in ("weight", "bias")}
+        lazy = [isinstance(p, UninitializedParameter) for p in params.values() if p is not None]
+        if not any(lazy):
+            return cls.cls_to_become.from_torch(module)
+        if not all(lazy):
+            raise ValueError(
+                f"{cls.__name__}.from_torch: {type(module).__name__} has only some of its parameters "
+                "initialized; load all of them, or none"
+            )
+        kwargs = _configuration(module)
+        del kwargs["in_channels"]  # 0 until the first input
+        # Uninitialized parameters: the constructor draws no random numbers.
+        new = cls(**kwargs, device=params["weight"].device, dtype=params["weight"].dtype)
+        for name, p in params.items():
+            if p is not None:
+                getattr(new, name).requires_grad = p.requires_grad
+        return new.train(module.training)
+
+
+class LazyConv1d(_LazyMixin, _ConvMixin, torch.nn.LazyConv1d):
+    """A drop-in replacement for :class:`torch.nn.LazyConv1d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`Conv1d`."""
+
+    _torch_base = torch.nn.LazyConv1d
+    _convolve = staticmethod(conv1d)
+    cls_to_become = Conv1d
+
+
+class LazyConv2d(_LazyMixin, _ConvMixin, torch.nn.LazyConv2d):
+    """A drop-in replacement for :class:`torch.nn.LazyConv2d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`Conv2d`."""
+
+    _torch_base = torch.nn.LazyConv2d
+    _convolve = staticmethod(conv2d)
+    cls_to_become = Conv2d
+
+
+class LazyConv3d(_LazyMixin, _ConvMixin, torch.nn.LazyConv3d):
+    """A drop-in replacement for :class:`torch.nn.LazyConv3d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`Conv3d`."""
+
+    _torch_base = torch.nn.LazyConv3d
+    _convolve = staticmethod(conv3d)
+    cls_to_become = Conv3d
+
+
+class LazyConvTranspose1d(_LazyMixin, _ConvTransposeMixin, torch.nn.LazyConvTranspose1d):
+    """A drop-in replacement for :class:`torch.nn.LazyConvTranspose1d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`ConvTranspose1d`."""
+
+    _torch_base = torch.nn.LazyConvTranspose1d
+    _convolve = staticmethod(conv_transpose1d)
+    cls_to_become = ConvTranspose1d
+
+
+class LazyConvTranspose2d(_LazyMixin, _ConvTransposeMixin, torch.nn.LazyConvTranspose2d):
+    """A drop-in replacement for :class:`torch.nn.LazyConvTranspose2d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`ConvTranspose2d`."""
+
+    _torch_base = torch.nn.LazyConvTranspose2d
+    _convolve = staticmethod(conv_transpose2d)
+    cls_to_become = ConvTranspose2d
+
+
+class LazyConvTranspose3d(_LazyMixin, _ConvTransposeMixin, torch.nn.LazyConvTranspose3d):
+    """A drop-in replacement for :class:`torch.nn.LazyConvTranspose3d` (``in_channels`` and the
+    parameters from the first input), which its first forward makes a :class:`ConvTranspose3d`."""
+
+    _torch_base = torch.nn.LazyConvTranspose3d
+    _convolve = staticmethod(conv_transpose3d)
+    cls_to_become = ConvTranspose3d
 
 
 class Unfold(torch.nn.Unfold):

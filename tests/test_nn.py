@@ -1,11 +1,13 @@
 """convt_ext.nn.Conv2d / ConvTranspose2d: drop-in parity with torch.nn (outputs and every
 gradient), output_size, state_dict both ways, repr, from_torch, argument validation and
-torch.compile(fullgraph=True), eager and dynamic.
+torch.compile(fullgraph=True), eager and dynamic. Then the 1-d and 3-d modules, Unfold / Fold,
+and the lazy modules (on torch's own module_db inputs too).
 
 Every expected value comes from the torch.nn module with the same parameters (or from eager
 mode, for the compiled runs), never from convt_ext's own output."""
 import pytest
 import torch
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import convt_ext
@@ -422,6 +424,11 @@ def test_public_names():
     for cls in (cnn.Conv2d, cnn.ConvTranspose2d):
         assert "drop-in" in cls.__doc__ and "convt_ext" in cls.__doc__
         assert cls.from_torch.__doc__
+    for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"):
+        lazy = getattr(convt_ext.nn, "Lazy" + name)
+        assert "Lazy" + name in cnn.__all__ and lazy.cls_to_become is getattr(cnn, name)
+        assert issubclass(lazy, getattr(torch.nn, "Lazy" + name)) and "drop-in" in lazy.__doc__
+        assert "uninitialized" in lazy.from_torch.__doc__.lower()
 
 
 # ------------------------------------------------------------------ argument validation (torch's own)
@@ -878,3 +885,174 @@ def test_compile_nd_modules():
     assert len(recorder.graphs) == 1
     assert "convt_ext" in recorder.graphs[0] and "convolution" not in recorder.graphs[0]
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ lazy modules
+
+CONV_NAMES = [f"{kind}{d}d" for kind in ("Conv", "ConvTranspose") for d in (1, 2, 3)]
+LAZY_NAMES = ["Lazy" + name for name in CONV_NAMES]
+
+
+def _torch_module_infos(names):
+    """torch's own ModuleInfos (common_modules.module_db) for `names`. Importing torch's test
+    internals freezes torch.backends' flags (which conftest's TF32 fixtures set) and wraps
+    TorchScript's __call__; both are put back, for the rest of the session."""
+    frozen = torch.backends.flags_frozen()
+    calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    from torch.testing._internal.common_modules import module_db
+
+    # The flag is a global of the functions in torch/backends/__init__.py (the module object
+    # torch.backends is a wrapper with a __dict__ of its own).
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = not frozen
+    torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = calls
+    return {info.module_cls.__name__: info for info in module_db if info.module_cls.__name__ in names}
+
+
+MODULE_INFOS = _torch_module_infos(LAZY_NAMES + CONV_NAMES)
+
+
+def _module_inputs(name):
+    info = MODULE_INFOS[name]
+    return info.module_inputs_func(info, device="cpu", dtype=DT, requires_grad=True, training=True)
+
+
+# (module_db name, index of its ModuleInput), so that each input is a case of its own
+MODULE_DB_CASES = [(name, i) for name in MODULE_INFOS for i in range(len(_module_inputs(name)))]
+
+
+def _first_forwards(module, inputs, fwd_kwargs, seed):
+    """The output, and the gradients of <output, upstream> wrt the inputs and then every
+    parameter, with torch's RNG seeded first: a lazy module draws its parameters here."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    torch.manual_seed(seed)
+    out = module(*inputs, **fwd_kwargs)
+    assert out.numel() > 0
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    return out.detach(), torch.autograd.grad(out, inputs + list(module.parameters()), upstream)
+
+
+def check_lazy_parity(name, args, kwargs, inputs, fwd_kwargs):
+    """torch.nn.<name> and convt_ext.nn.<name>, built from the same arguments: the same outputs
+    and gradients at the first forward (which materializes a lazy module and gives it its
+    non-lazy class) and at a second one, computed by convt_ext's ops, and the same state_dict."""
+    modules = []
+    for cls in (getattr(torch.nn, name), getattr(cnn, name)):
+        torch.manual_seed(0)  # where a non-lazy module draws its parameters
+        modules.append(cls(*args, **kwargs).to(DT))
+    ref, ours = modules
+    assert type(ours) is getattr(cnn, name) and repr(ours) == repr(ref)
+    assert ours.has_uninitialized_params() if name.startswith("Lazy") else not isinstance(ours, LazyModuleMixin)
+    plain = name.removeprefix("Lazy")
+    for seed in (1, 2):
+        xs = inputs if seed == 1 else [torch.randn_like(x) for x in inputs]
+        want, want_grads = _first_forwards(ref, xs, fwd_kwargs, seed)
+        with OpLog() as log:
+            got, got_grads = _first_forwards(ours, xs, fwd_kwargs, seed)
+        assert any(op.startswith("convt_ext.") for op in log.ops), log.ops
+        assert not any("convolution" in op for op in log.ops), log.ops
+        assert type(ref) is getattr(torch.nn, plain) and type(ours) is getattr(cnn, plain)
+        assert got.shape == want.shape
+        close(got, want)
+        assert len(got_grads) == len(want_grads) == len(xs) + (2 if ref.bias is not None else 1)
+        for g, w in zip(got_grads, want_grads):
+            close(g, w)
+        sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
+        assert list(sd_ours) == list(sd_ref)
+        for key, value in sd_ref.items():
+            assert sd_ours[key].shape == value.shape and torch.equal(sd_ours[key], value), key
+    assert repr(ours) == repr(ref)
+
+
+def test_module_db_has_inputs():
+    """Every conv ModuleInfo is found and gives inputs, and torch's test internals left the
+    session's flags as they were."""
+    counts = {name: sum(case[0] == name for case in MODULE_DB_CASES) for name in LAZY_NAMES + CONV_NAMES}
+    print("module_db inputs per module:", counts)
+    assert all(n > 0 for n in counts.values()), counts
+    assert not torch.backends.flags_frozen()
+
+
+@pytest.mark.parametrize("name, index", MODULE_DB_CASES, ids=[f"{n}-{i}" for n, i in MODULE_DB_CASES])
+def test_module_db_parity(name, index):
+    case = _module_inputs(name)[index]
+    ctor, fwd = case.constructor_input, case.forward_input
+    check_lazy_parity(name, ctor.args, ctor.kwargs, list(fwd.args), fwd.kwargs)
+
+
+# (name, constructor args, kwargs, input shape, forward kwargs): what module_db's inputs lack
+LAZY_CASES = [
+    ("LazyConv1d", (4, 3), dict(stride=2, padding=2, groups=2, padding_mode="circular"), (2, 4, 9), {}),
+    ("LazyConv2d", (6, (3, 2)), dict(padding="same", dilation=(1, 2), padding_mode="reflect", bias=False), (3, 7, 8), {}),
+    ("LazyConv3d", (4, 2), dict(stride=2, padding=1, groups=2, padding_mode="replicate"), (1, 2, 4, 5, 3), {}),
+    ("LazyConvTranspose1d", (6, 3), dict(stride=2, padding=1, dilation=2, groups=2), (2, 4, 5), dict(output_size=[12])),
+    ("LazyConvTranspose2d", (4, 4), dict(stride=2, padding=1, output_padding=1, bias=False), (3, 5, 4), {}),
+    ("LazyConvTranspose2d", (4, 3), dict(stride=(2, 3), padding=1), (2, 3, 4, 5), dict(output_size=[2, 4, 8, 14])),
+    ("LazyConvTranspose3d", (3, 2), dict(stride=2, groups=3), (3, 2, 3, 2), dict(output_size=(5, 7, 4))),
+]
+
+
+@pytest.mark.parametrize("name, args, kw, shape, fwd_kw", LAZY_CASES, ids=[f"{c[0]}-{c[3]}" for c in LAZY_CASES])
+def test_lazy_parity(name, args, kw, shape, fwd_kw):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    check_lazy_parity(name, args, kw, [x], fwd_kw)
+
+
+def test_lazy_from_torch_uninitialized():
+    ref = torch.nn.LazyConvTranspose2d(6, 3, stride=2, groups=2, output_padding=1, dtype=DT).eval()
+    ref.bias.requires_grad = False
+    rng_before = torch.get_rng_state()
+    ours = cnn.LazyConvTranspose2d.from_torch(ref)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert type(ours) is cnn.LazyConvTranspose2d and ours.has_uninitialized_params()
+    assert repr(ours) == repr(ref) and not ours.training
+    assert ours.weight.dtype == DT and ours.weight.requires_grad and not ours.bias.requires_grad
+    x = torch.randn(4, 5, 6, dtype=DT)  # unbatched
+    for module in (ref, ours):
+        torch.manual_seed(3)
+        module(x)
+    assert type(ours) is cnn.ConvTranspose2d and repr(ours) == repr(ref)
+    assert not ours.bias.requires_grad and torch.equal(ours.weight, ref.weight)
+    close(ours(x, output_size=[12, 13]), ref(x, output_size=[12, 13]))
+
+
+def test_lazy_from_torch_materialized():
+    """Materialized by load_state_dict but never run: the non-lazy module it is about to become
+    (in_channels still 0, as torch's keeps it), with a copy of the parameters."""
+    source = torch.nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect", dtype=DT)
+    ref = torch.nn.LazyConv1d(6, 3, padding=1, padding_mode="reflect", dtype=DT)
+    ref.load_state_dict(source.state_dict())
+    ours = cnn.LazyConv1d.from_torch(ref)
+    assert type(ours) is cnn.Conv1d
+    assert torch.equal(ours.weight, source.weight) and ours.weight.data_ptr() != ref.weight.data_ptr()
+    x = torch.randn(2, 4, 7, dtype=DT)
+    close(ours(x), ref(x))
+    close(ours(x), source(x))
+    assert type(ref) is torch.nn.Conv1d and repr(ours) == repr(ref)
+
+
+def test_lazy_from_torch_rejects():
+    with pytest.raises(TypeError, match="LazyConv2d"):
+        cnn.LazyConv2d.from_torch(torch.nn.Conv2d(3, 4, 3))  # a lazy module that has run is this
+    with pytest.raises(TypeError, match="LazyConv2d"):
+        cnn.LazyConv2d.from_torch(torch.nn.LazyConvTranspose2d(4, 3))
+    with pytest.raises(TypeError, match="LazyConvTranspose3d"):
+        cnn.LazyConvTranspose3d.from_torch(torch.nn.LazyConvTranspose2d(4, 3))
+    partial = torch.nn.LazyConv2d(4, 3)
+    partial.load_state_dict({"weight": torch.randn(4, 2, 3, 3)}, strict=False)
+    with pytest.raises(ValueError, match="only some"):
+        cnn.LazyConv2d.from_torch(partial)
+    with pytest.raises(ValueError, match="uninitialized"):
+        cnn.Conv2d.from_torch(torch.nn.LazyConv2d(4, 3))
+
+
+@pytest.mark.parametrize("name", LAZY_NAMES)
+def test_lazy_errors_are_torchs(name):
+    dims = int(name[-2])
+    ref, ours = getattr(torch.nn, name)(4, 3, groups=2), getattr(cnn, name)(4, 3, groups=2)
+    x = torch.randn(1, 3, *[5] * dims)  # 3 input channels, 2 groups
+    _same_error(lambda: ref(x), lambda: ours(x))
+    x = torch.randn(*[5] * (dims + 3))  # no dimension count the module takes
+    _same_error(lambda: ref(x), lambda: ours(x), RuntimeError)
+    if "Transpose" in name:
+        _same_error(lambda: getattr(torch.nn, name)(4, 3, padding_mode="reflect"),
+                    lambda: getattr(cnn, name)(4, 3, padding_mode="reflect"))
