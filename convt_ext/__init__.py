@@ -149,7 +149,8 @@ def conv_path():
 
 def engine_info():
     """What the GEMM engine layer does here: the setting, the engines this
-    build and CPU can run, the rule's inputs (AVX-512, CPU vendor) and its
+    build and CPU can run, the rule's inputs (AVX-512 where torch's kernels use it,
+    which ATEN_CPU_CAPABILITY can cap; the CPU vendor) and its
     choice per CPU dtype, what "benchmark" mode timed and chose per GEMM
     shape (seconds per engine), and how many GEMM calls each engine ran.
 

@@ -8,6 +8,7 @@
 #endif
 
 #include <ATen/Context.h>
+#include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
@@ -60,9 +61,13 @@ std::string cpu_vendor() {
 #endif
 }
 
+// AVX-512 as torch runs it: the CPU's, unless ATEN_CPU_CAPABILITY caps
+// torch's kernels below it (as a user who caps oneDNN and MKL with it would;
+// .ci/run caps all three to run the rules' AVX2 branches on an AVX-512 CPU).
 bool cpu_avx512() {
 #if defined(CONVT_EXT_X86) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f");
+  static const bool on = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
+  return on;
 #else
   return false;
 #endif

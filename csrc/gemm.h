@@ -89,7 +89,8 @@ void tap_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
               int64_t ldb, float* c, int64_t ldc);
 void tap_gemms_done(int64_t calls);
 
-// Whether the CPU has AVX-512 (the GEMM engine's and the view path's rules).
+// Whether the CPU has AVX-512, and torch's kernels use it (ATEN_CPU_CAPABILITY
+// may cap them): the GEMM engine's and the view path's rules.
 bool cpu_avx512f();
 
 // Note [CPU float32 precision]: whether float32 convolutions on the CPU run

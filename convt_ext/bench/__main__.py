@@ -160,10 +160,10 @@ def main(argv=None):
         torch.cuda.set_device(device)
     # TF32 as --tf32 says for both sides on CUDA, the caller's flags put back after.
     with machine.tf32(args.tf32 == "on") if device.type == "cuda" else nullcontext() as tf32:
-        return _suite(args, device, dtype, cases, tf32)
+        return _suite(args, argv, device, dtype, cases, tf32)
 
 
-def _suite(args, device, dtype, cases, tf32):
+def _suite(args, argv, device, dtype, cases, tf32):
     """Runs and reports the suite's cases: the table, the goals, the JSON and the charts."""
     started = time.perf_counter()
     machine_info = machine.machine_info(device)
