@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -488,6 +489,58 @@ def test_tf32_is_set_for_both_sides_alike(caller):
     assert cli.parse_args(["--tf32", "on"]).tf32 == "on"
     assert cli.parse_args([]).tf32 == "off"
     assert cli.parse_args(["--gemm-engine", "onednn"]).gemm_engine == "onednn"
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_the_run_records_the_allocator_state_it_fixed(quick_run):
+    """Note [The allocator state]: the bench fixes glibc's mmap and trim thresholds before it
+    times anything, says so first, and records them with the machine."""
+    _, out, printed = quick_run
+    state = json.loads(out.read_text())["machine"]["allocator"]
+    assert state["fixed"] is True and state["allocator"].startswith("glibc ")
+    assert (state["mmap_threshold"], state["trim_threshold"]) == (32 << 20, 64 << 20)
+    assert printed.splitlines()[0] == machine.format_allocator(state)
+
+
+# mallinfo2() in a fresh process: whether a 16 MiB block comes from mmap (hblkhd grows) or
+# from the heap, before and after the bench's setting; and that importing convt_ext sets nothing.
+ALLOCATOR_PROBE = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped():
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(16 << 20)
+    grown = libc.mallinfo2().hblkhd - before
+    libc.free(p)
+    return grown >= 16 << 20
+import convt_ext
+first = mapped()
+from convt_ext.bench import machine
+machine.set_allocator_state()
+print(first, mapped(), "convt_ext.bench.machine" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
+def test_the_allocator_state_is_the_bench_process_alone():
+    """A fresh process that imports convt_ext keeps glibc's default (a 16 MiB block is
+    mmapped); the bench's setting takes it from the heap."""
+    done = subprocess.run([sys.executable, "-P", "-c", ALLOCATOR_PROBE], capture_output=True, text=True,
+                          cwd=Path(convt_ext.__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "True"]
+    done = subprocess.run([sys.executable, "-P", "-c", "import sys, convt_ext; print('convt_ext.bench' in sys.modules)"],
+                          capture_output=True, text=True, cwd=Path(convt_ext.__file__).parents[1])
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_the_performance_goals_are_checked(quick_run):

@@ -124,14 +124,16 @@ def _run(cases, args, device, dtype, started):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.overhead:
-        from . import overhead
-
-        return overhead.main(threads=args.threads)
     if args.list:
         for s in HELD_OUT if args.held_out else SUITE:
             print(f"{s.name:32} {s.dims}-d {','.join(s.ops):34} {'quick ' if s.quick else ''}{s.description}")
         return 0
+    # Before anything is timed, in every mode (Note [The allocator state] in machine.py).
+    print(machine.format_allocator(machine.set_allocator_state()))
+    if args.overhead:
+        from . import overhead
+
+        return overhead.main(threads=args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch.cuda.is_available() is False", file=sys.stderr)

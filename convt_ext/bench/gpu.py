@@ -177,7 +177,10 @@ def _write(out, args, device, info, passes, transfers, left_out, started):
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    # Before anything is timed (Note [The allocator state] in machine.py).
+    print(machine.format_allocator(machine.set_allocator_state()))
+    return run(args)
 
 
 if __name__ == "__main__":

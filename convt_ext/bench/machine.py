@@ -7,6 +7,7 @@ cuBLAS on CUDA) over a few shapes, i.e. what the FMA units reach through the
 best code torch has. im2col/col2im's GB/s is compared with the copy bandwidth."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import platform
@@ -176,6 +177,60 @@ def describe_flags(flags):
     return " ".join(have) + (f", no {' '.join(lack)}" if lack else "")
 
 
+# Note [The allocator state]
+# glibc's malloc raises its mmap threshold to the size of the largest block freed so far (up
+# to 32 MiB on 64-bit Linux) and its trim threshold to twice that. So the same torch call
+# takes 4.5 ms or 1.9 ms depending on whether a large block was freed earlier in the process
+# (fresh pages from mmap, or reused heap), and a comparison can flip with the order in which
+# cases run. The bench fixes both thresholds, before it times anything, at the values the
+# dynamic rule reaches in a long-running process (setting either turns the rule off), and
+# records them in its JSON. It does so in its own process only: importing convt_ext changes
+# nothing.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+
+
+_allocator = None  # what set_allocator_state did, once a process
+
+
+def set_allocator_state():
+    """Note [The allocator state]: glibc's mmap and trim thresholds fixed for both sides of
+    every comparison (once a process). Returns what was set."""
+    global _allocator
+    if _allocator is None:
+        _allocator = _fix_thresholds()
+    return _allocator
+
+
+def allocator_state():
+    """What set_allocator_state did in this process (machine_info records it)."""
+    return _allocator or {"allocator": platform.libc_ver()[0] or "unknown", "fixed": False,
+                          "ld_preload": os.environ.get("LD_PRELOAD") or None}
+
+
+def _fix_thresholds():
+    preload = os.environ.get("LD_PRELOAD") or None
+    try:
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+        version.restype = ctypes.c_char_p
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return {"allocator": platform.libc_ver()[0] or "unknown", "fixed": False, "ld_preload": preload}
+    fixed = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return {"allocator": f"glibc {version().decode()}", "fixed": fixed, "mmap_threshold": MMAP_THRESHOLD,
+            "trim_threshold": TRIM_THRESHOLD, "ld_preload": preload}
+
+
+def format_allocator(state):
+    if not state["fixed"]:
+        return f"allocator: {state['allocator']}, thresholds not fixed"
+    return (f"allocator: {state['allocator']}, mmap threshold {state['mmap_threshold'] >> 20} MiB, "
+            f"trim threshold {state['trim_threshold'] >> 20} MiB (fixed)"
+            + (f", LD_PRELOAD={state['ld_preload']}" if state["ld_preload"] else ""))
+
+
 def machine_info(device):
     config = torch.__config__.show()
     onednn = re.search(r"MKL-DNN v([\w.]+)", config)
@@ -196,6 +251,7 @@ def machine_info(device):
         "unfoldNd": getattr(unfoldnd(), "__version__", "installed") if unfoldnd() is not None else None,
         "convt_ext": convt_ext.build_info(),
         "load_average": load_average(),
+        "allocator": allocator_state(),
     }
     if device.type == "cuda":
         info.update(
