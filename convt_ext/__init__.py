@@ -94,7 +94,9 @@ def set_gemm_engine(engine):
     csrc/gemm.h; also the CONVT_EXT_GEMM_ENGINE environment variable):
 
     - "auto" (default): a fixed rule, oneDNN for float32 on non-Intel CPUs
-      with AVX-512 (where MKL runs its AVX2 code), at::mm (MKL, cuBLAS)
+      with AVX-512 (where MKL runs its AVX2 code), for single GEMMs of at
+      least 2^20 multiply-adds (oneDNN costs a boxed call per group, which
+      grouped and tiny GEMMs do not repay), at::mm (MKL, cuBLAS)
       everywhere else;
     - "benchmark": time every engine on each GEMM shape at its first use and
       keep the fastest, like torch.backends.cudnn.benchmark (results may then
@@ -151,7 +153,8 @@ def engine_info():
     """What the GEMM engine layer does here: the setting, the engines this
     build and CPU can run, the rule's inputs (AVX-512 where torch's kernels use it,
     which ATEN_CPU_CAPABILITY can cap; the CPU vendor) and its
-    choice per CPU dtype, what "benchmark" mode timed and chose per GEMM
+    choice per CPU dtype for one large GEMM (grouped and tiny GEMMs run on
+    aten), what "benchmark" mode timed and chose per GEMM
     shape (seconds per engine), and how many GEMM calls each engine ran.
 
     Also: "thread_independent" (per engine, whether its CPU results are

@@ -39,6 +39,8 @@ namespace {
 constexpr const char* kEngineNames[kEngines] = {"aten", "onednn", "brgemm"};
 // The setting: an engine's index when forced, or one of these.
 constexpr int kAuto = -1, kBenchmark = -2;
+// The rule's smallest oneDNN GEMM, in multiply-adds M*N*K (rule_engine).
+constexpr int64_t kOneDNNFrom = int64_t(1) << 20;
 
 std::atomic<int> g_setting{kAuto};
 std::array<std::atomic<int64_t>, kEngines> g_calls{};
@@ -339,12 +341,14 @@ void run(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 
 // ---- Choosing.
 
-Engine rule_for(const at::Tensor& out) {
+// The rule for out (G, M, N) = a (G, M, K) . b; for the report, a large
+// single GEMM (mnk unbounded).
+Engine rule_for(const at::Tensor& out, int64_t mnk = INT64_MAX) {
   static const bool avx512 = cpu_avx512();
   static const std::string vendor = cpu_vendor();
   const std::string name =
       rule_engine(out.is_cpu() ? "cpu" : "other", dtype_name(out.scalar_type()), avx512, vendor,
-                  out.is_cpu() && onednn_runs(out.scalar_type()));
+                  out.is_cpu() && onednn_runs(out.scalar_type()), out.dim() == 3 ? out.size(0) : 1, mnk);
   return name == "onednn" ? Engine::OneDNN : Engine::Aten;
 }
 
@@ -407,7 +411,8 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   if (setting == kBenchmark && out.is_cpu() && !at::globalContext().deterministicAlgorithms()) {
     return timed(out, a, b, add);
   }
-  const Engine e = rule_for(out);
+  const double mnk = double(out.size(1)) * double(out.size(2)) * double(a.size(2));
+  const Engine e = rule_for(out, mnk >= double(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(mnk));
   if (e == Engine::Aten && !thread_independent(e, out) &&
       at::globalContext().deterministicAlgorithms()) {
     // Note [Bits that do not depend on the thread setting]: an engine whose
@@ -454,13 +459,17 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const
 }
 
 std::string rule_engine(const std::string& device, const std::string& dtype, bool avx512,
-                        const std::string& vendor, bool onednn_available) {
-  // MKL runs its AVX2 code on non-Intel CPUs, half of an AVX-512 CPU's peak;
-  // on AVX2 CPUs it is the fastest engine (benchmarks/NOTES.md item 18).
-  // Only float32 gains: float64 has no other engine, and at::mm already
-  // sends bfloat16 and float16 to oneDNN.
+                        const std::string& vendor, bool onednn_available, int64_t groups, int64_t mnk) {
+  // MKL runs its AVX2 code on non-Intel CPUs, half of an AVX-512 CPU's peak
+  // where that runs 512 bits a cycle; on AVX2 CPUs it is the fastest engine
+  // (benchmarks/NOTES.md item 18). Only float32 gains: float64 has no other
+  // engine, and at::mm already sends bfloat16 and float16 to oneDNN. But
+  // oneDNN's matmul costs a boxed dispatcher call per group, about 60 us
+  // more than the BLAS's (item 28): one per group is up to 7x slower on
+  // grouped and depthwise layers, and a GEMM of fewer than kOneDNNFrom
+  // multiply-adds (2 MFLOP, some 10 us at its rate) is mostly that cost.
   if (device == "cpu" && dtype == "float32" && avx512 && vendor != "GenuineIntel" &&
-      onednn_available) {
+      onednn_available && groups == 1 && mnk >= kOneDNNFrom) {
     return "onednn";
   }
   return "aten";

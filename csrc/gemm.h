@@ -23,11 +23,12 @@
 //                differ in the last bits; under
 //                torch.use_deterministic_algorithms(True) it acts as "auto";
 //   an engine    forced, where it supports the operands (aten otherwise).
-// The rule: onednn for float32 on a non-Intel CPU with AVX-512, aten
-// everywhere else. Every engine computes the same products, each with its
-// own summation order, so the results agree to rounding (the float64 parity
-// tests hold for all, since float64 always runs on aten), and for a fixed
-// setting they are bitwise the same for any thread count: every engine runs
+// The rule: onednn for float32 on a non-Intel CPU with AVX-512, for one
+// GEMM (no groups) of at least 2^20 multiply-adds; aten everywhere else.
+// Every engine computes the same products, each with its own summation
+// order, so the results agree to rounding (the float64 parity tests hold
+// for all, since float64 always runs on aten), and for a fixed setting
+// they are bitwise the same for any thread count: every engine runs
 // single-threaded inside for_each_task's fixed ranges (Note [Determinism
 // across thread counts] in plan.h). engine_info() reports the setting, the
 // rule's inputs and choices, what benchmark mode chose, and how many GEMMs
@@ -132,8 +133,10 @@ struct EngineReport {
 };
 EngineReport engine_report();
 
-// The rule, as a function of its inputs, for tests on any machine.
+// The rule, as a function of its inputs, for tests on any machine: the
+// engine for `groups` GEMMs of mnk = M*N*K multiply-adds each.
 std::string rule_engine(const std::string& device, const std::string& dtype, bool avx512,
-                        const std::string& vendor, bool onednn_available);
+                        const std::string& vendor, bool onednn_available, int64_t groups = 1,
+                        int64_t mnk = INT64_MAX);
 
 }  // namespace convt_ext

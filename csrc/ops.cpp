@@ -348,5 +348,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   });
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),
-        py::arg("avx512"), py::arg("vendor"), py::arg("onednn_available"));
+        py::arg("avx512"), py::arg("vendor"), py::arg("onednn_available"), py::arg("groups") = 1,
+        py::arg("mnk") = INT64_MAX);
 }

@@ -234,10 +234,35 @@ def test_rule():
     assert rule("cpu", "float64", True, "AuthenticAMD", True) == "aten"
     assert rule("cpu", "bfloat16", True, "AuthenticAMD", True) == "aten"
     assert rule("cuda", "float32", True, "AuthenticAMD", True) == "aten"
+    # oneDNN costs a boxed call per group: one large GEMM only (2^20 multiply-adds and up).
+    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=1, mnk=1 << 20) == "onednn"
+    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=1, mnk=(1 << 20) - 1) == "aten"
+    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=2, mnk=1 << 30) == "aten"
+    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=144, mnk=9 * 784) == "aten"
+    assert rule("cpu", "float32", True, "GenuineIntel", True, groups=1, mnk=1 << 30) == "aten"
     info = convt_ext.engine_info()
     expected = rule("cpu", "float32", info["cpu_avx512"], info["cpu_vendor"], "onednn" in info["available"])
     assert info["rule"]["float32"] == expected
     assert info["rule"]["float64"] == "aten"
+
+
+@pytest.mark.skipif(convt_ext.engine_info()["rule"]["float32"] != "onednn",
+                    reason="the rule picks oneDNN only on a non-Intel CPU with AVX-512")
+def test_auto_keeps_grouped_and_tiny_gemms_off_onednn():
+    """Under "auto", where the rule picks oneDNN for a large single GEMM: a depthwise layer
+    (144 groups) and a tiny layer run on aten, a large ungrouped one on oneDNN; all torch's."""
+    convt_ext.set_gemm_engine("auto")
+    gen = torch.Generator().manual_seed(7)
+    layers = [((1, 144, 12, 12), (144, 1, 3, 3), 144, "aten"), ((1, 1, 4, 4), (1, 1, 3, 3), 1, "aten"),
+              ((1, 64, 24, 24), (64, 64, 3, 3), 1, "onednn")]  # 64 x 576 x 576 = 21M multiply-adds
+    for xs, ws, g, engine in layers:
+        x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
+        before = _calls()
+        got = convt_ext.conv2d(x, w, None, 1, 1, 1, g)
+        ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
+        assert list(ran) == [engine], (xs, ws, ran)
+        want = F.conv2d(x.double(), w.double(), None, 1, 1, 1, g)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_settings_and_errors():
