@@ -205,22 +205,25 @@ def set_allocator_state():
 
 def allocator_state():
     """What set_allocator_state did in this process (machine_info records it)."""
-    return _allocator or {"allocator": platform.libc_ver()[0] or "unknown", "fixed": False,
-                          "ld_preload": os.environ.get("LD_PRELOAD") or None}
+    return _allocator or _unfixed()
+
+
+def _unfixed():
+    return {"allocator": platform.libc_ver()[0] or "unknown", "fixed": False,
+            "ld_preload": os.environ.get("LD_PRELOAD") or None}
 
 
 def _fix_thresholds():
-    preload = os.environ.get("LD_PRELOAD") or None
     try:
         libc = ctypes.CDLL(None)
         version = libc.gnu_get_libc_version
         version.restype = ctypes.c_char_p
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return {"allocator": platform.libc_ver()[0] or "unknown", "fixed": False, "ld_preload": preload}
+        return _unfixed()
     fixed = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    return {"allocator": f"glibc {version().decode()}", "fixed": fixed, "mmap_threshold": MMAP_THRESHOLD,
-            "trim_threshold": TRIM_THRESHOLD, "ld_preload": preload}
+    return {**_unfixed(), "allocator": f"glibc {version().decode()}", "fixed": fixed,
+            "mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
 
 
 def format_allocator(state):
