@@ -19,7 +19,7 @@ import torch
 
 import convt_ext
 from convt_ext.bench import __main__ as cli
-from convt_ext.bench import chart, machine, measure, suite
+from convt_ext.bench import chart, layers, machine, measure, mobilenetv2, suite
 from convt_ext.bench import report as bench_report
 from conftest import reset_tf32
 
@@ -271,6 +271,23 @@ def test_suite_covers_the_required_layers():
     for op in suite.UNFOLD_OPS:
         for dims in suite.DIMS:
             assert has(lambda s: op in s.ops and s.dims == dims and s.quick), f"--quick runs {op} in {dims}-d"
+
+
+def test_suite_covers_grouped_layers():
+    """Depthwise layers (groups = channels) for every convolution op, 1-d to 3-d, direct and
+    transposed; MobileNet's 3x3 at strides 1 and 2, ConvNeXt's 7x7, a channel multiplier of 2,
+    ResNeXt's 32 groups of 4 channels; and a grouped layer in --quick."""
+    def depthwise(s):
+        return s.groups == s.c_in == s.c_out > 1
+
+    grouped = [s for s in suite.SUITE if s.groups > 1]
+    for op in suite.CONV_OPS:
+        assert any(op in s.ops and depthwise(s) for s in grouped), op
+    assert {s.strides for s in grouped if depthwise(s) and s.kernels == (3, 3)} >= {(1, 1), (2, 2)}
+    assert any(depthwise(s) and s.kernels == (7, 7) and s.paddings == (3, 3) for s in grouped)
+    assert any(s.groups == s.c_in and s.c_out == 2 * s.c_in for s in grouped), "channel multiplier 2"
+    assert any(s.groups == 32 and s.c_in // s.groups == 4 for s in grouped), "ResNeXt 32x4d"
+    assert any(s.quick for s in grouped)
 
 
 @pytest.mark.parametrize("shape", suite.SUITE, ids=lambda s: s.name)
@@ -554,7 +571,8 @@ def test_the_performance_goals_are_checked(quick_run):
     covered = 0
     for t in targets:
         group = [r for r in report["results"] if r["op"] == t["op"] and r["dims"] == t["dims"]
-                 and r["direction"] == t["direction"] and r["status"] == "ok"]
+                 and r["direction"] == t["direction"] and r["status"] == "ok"
+                 and (r["layer"]["groups"] > 1) == (t["layers"] == bench_report.GROUPED)]
         if t["run"]:  # a goal of a channels_last or autocast run: not judged by a default one
             assert t["measured"] is None and t["status"] == "not run"
             continue
@@ -647,7 +665,7 @@ def test_goals_are_judged_by_the_kind_of_run_they_are_for():
     def judged(settings, native=True):
         return {(t["op"], t["measure"], t["statistic"], tuple(sorted(t["run"]))): t
                 for t in bench_report.check_targets(summary, "cpu", results, reference, settings, native)
-                if t["direction"] == suite.FORWARD and t["dims"] == 2}
+                if t["direction"] == suite.FORWARD and t["dims"] == 2 and t["layers"] == bench_report.DENSE}
 
     default = judged({"channels_last": False, "autocast": None})
     assert default[("conv2d", "vs_torch", "median", ())]["measured"] == 1.3
@@ -665,6 +683,35 @@ def test_goals_are_judged_by_the_kind_of_run_they_are_for():
     assert bf16[("conv2d", "vs_torch", "median", ("autocast",))]["status"] == "report"
     bf16 = judged({"channels_last": False, "autocast": "bf16"}, native=True)
     assert bf16[("conv_transpose2d", "vs_torch", "median", ("autocast",))]["status"] == "miss"
+
+
+def test_grouped_layers_have_their_own_summary_and_goals():
+    """Layers with groups > 1 are summarized apart ("conv2d grouped") and judged by their own
+    goals; the dense goals count the dense layers alone, also the FMA share."""
+    def record(groups, speedup, kernel=3):
+        return {"op": "conv2d", "dims": 2, "direction": suite.FORWARD, "status": "ok",
+                "layer": {"kernels": [kernel, kernel], "c_in": 128, "c_out": 128, "groups": groups},
+                "impls": {}, "speedup": {"torch": {"median": speedup}},
+                "rate": {"impls": {"convt_ext": {"value": 90.0 if groups == 1 else 1.0, "percent_of_ceiling": 50.0}}}}
+
+    results = [record(1, 1.5), record(1, 1.3), record(128, 0.2), record(32, 1.1)]
+    summary = bench_report.summarize(results)
+    assert [(e["label"], e["grouped"], e["shapes"]) for e in summary] == [
+        ("conv2d", False, 2), ("conv2d grouped", True, 2)]
+    checked = bench_report.check_targets(summary, "cpu", results, {"fma_peak_gflops": 100.0}, {"channels_last": False})
+    judged = {(t["layers"], t["statistic"]): t for t in checked
+              if (t["op"], t["direction"], t["measure"], t["run"]) == ("conv2d", suite.FORWARD, "vs_torch", {})}
+    assert judged[("dense", "median")]["measured"] == pytest.approx(1.4)
+    assert judged[("dense", "min")]["measured"] == 1.3
+    assert judged[("grouped", "median")]["measured"] == pytest.approx(0.65)
+    assert judged[("grouped", "min")]["measured"] == 0.2 and judged[("grouped", "min")]["status"] == "miss"
+    assert "on grouped layers (groups > 1)" in bench_report.describe_target(judged[("grouped", "min")])
+    assert "grouped" not in bench_report.describe_target(judged[("dense", "min")])
+    grouped_ops = {(t["op"], t["direction"]) for t in checked if t["layers"] == bench_report.GROUPED}
+    assert grouped_ops == {(op, d) for op in suite.CONV_OPS for d in (suite.FORWARD, suite.BACKWARD)}
+    cl = bench_report.check_targets(summary, "cpu", results, {"fma_peak_gflops": 100.0}, {"channels_last": True})
+    fma = next(t for t in cl if t["measure"] == "percent_fma_3x3")
+    assert fma["measured"] == pytest.approx(90.0)  # the grouped layers' 1% left out
 
 
 def test_the_dcgan_step(tmp_path):
@@ -687,3 +734,81 @@ def test_the_fma_peak_is_measured():
     if not p["isa"]:
         pytest.skip("no FMA loop for this CPU (not x86 with AVX2)")
     assert p["isa"] in ("avx2+fma", "avx512f") and p["gflops"] > 1.0 and p["threads"] == torch.get_num_threads()
+
+
+def test_mobilenetv2_is_the_papers_model():
+    """The hand-written model has MobileNetV2's 3,504,872 parameters (torchvision's count
+    at 1000 classes), 52 convolutions of which 17 depthwise, and a 5x5 map before the
+    pool at 160x160."""
+    model = mobilenetv2.mobilenetv2(torch.nn.Conv2d)
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    found = layers.conv_layers(model.eval(), torch.zeros(1, 3, mobilenetv2.SIZE, mobilenetv2.SIZE))
+    assert len(found) == 52 and sum(m.groups == m.in_channels > 1 for _, m, _ in found) == 17
+    assert found[-1][0] == "last.conv" and found[-1][2] == (1, 320, 5, 5)
+    assert sum(isinstance(m, mobilenetv2.InvertedResidual) and m.residual for m in model.modules()) == 10
+
+
+def test_a_models_layers_become_suite_shapes():
+    """conv_layers lists every convolution with the input it gets; layer_shape turns one into
+    the suite's Shape, whose case computes what the module does; time_layers times each
+    geometry once and counts how often it occurs."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.ConvTranspose2d(8, 4, 4, 2, 1, groups=4))
+    x = torch.randn(2, 3, 12, 10)
+    found = layers.conv_layers(model, x)
+    assert [(name, shape) for name, _, shape in found] == [
+        ("0", (2, 3, 12, 10)), ("1", (2, 8, 6, 5)), ("2", (2, 8, 6, 5)), ("3", (2, 8, 6, 5))]
+    for name, module, shape in found:
+        s = layers.layer_shape(name, module, shape)
+        t = {"x": torch.randn(shape), "w": module.weight.detach(), "b": module.bias}
+        with torch.no_grad():
+            torch.testing.assert_close(measure.OPS[s.conv].impls["torch"].fn(s, t), module(t["x"]))
+    rows = layers.time_layers(found, torch.device("cpu"), 1, 0.01, formats=("nchw",))
+    assert [(r["names"], r["count"]) for r in rows] == [(["0"], 1), (["1", "2"], 2), (["3"], 1)]
+    for r in rows:
+        assert set(r["cases"]["nchw"]) == {suite.FORWARD, suite.BACKWARD}
+        assert all(rec["status"] == "ok" and set(rec["impls"]) == {"convt_ext", "torch"}
+                   for rec in r["cases"]["nchw"].values())
+    # Time-weighted totals: each geometry's times as often as it occurs.
+    total = layers.totals(rows)["nchw"][suite.FORWARD]
+    ours = sum(r["count"] * r["cases"]["nchw"][suite.FORWARD]["impls"]["convt_ext"]["median_s"] for r in rows)
+    assert total["convt_ext_s"] == pytest.approx(ours)
+    assert total["speedup"] == pytest.approx(total["torch_s"] / ours)
+    assert layers.totals(rows, layers.grouped)["nchw"][suite.FORWARD]["convt_ext_s"] < ours
+    table = layers.format_table(rows)
+    assert "all 4 conv layers, time-weighted" in table and "grouped 3 conv layers, time-weighted" in table
+
+
+def test_the_mobilenetv2_mode(monkeypatch, tmp_path):
+    """--model mobilenetv2 (two blocks at 32x32, batch 2, to stay fast): both formats, both
+    modes, the first call's logits and loss agree, the goals, every conv layer timed in both
+    formats and directions, and the JSON with the machine, its allocator state and the path."""
+    monkeypatch.setattr(mobilenetv2, "BLOCKS", ((1, 16, 1, 1), (6, 24, 2, 2)))
+    monkeypatch.setattr(mobilenetv2, "SIZE", 32)
+    out = tmp_path / "mbv2.json"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = cli.main(["--model", "mobilenetv2", "--quick", "--min-run-time", "0.01", "--out", str(out)])
+    printed = stdout.getvalue()
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    assert report["model"] == "mobilenetv2" and report["agree"] and report["batch"] == mobilenetv2.QUICK_BATCH
+    assert set(report["formats"]) == {"nchw", "channels_last"}
+    for fmt, r in report["formats"].items():
+        assert r["agree"] and r["problem"] is None and r["grad_rel_diff"] < 0.05
+        for mode in mobilenetv2.MODES:
+            assert len(r[mode]["round_s"]["torch"]) == len(r[mode]["round_s"]["convt_ext"]) == 1
+            assert r[mode]["speedup"] > 0 and r[mode]["status"] == ("pass" if r[mode]["speedup"] >= 1.0 else "miss")
+    assert [(t["format"], t["mode"]) for t in report["targets"]] == [
+        (f, m) for f in ("nchw", "channels_last") for m in ("inference", "training")]
+    rows = report["layers"]["rows"]
+    assert sum(r["count"] for r in rows) == 10 and sum(r["layer"]["groups"] > 1 for r in rows) == 3
+    for r in rows:
+        for fmt in ("nchw", "channels_last"):
+            assert {d: rec["status"] for d, rec in r["cases"][fmt].items()} == {
+                suite.FORWARD: "ok", suite.BACKWARD: "ok"}, (r["names"], fmt)
+    assert report["layers"]["totals"]["channels_last"][suite.BACKWARD]["speedup"] > 0
+    assert report["machine"]["allocator"] == machine.allocator_state()
+    assert report["conv_path"]["calls"]["view"] + report["conv_path"]["calls"]["columns"] > 0
+    assert printed.splitlines()[0] == machine.format_allocator(machine.allocator_state())
+    assert "block2.depthwise.conv" in printed and "cl fwd+bwd" in printed and ">= 1.00x" in printed

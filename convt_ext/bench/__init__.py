@@ -4,6 +4,7 @@
     python -m convt_ext.bench                 # the full suite (CUDA when available)
     python -m convt_ext.bench --ops conv_transpose2d --shapes dcgan --dtype bfloat16
     python -m convt_ext.bench --dims 1,3      # only the 1-d (audio) and 3-d (video, volume) shapes
+    python -m convt_ext.bench --model mobilenetv2 --quick   # a model, then its conv layers one by one
 
 For every case (op x shape x direction) each implementation is first checked
 against torch's default kernel (torch.testing.assert_close), then timed with
@@ -19,6 +20,9 @@ One module per concern:
   machine.py  the machine and its ceilings (fp32 FMA peak from GEMMs, copy bandwidth)
   report.py   rates, the table, the summary, the performance goals, the JSON
   chart.py    the figures: one at a glance, and an appendix with every case
+  model.py    --model dcgan, and the model modes' interleaved timing loop
+  mobilenetv2.py  --model mobilenetv2: inference and a training step, NCHW and channels_last
+  layers.py   a model's conv layers one by one against torch's, as a table
   __main__.py the command line
 See benchmarks/README.md.
 """

@@ -353,14 +353,16 @@ def _autocast(dtype, device, fn, s, t):
         return fn(s, t)
 
 
-def run_case(case, device, dtype, rounds, min_run_time, channels_last=False, autocast=None):
+def run_case(case, device, dtype, rounds, min_run_time, channels_last=False, autocast=None, impls=IMPLS):
     """Check every implementation of one case against torch's default, then
     time those that pass in `rounds` interleaved rounds. Returns a dict (the
     JSON record); status "ok", "FAIL"/"error" when convt_ext is wrong or
     raises, "skipped" when torch's default raises (no reference), "not built"
     when the convt_ext in use lacks the op or its 1-d/3-d form. With
     `autocast` (a dtype), float32 inputs and every call under torch.autocast,
-    checked to that dtype's tolerance."""
+    checked to that dtype's tolerance. `impls`: the implementations to run
+    (IMPLS' keys; convt_ext and torch always), e.g. just those two for a
+    model's layers, where the other comparators would only add time."""
     op, s = OPS[case.op], case.shape
     backward = case.direction == BACKWARD
     batch = s.batch(device)
@@ -411,7 +413,7 @@ def run_case(case, device, dtype, rounds, min_run_time, channels_last=False, aut
 
     timed, once = {}, {}
     for key in IMPLS:
-        impl = op.impls.get(key)
+        impl = op.impls.get(key) if key in (*impls, "convt_ext", "torch") else None
         if impl is None:
             continue
         entry = record["impls"][key] = {"label": impl.name(s), "status": "ok", "note": None}

@@ -8,7 +8,10 @@ projection of the noise, and a discriminator of five 4x4 convolutions. Both
 sides build the same model from the same initial weights, torch's with
 torch.nn.Conv2d/ConvTranspose2d and ours with convt_ext.nn's; a step is the
 usual two updates, the discriminator's on a real and a fake batch, then the
-generator's."""
+generator's.
+
+The timing loop (interleaved), the speedup and the loss check are the model
+modes' own, shared with mobilenetv2.py."""
 from __future__ import annotations
 
 import statistics
@@ -77,6 +80,38 @@ class Step:
         return d_loss.item(), g_loss.item()
 
 
+def interleaved(sides, rounds, calls):
+    """{key: [per round, the median seconds of `calls` calls of sides[key]()]}. The sides
+    take turns, in the order given in even rounds and reversed in odd ones, so that
+    neither always runs on the caches and clocks the other left behind."""
+    round_s = {key: [] for key in sides}
+    for r in range(rounds):
+        for key, fn in list(sides.items())[:: 1 if r % 2 == 0 else -1]:
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            round_s[key].append(statistics.median(times))
+    return round_s
+
+
+def speedup(round_s):
+    """torch's time over ours: the median over rounds of the per-round ratios (> 1: ours faster)."""
+    return statistics.median(a / b for a, b in zip(round_s["torch"], round_s["convt_ext"]))
+
+
+def close(expected, got, rtol=1e-3):
+    """Whether two lists of losses agree to float32 rounding over a model's many layers."""
+    return all(abs(a - b) <= rtol * max(1.0, abs(a)) for a, b in zip(expected, got))
+
+
+def where(device, info):
+    """The machine in a few words, for a model's first line."""
+    return (f"on {device} ({info.get('gpu') or info['cpu']}, CPU capability {info['cpu_capability']}, "
+            f"{torch.get_num_threads()} threads)")
+
+
 def main(args, device):
     torch.manual_seed(0)
     theirs = Step(nn.Conv2d, nn.ConvTranspose2d, None, device)
@@ -84,32 +119,22 @@ def main(args, device):
     ours = Step(convt_ext.nn.Conv2d, convt_ext.nn.ConvTranspose2d, state, device)
     # The first step from the same weights and batches: the same losses, to float32 rounding.
     expected, got = theirs.step(), ours.step()
-    close = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(expected, got))
+    agree = close(expected, got)
     steps = 1 if args.quick else 3
-    rounds = {"torch": [], "convt_ext": []}
-    for r in range(args.rounds):
-        for key, side in (("torch", theirs), ("convt_ext", ours))[:: 1 if r % 2 == 0 else -1]:
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                side.step()
-                times.append(time.perf_counter() - t0)
-            rounds[key].append(statistics.median(times))
-    ratios = [a / b for a, b in zip(rounds["torch"], rounds["convt_ext"])]
-    speedup = statistics.median(ratios)
+    rounds = interleaved({"torch": theirs.step, "convt_ext": ours.step}, args.rounds, steps)
+    ratio = speedup(rounds)
     info = machine.machine_info(device)
-    print(f"DCGAN 64x64 training step, batch {BATCH}, float32, on {device} ({info.get('gpu') or info['cpu']}, "
-          f"CPU capability {info['cpu_capability']}, {torch.get_num_threads()} threads)")
+    print(f"DCGAN 64x64 training step, batch {BATCH}, float32, {where(device, info)}")
     print(f"  torch     {statistics.median(rounds['torch']) * 1e3:8.1f} ms a step")
     print(f"  convt_ext {statistics.median(rounds['convt_ext']) * 1e3:8.1f} ms a step "
           f"(path {convt_ext.conv_path()}, GEMM engine {convt_ext.gemm_engine()})")
-    print(f"  speedup {speedup:.2f}x (median of {args.rounds} rounds of {steps} steps; "
-          f"goal: at least {TARGET:.1f}x): {'pass' if speedup >= TARGET else 'miss'}")
-    print(f"  first step's losses: torch {expected}, convt_ext {got}: {'agree' if close else 'DIFFER'}")
+    print(f"  speedup {ratio:.2f}x (median of {args.rounds} rounds of {steps} steps; "
+          f"goal: at least {TARGET:.1f}x): {'pass' if ratio >= TARGET else 'miss'}")
+    print(f"  first step's losses: torch {expected}, convt_ext {got}: {'agree' if agree else 'DIFFER'}")
     out = args.out or report.default_out(f"{device.type}-dcgan")
     report.write_json(out, command=["python", "-m", "convt_ext.bench", *sys.argv[1:]], machine=info,
-                      model="dcgan", batch=BATCH, steps_per_round=steps, round_s=rounds, speedup=speedup,
-                      target=TARGET, first_losses={"torch": expected, "convt_ext": got}, agree=close,
+                      model="dcgan", batch=BATCH, steps_per_round=steps, round_s=rounds, speedup=ratio,
+                      target=TARGET, first_losses={"torch": expected, "convt_ext": got}, agree=agree,
                       conv_path=convt_ext.engine_info()["path"])
     print(f"wrote {out}")
-    return 0 if close else 1
+    return 0 if agree else 1

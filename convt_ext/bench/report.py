@@ -4,6 +4,7 @@ miss, and the JSON. All of it is built from the list of case records alone."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import statistics
@@ -105,36 +106,43 @@ def _stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def is_grouped(r):
+    """Whether a case's layer has groups > 1 (depthwise, ResNeXt): a kind of layer with
+    its own summary line and goals, apart from the dense layers of the same op."""
+    return (r.get("layer") or {}).get("groups", 1) > 1
+
+
 def summarize(results):
-    """Per op, dims and direction: median / min / max of the per-shape speedups,
-    and of the rates and their share of the ceiling (the fp32 peak for convolutions)."""
+    """Per op, dims, direction and kind of layer (dense or grouped): median / min / max
+    of the per-shape speedups, and of the rates and their share of the ceiling (the
+    fp32 peak for convolutions)."""
     summary = []
-    for op in OP_NAMES:
-        for dims in DIMS:
-            for direction in (FORWARD, BACKWARD):
-                group = [r for r in results if r["op"] == op and r.get("dims", 2) == dims and r["direction"] == direction]
-                if not group:
-                    continue
-                entry = {"op": op, "dims": dims, "label": op_label(op, dims), "direction": direction, "shapes": len(group),
-                         "failures": sum(r["status"] in FAILED for r in group),
-                         "skipped": sum(r["status"] == "skipped" for r in group),
-                         "not_built": sum(r["status"] == NOT_BUILT for r in group)}
-                for key in IMPLS[1:]:
-                    values = [v for v in (_speedup(r, key) for r in group) if v is not None]
-                    if values:
-                        entry[f"vs_{key}"] = {**_stats(values),
-                                              "geomean": math.exp(statistics.fmean(math.log(v) for v in values)),
-                                              "wins": sum(v > 1 for v in values), "shapes": len(values)}
-                rates = {}
-                for key in ("convt_ext", "convt_ext_out", "torch"):
-                    timed = [r["rate"]["impls"][key] for r in group if key in r.get("rate", {}).get("impls", {})]
-                    if timed:
-                        rates[key] = {"value": _stats([e["value"] for e in timed]),
-                                      "percent_of_ceiling": _stats([e["percent_of_ceiling"] for e in timed])}
-                if rates:
-                    entry["rate"] = {"unit": OPS[op].rate,
-                                     "ceiling": "peak_gflops" if op in CONV_OPS else "copy_gbps", **rates}
-                summary.append(entry)
+    for op, dims, grouped, direction in itertools.product(OP_NAMES, DIMS, (False, True), (FORWARD, BACKWARD)):
+        group = [r for r in results if r["op"] == op and r.get("dims", 2) == dims and r["direction"] == direction
+                 and is_grouped(r) == grouped]
+        if not group:
+            continue
+        entry = {"op": op, "dims": dims, "label": op_label(op, dims) + (" grouped" if grouped else ""),
+                 "direction": direction, "grouped": grouped, "shapes": len(group),
+                 "failures": sum(r["status"] in FAILED for r in group),
+                 "skipped": sum(r["status"] == "skipped" for r in group),
+                 "not_built": sum(r["status"] == NOT_BUILT for r in group)}
+        for key in IMPLS[1:]:
+            values = [v for v in (_speedup(r, key) for r in group) if v is not None]
+            if values:
+                entry[f"vs_{key}"] = {**_stats(values),
+                                      "geomean": math.exp(statistics.fmean(math.log(v) for v in values)),
+                                      "wins": sum(v > 1 for v in values), "shapes": len(values)}
+        rates = {}
+        for key in ("convt_ext", "convt_ext_out", "torch"):
+            timed = [r["rate"]["impls"][key] for r in group if key in r.get("rate", {}).get("impls", {})]
+            if timed:
+                rates[key] = {"value": _stats([e["value"] for e in timed]),
+                              "percent_of_ceiling": _stats([e["percent_of_ceiling"] for e in timed])}
+        if rates:
+            entry["rate"] = {"unit": OPS[op].rate,
+                             "ceiling": "peak_gflops" if op in CONV_OPS else "copy_gbps", **rates}
+        summary.append(entry)
     return summary
 
 
@@ -151,8 +159,11 @@ def summarize(results):
 # FMA loop's peak, over the 3x3 layers with at least 64 channels in and out).
 # The run: None for a default one (float32, NCHW), or the setting it needs:
 # {"channels_last": True} or {"autocast": "bf16"}. A goal marked "native bf16"
-# is reported but not judged on a CPU without AVX512-BF16 or AMX.
+# is reported but not judged on a CPU without AVX512-BF16 or AMX. An eighth
+# field, GROUPED, makes a goal count only the layers with groups > 1
+# (depthwise, ResNeXt); the others count only the dense layers (DENSE).
 NCHW, CL, BF16 = None, {"channels_last": True}, {"autocast": "bf16", "native_bf16": True}
+DENSE, GROUPED = "dense", "grouped"
 TARGETS = {
     "cpu": [
         ("conv2d", 2, FORWARD, "vs_torch", "median", 1.2, NCHW),
@@ -179,6 +190,16 @@ TARGETS = {
         ("im2col", 2, FORWARD, "vs_torch", "median", 5.0, NCHW),
         ("col2im", 2, FORWARD, "vs_torch", "median", 5.0, NCHW),
         ("im2col", 2, FORWARD, "percent_out", "median", 50.0, NCHW),
+        # Grouped layers: at least torch's speed on each layer forward, 1.2x over the
+        # 2-d ones, and torch's speed forward+backward. The other ops have one grouped
+        # shape each in the suite, so their median is that layer: its goal is 1.0x.
+        ("conv2d", 2, FORWARD, "vs_torch", "min", 1.0, NCHW, GROUPED),
+        ("conv2d", 2, FORWARD, "vs_torch", "median", 1.2, NCHW, GROUPED),
+        ("conv2d", 2, BACKWARD, "vs_torch", "median", 1.0, NCHW, GROUPED),
+        *((op, dims, direction, "vs_torch", "min" if direction == FORWARD else "median", 1.0, NCHW, GROUPED)
+          for op, dims in (("conv1d", 1), ("conv3d", 3), ("conv_transpose1d", 1), ("conv_transpose2d", 2),
+                           ("conv_transpose3d", 3))
+          for direction in (FORWARD, BACKWARD)),
     ],
     "cuda": [
         ("conv_transpose2d", 2, FORWARD, "vs_torch", "median", 1.0, NCHW),
@@ -206,11 +227,14 @@ def _for_run(run, kind):
     return want == kind
 
 
-def _fma_3x3(results, op, dims, direction, fma_peak):
-    """Ours as a percent of the FMA peak, per 3x3 layer with >= 64 channels in and out."""
+def _fma_3x3(results, op, dims, direction, fma_peak, grouped=False):
+    """Ours as a percent of the FMA peak, per 3x3 layer with >= 64 channels in and out
+    (dense or grouped ones)."""
     out = []
     for r in results:
         if (r["op"], r.get("dims", 2), r["direction"]) != (op, dims, direction) or not fma_peak:
+            continue
+        if is_grouped(r) != grouped:
             continue
         s = r.get("layer") or {}
         if set(s.get("kernels", ())) == {3} and s.get("c_in", 0) >= 64 and s.get("c_out", 0) >= 64:
@@ -221,20 +245,23 @@ def _fma_3x3(results, op, dims, direction, fma_peak):
 
 
 def check_targets(summary, device_type, results=(), reference=None, settings=None, native_bf16=True):
-    """TARGETS[device_type] against the summary: each with its measured value
-    (None where the run did not cover it) and whether it passed ("report" for a
-    native-bf16 goal on a CPU without it)."""
+    """TARGETS[device_type] against the summary (the dense or the grouped layers'
+    entry, as the goal says): each with its measured value (None where the run
+    did not cover it) and whether it passed ("report" for a native-bf16 goal on a
+    CPU without it)."""
     checked = []
     kind = _run_kind(settings)
     fma = (reference or {}).get("fma_peak_gflops")
-    for op, dims, direction, measure, stat, least, run in TARGETS.get(device_type, []):
-        entry = next((e for e in summary if e["op"] == op and e["dims"] == dims and e["direction"] == direction), None)
+    for op, dims, direction, measure, stat, least, run, *layers in TARGETS.get(device_type, []):
+        layers = layers[0] if layers else DENSE
+        entry = next((e for e in summary if e["op"] == op and e["dims"] == dims and e["direction"] == direction
+                      and e.get("grouped", False) == (layers == GROUPED)), None)
         value = None
         if entry is not None and _for_run(run, kind):
             if measure.startswith("vs_"):
                 value = entry.get(measure, {}).get(stat)
             elif measure == "percent_fma_3x3":
-                values = _fma_3x3(results, op, dims, direction, fma)
+                values = _fma_3x3(results, op, dims, direction, fma, layers == GROUPED)
                 value = _stats(values)[stat] if values else None
             else:
                 impl = "convt_ext_out" if measure == "percent_out" else "convt_ext"
@@ -242,8 +269,9 @@ def check_targets(summary, device_type, results=(), reference=None, settings=Non
         status = "not run" if value is None else ("pass" if value >= least else "miss")
         if value is not None and run and run.get("native_bf16") and not native_bf16:
             status = "report"
-        checked.append({"op": op, "dims": dims, "direction": direction, "measure": measure, "statistic": stat,
-                        "at_least": least, "run": {k: v for k, v in (run or {}).items() if k != "native_bf16"},
+        checked.append({"op": op, "dims": dims, "direction": direction, "layers": layers, "measure": measure,
+                        "statistic": stat, "at_least": least,
+                        "run": {k: v for k, v in (run or {}).items() if k != "native_bf16"},
                         "measured": value, "status": status})
     return checked
 
@@ -260,7 +288,8 @@ def describe_target(t):
     run = t.get("run") or {}
     where = (" (channels-last in and out)" if run.get("channels_last") else
              f" (under autocast {run['autocast']}, on CPUs with native bf16)" if run.get("autocast") else "")
-    return f"{stat} {what}{where}"
+    layers = " on grouped layers (groups > 1)" if t.get("layers") == GROUPED else ""
+    return f"{stat} {what}{layers}{where}"
 
 
 def format_targets(checked, device_type):

@@ -136,6 +136,19 @@ SUITE = [
     # grouped and dilated (torch's thnn_conv2d does not take them: no im2col-kernel column)
     Shape("resnext-3x3-g32-256-28", "ResNeXt grouped 3x3, 256->256, 32 groups, at 28x28", ("conv2d",), 8, 256, 256, 28, 3, padding=1, groups=32),
     Shape("atrous-3x3-d2-256-28", "DeepLab-style atrous 3x3, dilation 2, 256->256 at 28x28", ("conv2d",), 4, 256, 256, 28, 3, padding=2, dilation=2),
+    # depthwise (groups = channels) and grouped layers, 1-d to 3-d, direct and transposed: MobileNet,
+    # EfficientNet and ConvNeXt blocks and their kin, where each group is a GEMM of a few rows
+    Shape("mbv2-dw-3x3-144-28", "MobileNetV2 depthwise 3x3, 144 channels at 28x28", ("conv2d",), 8, 144, 144, 28, 3, padding=1, groups=144, quick=True),
+    Shape("mbv2-dw-3x3-s2-96-56", "MobileNetV2 depthwise 3x3 stride 2, 96 channels, 56->28", ("conv2d",), 8, 96, 96, 56, 3, 2, 1, groups=96),
+    Shape("convnext-dw-7x7-96-56", "ConvNeXt depthwise 7x7 padding 3, 96 channels at 56x56", ("conv2d",), 8, 96, 96, 56, 7, padding=3, groups=96),
+    Shape("dw-3x3-384-14", "late-stage depthwise 3x3, 384 channels at 14x14", ("conv2d",), 8, 384, 384, 14, 3, padding=1, groups=384),
+    Shape("dw-cm2-3x3-64to128-28", "depthwise 3x3 with channel multiplier 2, 64->128, 64 groups, at 28x28", ("conv2d",), 8, 64, 128, 28, 3, padding=1, groups=64),
+    Shape("resnext-3x3-g32-128-56", "ResNeXt 32x4d grouped 3x3, 128->128, 32 groups of 4 channels, at 56x56", ("conv2d",), 8, 128, 128, 56, 3, padding=1, groups=32),
+    Shape("dw-up-4x4-s2-96-28", "depthwise 4x4 s2 p1 transposed, 96 channels, 28->56", ("conv_transpose2d",), 8, 96, 96, 28, 4, 2, 1, groups=96, transposed=True),
+    Shape("dw-1d-k5-256-1024", "1-d depthwise 5-tap padding 2, 256 channels over 1024 frames", ("conv1d",), 8, 256, 256, 1024, 5, padding=2, groups=256, dims=1, quick=True),
+    Shape("dw-up-1d-k4-s2-128-2000", "1-d depthwise 4-tap s2 p1 transposed, 128 channels, 2000->4000", ("conv_transpose1d",), 4, 128, 128, 2000, 4, 2, 1, groups=128, transposed=True, dims=1),
+    Shape("dw-3x3x3-64-16", "3-d depthwise 3x3x3, 64 channels on 16^3", ("conv3d",), 2, 64, 64, 16, 3, padding=1, groups=64, dims=3),
+    Shape("dw-up-2x2x2-s2-32-8x16x16", "3-d depthwise 2x2x2 s2 transposed, 32 channels, 8x16x16->16x32x32", ("conv_transpose3d",), 4, 32, 32, (8, 16, 16), 2, 2, groups=32, transposed=True, dims=3),
     # DCGAN generator: 4x4 stride-2 padding-1 transposed convs
     Shape("dcgan-512to256-4", "DCGAN generator 4x4 s2 p1 transposed, 512->256, 4->8", ("conv_transpose2d", "col2im"), 64, 512, 256, 4, 4, 2, 1, transposed=True),
     Shape("dcgan-256to128-8", "DCGAN generator 4x4 s2 p1 transposed, 256->128, 8->16", ("conv_transpose2d", "col2im"), 64, 256, 128, 8, 4, 2, 1, transposed=True),
