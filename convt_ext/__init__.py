@@ -86,7 +86,7 @@ WORKSPACE_ENV = "CONVT_EXT_WORKSPACE_LIMIT"
 GEMM_ENGINE_ENV = "CONVT_EXT_GEMM_ENGINE"
 GEMM_ENGINES = ("auto", "benchmark", "aten", "onednn", "brgemm")
 CONV_PATH_ENV = "CONVT_EXT_CONV_PATH"
-CONV_PATHS = ("auto", "benchmark", "view", "columns")
+CONV_PATHS = ("auto", "benchmark", "view", "columns", "depthwise")
 
 
 def set_gemm_engine(engine):
@@ -121,23 +121,31 @@ def set_conv_path(path):
     view] in csrc/conv/view.h; also the CONVT_EXT_CONV_PATH environment
     variable):
 
-    - "auto" (default): the view path where its rule says it wins, the
-      column path elsewhere. The rule (benchmarks/NOTES.md items 25 and
-      27): float32, at least 16 channels per group on both sides, not 1x1;
-      then, on a CPU with AVX-512, always; with AVX2 where the view saves a
-      copy: an input already channels_last, or overlapping windows in 2-d or
-      3-d (conv and its weight gradient in 2-d only while a tap is at most
-      128 x 256 channels);
+    - "auto" (default): the depthwise path where its rule says it wins,
+      then the view path where its rule does, the column path elsewhere.
+      The depthwise rule: one channel per group on both sides (depthwise
+      with multiplier 1) on the CPU; on a GPU, conv and conv_transpose with
+      one channel per group on the side they sum over. The view rule
+      (benchmarks/NOTES.md items 25 and 27): float32, at least 16 channels
+      per group on both sides, not 1x1; then, on a CPU with AVX-512, always;
+      with AVX2 where the view saves a copy: an input already channels_last,
+      or overlapping windows in 2-d or 3-d (conv and its weight gradient in
+      2-d only while a tap is at most 128 x 256 channels);
     - "view": per-tap GEMMs on strided views of channels-last memory, no
       column matrix, wherever it can run (float32 on a CPU where oneDNN's
       ukernel runs, IEEE float32 convolutions, within the workspace limit);
+    - "depthwise": a direct sum over taps per output element, no GEMM
+      (Note [Depthwise as a diagonal] in csrc/depthwise_elements.h),
+      wherever it can run: every floating dtype, CPU and CUDA, at most 16
+      channels per group on the side a sum runs over (both sides for the
+      weight gradient);
     - "columns": im2col/col2im and GEMMs, always;
-    - "benchmark": where the view path can run, time both paths on a call's
-      first use of its geometry and keep the faster, like
-      torch.backends.cudnn.benchmark (engine_info()["path"]["benchmarked"]
-      lists the choices; acts as "auto" under
-      torch.use_deterministic_algorithms(True)).
+    - "benchmark": time every path that can run a call on its first use of
+      its geometry and keep the fastest, like torch.backends.cudnn.benchmark
+      (engine_info()["path"]["benchmarked"] lists the choices, seconds per
+      path; acts as "auto" under torch.use_deterministic_algorithms(True)).
 
+    A named path runs where it can, the column path elsewhere.
     Results agree with torch to rounding whatever the path."""
     if not isinstance(path, str):
         raise TypeError(f"set_conv_path: path must be a str, but got {path!r}")
@@ -166,8 +174,10 @@ def engine_info():
     here, and how many GEMMs did), and "cores" (the cores this process may
     use, after its affinity mask and cgroup quota: the most tasks a call runs
     at once), and "path": the convolution path setting (set_conv_path),
-    whether the view path can run here, and how many CPU convolution calls
-    each path ran."""
+    whether the view path can run here, which build of the depthwise path's
+    vector loops runs ("avx512", "avx2" or "default", after
+    ATEN_CPU_CAPABILITY), and how many CPU convolution calls each path ran
+    (one per op call)."""
     info = _C.engine_report()
     info["cores"] = _C.usable_cores()
     info["path"] = _C.path_report()

@@ -6,8 +6,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 
+#include "depthwise_elements.h"
 #include "elements.h"
 #include "kernels.h"
 
@@ -35,6 +38,39 @@ template <typename index_t>
 ColumnStrides<index_t> column_strides(const at::Tensor& t) {
   return {static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
           static_cast<index_t>(t.stride(2))};
+}
+
+// The depthwise path's arguments (depthwise_elements.h) in a kernel's index
+// type: `image`, `windows`, `weight` and `bias` as the op reads them
+// (undefined where it does not), `out` the tensor it writes, all lifted.
+template <typename scalar_t, typename index_t>
+DepthwiseArgs<scalar_t, index_t> depthwise_args(const at::Tensor& image, const at::Tensor& windows,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& out, int64_t groups) {
+  DepthwiseArgs<scalar_t, index_t> a{};
+  a.image = image.defined() ? data_as<scalar_t>(image) : nullptr;
+  a.windows = windows.defined() ? data_as<scalar_t>(windows) : nullptr;
+  a.weight = weight.defined() ? data_as<scalar_t>(weight) : nullptr;
+  a.bias = bias.defined() ? data_as<scalar_t>(bias) : nullptr;
+  a.out = mutable_data_as<scalar_t>(out);
+  if (image.defined()) a.is = image_strides<index_t>(image);
+  if (windows.defined()) a.ws = image_strides<index_t>(windows);
+  if (weight.defined()) a.wt = image_strides<index_t>(weight);
+  a.os = image_strides<index_t>(out);
+  a.bias_stride = static_cast<index_t>(bias.defined() ? bias.stride(0) : 0);
+  const at::Tensor& shaped = weight.defined() ? weight : out;  // the weight gradient writes it
+  a.cw = static_cast<index_t>(shaped.size(0) / groups);
+  a.ci = static_cast<index_t>(shaped.size(1));
+  return a;
+}
+
+// Whether a depthwise call's every index fits in index_t.
+template <typename index_t>
+bool depthwise_fits(const Window3& w, const at::Tensor& image, const at::Tensor& windows,
+                    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& out) {
+  const int64_t limit = std::numeric_limits<index_t>::max();
+  return fits_index<index_t>(w, std::max(extent(windows), extent(weight)), std::max(extent(image), extent(out))) &&
+         out.numel() < limit && extent(bias) < limit;
 }
 
 }  // namespace convt_ext

@@ -25,15 +25,11 @@ at::Tensor lift(const at::Tensor& t) {
   return out;
 }
 
-namespace {
-
 // The private ops of kernels.h, called at the tensors' backend key: the
 // argument checks and autograd are the public ops' business.
 c10::DispatchKeySet backend_of(const at::Tensor& t) {
   return c10::DispatchKeySet(c10::computeDispatchKey(t.scalar_type(), t.layout(), t.device()));
 }
-
-}  // namespace
 
 void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w) {
   // An empty image still has columns to fill (with padding) when the windows

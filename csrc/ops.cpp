@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "conv/depthwise.h"
 #include "conv/view.h"
 #include "cpu/fma_peak.h"
 #include "gemm.h"
@@ -223,6 +224,12 @@ TORCH_LIBRARY(convt_ext, m) {
   // The device kernels (kernels.h): one per dispatch key, private.
   m.def("_im2col_into(Tensor image, Tensor(a!) cols, int[] window) -> ()");
   m.def("_col2im_into(Tensor cols, Tensor? bias, Tensor(b!) image, int[] window) -> ()");
+  // The depthwise path's kernels (conv/depthwise.h): conv (transposed = false)
+  // or conv_transpose into `out`, and the weight gradient.
+  m.def("_depthwise_into(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) out, int[] window, "
+        "int groups, bool transposed) -> ()");
+  m.def("_depthwise_weight_into(Tensor image, Tensor windows, Tensor(a!) grad_weight, int[] window, "
+        "int groups) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(convt_ext, CPU, m) { convt_ext::impl_all(m); }
@@ -244,6 +251,19 @@ TORCH_LIBRARY_IMPL(convt_ext, AutocastCPU, m) { convt_ext::impl_autocast<c10::De
 TORCH_LIBRARY_IMPL(convt_ext, AutocastCUDA, m) { convt_ext::impl_autocast<c10::DeviceType::CUDA>(m); }
 
 namespace py = pybind11;
+
+namespace {
+
+// A rule's op by name, for the Python bindings.
+convt_ext::ConvOp conv_op(const char* fn, const std::string& op) {
+  const std::vector<std::string> names{"conv", "conv_transpose", "conv_weight", "conv_transpose_backward"};
+  const auto it = std::find(names.begin(), names.end(), op);
+  TORCH_CHECK_VALUE(it != names.end(), fn, ": op must be one of conv, conv_transpose, conv_weight, "
+                    "conv_transpose_backward, but got '", op, "'");
+  return static_cast<convt_ext::ConvOp>(it - names.begin());
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "convt_ext native core: the ops live in torch.ops.convt_ext";
@@ -316,32 +336,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("seconds"));
   m.def("view_rule", [](const std::string& op, bool avx512, bool image_pixels, bool windows_pixels,
                         int64_t dims, bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise) {
-    const std::vector<std::string> names{"conv", "conv_transpose", "conv_weight", "conv_transpose_backward"};
-    const auto it = std::find(names.begin(), names.end(), op);
-    TORCH_CHECK_VALUE(it != names.end(), "view_rule: op must be one of conv, conv_transpose, conv_weight, "
-                      "conv_transpose_backward, but got '", op, "'");
-    return convt_ext::view_rule(static_cast<convt_ext::ViewOp>(it - names.begin()), avx512, image_pixels,
-                                windows_pixels, dims, overlap, cg_image, cg_windows, pointwise);
+    return convt_ext::view_rule(conv_op("view_rule", op), avx512, image_pixels, windows_pixels, dims, overlap,
+                                cg_image, cg_windows, pointwise);
   }, py::arg("op"), py::arg("avx512"), py::arg("image_pixels"), py::arg("windows_pixels"), py::arg("dims"),
      py::arg("overlap"), py::arg("cg_image"), py::arg("cg_windows"), py::arg("pointwise"));
+  m.def("depthwise_rule", [](const std::string& op, bool cuda, int64_t ci, int64_t cw) {
+    return convt_ext::depthwise_rule(conv_op("depthwise_rule", op), cuda, ci, cw);
+  }, py::arg("op"), py::arg("cuda"), py::arg("ci"), py::arg("cw"));
   m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", [] {
+    using convt_ext::kPaths;
+    using convt_ext::Path;
     const convt_ext::PathReport r = convt_ext::path_report();
     py::dict d, calls;
-    calls["view"] = r.view_calls;
-    calls["columns"] = r.column_calls;
+    for (int p = 0; p < kPaths; ++p) calls[convt_ext::path_name(static_cast<Path>(p))] = r.calls[p];
     d["setting"] = r.setting;
     d["view_available"] = r.view_available;
+    d["depthwise_isa"] = convt_ext::depthwise_cpu_isa();
     d["calls"] = calls;
     py::list timed;
     for (const auto& t : r.benchmarked) {
-      py::dict row;
+      py::dict row, seconds;
       row["op"] = t.op;
       row["key"] = t.key;
-      row["view_s"] = t.view_s;
-      row["columns_s"] = t.columns_s;
-      row["path"] = t.view ? "view" : "columns";
+      for (int p = 0; p < kPaths; ++p) {
+        if (t.seconds[p] >= 0) seconds[convt_ext::path_name(static_cast<Path>(p))] = t.seconds[p];
+      }
+      row["seconds"] = seconds;
+      row["path"] = convt_ext::path_name(t.chosen);
       timed.append(row);
     }
     d["benchmarked"] = timed;

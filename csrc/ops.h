@@ -81,6 +81,8 @@ at::Tensor lift(const at::Tensor& t);
 void im2col_into(const at::Tensor& image, const at::Tensor& cols, const Window3& w);
 void col2im_into(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                  const Window3& w);
+// The dispatch key set of t's backend, at which the private ops redispatch.
+c10::DispatchKeySet backend_of(const at::Tensor& t);
 
 
 }  // namespace convt_ext

@@ -111,6 +111,7 @@ DevicePolicy device_policy(c10::DeviceType type) {
     p.wide_below = kWideBelow;
     p.keep_scratch = true;
     p.view = true;
+    p.cpu_rules = true;
   }
   return p;
 }

@@ -77,7 +77,10 @@ void release_workspace();
 //   keep_scratch  threads keep their buffers between calls (the CPU, where
 //                 fresh pages cost more than the im2col that fills them);
 //   view          whether the view path may run (the CPU: its GEMMs are
-//                 oneDNN's CPU ukernel; conv/view.h).
+//                 oneDNN's CPU ukernel; conv/view.h);
+//   cpu_rules     whether the depthwise path's rule is the CPU's, whose
+//                 vector loops win more than a GPU's element kernels
+//                 (conv/depthwise.h).
 // An op takes its policy once per call, from its input's device, and hands
 // it to every step of the plan below, which reads no other: so a test-only
 // build can run the CPU's tensors with a GPU's policy (tests/emulated/
@@ -91,6 +94,7 @@ struct DevicePolicy {
   int64_t wide_below = INT64_MAX;
   bool keep_scratch = false;
   bool view = false;
+  bool cpu_rules = false;
 };
 DevicePolicy device_policy(c10::DeviceType type);
 inline DevicePolicy device_policy(const at::Tensor& like) {

@@ -40,7 +40,8 @@ def _case(name, dims, transposed, batch, cin, cout, size, kernel, path, stride=1
 # path: "wide"       one GEMM over the columns of several samples (batch >= 2);
 #       "blocks"     the workspace limit (bytes) splits each sample's columns into blocks;
 #       "pixel_rows" a channels_last 1x1 layer, whose pixels' rows are the GEMM operands;
-#       "pointwise"  a contiguous 1x1 layer (stride 1, no padding): no im2col/col2im.
+#       "pointwise"  a contiguous 1x1 layer (stride 1, no padding): no im2col/col2im;
+#       "depthwise"  one channel per group: the depthwise path's kernels (conv/depthwise.h).
 CASES = [
     _case("conv2d-wide", 2, False, 4, 6, 8, (9, 7), 3, "wide", padding=1),
     _case("conv2d-blocks-batch1", 2, False, 1, 4, 5, (12, 10), (3, 2), "blocks", stride=(2, 1),
@@ -68,6 +69,11 @@ CASES = [
     _case("conv_transpose2d-1x1-channels_last-groups2", 2, True, 3, 8, 6, (5, 4), 1, "pixel_rows",
           groups=2, channels_last=True),
     _case("conv_transpose1d", 1, True, 3, 4, 3, 9, 3, "wide", stride=3, padding=1, output_padding=2),
+    _case("conv2d-depthwise-channels_last", 2, False, 2, 8, 16, (9, 8), 3, "depthwise", stride=2,
+          padding=1, groups=8, channels_last=True),
+    _case("conv1d-depthwise", 1, False, 3, 6, 6, 20, 5, "depthwise", padding=2, groups=6),
+    _case("conv_transpose3d-depthwise", 3, True, 2, 4, 8, (3, 4, 3), 3, "depthwise", stride=2,
+          padding=1, output_padding=1, groups=4),
     _case("conv_transpose3d", 3, True, 2, 4, 2, (3, 4, 3), (2, 3, 2), "wide", stride=(2, 1, 2),
           padding=(0, 1, 1), output_padding=(1, 0, 1)),
 ]
@@ -194,7 +200,9 @@ def test_case_table():
         one_by_one = all(k == 1 for k in c["kernel"]) and all(s == 1 for s in c["stride"]) \
             and all(p == 0 for p in c["padding"]) and all(p == 0 for p in c["output_padding"])
         assert one_by_one == (c["path"] in ("pixel_rows", "pointwise")), c["name"]
-        assert c["channels_last"] == (c["path"] == "pixel_rows") or c["path"] == "wide", c["name"]
+        assert c["channels_last"] == (c["path"] == "pixel_rows") or c["path"] in ("wide", "depthwise"), c["name"]
+        if c["path"] == "depthwise":
+            assert c["groups"] == c["cin"], c["name"]
         if c["channels_last"]:
             assert c["dims"] >= 2
         if c["path"] == "wide":
@@ -278,6 +286,8 @@ def test_parity_under_each_tf32_setting(index, tf32_setting, restore_workspace_l
         assert forward_calls < case["batch"], forward_calls
     if case["path"] == "blocks":
         assert forward_calls > case["batch"], forward_calls
+    if case["path"] == "depthwise":  # the GPU rule's: a direct kernel, no GEMM
+        assert forward_calls == 0, forward_calls
     _check(case, got, refs, tf32=conv_tf32)
 
 

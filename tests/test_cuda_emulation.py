@@ -183,3 +183,60 @@ def test_int32_boundary_of_the_geometry(rng):
             with pytest.raises(ValueError, match="32-bit"):
                 emulated().im2col(x, [k], [d], [padding], [s], True)
         assert torch.equal(emulated().im2col(x, [k], [d], [padding], [s], False), expected)
+
+
+def _depthwise_cases():
+    """Depthwise and few-channel grouped layers for the depthwise kernels' grid:
+    multipliers 1-2, 1-3 channels per group, every dimension, strides,
+    padding, dilation and conv_transpose's output_padding."""
+    rnd = random.Random(29)
+    cases = []
+    for i in range(24):
+        d = (1, 2, 3)[i % 3]
+        groups = rnd.randint(1, 3)
+        ci, cw = ((1, 1), (1, 2), (2, 1), (3, 2))[i % 4]
+        k = [rnd.randint(1, 3) for _ in range(d)]
+        dil = [rnd.randint(1, 2) for _ in range(d)]
+        stride = [rnd.randint(1, 3) for _ in range(d)]
+        pad = [rnd.randint(0, 2) for _ in range(d)]
+        size = [rnd.randint(max(1, dil[j] * (k[j] - 1) + 1 - 2 * pad[j]), 6 if d == 3 else 8) for j in range(d)]
+        cases.append((d, 1 + i % 2, groups, ci, cw, size, k, dil, pad, stride))
+    return cases
+
+
+DEPTHWISE_CASES = _depthwise_cases()
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+@pytest.mark.parametrize("int32", [True, False])
+def test_emulated_depthwise_kernels_match_torch(case, int32):
+    """The depthwise kernels' element functions over the whole grid (conv,
+    conv_transpose as col2im's gather, the weight gradient), against torch in
+    float64: every element written (the result starts as a sentinel)."""
+    d, n, groups, ci, cw, size, k, dil, pad, stride = case
+    g = torch.Generator().manual_seed(DEPTHWISE_CASES.index(case))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+    x = torch.randn(n, groups * ci, *size, dtype=torch.float64, generator=g)
+    w = torch.randn(groups * cw, ci, *k, dtype=torch.float64, generator=g)
+    b = torch.randn(groups * cw, dtype=torch.float64, generator=g)
+    y = conv(x, w, b, stride, pad, dil, groups)
+    got = emulated().depthwise(x, y, w, b, y, k, stride, pad, dil, groups, 0, int32)
+    torch.testing.assert_close(got, y, rtol=1e-12, atol=1e-12)
+    # conv_transpose of y back to x's shape (the guide's output_padding): the image side is written.
+    bt = torch.randn(groups * ci, dtype=torch.float64, generator=g)
+    adj = [(size[j] + 2 * pad[j] - dil[j] * (k[j] - 1) - 1) % stride[j] for j in range(d)]
+    xt = conv_t(y, w, bt, stride, pad, adj, groups, dil)
+    assert xt.shape == x.shape
+    out = torch.zeros(n, groups * ci, *xt.shape[2:], dtype=torch.float64)
+    got = emulated().depthwise(out, y, w, bt, out, k, stride, pad, dil, groups, 1, int32)
+    torch.testing.assert_close(got, xt, rtol=1e-12, atol=1e-12)
+    dw = torch.nn.grad.__dict__[f"conv{d}d_weight"](x, w.shape, y, stride, pad, dil, groups)
+    got = emulated().depthwise(x, y, w, None, torch.zeros_like(w), k, stride, pad, dil, groups, 2, int32)
+    torch.testing.assert_close(got, dw, rtol=1e-12, atol=1e-10)
+
+
+def test_depthwise_cases_cover_every_form():
+    assert {c[0] for c in DEPTHWISE_CASES} == {1, 2, 3}
+    assert {(c[3], c[4]) for c in DEPTHWISE_CASES} == {(1, 1), (1, 2), (2, 1), (3, 2)}
+    assert any(s > 1 for c in DEPTHWISE_CASES for s in c[9]) and any(v > 1 for c in DEPTHWISE_CASES for v in c[7])

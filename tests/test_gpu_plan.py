@@ -138,6 +138,10 @@ def _expected_calls(case, op):
     batched GEMM per op (two for conv_transpose's backward, one per product); a grouped
     planar 1x1 conv_transpose, whose weight is no single strided batch over samples and
     groups, one per sample or per group, whichever are fewer."""
+    # The depthwise path's GPU rule: no GEMM for a conv with one input channel per
+    # group, or a conv_transpose (from c_out channels) with one per group.
+    if (op == "conv" and case.c_in == case.groups) or (op == "conv_transpose" and case.c_out == case.groups):
+        return 0
     if op == "conv_transpose" and case.pointwise and not case.channels_last and max(case.output_padding) == 0:
         return min(case.n, case.groups)
     return 2 if op == "conv_transpose_backward" else 1

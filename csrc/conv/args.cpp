@@ -23,6 +23,7 @@
 
 #include <ATen/native/ConvUtils.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/strides.h>
 
 #include <algorithm>
@@ -224,6 +225,38 @@ at::MemoryFormat channels_last_of(int64_t dim) {
 bool reads_pixel_rows(const at::Tensor& input, bool pointwise) {
   return pointwise && (input.dim() == 4 || input.dim() == 5) && input.size(1) > 0 &&
          input.is_contiguous(channels_last_of(input.dim()));
+}
+
+bool pixel_memory(const at::Tensor& t) {
+  at::Tensor v = t;
+  while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
+  return v.permute({0, 2, 3, 4, 1}).is_contiguous();
+}
+
+// A new (N, C, *spatial) tensor, planar or in pixel memory (N, *spatial, C).
+at::Tensor empty_output(bool planar, int64_t n, int64_t c, const int64_t* spatial, int dims,
+                        const at::TensorOptions& options) {
+  std::vector<int64_t> shape{n, c}, strides(2 + dims);
+  shape.insert(shape.end(), spatial + kMaxDims - dims, spatial + kMaxDims);
+  if (planar) return at::empty(shape, options);
+  int64_t s = c;
+  strides[1] = 1;
+  for (int i = dims - 1; i >= 0; --i) {
+    strides[2 + i] = s;
+    s *= shape[2 + i];
+  }
+  strides[0] = s;
+  return at::empty_strided(shape, strides, options);
+}
+
+at::Tensor in_pixels(const at::Tensor& t) {
+  if (pixel_memory(t)) return t;
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < t.dim(); ++d) order.push_back(d);
+  order.push_back(1);
+  std::vector<int64_t> back(order.size());
+  for (size_t i = 0; i < order.size(); ++i) back[order[i]] = static_cast<int64_t>(i);
+  return t.permute(order).contiguous().permute(back);
 }
 
 // The input in planar (NCHW) memory (Note [Memory format]).

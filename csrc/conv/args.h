@@ -59,6 +59,16 @@ at::MemoryFormat channels_last_of(int64_t dim);
 // (Note [Memory format]).
 bool reads_pixel_rows(const at::Tensor& input, bool pointwise);
 
+// Whether t (N, C, *spatial) is in pixel memory, (N, *spatial, C) contiguous.
+bool pixel_memory(const at::Tensor& t);
+
+// A new (N, C, *spatial[3 - dims:]) tensor, planar or in pixel memory.
+at::Tensor empty_output(bool planar, int64_t n, int64_t c, const int64_t* spatial, int dims,
+                        const at::TensorOptions& options);
+
+// t in pixel memory, with its own shape: a view where it is already.
+at::Tensor in_pixels(const at::Tensor& t);
+
 // The input in planar (NCHW) memory.
 at::Tensor planar(const at::Tensor& input);
 

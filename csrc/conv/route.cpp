@@ -1,11 +1,12 @@
 // conv, conv_transpose and the shared weight gradient, in 1, 2 and 3 spatial
 // dimensions: each op checks its arguments and asks torch for the output's
-// memory format (args.h), then this router says which path computes it:
-//   - pixel rows: a 1x1 layer (stride 1, no padding) on a channels_last
-//     input, whose pixels' rows are already the GEMM operands;
+// memory format (args.h), then route() (path.h) says which path computes it:
+//   - columns: im2col/col2im + GEMMs (columns.h); a 1x1 layer (stride 1, no
+//     padding) on a channels_last input reads its pixels' rows in place as
+//     the GEMM operands;
 //   - the view: a float32 CPU call, per-tap GEMMs on strided views of pixel
 //     (channels-last) memory, no columns copied (view.h);
-//   - columns: everything else, im2col/col2im + GEMMs (columns.h).
+//   - depthwise: few channels per group, a direct sum over taps (depthwise.h).
 // conv_transpose is conv's input gradient taken as an op of its own, so the
 // two are adjoints. Every GEMM goes through the engine layer (../gemm.h),
 // every geometry is lifted to three spatial dimensions (Note [N-d by
@@ -20,6 +21,7 @@
 #include "../plan.h"
 #include "args.h"
 #include "columns.h"
+#include "depthwise.h"
 #include "view.h"
 
 namespace convt_ext {
@@ -69,6 +71,40 @@ at::Tensor conv_route(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
+// A call as the paths see it: which op, the channels of its image and window
+// sides, which tensors are in pixel memory already (the output: whether
+// torch's format for it is channels-last), and whether it is 1x1.
+struct Sides {
+  ConvOp op;
+  int64_t c_image, c_windows;
+  bool image_pixels, windows_pixels, output_pixels, pointwise;
+};
+
+// route()'s offer and key for a call: the view where the policy has it
+// (never for a 1x1 layer whose pixel rows the column path reads in place),
+// the depthwise path, and the columns, which run everything.
+template <typename R, typename Run>
+R route_call(const Sides& s, const at::Tensor& like, const Window3& call, int64_t groups, bool rows,
+             const DevicePolicy& policy, const Run& run) {
+  const auto offer = [&](Path p) -> Offer {
+    switch (p) {
+      case Path::View:
+        if (!policy.view || rows) return {};
+        return view_offer(s.op, like, call, s.c_image, s.c_windows, groups, s.image_pixels,
+                          s.windows_pixels, s.output_pixels, s.pointwise);
+      case Path::Depthwise:
+        return depthwise_offer(s.op, like, call, s.c_image, s.c_windows, groups, policy.cpu_rules);
+      default:
+        return {true, true};
+    }
+  };
+  const auto key = [&] {
+    return path_key(s.op, call, s.c_image, s.c_windows, groups, s.image_pixels, s.windows_pixels,
+                    s.output_pixels);
+  };
+  return route<R>(s.op, like, offer, key, run);
+}
+
 }  // namespace
 
 at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Tensor& weight,
@@ -81,27 +117,23 @@ at::Tensor conv(const char* op, int dims, const at::Tensor& input, const at::Ten
   c10::DeviceGuard guard(input.device());
   const at::MemoryFormat format =
       conv_format(input, weight, bias, stride, padding, dilation, groups);
-  const at::IntArrayRef kernel = weight.sizes().slice(2);
-  const bool one_to_one = pointwise(kernel, stride, padding);
+  const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding);
   const bool cl = format != at::MemoryFormat::Contiguous;
-  const auto columns = [&] {
-    count_column_call(input);
-    return in_format(conv_route(input, weight, bias, call, groups,
-                                shape_of(input.size(0), weight.size(0), windows, dims), one_to_one,
-                                policy),
-                     format);
-  };
-  const bool pixels = pixel_memory(input);
-  if (policy.view && !reads_pixel_rows(input, one_to_one) &&
-      view_takes(ViewOp::Conv, input, call, input.size(1), weight.size(0), groups, pixels, false,
-                 cl, one_to_one)) {
-    const auto view = [&] { return in_format(conv_view(input, weight, bias, call, groups, !cl), format); };
-    if (!path_benchmark()) return view();
-    return by_timing<at::Tensor>(
-        path_key(ViewOp::Conv, call, input.size(1), weight.size(0), groups, pixels, false, cl), view,
-        columns);
-  }
-  return columns();
+  const Sides sides{ConvOp::Conv, input.size(1), weight.size(0), pixel_memory(input), false, cl, one_to_one};
+  return route_call<at::Tensor>(sides, input, call, groups, reads_pixel_rows(input, one_to_one), policy,
+                                [&](Path p) {
+    switch (p) {
+      case Path::View:
+        return in_format(conv_view(input, weight, bias, call, groups, !cl), format);
+      case Path::Depthwise:
+        return in_format(conv_depthwise(input, weight, bias, call, groups), format);
+      default:
+        return in_format(conv_route(input, weight, bias, call, groups,
+                                    shape_of(input.size(0), weight.size(0), windows, dims), one_to_one,
+                                    policy),
+                         format);
+    }
+  });
 }
 
 at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
@@ -122,28 +154,29 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
   if (c10::multiply_integers(shape) == 0) return in_format(at::empty(shape, input.options()), format);
   if (input.size(1) == 0) return in_format(bias_only(at::empty(shape, input.options()), bias), format);
   const bool one_to_one = pointwise(kernel, stride, padding) && no_output_padding(output_padding);
-  if (reads_pixel_rows(input, one_to_one)) {
-    const at::MemoryFormat pixels = channels_last_of(input.dim());
-    return in_format(conv_transpose_pixel_rows(input, weight, bias, groups,
-                                               at::empty(shape, input.options().memory_format(pixels)), policy),
-                     format);
-  }
-  const bool cl = format != at::MemoryFormat::Contiguous, pixels = pixel_memory(input);
-  const auto columns = [&] {
-    count_column_call(input);
-    at::Tensor out = at::empty(shape, input.options());
-    conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one, policy);
-    return in_format(out, format);
-  };
-  if (policy.view && view_takes(ViewOp::ConvTranspose, input, call, call.channels, input.size(1),
-                                groups, false, pixels, cl, one_to_one)) {
-    const auto view = [&] { return in_format(conv_transpose_view(input, weight, bias, call, groups, !cl), format); };
-    if (!path_benchmark()) return view();
-    return by_timing<at::Tensor>(path_key(ViewOp::ConvTranspose, call, call.channels, input.size(1),
-                                          groups, false, pixels, cl),
-                                 view, columns);
-  }
-  return columns();
+  const bool rows = reads_pixel_rows(input, one_to_one);
+  const bool cl = format != at::MemoryFormat::Contiguous;
+  const Sides sides{ConvOp::ConvTranspose, call.channels, input.size(1), false, pixel_memory(input), cl,
+                    one_to_one};
+  return route_call<at::Tensor>(sides, input, call, groups, rows, policy, [&](Path p) {
+    switch (p) {
+      case Path::View:
+        return in_format(conv_transpose_view(input, weight, bias, call, groups, !cl), format);
+      case Path::Depthwise:
+        return in_format(conv_transpose_depthwise(input, weight, bias, call, groups, call.channels), format);
+      default:
+        if (rows) {
+          const at::MemoryFormat pixels = channels_last_of(input.dim());
+          return in_format(conv_transpose_pixel_rows(input, weight, bias, groups,
+                                                     at::empty(shape, input.options().memory_format(pixels)),
+                                                     policy),
+                           format);
+        }
+        at::Tensor out = at::empty(shape, input.options());
+        conv_transpose_columns(input, weight, bias, call, groups, out, one_to_one, policy);
+        return in_format(out, format);
+    }
+  });
 }
 
 // As torch.nn.grad.conv{1,2,3}d_weight, whose weight is contiguous: the
@@ -162,25 +195,20 @@ at::Tensor conv_weight(const char* op, int dims, const at::Tensor& input,
   bool one_to_one = pointwise(weight_size.slice(2), stride, padding);
   for (int i = 0; i < dims; ++i) one_to_one &= grad_output.size(2 + i) == input.size(2 + i);
   const bool rows = reads_pixel_rows(input, one_to_one);
-  const auto columns = [&] {
-    count_column_call(input);
-    const at::Tensor grad_weight =
-        conv_weight_columns(input, grad_output, call, groups, one_to_one, rows, policy);
-    return in_format(grad_weight.view(weight_size), format);
-  };
-  const bool pixels = pixel_memory(input), dy_pixels = pixel_memory(grad_output);
-  if (policy.view && !rows &&
-      view_takes(ViewOp::ConvWeight, input, call, input.size(1), grad_output.size(1), groups,
-                 pixels, dy_pixels, true, one_to_one)) {
-    const auto view = [&] {
-      return in_format(conv_weight_view(input, grad_output, call, groups, weight_size), format);
-    };
-    if (!path_benchmark()) return view();
-    return by_timing<at::Tensor>(path_key(ViewOp::ConvWeight, call, input.size(1),
-                                          grad_output.size(1), groups, pixels, dy_pixels, true),
-                                 view, columns);
-  }
-  return columns();
+  const Sides sides{ConvOp::ConvWeight, input.size(1), grad_output.size(1), pixel_memory(input),
+                    pixel_memory(grad_output), true, one_to_one};
+  return route_call<at::Tensor>(sides, input, call, groups, rows, policy, [&](Path p) {
+    switch (p) {
+      case Path::View:
+        return in_format(conv_weight_view(input, grad_output, call, groups, weight_size), format);
+      case Path::Depthwise:
+        return in_format(conv_weight_depthwise(input, grad_output, call, groups, weight_size), format);
+      default:
+        return in_format(
+            conv_weight_columns(input, grad_output, call, groups, one_to_one, rows, policy).view(weight_size),
+            format);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
@@ -201,28 +229,25 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward(
   const bool one_to_one = pointwise(weight.sizes().slice(2), stride, padding) &&
                           no_output_padding(output_padding);
   using Grads = std::tuple<at::Tensor, at::Tensor>;
-  const auto columns = [&]() -> Grads {
-    count_column_call(input);
-    auto [grad_input, grad_weight] =
-        conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one, policy);
-    return {grad_input, grad_weight.view(weight.sizes())};
-  };
   // conv's ops on the same relation: the input gradient is conv(dy, W), the
-  // weight gradient conv_weight(dy, x).
-  const bool dy_pixels = pixel_memory(grad_output), pixels = pixel_memory(input);
-  if (policy.view && view_takes(ViewOp::ConvTransposeBackward, input, call, call.channels,
-                                input.size(1), groups, dy_pixels, pixels, false, one_to_one)) {
-    const auto view = [&]() -> Grads {
-      // Planar, as the column path and the fake kernel give them.
-      return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
-              conv_weight_view(grad_output, input, call, groups, weight.sizes())};
-    };
-    if (!path_benchmark()) return view();
-    return by_timing<Grads>(path_key(ViewOp::ConvTransposeBackward, call, call.channels, input.size(1),
-                                     groups, dy_pixels, pixels, false),
-                            view, columns);
-  }
-  return columns();
+  // weight gradient conv_weight(dy, x); planar, as the fake kernel gives them.
+  const Sides sides{ConvOp::ConvTransposeBackward, call.channels, input.size(1),
+                    pixel_memory(grad_output), pixel_memory(input), false, one_to_one};
+  return route_call<Grads>(sides, input, call, groups, false, policy, [&](Path p) -> Grads {
+    switch (p) {
+      case Path::View:
+        return {conv_view(grad_output, weight, std::nullopt, call, groups, true).contiguous(),
+                conv_weight_view(grad_output, input, call, groups, weight.sizes())};
+      case Path::Depthwise:
+        return {conv_depthwise(grad_output, weight, std::nullopt, call, groups).contiguous(),
+                conv_weight_depthwise(grad_output, input, call, groups, weight.sizes())};
+      default: {
+        auto [grad_input, grad_weight] =
+            conv_transpose_backward_columns(grad_output, input, weight, call, groups, one_to_one, policy);
+        return {grad_input, grad_weight.view(weight.sizes())};
+      }
+    }
+  });
 }
 
 }  // namespace convt_ext

@@ -13,12 +13,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <vector>
 
 #include "../gemm.h"
 #include "../plan.h"
+#include "args.h"
 
 namespace convt_ext {
 
@@ -33,10 +32,6 @@ constexpr int64_t kBlockN = 64, kRows = 4, kSpan = 256;
 // place by the row form instead.
 constexpr int64_t kPlaneRows = 128, kWideRows = 32;
 
-constexpr int kAuto = 0, kView = 1, kColumns = 2, kBenchmark = 3;
-constexpr const char* kOpNames[] = {"conv", "conv_transpose", "conv_weight", "conv_transpose_backward"};
-std::atomic<int> g_path{kAuto};
-std::atomic<int64_t> g_view_calls{0}, g_column_calls{0};
 
 // t (N, C, *spatial) as the 5-d pixel tensor (N, S0, S1, S2, C), contiguous:
 // a view where t is channels-last already, one copy otherwise.
@@ -44,22 +39,6 @@ at::Tensor pixels(const at::Tensor& t) {
   at::Tensor v = t;
   while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
   return v.permute({0, 2, 3, 4, 1}).contiguous();
-}
-
-// A new (N, C, *spatial) tensor, planar or in pixel memory (N, *spatial, C).
-at::Tensor empty_output(bool planar, int64_t n, int64_t c, const int64_t* spatial, int dims,
-                        const at::TensorOptions& options) {
-  std::vector<int64_t> shape{n, c}, strides(2 + dims);
-  shape.insert(shape.end(), spatial + kMaxDims - dims, spatial + kMaxDims);
-  if (planar) return at::empty(shape, options);
-  int64_t s = c;
-  strides[1] = 1;
-  for (int i = dims - 1; i >= 0; --i) {
-    strides[2 + i] = s;
-    s *= shape[2 + i];
-  }
-  strides[0] = s;
-  return at::empty_strided(shape, strides, options);
 }
 
 // Whether image position tap(o, k) along dimension i lies inside the image.
@@ -73,7 +52,7 @@ bool tap_inside(const Window3& w, int i, int64_t o, int64_t k, int64_t* at) {
 // are too few for the ukernel; a channels-last image with long rows is read
 // in place by the row form.
 bool plane_form(const at::Tensor& image, const Window3& call) {
-  return !pixel_memory(image) || call.windows[2] < kWideRows;  // view_takes counts the same
+  return !pixel_memory(image) || call.windows[2] < kWideRows;  // view_offer counts the same
 }
 
 // The plane's virtual row width (make_plane's wv).
@@ -197,7 +176,6 @@ void run_tasks(const at::Tensor& like, int64_t count, const F& task_fn) {
     tap_gemms_done(0);
   });
   tap_gemms_done(calls.load());
-  g_view_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 
@@ -471,7 +449,7 @@ bool transpose_plane_form(bool input_pixels, const Window3& call) {
   const PhaseAxis a1 = phase_axis(call, 1), a2 = phase_axis(call, 2);
   if (a1.phases.empty() || a2.phases.empty()) return false;
   const Phase& first = a1.phases.front();
-  return (first.jhi - first.jlo) * (a2.hi - a2.lo) >= kPlaneRows / 2;  // view_takes counts the same
+  return (first.jhi - first.jlo) * (a2.hi - a2.lo) >= kPlaneRows / 2;  // view_offer counts the same
 }
 
 // The floats of conv_transpose_plane's plane of a `c`-channel input.
@@ -580,21 +558,14 @@ bool ukernel_reaches(const Window3& call, int64_t c_image, int64_t c_windows) {
 
 }  // namespace
 
-bool pixel_memory(const at::Tensor& t) {
-  at::Tensor v = t;
-  while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
-  return v.permute({0, 2, 3, 4, 1}).is_contiguous();
-}
-
-bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
-                int64_t c_windows, int64_t groups, bool image_pixels, bool windows_pixels,
-                bool output_pixels, bool pointwise) {
-  const int setting = g_path.load();
-  if (setting == kColumns || !like.is_cpu() || like.scalar_type() != at::kFloat ||
+Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
+                 int64_t c_windows, int64_t groups, bool image_pixels, bool windows_pixels,
+                 bool output_pixels, bool pointwise) {
+  if (!like.is_cpu() || like.scalar_type() != at::kFloat ||
       call.batch == 0 || c_image == 0 || c_windows == 0 || call.image_numel() == 0 ||
       call.window_numel() == 0 || !tap_gemm_runs() || fp32_convs_in_bf16() ||
       !ukernel_reaches(call, c_image, c_windows)) {
-    return false;
+    return {};
   }
   const int64_t cg_image = c_image / groups, cg_windows = c_windows / groups;
   // Every buffer of the call: the weights; the image's plane, or the copies
@@ -608,27 +579,26 @@ bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t 
   const double gather = plane ? plane_floats(call, c_image) + tasks * kPlaneRows * c_windows
                                : (image_pixels ? 0 : image);
   // The weights' panels (for the weight gradient: its sum, no larger)
-  double floats = op == ViewOp::ConvTranspose ? panel_floats(groups, call.kernel_numel(), cg_windows, cg_image)
+  double floats = op == ConvOp::ConvTranspose ? panel_floats(groups, call.kernel_numel(), cg_windows, cg_image)
                                               : panel_floats(groups, call.kernel_numel(), cg_image, cg_windows);
-  if (op == ViewOp::ConvTranspose) {
+  if (op == ConvOp::ConvTranspose) {
     floats += transpose_plane_form(windows_pixels, call)
                   ? transpose_plane_floats(call, c_windows) + tasks * kPlaneRows * c_image
                   : (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
   } else {
     // conv, the weight gradient, or both (conv_transpose's backward)
-    floats += (op == ViewOp::ConvTransposeBackward ? 2 : 1) * gather;
-    if (op != ViewOp::ConvWeight) floats += plane || output_pixels ? 0 : windows;
-    if (op != ViewOp::Conv) {
+    floats += (op == ConvOp::ConvTransposeBackward ? 2 : 1) * gather;
+    if (op != ConvOp::ConvWeight) floats += plane || output_pixels ? 0 : windows;
+    if (op != ConvOp::Conv) {
       floats += (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
     }
   }
-  if (floats * sizeof(float) > double(workspace_limit())) return false;
-  if (setting == kView || path_benchmark()) return true;
+  if (floats * sizeof(float) > double(workspace_limit())) return {};
   bool overlap = false;  // windows that share pixels: col2im sums, where the view path gathers
   for (int i = 0; i < kMaxDims; ++i) overlap |= call.kernel[i] > call.stride[i];
   static const bool avx512 = cpu_avx512f();
-  return view_rule(op, avx512, image_pixels, windows_pixels, like.dim() - 2, overlap, cg_image,
-                   cg_windows, pointwise);
+  return {true, view_rule(op, avx512, image_pixels, windows_pixels, like.dim() - 2, overlap, cg_image,
+                         cg_windows, pointwise)};
 }
 
 at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
@@ -789,7 +759,7 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
   return finish_weight(partials, ranges, weight_size);
 }
 
-bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
+bool view_rule(ConvOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
                bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise) {
   // A tap's GEMM needs enough channels on both sides, and a 1x1 layer has no
   // columns to copy.
@@ -807,79 +777,15 @@ bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, i
   // block is at most 128 x 256 (beyond, the per-tap GEMMs slow down as B
   // leaves the cache). In 1-d the columns win.
   switch (op) {
-    case ViewOp::Conv:
-    case ViewOp::ConvWeight:
-    case ViewOp::ConvTransposeBackward:
+    case ConvOp::Conv:
+    case ConvOp::ConvWeight:
+    case ConvOp::ConvTransposeBackward:
       return image_pixels ||
              (overlap && (dims == 3 || (dims == 2 && cg_image * cg_windows <= 128 * 256)));
-    case ViewOp::ConvTranspose:
+    case ConvOp::ConvTranspose:
       return windows_pixels || (dims >= 2 && overlap);
   }
   return false;
-}
-
-void set_conv_path(const std::string& setting) {
-  const int v = setting == "auto" ? kAuto : setting == "view" ? kView : setting == "columns" ? kColumns
-              : setting == "benchmark" ? kBenchmark : -1;
-  TORCH_CHECK_VALUE(v >= 0, "set_conv_path: path must be one of 'auto', 'benchmark', 'view' or 'columns', "
-                    "but got '", setting, "'");
-  g_path.store(v);
-}
-
-std::string conv_path() {
-  const int v = g_path.load();
-  return v == kAuto ? "auto" : v == kView ? "view" : v == kColumns ? "columns" : "benchmark";
-}
-
-bool path_benchmark() {
-  return g_path.load() == kBenchmark && !at::globalContext().deterministicAlgorithms();
-}
-
-std::vector<int64_t> path_key(ViewOp op, const Window3& call, int64_t c_image, int64_t c_windows,
-                              int64_t groups, bool image_pixels, bool windows_pixels,
-                              bool output_pixels) {
-  std::vector<int64_t> key{static_cast<int64_t>(op), call.batch, c_image, c_windows, groups,
-                           image_pixels, windows_pixels, output_pixels};
-  for (const int64_t* v : {call.image, call.windows, call.kernel, call.stride, call.padding, call.dilation}) {
-    key.insert(key.end(), v, v + kMaxDims);
-  }
-  return key;
-}
-
-namespace {
-std::mutex g_timed_mutex;
-std::map<std::vector<int64_t>, PathReport::Timed>& timed_paths() {
-  static auto* m = new std::map<std::vector<int64_t>, PathReport::Timed>();
-  return *m;
-}
-}  // namespace
-
-std::optional<bool> kept_path(const std::vector<int64_t>& key) {
-  std::lock_guard<std::mutex> lock(g_timed_mutex);
-  const auto it = timed_paths().find(key);
-  if (it == timed_paths().end()) return std::nullopt;
-  return it->second.view;
-}
-
-bool keep_path(const std::vector<int64_t>& key, double view_s, double columns_s) {
-  PathReport::Timed t{kOpNames[key[0]], key, view_s, columns_s, view_s <= columns_s};
-  std::lock_guard<std::mutex> lock(g_timed_mutex);
-  return timed_paths().emplace(key, t).first->second.view;
-}
-
-PathReport path_report() {
-  PathReport r;
-  r.setting = conv_path();
-  r.view_available = tap_gemm_runs();
-  r.view_calls = g_view_calls.load();
-  r.column_calls = g_column_calls.load();
-  std::lock_guard<std::mutex> lock(g_timed_mutex);
-  for (const auto& [key, t] : timed_paths()) r.benchmarked.push_back(t);
-  return r;
-}
-
-void count_column_call(const at::Tensor& like) {
-  if (like.is_cpu()) g_column_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace convt_ext

@@ -36,41 +36,29 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <algorithm>
-#include <chrono>
 #include <optional>
-#include <string>
-#include <vector>
 
-#include "../im2col.h"
+#include "path.h"
 
 namespace convt_ext {
 
-// conv, conv_transpose, the weight gradient, and conv_transpose's backward
-// (conv and the weight gradient on the same image).
-enum class ViewOp : int { Conv = 0, ConvTranspose = 1, ConvWeight = 2, ConvTransposeBackward = 3 };
-
-// Whether the view path computes this call. `image` is the tensor on the
-// image side of `call` (conv's input, conv_transpose's output, the weight
+// What the view path makes of this call (path.h): it runs float32 on a CPU
+// where the ukernel runs, float32 convolutions in IEEE float32, within the
+// workspace limit; it wins where view_rule says so. `image` is the tensor on
+// the image side of `call` (conv's input, conv_transpose's output, the weight
 // gradient's input), `windows` the one on the window side; `c_image` and
-// `c_windows` their channel counts. The path setting (set_conv_path) decides:
-// "columns" never, "view" wherever the path can run (float32 on a CPU where
-// the ukernel runs, float32 convolutions in IEEE float32, within the
-// workspace limit), "auto" where it also wins (view_rule).
+// `c_windows` their channel counts.
 // `*_pixels`: whether that tensor is in pixel memory already (the output:
 // whether torch's format for it is channels-last); `pointwise`: a 1x1
 // kernel, stride 1, no padding.
-bool view_takes(ViewOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
+Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
                 int64_t c_windows, int64_t groups, bool image_pixels, bool windows_pixels,
                 bool output_pixels, bool pointwise);
 
 // The "auto" rule, as a function of its inputs, for tests on any machine:
 // `dims` spatial dimensions, `overlap` a kernel larger than its stride.
-bool view_rule(ViewOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
+bool view_rule(ConvOp op, bool avx512, bool image_pixels, bool windows_pixels, int64_t dims,
                bool overlap, int64_t cg_image, int64_t cg_windows, bool pointwise);
-
-// Whether t (N, C, *spatial) is in pixel memory, (N, *spatial, C) contiguous.
-bool pixel_memory(const at::Tensor& t);
 
 // conv: (N, C_out, *windows), in pixel memory, or planar with `planar_out`
 // where the path writes it so (route.cpp converts what is left).
@@ -87,59 +75,5 @@ at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight
 // The weight gradient: a contiguous tensor of weight_size.
 at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_output,
                             const Window3& call, int64_t groups, at::IntArrayRef weight_size);
-
-// The path setting: "auto", "benchmark", "view" or "columns"
-// (CONVT_EXT_CONV_PATH). "benchmark" times both paths on a call's first use
-// of its geometry and keeps the faster for the process, as
-// torch.backends.cudnn.benchmark does; two processes may then choose
-// differently, so under torch.use_deterministic_algorithms(True) it acts as
-// "auto".
-void set_conv_path(const std::string& setting);
-std::string conv_path();
-
-// Whether this call's path is chosen by timing (route.cpp asks after
-// view_takes said the view path can run), and the call's key for it.
-bool path_benchmark();
-std::vector<int64_t> path_key(ViewOp op, const Window3& call, int64_t c_image, int64_t c_windows,
-                              int64_t groups, bool image_pixels, bool windows_pixels,
-                              bool output_pixels);
-// The choice kept for a key, if any; and keeping one (the first kept for a
-// key stays, whatever another thread timed meanwhile): whether it is the view.
-std::optional<bool> kept_path(const std::vector<int64_t>& key);
-bool keep_path(const std::vector<int64_t>& key, double view_s, double columns_s);
-
-// Benchmark mode's choice for one call: the kept one, or both timed (twice
-// each, the faster time of each) and the faster kept; returns its result.
-template <typename R, typename View, typename Columns>
-R by_timing(const std::vector<int64_t>& key, const View& view, const Columns& columns) {
-  if (const std::optional<bool> known = kept_path(key)) return *known ? view() : columns();
-  R result[2];
-  double best[2] = {1e300, 1e300};
-  for (int round = 0; round < 2; ++round) {
-    for (int p = 0; p < 2; ++p) {
-      const auto t0 = std::chrono::steady_clock::now();
-      result[p] = p == 0 ? view() : columns();
-      best[p] = std::min(best[p], std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-  }
-  return keep_path(key, best[0], best[1]) ? result[0] : result[1];
-}
-
-// What engine_info()["path"] reports.
-struct PathReport {
-  std::string setting;
-  bool view_available = false;  // the ukernel runs float32 here
-  int64_t view_calls = 0, column_calls = 0;  // CPU convolutions each path ran
-  struct Timed {
-    std::string op;
-    std::vector<int64_t> key;
-    double view_s, columns_s;
-    bool view;
-  };
-  std::vector<Timed> benchmarked;  // benchmark mode's choices
-};
-PathReport path_report();
-// Counts one CPU convolution call on the column path.
-void count_column_call(const at::Tensor& like);
 
 }  // namespace convt_ext

@@ -128,10 +128,57 @@ at::Tensor emulated_col2im(const at::Tensor& input, at::IntArrayRef output_size,
   return result;
 }
 
+// The depthwise kernels' grid (cuda/depthwise_cuda.cu) on the CPU: op 0
+// conv, 1 conv_transpose, 2 the weight gradient, into a sentinel-filled
+// `out` of the shape (and strides) the caller gives. Every tensor (N, C,
+// *spatial) or the weight, lifted here; the window from the two images.
+at::Tensor emulated_depthwise(const at::Tensor& image, const at::Tensor& windows, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups, int64_t op, bool int32) {
+  TORCH_CHECK_VALUE(out.is_cpu(), "emulation: runs on CPU tensors only");
+  const Window3 w = make_window("depthwise", image.size(0), image.size(1), image.sizes().slice(2),
+                                windows.sizes().slice(2).data(), kernel_size, stride, padding, dilation);
+  const at::Tensor result = out.clone();
+  fill_sentinel(result);
+  const at::Tensor b = bias.value_or(at::Tensor());
+  const at::Tensor x_image = op == 1 ? at::Tensor() : lift(image);
+  const at::Tensor x_windows = op == 0 ? at::Tensor() : lift(windows);
+  const at::Tensor wt = op == 2 ? at::Tensor() : lift(weight);
+  const at::Tensor y = lift(result);
+  const int64_t channels = op == 2 ? 0 : y.size(1);
+  dispatch_sum(result.scalar_type(), "depthwise_emulated", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
+                  std::is_same_v<scalar_t, at::BFloat16>) {
+      const auto run = [&](auto index_tag) {
+        using index_t = typename decltype(index_tag)::type;
+        TORCH_CHECK_VALUE(depthwise_fits<index_t>(w, x_image, x_windows, wt, b, y), "emulation: this geometry does "
+                          "not fit ", sizeof(index_t) * 8, "-bit indexing (the CUDA path would take 64-bit indexing)");
+        const auto a = depthwise_args<scalar_t, index_t>(x_image, x_windows, wt, b, y, groups);
+        emulate_grid<index_t>(y.numel(), [&](index_t i) {
+          depthwise_element<scalar_t, sum_t<scalar_t>, index_t>(static_cast<int>(op), a, w,
+                                                                static_cast<index_t>(channels), i);
+        });
+      };
+      if (int32) {
+        run(TypeTag<int32_t>{});
+      } else {
+        run(TypeTag<int64_t>{});
+      }
+    } else {
+      TORCH_CHECK_TYPE(false, "depthwise_emulated: no kernel for dtype ", result.scalar_type());
+    }
+  });
+  return result;
+}
+
 }  // namespace
 }  // namespace convt_ext
 
 TORCH_LIBRARY(convt_ext_emulated, m) {
+  m.def("depthwise(Tensor image, Tensor windows, Tensor weight, Tensor? bias, Tensor out, int[] kernel_size, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int op, bool int32) -> Tensor");
   m.def("im2col(Tensor input, int[] kernel_size, int[] dilation, int[] padding, int[] stride, "
         "bool int32) -> Tensor");
   m.def("col2im(Tensor input, int[] output_size, int[] kernel_size, int[] dilation, "
@@ -141,4 +188,5 @@ TORCH_LIBRARY(convt_ext_emulated, m) {
 TORCH_LIBRARY_IMPL(convt_ext_emulated, CPU, m) {
   m.impl("im2col", &convt_ext::emulated_im2col);
   m.impl("col2im", &convt_ext::emulated_col2im);
+  m.impl("depthwise", &convt_ext::emulated_depthwise);
 }

@@ -1,0 +1,103 @@
+// The depthwise path's plan (depthwise.h): which calls it takes, the
+// layouts it reads and writes, and the call of the device's kernel.
+#include "depthwise.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+
+#include "../kernels.h"
+#include "../ops.h"
+#include "args.h"
+
+namespace convt_ext {
+
+namespace {
+
+void depthwise_into(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& out, const Window3& call, int64_t groups, bool transposed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("convt_ext::_depthwise_into", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, at::IntArrayRef, int64_t, bool)>();
+  op.redispatch(backend_of(input), lift(input), lift(weight), bias, lift(out), pack_window(call), groups,
+                transposed);
+}
+
+// The layout a call computes in: the input's pixel memory where it has it,
+// planar otherwise (the kernels read every layout, fastest these two).
+at::Tensor in_its_layout(const at::Tensor& t, bool pixels) {
+  return pixels ? in_pixels(t) : t.contiguous();
+}
+
+}  // namespace
+
+bool depthwise_rule(ConvOp op, bool cuda, int64_t ci, int64_t cw) {
+  if (!cuda) {
+    // The vector loops (cpu/depthwise_cpu.cpp) run one channel per group on
+    // both sides; the element loops that serve the rest lose to the GEMMs
+    // (benchmarks/NOTES.md item 29).
+    return ci == 1 && cw == 1;
+  }
+  // On a GPU the forward sums run one thread per output element; the weight
+  // gradient's element sums over the whole batch in one thread, which
+  // cuBLAS's batched GEMMs outrun. Unmeasured: no GPU was lent.
+  switch (op) {
+    case ConvOp::Conv:
+      return ci == 1;
+    case ConvOp::ConvTranspose:
+      return cw == 1;
+    default:
+      return false;
+  }
+}
+
+Offer depthwise_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t c_image,
+                      int64_t c_windows, int64_t groups, bool cpu_rules) {
+  if (call.batch == 0 || c_image == 0 || c_windows == 0 || call.image_numel() == 0 ||
+      call.window_numel() == 0 || !(like.is_cpu() || like.is_cuda())) {
+    return {};
+  }
+  const int64_t ci = c_image / groups, cw = c_windows / groups;
+  // The sum of an output element runs over ci (conv) or cw (conv_transpose)
+  // channels; the weight gradient's elements are ci x cw per group.
+  const bool small = op == ConvOp::Conv            ? ci <= kDepthwiseChannels
+                     : op == ConvOp::ConvTranspose ? cw <= kDepthwiseChannels
+                                                   : ci <= kDepthwiseChannels && cw <= kDepthwiseChannels;
+  if (!small) return {};
+  // Dense layers (one group) are the other paths' to win.
+  return {true, groups > 1 && depthwise_rule(op, !cpu_rules, ci, cw)};
+}
+
+at::Tensor conv_depthwise(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const Window3& call, int64_t groups) {
+  const bool pixels = pixel_memory(input);
+  const int dims = static_cast<int>(input.dim()) - 2;
+  at::Tensor out = empty_output(!pixels, call.batch, weight.size(0), call.windows, dims, input.options());
+  depthwise_into(in_its_layout(input, pixels), weight, bias, out, call, groups, false);
+  return out;
+}
+
+at::Tensor conv_transpose_depthwise(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const Window3& call,
+                                    int64_t groups, int64_t c_out) {
+  const bool pixels = pixel_memory(input);
+  const int dims = static_cast<int>(input.dim()) - 2;
+  at::Tensor out = empty_output(!pixels, call.batch, c_out, call.image, dims, input.options());
+  depthwise_into(in_its_layout(input, pixels), weight, bias, out, call, groups, true);
+  return out;
+}
+
+at::Tensor conv_weight_depthwise(const at::Tensor& input, const at::Tensor& grad_output,
+                                 const Window3& call, int64_t groups, at::IntArrayRef weight_size) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("convt_ext::_depthwise_weight_into", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         at::IntArrayRef, int64_t)>();
+  const bool pixels = pixel_memory(input);
+  at::Tensor grad_weight = at::empty(weight_size, input.options());
+  op.redispatch(backend_of(input), lift(in_its_layout(input, pixels)),
+                lift(in_its_layout(grad_output, pixels)), lift(grad_weight), pack_window(call), groups);
+  return grad_weight;
+}
+
+}  // namespace convt_ext

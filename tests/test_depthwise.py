@@ -1,0 +1,775 @@
+"""The depthwise path: grouped CPU convolutions computed directly, without a
+GEMM, for depthwise layers (groups == C_in, C_out = m * C_in for any channel
+multiplier m) and for few channels per group.
+
+Forced with set_conv_path("depthwise") it runs wherever it can: floating
+dtypes, at most 16 reduction channels per group (conv and conv_transpose:
+C_in / groups), the weight gradient with both channel counts small. Every
+forced case asserts through engine_info()["path"]["calls"] that the path ran
+(one call per op: forward conv, forward conv_transpose, weight gradient,
+conv_transpose's fused backward), so a routing regression fails the test
+instead of silently testing another path.
+
+Every expected value comes from torch.nn.functional in float64 (on the
+float64 values of the inputs, rounded to the tested dtype first), never from
+convt_ext; the reference calls are checked to run no convt_ext call.
+"""
+import dataclasses
+import math
+import os
+import random
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import convt_ext
+from convt_ext import functional as CF
+
+# DW_TESTS_DRYRUN=1: where set_conv_path("depthwise") is refused (no path yet), run on "columns", counting its calls.
+DRYRUN = os.environ.get("DW_TESTS_DRYRUN") == "1"
+
+DW = "depthwise"
+LIMIT = 16  # the most reduction channels per group the depthwise path takes (conv, conv_transpose)
+SMALL = 4  # per-group channel counts (both sides) taken as "small" for the weight gradient's domain
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# ------------------------------------------------------------------ path setting and call counters
+
+
+def calls(key=DW):
+    """The CPU calls the path `key` ran so far (0 for a path this build lacks)."""
+    return convt_ext.engine_info()["path"]["calls"].get(key, 0)
+
+
+def _all_calls():
+    return dict(convt_ext.engine_info()["path"]["calls"])
+
+
+class Ran:
+    """Per-path call counts of the calls inside a `with` block."""
+
+    def __enter__(self):
+        self._before = _all_calls()
+        return self
+
+    def __exit__(self, *exc):
+        after = _all_calls()
+        keys = set(after) | set(self._before) | {DW}
+        self.delta = {k: after.get(k, 0) - self._before.get(k, 0) for k in keys}
+
+    def __getitem__(self, key):
+        return self.delta.get(key, 0)
+
+    @property
+    def total(self):
+        return sum(self.delta.values())
+
+
+def assert_ran(ran, key, expected, what):
+    """Exactly `expected` calls, all on the path `key` (the forced one)."""
+    assert ran[key] == expected, (
+        f"{what}: {ran[key]} call(s) on the {key!r} path, expected {expected}: the {key} path did not run "
+        f"(calls per path: {ran.delta})"
+    )
+    assert ran.total == expected, f"{what}: calls on other paths too: {ran.delta}"
+
+
+@contextmanager
+def conv_path(setting):
+    """Runs the block under set_conv_path(setting); puts the old setting back."""
+    old = convt_ext.conv_path()
+    try:
+        convt_ext.set_conv_path(setting)
+        yield
+    finally:
+        convt_ext.set_conv_path(old)
+
+
+def _force_depthwise():
+    """Sets the depthwise path; returns the key of the path that will run."""
+    try:
+        convt_ext.set_conv_path(DW)
+        return DW
+    except ValueError as error:
+        if not DRYRUN:
+            pytest.fail(f"set_conv_path({DW!r}) raised {error!r}: the depthwise path is missing", pytrace=False)
+    convt_ext.set_conv_path("columns")
+    return "columns"
+
+
+@contextmanager
+def forced_path():
+    """Runs the block with the depthwise path forced; gives the counter key to
+    assert on; puts the old setting back."""
+    old = convt_ext.conv_path()
+    try:
+        yield _force_depthwise()
+    finally:
+        convt_ext.set_conv_path(old)
+
+
+@pytest.fixture
+def forced():
+    """Forces the depthwise path for the test; gives the counter key to assert on."""
+    with forced_path() as key:
+        yield key
+
+
+@pytest.fixture
+def threads():
+    """Lets a test change torch's thread count; puts the old one back."""
+    old = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ the cases
+
+
+def _windows(size, k, s, p, d):
+    return tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(size, k, s, p, d))
+
+
+def _image(size, k, s, p, d, op):
+    return tuple((n - 1) * ss - 2 * pp + dd * (kk - 1) + o + 1 for n, kk, ss, pp, dd, o in zip(size, k, s, p, d, op))
+
+
+CL = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of conv or conv_transpose. `size` is the input's spatial size;
+    `fmt` the input's memory: "contiguous", "channels_last" (channels_last or
+    channels_last_3d) or "sliced" (every other sample and every other element
+    of the last dimension of a larger tensor); `weight_cl`: the weight in
+    channels_last memory too."""
+
+    op: str
+    kind: str
+    n: int
+    c_in: int
+    c_out: int
+    groups: int
+    size: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    output_padding: tuple = None
+    bias: bool = True
+    fmt: str = "contiguous"
+    weight_cl: bool = False
+
+    def __post_init__(self):
+        if self.output_padding is None:
+            object.__setattr__(self, "output_padding", (0,) * len(self.size))
+
+    @property
+    def dims(self):
+        return len(self.size)
+
+    @property
+    def in_per_group(self):
+        return self.c_in // self.groups
+
+    @property
+    def out_per_group(self):
+        return self.c_out // self.groups
+
+    @property
+    def weight_shape(self):
+        if self.op == "conv_transpose":
+            return (self.c_in, self.out_per_group, *self.kernel)
+        return (self.c_out, self.in_per_group, *self.kernel)
+
+    @property
+    def out_size(self):
+        if self.op == "conv_transpose":
+            return _image(self.size, self.kernel, self.stride, self.padding, self.dilation, self.output_padding)
+        return _windows(self.size, self.kernel, self.stride, self.padding, self.dilation)
+
+    @property
+    def reduction(self):
+        """Products summed into one output element, +1 for the bias."""
+        return self.in_per_group * math.prod(self.kernel) + 1
+
+    @property
+    def forward_in_domain(self):
+        return self.in_per_group <= LIMIT
+
+    @property
+    def backward_in_domain(self):
+        """Every backward op (input gradient, weight gradient, or the fused
+        conv_transpose backward) within the depthwise path's domain."""
+        return max(self.in_per_group, self.out_per_group) <= SMALL
+
+    @property
+    def backward_calls(self):
+        """conv: conv_transpose for the input gradient + the weight gradient;
+        conv_transpose: its fused backward (input and weight gradients at once)."""
+        return 2 if self.op == "conv" else 1
+
+    def __str__(self):
+        g = lambda t: "x".join(map(str, t))  # noqa: E731
+        parts = [f"{self.op}{self.dims}d", self.kind, f"n{self.n}", f"{self.c_in}to{self.c_out}g{self.groups}",
+                 g(self.size), f"k{g(self.kernel)}", f"s{g(self.stride)}", f"p{g(self.padding)}",
+                 f"d{g(self.dilation)}"]
+        if any(self.output_padding):
+            parts.append(f"op{g(self.output_padding)}")
+        parts += ["bias" if self.bias else "nobias", self.fmt + ("-wcl" if self.weight_cl else "")]
+        return "-".join(parts)
+
+
+# kind: (input channels per group, output channels per group or None: drawn)
+KINDS = {"dw1": (1, 1), "dw2": (1, 2), "dw3": (1, 3), "g2": (2, None), "g4": (4, None)}
+OPS = ("conv", "conv_transpose")
+
+
+def _formats(dims):
+    return ("contiguous", "sliced") if dims == 1 else ("contiguous", "channels_last", "sliced")
+
+
+def _draw(r, op, dims, kind, fmt, index):
+    """One valid case (non-empty batch and output), drawn from r. Batch, bias
+    and (for 2-d and 3-d) per-dimension strides alternate with `index`, so
+    that every combination of op, dims, format and kind sees both values."""
+    in_g, out_g = KINDS[kind]
+    while True:
+        if kind.startswith("dw"):
+            groups = r.choice((2, 3, 5) if dims < 3 else (2, 3))
+        else:
+            groups = r.choice((2, 3))
+            out_g = r.choice((1, 2, 4)) if op == "conv" else r.choice((1, 2, 3))
+        kmax = 5 if dims == 1 else 4 if dims == 2 else 3
+        kernel = tuple(r.randint(1, kmax) for _ in range(dims))
+        stride = tuple(r.randint(1, 3) for _ in range(dims))
+        if dims > 1 and index % 2 == 1:  # different per dimension
+            while len(set(stride)) == 1:
+                stride = tuple(r.randint(1, 3) for _ in range(dims))
+        dilation = tuple(r.choice((1, 2)) for _ in range(dims))
+        # up to two past the half extent of the dilated kernel (more than kernel // 2)
+        padding = tuple(r.randint(0, d * (k - 1) // 2 + 2) for k, d in zip(kernel, dilation))
+        if op == "conv":
+            size = tuple(r.randint(3, (13, 9, 6)[dims - 1]) for _ in range(dims))
+            output_padding = (0,) * dims
+        else:
+            size = tuple(r.randint(2, (9, 6, 4)[dims - 1]) for _ in range(dims))
+            padding = tuple(min(p, d * (k - 1)) for p, k, d in zip(padding, kernel, dilation))
+            output_padding = tuple(r.randint(0, max(s, d) - 1) for s, d in zip(stride, dilation))
+        case = Case(op, kind, (1, 3)[index % 2], groups * in_g, groups * out_g, groups, size, kernel, stride,
+                    padding, dilation, output_padding, bias=(index // 2) % 2 == 0, fmt=fmt,
+                    weight_cl=fmt == "channels_last" and r.random() < 0.5)
+        if case.weight_cl and (case.weight_shape[1] == 1 or math.prod(kernel) == 1):
+            # channels_last and contiguous strides coincide for this weight: no channels_last weight to test
+            case = dataclasses.replace(case, weight_cl=False)
+        if min(case.out_size) >= 1:
+            return case
+
+
+def _cases(per_combination=2, seed=20240611):
+    r = random.Random(seed)
+    cases = []
+    for op in OPS:
+        for dims in (1, 2, 3):
+            for fmt in _formats(dims):
+                for kind in KINDS:
+                    for _ in range(per_combination):
+                        cases.append(_draw(r, op, dims, kind, fmt, len(cases)))
+    return cases
+
+
+CASES = _cases()
+
+
+def _tally(cases):
+    """Cases per (op, dims, format)."""
+    out = {}
+    for c in cases:
+        key = (c.op, c.dims, c.fmt)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------ tensors and the calls
+
+
+def _seed(case, salt=""):
+    return sum(ord(ch) * (i + 1) for i, ch in enumerate(str(case) + salt)) % (2**31)
+
+
+def _layout(t, fmt, gen):
+    """t's values in the memory the format names."""
+    if fmt == "contiguous":
+        return t.contiguous()
+    if fmt == "channels_last":
+        return t.contiguous(memory_format=CL[t.dim() - 2])
+    if fmt == "sliced":
+        # every other sample and every other element of the last dimension, the others random
+        big = torch.randn(2 * t.shape[0], *t.shape[1:-1], 2 * t.shape[-1] + 1, generator=gen, dtype=torch.float64)
+        big = big.to(t.dtype)
+        view = big[::2, ..., 1::2]
+        view.copy_(t)
+        return view
+    raise ValueError(fmt)
+
+
+def _tensors(case, dtype=torch.float64):
+    """(input, weight, bias or None, upstream gradient) in float64 values
+    rounded to dtype, input and weight in the case's memory."""
+    gen = torch.Generator().manual_seed(_seed(case, str(dtype)))
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    x = _layout(r(case.n, case.c_in, *case.size), case.fmt, gen)
+    w = r(*case.weight_shape)
+    if case.weight_cl:
+        w = w.contiguous(memory_format=CL[case.dims])
+    b = r(case.c_out) if case.bias else None
+    dy = r(case.n, case.c_out, *case.out_size)
+    return x, w, b, dy
+
+
+def _call(fn_of, case, x, w, b):
+    """The case's op from `fn_of(name)` (convt_ext.functional or torch's F), positional arguments."""
+    if case.op == "conv":
+        return fn_of(f"conv{case.dims}d")(x, w, b, case.stride, case.padding, case.dilation, case.groups)
+    return fn_of(f"conv_transpose{case.dims}d")(x, w, b, case.stride, case.padding, case.output_padding, case.groups,
+                                                case.dilation)
+
+
+def ours(case, x, w, b):
+    return _call(lambda name: getattr(CF, name), case, x, w, b)
+
+
+def theirs(case, x, w, b):
+    return _call(lambda name: getattr(F, name), case, x, w, b)
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().requires_grad_() for t in tensors]
+
+
+def reference(case, x, w, b, dy):
+    """torch's float64 output and gradients (input, weight, bias), on
+    contiguous float64 copies, and their magnitudes (the same on |values|).
+    Checked to make no convt_ext call."""
+    results = []
+    with Ran() as ran:
+        for absolute in (False, True):
+            f = (lambda t: None if t is None else t.detach().double().abs().contiguous()) if absolute else \
+                (lambda t: None if t is None else t.detach().double().contiguous())
+            xx, ww, bb = _leaves(f(x), f(w), f(b))
+            out = theirs(case, xx, ww, bb)
+            wrt = [t for t in (xx, ww, bb) if t is not None]
+            grads = torch.autograd.grad(out, wrt, f(dy))
+            results.append((out.detach(), list(grads)))
+    assert ran.total == 0, f"the reference ran convt_ext calls: {ran.delta}"
+    return results
+
+
+def _scale(mag):
+    return max(1.0, float(mag.abs().max())) if mag.numel() else 1.0
+
+
+def assert_close64(got, want, mag, what):
+    """float64: rtol 1e-10, atol 1e-12 times the largest magnitude."""
+    assert got.dtype == torch.float64, f"{what}: dtype {got.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, torch's {tuple(want.shape)}"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * _scale(mag), msg=lambda m: f"{what}: {m}")
+
+
+def assert_within(got, want, mag, rel, what, floor=1e-30):
+    """|got - want| <= rel * mag elementwise (mag: the float64 op on |values|), no NaN."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, torch's {tuple(want.shape)}"
+    g = got.detach().double()
+    assert not torch.isnan(g).any(), f"{what}: NaN"
+    err = (g - want).abs()
+    bound = rel * mag + floor
+    excess = err - bound
+    if excess.numel():
+        worst = int(excess.argmax())
+        assert bool((excess <= 0).all()), (
+            f"{what}: |error| {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
+            f"at flat index {worst} (max |error| {err.max().item():.3g})"
+        )
+
+
+def _check_memory(case, x, w):
+    """The tensors are laid out as the case says."""
+    if case.fmt == "contiguous":
+        assert x.is_contiguous()
+    elif case.fmt == "channels_last":
+        assert x.is_contiguous(memory_format=CL[case.dims]) and not x.is_contiguous()
+    else:
+        assert not x.is_contiguous() and (case.dims == 1 or not x.is_contiguous(memory_format=CL[case.dims]))
+    if case.weight_cl:
+        assert w.is_contiguous(memory_format=CL[case.dims]) and not w.is_contiguous()
+    else:
+        assert w.is_contiguous()
+    assert x.shape[0] >= 1 and x.shape[1] == case.c_in
+    assert w.shape[1] == (case.in_per_group if case.op == "conv" else case.out_per_group)
+    if case.kind.startswith("dw"):
+        assert case.groups == case.c_in and case.in_per_group == 1 and case.c_out == int(case.kind[2:]) * case.c_in
+
+
+# ------------------------------------------------------------------ 1. float64 parity, forward and gradients
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_float64_parity(case, forced):
+    x, w, b, dy = _tensors(case)
+    _check_memory(case, x, w)
+    saved = [(t.clone(), t.stride(), t.storage_offset()) for t in (x, w, b, dy) if t is not None]
+    xx, ww, bb = _leaves(x, w, b)
+    wrt = [t for t in (xx, ww, bb) if t is not None]
+    with Ran() as fwd:
+        out = ours(case, xx, ww, bb)
+    with Ran() as bwd:
+        grads = torch.autograd.grad(out, wrt, dy)
+    assert case.forward_in_domain
+    assert_ran(fwd, forced, 1, f"{case}: forward")
+    if case.backward_in_domain:
+        assert_ran(bwd, forced, case.backward_calls, f"{case}: backward")
+    else:
+        assert bwd.total == case.backward_calls, bwd.delta
+    (want, want_grads), (mag, mag_grads) = reference(case, x, w, b, dy)
+    assert_close64(out.detach(), want, mag, f"{case}: output")
+    names = ["input", "weight", "bias"][: len(wrt)]
+    for name, got, expect, m in zip(names, grads, want_grads, mag_grads):
+        assert_close64(got, expect, m, f"{case}: grad {name}")
+    for (values, stride, offset), after in zip(saved, (t for t in (x, w, b, dy) if t is not None)):
+        assert torch.equal(values, after) and (stride, offset) == (after.stride(), after.storage_offset()), \
+            f"{case}: an input changed"
+
+
+# Channels per group at the domain's edge: 16 (in), 17 (out: values only, on whatever path runs).
+BOUNDARY = [
+    Case(op, f"g{cpg}", 2, 2 * cpg, 2 * out_g, 2, size, k, s, p, (1,) * len(size), opad, bias=True, fmt=fmt)
+    for op in OPS
+    for cpg, out_g in ((16, 1), (17, 2))
+    for size, k, s, p, fmt, opad in (((9,), (3,), (2,), (1,), "contiguous", (1,)),
+                                     ((6, 5), (3, 2), (1, 2), (1, 0), "channels_last", (0, 1)))
+]
+
+
+@pytest.mark.parametrize("case", BOUNDARY, ids=str)
+def test_float64_parity_at_the_domain_edge(case, forced):
+    x, w, b, dy = _tensors(case)
+    xx, ww, bb = _leaves(x, w, b)
+    with Ran() as fwd:
+        out = ours(case, xx, ww, bb)
+    with Ran() as bwd:
+        grads = torch.autograd.grad(out, [xx, ww, bb], dy)
+    if case.forward_in_domain:
+        assert_ran(fwd, forced, 1, f"{case}: forward")
+    else:
+        assert fwd.total == 1 and (fwd[DW] == 0 or forced != DW), fwd.delta
+    assert bwd.total == case.backward_calls, bwd.delta
+    (want, want_grads), (mag, mag_grads) = reference(case, x, w, b, dy)
+    assert_close64(out.detach(), want, mag, f"{case}: output")
+    for name, got, expect, m in zip(("input", "weight", "bias"), grads, want_grads, mag_grads):
+        assert_close64(got, expect, m, f"{case}: grad {name}")
+
+
+# ------------------------------------------------------------------ 2. float32, bfloat16, float16 forward
+
+
+def _dtype_cases():
+    r = random.Random(77)
+    cases = []
+    for op in OPS:
+        for dims in (1, 2, 3):
+            for i, (kind, fmt) in enumerate((("dw1", "channels_last"), ("dw2", "contiguous"), ("g4", "sliced"))):
+                if dims == 1 and fmt == "channels_last":
+                    fmt = "contiguous"
+                cases.append(_draw(r, op, dims, kind, fmt, i))
+    return cases
+
+
+DTYPE_CASES = _dtype_cases()
+# |error| <= rel * (the float64 op on |x|, |w|, |b|), elementwise: float32 from its
+# worst-case sum (case.reduction * eps); bfloat16 and float16 for the output's rounding
+# (half an ulp: up to 2^-8 and 2^-11 of the value) with margin for a float32 sum.
+LOW_REL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=str)
+def test_low_precision_forward(case, dtype, forced):
+    x, w, b, _ = _tensors(case, dtype)
+    with Ran() as ran:
+        out = ours(case, x, w, b)
+    assert_ran(ran, forced, 1, f"{case} {dtype}")
+    assert out.dtype == dtype
+    # the exact result of the dtype-rounded inputs, and its magnitudes
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    absolute = lambda t: None if t is None else t.double().abs()  # noqa: E731
+    want = theirs(case, up(x), up(w), up(b))
+    mag = theirs(case, absolute(x), absolute(w), absolute(b))
+    rel = case.reduction * EPS32 if dtype == torch.float32 else LOW_REL[dtype]
+    floor = 1e-3 * torch.finfo(dtype).eps * _scale(mag)
+    assert_within(out, want, mag, rel, f"{case} {dtype}", floor)
+
+
+# ------------------------------------------------------------------ 3. gradcheck and gradgradcheck
+
+
+def test_gradcheck_conv2d_depthwise(forced):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)  # multiplier 2
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: CF.conv2d(x, w, b, 2, 1, 1, 2)  # noqa: E731
+    with Ran() as ran:
+        assert gradcheck(fn, (x, w, b))
+        assert gradgradcheck(fn, (x, w, b))
+    assert ran[forced] > 0 and ran[forced] == ran.total, ran.delta
+
+
+def test_gradcheck_conv_transpose2d_depthwise(forced):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)  # groups 2: multiplier 2
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: CF.conv_transpose2d(x, w, b, 2, 1, 1, 2, 1)  # noqa: E731
+    with Ran() as ran:
+        assert gradcheck(fn, (x, w, b))
+        assert gradgradcheck(fn, (x, w, b))
+    assert ran[forced] > 0 and ran[forced] == ran.total, ran.delta
+
+
+# ------------------------------------------------------------------ 4. the same bits at any thread count
+
+
+THREAD_CASES = [
+    Case("conv", "dw1", 2, 64, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), fmt="contiguous"),
+    Case("conv", "dw1", 2, 64, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 2, 64, 64, 64, (10, 10), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), fmt="contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=str)
+def test_bitwise_the_same_at_any_thread_count(case, forced, threads):
+    x, w, b, dy = _tensors(case, torch.float32)
+    results = {}
+    for n in (1, 2, 3, 4):
+        torch.set_num_threads(n)
+        xx, ww, bb = _leaves(x, w, b)
+        with Ran() as ran:
+            out = ours(case, xx, ww, bb)
+            grads = torch.autograd.grad(out, [xx, ww, bb], dy)
+        assert_ran(ran, forced, 1 + case.backward_calls, f"{case} at {n} threads")
+        results[n] = [out.detach(), *grads]
+    for n in (2, 3, 4):
+        for name, one, many in zip(("output", "grad input", "grad weight", "grad bias"), results[1], results[n]):
+            assert torch.equal(one, many), f"{case}: {name} at {n} threads differs from 1 thread"
+    # and right
+    (want, want_grads), (mag, mag_grads) = reference(case, x, w, b, dy)
+    assert_within(results[1][0], want, mag, case.reduction * EPS32, f"{case}: output")
+
+
+# ------------------------------------------------------------------ 5. edge cases
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch(op, dims, forced):
+    case = Case(op, "dw2", 0, 4, 8, 4, (5,) * dims, (3,) * dims, (2,) * dims, (1,) * dims, (1,) * dims,
+                (1,) * dims if op == "conv_transpose" else None)
+    gen = torch.Generator().manual_seed(dims)
+    x = torch.randn(0, 4, *case.size, generator=gen, dtype=torch.float64)
+    w = torch.randn(*case.weight_shape, generator=gen, dtype=torch.float64)
+    b = torch.randn(8, generator=gen, dtype=torch.float64)
+    xx, ww, bb = _leaves(x, w, b)
+    out = ours(case, xx, ww, bb)
+    want = theirs(case, x, w, b)
+    assert out.shape == want.shape == (0, 8, *case.out_size)
+    gx, gw, gb = torch.autograd.grad(out, [xx, ww, bb], torch.randn(out.shape, dtype=torch.float64))
+    assert gx.shape == x.shape
+    assert gw.shape == w.shape and torch.equal(gw, torch.zeros_like(w))
+    assert gb.shape == b.shape and torch.equal(gb, torch.zeros_like(b))
+
+
+def _format_flags(t, dims):
+    return t.is_contiguous(), t.is_contiguous(memory_format=CL[dims])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("op", OPS)
+def test_output_memory_format_follows_torch(op, dims, dtype, forced):
+    """With a channels_last(_3d) input, the output and the gradients are in the
+    memory format torch gives them."""
+    case = Case(op, "dw2", 2, 6, 12, 6, (7,) * dims, (3,) * dims, (2,) * dims, (1,) * dims, (1,) * dims,
+                (1,) * dims if op == "conv_transpose" else None, fmt="channels_last")
+    x, w, b, dy = _tensors(case, dtype)
+    results = []
+    for fn in (ours, theirs):
+        xx, ww, bb = _leaves(x, w, b)
+        out = fn(case, xx, ww, bb)
+        grads = torch.autograd.grad(out, [xx, ww], dy)
+        results.append([out, *grads])
+    for name, got, want in zip(("output", "grad input", "grad weight"), *results):
+        assert _format_flags(got, dims) == _format_flags(want, dims), (name, got.stride(), want.stride())
+    # (torch 2.x gives channels_last here except for float64 in 3-d, whose output is contiguous: both kinds are checked)
+
+
+def test_auto_matches_torch_on_a_mobilenet_layer():
+    case = Case("conv", "dw1", 2, 32, 32, 32, (17, 17), (3, 3), (2, 2), (1, 1), (1, 1), fmt="contiguous")
+    x, w, b, dy = _tensors(case, torch.float32)
+    with conv_path("auto"):
+        xx, ww, bb = _leaves(x, w, b)
+        out = ours(case, xx, ww, bb)
+        grads = torch.autograd.grad(out, [xx, ww, bb], dy)
+    (want, want_grads), (mag, mag_grads) = reference(case, x, w, b, dy)
+    assert_within(out, want, mag, case.reduction * EPS32, "auto: output")
+    lengths = (case.out_per_group * 9, case.n * math.prod(case.out_size), case.n * math.prod(case.out_size))
+    for name, got, expect, m, length in zip(("input", "weight", "bias"), grads, want_grads, mag_grads, lengths):
+        assert_within(got, expect, m, length * EPS32, f"auto: grad {name}")
+
+
+def test_auto_runs_depthwise_on_a_mobilenet_layer():
+    """The rule picks the depthwise path for a depthwise float32 layer with multiplier 1."""
+    if DRYRUN:
+        pytest.skip("DW_TESTS_DRYRUN: no depthwise path for the rule to pick")
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(2, 32, 17, 17, generator=gen)
+    w = torch.randn(32, 1, 3, 3, generator=gen)
+    before = calls()
+    with conv_path("auto"), Ran() as ran:
+        CF.conv2d(x, w, None, 2, 1, 1, 32)
+    assert calls() - before == 1, f"auto did not run the depthwise path on a MobileNet layer: {ran.delta}"
+    assert_ran(ran, DW, 1, "auto, a MobileNet depthwise layer")
+
+
+@pytest.mark.parametrize("module", ["Conv2d", "ConvTranspose2d"])
+def test_modules(module, forced):
+    """convt_ext.nn's modules with torch's parameters give torch's outputs and gradients."""
+    torch.manual_seed(9)
+    kwargs = dict(kernel_size=3, stride=2, padding=1, groups=8, dtype=torch.float64)
+    if module == "ConvTranspose2d":
+        kwargs["output_padding"] = 1
+    theirs_m = getattr(torch.nn, module)(8, 16, **kwargs)
+    ours_m = getattr(convt_ext.nn, module)(8, 16, **kwargs)
+    ours_m.load_state_dict(theirs_m.state_dict())
+    x = torch.randn(3, 8, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with Ran() as ran:
+        out = ours_m(x)
+    assert_ran(ran, forced, 1, module)
+    want = theirs_m(x)
+    dy = torch.randn_like(want)
+    got = torch.autograd.grad(out, list(ours_m.parameters()), dy)
+    expect = torch.autograd.grad(want, list(theirs_m.parameters()), dy)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-11)
+
+
+# ------------------------------------------------------------------ 6. the same values on every path
+
+
+PATH_CASES = [
+    Case("conv", "dw1", 2, 16, 16, 16, (13, 11), (3, 3), (2, 2), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw2", 2, 8, 16, 8, (12, 9), (3, 5), (1, 2), (1, 2), (1, 1)),
+    Case("conv", "dw1", 3, 12, 12, 12, (40,), (5,), (1,), (4,), (2,), bias=False),
+    Case("conv", "dw1", 1, 6, 6, 6, (5, 6, 7), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 2, 16, 16, 16, (7, 8), (4, 4), (2, 2), (1, 1), (1, 1), (0, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw3", 2, 4, 12, 4, (9,), (3,), (3,), (1,), (1,), (2,)),
+]
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=str)
+def test_every_path_agrees_with_torch(case):
+    x, w, b, _ = _tensors(case, torch.float32)
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    absolute = lambda t: None if t is None else t.double().abs()  # noqa: E731
+    want = theirs(case, up(x), up(w), up(b))
+    mag = theirs(case, absolute(x), absolute(w), absolute(b))
+    outs = {}
+    for setting in ("depthwise", "columns", "auto"):
+        with (forced_path() if setting == "depthwise" else conv_path(setting)) as key, Ran() as ran:
+            outs[setting] = ours(case, x, w, b)
+        if setting == "depthwise":
+            assert_ran(ran, key, 1, f"{case} forced")
+        elif setting == "columns":
+            assert_ran(ran, "columns", 1, f"{case} columns")
+        assert_within(outs[setting], want, mag, case.reduction * EPS32, f"{case} on {setting!r}")
+    for setting in ("columns", "auto"):
+        assert_within(outs[setting], outs["depthwise"].double(), mag, 2 * case.reduction * EPS32,
+                      f"{case}: {setting!r} against 'depthwise'")
+
+
+# ------------------------------------------------------------------ the case table itself
+
+
+def test_the_case_table_covers_what_it_claims():
+    """Every (op, dims, format, kind) has cases; each op and dims sees every
+    stride, both dilations, zero and wide padding, both batches, with and
+    without bias; 2-d and 3-d see per-dimension strides; conv_transpose sees
+    output_padding, also at or past the stride (where the dilation allows)."""
+    tally = _tally(CASES)
+    assert 150 <= len(CASES) <= 300, len(CASES)
+    for op in OPS:
+        for dims in (1, 2, 3):
+            for fmt in _formats(dims):
+                group = [c for c in CASES if (c.op, c.dims, c.fmt) == (op, dims, fmt)]
+                assert tally[(op, dims, fmt)] == len(group) >= 10
+                assert {c.kind for c in group} == set(KINDS), (op, dims, fmt)
+            group = [c for c in CASES if (c.op, c.dims) == (op, dims)]
+            every = lambda attr: {v for c in group for v in getattr(c, attr)}  # noqa: E731
+            assert every("stride") == {1, 2, 3}, (op, dims)
+            assert every("dilation") == {1, 2}, (op, dims)
+            assert 0 in every("padding")
+            assert any(p > k // 2 for c in group for p, k in zip(c.padding, c.kernel)), (op, dims)
+            assert any(n % 2 == 1 and n > 1 for c in group for n in c.size), (op, dims)  # odd sizes
+            assert {c.n for c in group} == {1, 3}
+            assert {c.bias for c in group} == {True, False}
+            assert {c.out_per_group for c in group if c.kind.startswith("dw")} == {1, 2, 3}
+            assert {c.in_per_group for c in group if c.kind.startswith("g")} == {2, 4}
+            if dims > 1:
+                assert any(len(set(c.stride)) > 1 for c in group), (op, dims)
+                assert any(c.weight_cl for c in group)
+            if op == "conv_transpose":
+                assert any(any(c.output_padding) for c in group), dims
+                assert any(o >= s for c in group for o, s in zip(c.output_padding, c.stride)), dims
+                assert all(o < max(s, d) for c in group for o, s, d in zip(c.output_padding, c.stride, c.dilation))
+    assert all(c.n >= 1 and min(c.out_size) >= 1 for c in CASES)
+    assert all(c.forward_in_domain and c.backward_in_domain for c in CASES)
+    assert {c.in_per_group for c in BOUNDARY} == {LIMIT, LIMIT + 1}
+
+
+if __name__ == "__main__":  # the case table: python tests/test_depthwise.py
+    for c in CASES:
+        print(c)
+    for key, count in sorted(_tally(CASES).items()):
+        print(*key, count)
+    print("total", len(CASES))
+
+
+@pytest.mark.parametrize("op,cuda,ci,cw,wins", [
+    # The CPU's vector loops: one channel per group on both sides, every op.
+    ("conv", False, 1, 1, True), ("conv_transpose", False, 1, 1, True),
+    ("conv_weight", False, 1, 1, True), ("conv_transpose_backward", False, 1, 1, True),
+    # Multipliers and few channels per group run the element loops, which the GEMMs beat.
+    ("conv", False, 1, 2, False), ("conv_transpose", False, 2, 1, False), ("conv", False, 4, 4, False),
+    # A GPU: forward ops with one channel per group on the summed side; never the weight gradient.
+    ("conv", True, 1, 3, True), ("conv", True, 2, 1, False), ("conv_transpose", True, 3, 1, True),
+    ("conv_transpose", True, 1, 2, False), ("conv_weight", True, 1, 1, False),
+    ("conv_transpose_backward", True, 1, 1, False),
+])
+def test_depthwise_rule_table(op, cuda, ci, cw, wins):
+    """The "auto" rule of the depthwise path as a table (csrc/conv/depthwise.cpp)."""
+    assert convt_ext._C.depthwise_rule(op, cuda, ci, cw) is wins
+
+
+def test_depthwise_loops_follow_the_cpu_capability():
+    """The vector loops' build follows torch's capability (capped by ATEN_CPU_CAPABILITY,
+    which .ci/run sets to run the other builds)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    isa = convt_ext.engine_info()["path"]["depthwise_isa"]
+    assert isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default") or (cap == "AVX512" and isa == "avx2")
