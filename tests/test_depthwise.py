@@ -16,7 +16,6 @@ convt_ext; the reference calls are checked to run no convt_ext call.
 """
 import dataclasses
 import math
-import os
 import random
 from contextlib import contextmanager
 
@@ -28,8 +27,6 @@ from torch.autograd import gradcheck, gradgradcheck
 import convt_ext
 from convt_ext import functional as CF
 
-# DW_TESTS_DRYRUN=1: where set_conv_path("depthwise") is refused (no path yet), run on "columns", counting its calls.
-DRYRUN = os.environ.get("DW_TESTS_DRYRUN") == "1"
 
 DW = "depthwise"
 LIMIT = 16  # the most reduction channels per group the depthwise path takes (conv, conv_transpose)
@@ -91,14 +88,8 @@ def conv_path(setting):
 
 def _force_depthwise():
     """Sets the depthwise path; returns the key of the path that will run."""
-    try:
-        convt_ext.set_conv_path(DW)
-        return DW
-    except ValueError as error:
-        if not DRYRUN:
-            pytest.fail(f"set_conv_path({DW!r}) raised {error!r}: the depthwise path is missing", pytrace=False)
-    convt_ext.set_conv_path("columns")
-    return "columns"
+    convt_ext.set_conv_path(DW)
+    return DW
 
 
 @contextmanager
@@ -635,8 +626,6 @@ def test_auto_matches_torch_on_a_mobilenet_layer():
 
 def test_auto_runs_depthwise_on_a_mobilenet_layer():
     """The rule picks the depthwise path for a depthwise float32 layer with multiplier 1."""
-    if DRYRUN:
-        pytest.skip("DW_TESTS_DRYRUN: no depthwise path for the rule to pick")
     gen = torch.Generator().manual_seed(32)
     x = torch.randn(2, 32, 17, 17, generator=gen)
     w = torch.randn(32, 1, 3, 3, generator=gen)
@@ -773,3 +762,67 @@ def test_depthwise_loops_follow_the_cpu_capability():
     cap = torch.backends.cpu.get_cpu_capability()
     isa = convt_ext.engine_info()["path"]["depthwise_isa"]
     assert isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default") or (cap == "AVX512" and isa == "avx2")
+
+
+def _vector_loop_cases():
+    """Depthwise layers with multiplier 1, the CPU's vector loops (pixel memory and planar):
+    random strides, padding (up to beyond the kernel), dilation and output_padding in 1-3 d,
+    channel counts on both sides of a vector (8 doubles), batch 1-2, never empty."""
+    rnd = random.Random(2912)
+    cases = []
+    for i in range(72):
+        d = (1, 2, 3)[i % 3]
+        k = [rnd.randint(1, 5 if d < 3 else 3) for _ in range(d)]
+        dil = [rnd.randint(1, 2) for _ in range(d)]
+        stride = [rnd.randint(1, 3) for _ in range(d)]
+        pad = [rnd.randint(0, dil[j] * (k[j] - 1) + 1) for j in range(d)]
+        size = [rnd.randint(max(1, dil[j] * (k[j] - 1) + 1 - 2 * pad[j]), 7 if d == 3 else 13) for j in range(d)]
+        channels = (3, 8, 19, 40)[i % 4]
+        channels_last = d > 1 and (i // 3) % 2 == 1
+        cases.append((d, 1 + i % 2, channels, size, k, dil, pad, stride, channels_last))
+    return cases
+
+
+VECTOR_LOOP_CASES = _vector_loop_cases()
+
+
+def test_vector_loop_cases_cover_both_layouts_and_every_dimension():
+    assert {(c[0], c[8]) for c in VECTOR_LOOP_CASES} == {(1, False), (2, False), (2, True), (3, False), (3, True)}
+    assert any(max(c[7]) > 1 for c in VECTOR_LOOP_CASES if c[8]) and any(max(c[7]) > 1 for c in VECTOR_LOOP_CASES if not c[8])
+    assert all(c[1] > 0 for c in VECTOR_LOOP_CASES)
+
+
+@pytest.mark.parametrize("case", VECTOR_LOOP_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-s{c[7]}-{'cl' if c[8] else 'planar'}")
+def test_vector_loops_match_torch(case):
+    """conv, conv_transpose (with the output_padding that gives back the input's shape) and
+    every gradient of both, on the depthwise path in float64, against torch."""
+    d, n, c, size, k, dil, pad, stride, channels_last = case
+    g = torch.Generator().manual_seed(VECTOR_LOOP_CASES.index(case))
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(d) if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, *size, dtype=torch.float64, generator=g).to(memory_format=fmt)
+    w = torch.randn(c, 1, *k, dtype=torch.float64, generator=g)
+    b = torch.randn(c, dtype=torch.float64, generator=g)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+    ours, ours_t = (getattr(CF, f"conv{d}d"), getattr(CF, f"conv_transpose{d}d"))
+    adj = [(size[j] + 2 * pad[j] - dil[j] * (k[j] - 1) - 1) % stride[j] for j in range(d)]
+    y_ref = conv(x, w, b, stride, pad, dil, c)
+    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=g).to(memory_format=fmt)
+    for direct in (True, False):
+        leaves = [(x if direct else dy).clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+        if direct:
+            want_fn = lambda a, ww, bb: conv(a, ww, bb, stride, pad, dil, c)  # noqa: E731
+            got_fn = lambda a, ww, bb: ours(a, ww, bb, stride, pad, dil, c)  # noqa: E731
+        else:
+            want_fn = lambda a, ww, bb: conv_t(a, ww, bb, stride, pad, adj, c, dil)  # noqa: E731
+            got_fn = lambda a, ww, bb: ours_t(a, ww, bb, stride, pad, adj, c, dil)  # noqa: E731
+        want = want_fn(*leaves)
+        upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        want_grads = torch.autograd.grad(want, leaves, upstream)
+        with forced_path(), Ran() as ran:
+            got = got_fn(*leaves)
+            got_grads = torch.autograd.grad(got, leaves, upstream)
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+        for a, e in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-10)
+        assert ran[DW] >= 2 and ran.total == ran[DW], ran.delta  # forward, then the backward op(s)

@@ -1,8 +1,11 @@
 // The depthwise path's CPU kernels (the private ops _depthwise_into and
-// _depthwise_weight_into, ../kernels.h): vector loops for depthwise layers
-// with one output channel per input channel, in pixel (channels-last) or
-// planar memory; the element functions of ../depthwise_elements.h for the
-// rest (channel multipliers, a few channels per group, mixed layouts).
+// _depthwise_weight_into, ../kernels.h): vector loops over the relation of
+// ../im2col.h, for depthwise layers with one output channel per input
+// channel in pixel (channels-last) memory (vectors across channels), and for
+// every grouped layer in planar memory (vectors along the plane: Note [Phase
+// planes], Note [conv_transpose by output phases]). The element functions of
+// ../depthwise_elements.h are the GPU's; the CPU runs them in the tests'
+// emulation.
 //
 // Note [One loop, three instruction sets]
 // torch's extensions are compiled for the baseline x86-64 ISA, so a plain
@@ -25,19 +28,18 @@
 #include <string>
 #include <vector>
 
-#include "../depthwise_elements.h"
 #include "../dtypes.h"
 #include "../gemm.h"
-#include "../grid.h"
+#include "../im2col.h"
+#include "../kernels.h"
 
 namespace convt_ext {
 namespace {
 
-// Along the last dimension, one tap's reads as a segment of the relation:
-// output positions a0 + sa*t read input positions b0 + sb*t, t < count
-// (conv: sa = 1, sb = s; conv_transpose: sa = s, sb = 1).
+// Along the last dimension, one tap's reads in conv's direction: window
+// positions a0 + t read image positions b0 + sb*t, t < count.
 struct Segment {
-  int64_t a0 = 0, b0 = 0, count = 0, sa = 1, sb = 1;
+  int64_t a0 = 0, b0 = 0, count = 0, sb = 1;
 };
 
 // The relation (*) of one call, precomputed once (as CUTLASS's iterators
@@ -48,7 +50,7 @@ struct Segment {
 struct Relation {
   int64_t batch = 0, out[3] = {}, in[3] = {}, kernel[3] = {}, stride[3] = {}, padding[3] = {}, dilation[3] = {};
   std::vector<int64_t> tables[3];
-  std::vector<Segment> segments;  // per k2
+  std::vector<Segment> segments;  // per k2, conv's direction only
   int64_t at(int d, int64_t a, int64_t k) const { return tables[d][a * kernel[d] + k]; }
   const int64_t* table(int d) const { return tables[d].data(); }
 };
@@ -78,23 +80,88 @@ Relation make_relation(const Window3& w, bool transposed) {
       }
     }
   }
+  if (transposed) return r;
   const int64_t s = w.stride[2], p = w.padding[2], dil = w.dilation[2];
   r.segments.resize(w.kernel[2]);
   for (int64_t k = 0; k < w.kernel[2]; ++k) {
-    Segment& g = r.segments[k];
-    if (!transposed) {
-      int64_t lo, hi;
-      taps_inside(w.image[2], w.windows[2], k, s, p, dil, &lo, &hi);
-      g = {lo, tap<int64_t>(lo, k, s, p, dil), hi - lo, 1, s};
-      continue;
-    }
-    // The first image position whose window at tap k exists, then every s-th.
-    const int64_t base = std::max<int64_t>(0, k * dil - p);
-    const int64_t a = base + (((k * dil - p - base) % s) + s) % s;
-    const int64_t o = a < w.image[2] ? window_at<int64_t>(a, k, s, p, dil, w.windows[2]) : -1;
-    if (o >= 0) g = {a, o, std::min((w.image[2] - a + s - 1) / s, w.windows[2] - o), s, 1};
+    int64_t lo, hi;
+    taps_inside(w.image[2], w.windows[2], k, s, p, dil, &lo, &hi);
+    r.segments[k] = {lo, tap<int64_t>(lo, k, s, p, dil), hi - lo, s};
   }
   return r;
+}
+
+// Note [conv_transpose by output phases]
+// The guide's recipe, per output phase: conv_transpose at stride s is, for
+// the output pixels i = s*t + r of one phase r, a stride-1 sum over the taps
+// k with (r + p - k*d) divisible by s of the input at t + e, e = (r + p -
+// k*d) / s (window_at read along a whole phase). So each phase is a direct
+// convolution of the zero-padded input plane with the phase's taps (the
+// kernel's s-th taps, read in reverse: the rotated kernel), whose output goes
+// to every s-th pixel. In planar memory the padded input, in rows of Wp,
+// makes each tap one contiguous multiply-add over the phase (as Note [Phase
+// planes] does for conv); the columns past the phase's T2 are dropped.
+// A call's groups, and the channels per group of its image (ci) and window (cw) sides.
+struct Groups {
+  int64_t groups, ci, cw;
+};
+
+struct OutputPhase {
+  int64_t r1, r2, T1, T2;
+  // Its taps (k1 * K2 + k2), their input offsets per dimension, and their
+  // offsets in a padded slice.
+  std::vector<int64_t> k, e1, e2, off;
+};
+struct OutputPhases {
+  int64_t s1 = 1, s2 = 1, lo1 = 0, lo2 = 0, Wp = 0, slab = 0, slack = 0, span = 0;
+  std::vector<OutputPhase> phases;
+};
+
+OutputPhases output_phases(const Window3& w) {
+  OutputPhases plan;
+  plan.s1 = w.stride[1];
+  plan.s2 = w.stride[2];
+  // The input offset e of tap k at phase r, when the tap reaches the phase.
+  const auto offset = [&](int d, int64_t r, int64_t k, int64_t* e) {
+    const int64_t t = r + w.padding[d] - k * w.dilation[d];
+    if (((t % w.stride[d]) + w.stride[d]) % w.stride[d] != 0) return false;
+    *e = t / w.stride[d];
+    return true;
+  };
+  int64_t hi1 = w.windows[1], hi2 = w.windows[2];  // rows and columns the padded slice needs
+  for (int64_t r1 = 0; r1 < std::min(plan.s1, w.image[1]); ++r1) {
+    for (int64_t r2 = 0; r2 < std::min(plan.s2, w.image[2]); ++r2) {
+      OutputPhase ph{r1, r2, (w.image[1] - r1 + plan.s1 - 1) / plan.s1, (w.image[2] - r2 + plan.s2 - 1) / plan.s2,
+                     {}, {}};
+      for (int64_t k1 = 0; k1 < w.kernel[1]; ++k1) {
+        int64_t e1, e2;
+        if (!offset(1, r1, k1, &e1)) continue;
+        for (int64_t k2 = 0; k2 < w.kernel[2]; ++k2) {
+          if (!offset(2, r2, k2, &e2)) continue;
+          ph.k.push_back(k1 * w.kernel[2] + k2);
+          ph.e1.push_back(e1);
+          ph.e2.push_back(e2);
+          plan.lo1 = std::max(plan.lo1, -e1);
+          plan.lo2 = std::max(plan.lo2, -e2);
+          hi1 = std::max(hi1, ph.T1 + e1);
+          hi2 = std::max(hi2, ph.T2 + e2);
+        }
+      }
+      plan.phases.push_back(std::move(ph));
+    }
+  }
+  plan.Wp = plan.lo2 + hi2;
+  plan.slab = (plan.lo1 + hi1) * plan.Wp;
+  int64_t reach = 0;
+  for (OutputPhase& ph : plan.phases) {
+    for (size_t i = 0; i < ph.k.size(); ++i) {
+      ph.off.push_back((ph.e1[i] + plan.lo1) * plan.Wp + ph.e2[i] + plan.lo2);
+      reach = std::max(reach, ph.e2[i] + plan.lo2);
+    }
+    plan.span = std::max(plan.span, ph.T1 * plan.Wp);
+  }
+  plan.slack = plan.Wp + reach + 1;
+  return plan;
 }
 
 }  // namespace
@@ -182,22 +249,22 @@ void gather_pixels(const T* x, const T* w, const T* bias, T* y, const Relation& 
   CONVT_DW_CALL(gather_pixels<T>, x, w, bias, y, rel, C, r0, r1)
 }
 template <typename T>
-void gather_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, int64_t C,
-                   int64_t r0, int64_t r1) {
-  CONVT_DW_CALL(gather_planar<T>, x, w, bias, y, rel, C, r0, r1)
+void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const Groups& gr, int64_t t0,
+                 int64_t t1) {
+  CONVT_DW_CALL(conv_planar<T>, x, w, bias, y, rel, gr, t0, t1)
 }
 template <typename T>
-void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, int64_t C, int64_t p0,
-                 int64_t p1) {
-  CONVT_DW_CALL(conv_planar<T>, x, w, bias, y, rel, C, p0, p1)
+void transpose_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const OutputPhases& plan,
+                      const Groups& gr, int64_t t0, int64_t t1) {
+  CONVT_DW_CALL(transpose_planar<T>, x, w, bias, y, rel, plan, gr, t0, t1)
 }
 template <typename T>
 void weight_pixels(const T* x, const T* dy, T* dw, const Relation& rel, int64_t C, int64_t b0, int64_t b1) {
   CONVT_DW_CALL(weight_pixels<T>, x, dy, dw, rel, C, b0, b1)
 }
 template <typename T>
-void weight_planar(const T* x, const T* dy, T* dw, const Relation& rel, int64_t C, int64_t c0, int64_t c1) {
-  CONVT_DW_CALL(weight_planar<T>, x, dy, dw, rel, C, c0, c1)
+void weight_planar(const T* x, const T* dy, T* dw, const Relation& rel, const Groups& gr, int64_t g0, int64_t g1) {
+  CONVT_DW_CALL(weight_planar<T>, x, dy, dw, rel, gr, g0, g1)
 }
 
 // (N, C, S0, S1, S2) in pixel memory.
@@ -235,113 +302,80 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? data_as<T>(t) : nullptr;
 }
 
-// The element functions over every output element, in parallel.
-template <typename F>
-void each_element(int64_t total, int64_t work, const F& element) {
-  at::parallel_for(0, total, grain(work), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) element(i);
-  });
-}
-
-void depthwise_generic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                       const at::Tensor& out, const Window3& w, int64_t groups, bool transposed) {
-  const int64_t cw = weight.size(0) / groups, ci = weight.size(1);
-  dispatch_sum(out.scalar_type(), "depthwise", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
-                  std::is_same_v<scalar_t, at::BFloat16>) {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto a = transposed ? depthwise_args<scalar_t, int64_t>(at::Tensor(), input, weight, bias, out, groups)
-                                : depthwise_args<scalar_t, int64_t>(input, at::Tensor(), weight, bias, out, groups);
-      each_element(out.numel(), (transposed ? cw : ci) * w.kernel_numel(), [&](int64_t i) {
-        depthwise_element<scalar_t, acc_t, int64_t>(transposed ? 1 : 0, a, w, out.size(1), i);
-      });
-    } else {
-      TORCH_CHECK_TYPE(false, "depthwise: no kernel for dtype ", out.scalar_type());
-    }
-  });
-}
-
 // _depthwise_into: conv (image -> windows) or conv_transpose (windows ->
 // image, `transposed`), all tensors lifted to three spatial dimensions.
+// Depthwise layers with multiplier 1 in pixel memory run the pixel loops;
+// everything else the planar loops, on planar copies where it is not planar.
 void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_arg,
                    const at::Tensor& out, at::IntArrayRef window, int64_t groups, bool transposed) {
   const Window3 w = unpack_window(window);
   if (out.numel() == 0) return;
   const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
-  const int layout = shared_layout(input, out);
-  const bool diagonal = weight.size(1) == 1 && weight.size(0) == groups && input.size(1) == groups;
-  if (!diagonal || layout < 0) return depthwise_generic(input, weight, bias, out, w, groups, transposed);
+  const Groups gr{groups, weight.size(1), weight.size(0) / groups};
   const Relation rel = make_relation(w, transposed);
-  const int64_t C = groups, K = w.kernel_numel();
-  // Pixel memory reads the weight tap-major, (K, C); planar per channel, (C, K).
-  const at::Tensor wt = layout == 1 ? weight.reshape({C, K}).t().contiguous() : weight.reshape({C, K}).contiguous();
-  in_loop_type({input, wt, bias}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
+  const int64_t K = w.kernel_numel();
+  if (gr.ci == 1 && gr.cw == 1 && shared_layout(input, out) == 1) {
+    // Pixel memory reads the weight tap-major, (K, C).
+    const at::Tensor wt = weight.reshape({groups, K}).t().contiguous();
+    in_loop_type({input, wt, bias}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
+      using T = typename decltype(tag)::type;
+      const int64_t rows = rel.batch * rel.out[0] * rel.out[1];
+      at::parallel_for(0, rows, grain(rel.out[2] * groups * K), [&](int64_t r0, int64_t r1) {
+        gather_pixels<T>(data_as<T>(t[0]), data_as<T>(t[1]), ptr_or_null<T>(t[2]), mutable_data_as<T>(y), rel,
+                         groups, r0, r1);
+      });
+    });
+    return;
+  }
+  const at::Tensor y = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * K * (transposed ? gr.cw * gr.ci : gr.ci * gr.cw);
+  const OutputPhases plan = transposed ? output_phases(w) : OutputPhases{};
+  in_loop_type({input.contiguous(), weight.contiguous(), bias}, y,
+               [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& yt) {
     using T = typename decltype(tag)::type;
     const T *x = data_as<T>(t[0]), *wp = data_as<T>(t[1]), *b = ptr_or_null<T>(t[2]);
-    T* yp = mutable_data_as<T>(y);
-    if (layout == 1) {
-      const int64_t rows = rel.batch * rel.out[0] * rel.out[1];
-      at::parallel_for(0, rows, grain(rel.out[2] * C * K), [&](int64_t r0, int64_t r1) {
-        gather_pixels<T>(x, wp, b, yp, rel, C, r0, r1);
-      });
-    } else if (!transposed) {
-      // Note [Phase planes] in depthwise_loops.inc.
-      at::parallel_for(0, rel.batch * C, grain(rel.out[0] * rel.out[1] * rel.out[2] * K), [&](int64_t p0, int64_t p1) {
-        conv_planar<T>(x, wp, b, yp, rel, C, p0, p1);
-      });
-    } else {
-      const int64_t rows = rel.batch * C * rel.out[0];
-      at::parallel_for(0, rows, grain(rel.out[1] * rel.out[2] * K), [&](int64_t r0, int64_t r1) {
-        gather_planar<T>(x, wp, b, yp, rel, C, r0, r1);
-      });
-    }
+    T* yp = mutable_data_as<T>(yt);
+    at::parallel_for(0, rel.batch * groups, grain(work), [&](int64_t t0, int64_t t1) {
+      if (transposed) {
+        transpose_planar<T>(x, wp, b, yp, rel, plan, gr, t0, t1);  // Note [conv_transpose by output phases]
+      } else {
+        conv_planar<T>(x, wp, b, yp, rel, gr, t0, t1);  // Note [Phase planes]
+      }
+    });
   });
+  if (!y.is_same(out)) out.copy_(y);
 }
 
 // _depthwise_weight_into: the weight gradient (C_w, ci, k0, k1, k2) from the
-// image and the windows' gradient, lifted.
+// image and the windows' gradient, lifted; pixel or planar loops as above.
 void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, const at::Tensor& grad_weight,
                           at::IntArrayRef window, int64_t groups) {
   const Window3 w = unpack_window(window);
   if (grad_weight.numel() == 0) return;
-  const int layout = shared_layout(image, windows);
-  const bool diagonal = grad_weight.size(1) == 1 && grad_weight.size(0) == groups && image.size(1) == groups;
-  if (!diagonal || layout < 0 || !grad_weight.is_contiguous()) {
-    dispatch_sum(grad_weight.scalar_type(), "depthwise_weight", [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
-                    std::is_same_v<scalar_t, at::BFloat16>) {
-        const auto a = depthwise_args<scalar_t, int64_t>(image, windows, at::Tensor(), at::Tensor(), grad_weight, groups);
-        each_element(grad_weight.numel(), w.batch * w.window_numel(), [&](int64_t i) {
-          depthwise_element<scalar_t, at::opmath_type<scalar_t>, int64_t>(2, a, w, 0, i);
-        });
-      } else {
-        TORCH_CHECK_TYPE(false, "depthwise_weight: no kernel for dtype ", grad_weight.scalar_type());
-      }
+  const Groups gr{groups, grad_weight.size(1), grad_weight.size(0) / groups};
+  const Relation rel = make_relation(w, false);
+  const int64_t K = w.kernel_numel(), work = rel.batch * rel.out[0] * rel.out[1] * rel.out[2] * K;
+  if (gr.ci == 1 && gr.cw == 1 && shared_layout(image, windows) == 1) {
+    const at::Tensor dw = at::empty({K, groups}, grad_weight.options());  // tap-major
+    in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
+      using T = typename decltype(tag)::type;
+      const int64_t L = 64 / sizeof(T), blocks = (groups + L - 1) / L;
+      at::parallel_for(0, blocks, grain(work * L), [&](int64_t b0, int64_t b1) {
+        weight_pixels<T>(data_as<T>(t[0]), data_as<T>(t[1]), mutable_data_as<T>(out), rel, groups, b0, b1);
+      });
     });
+    grad_weight.view({groups, K}).copy_(dw.t());
     return;
   }
-  const Relation rel = make_relation(w, false);
-  const int64_t C = groups, K = w.kernel_numel();
-  const at::Tensor dw = layout == 1 ? at::empty({K, C}, grad_weight.options()) : grad_weight.view({C, K});
-  in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
+  const at::Tensor dw = grad_weight.is_contiguous() ? grad_weight : at::empty(grad_weight.sizes(), grad_weight.options());
+  in_loop_type({image.contiguous(), windows.contiguous()}, dw,
+               [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
     using T = typename decltype(tag)::type;
-    const T *x = data_as<T>(t[0]), *dy = data_as<T>(t[1]);
-    T* d = mutable_data_as<T>(out);
-    const int64_t work = rel.batch * rel.out[0] * rel.out[1] * rel.out[2] * K;
-    if (layout == 1) {
-      const int64_t L = 64 / sizeof(T), blocks = (C + L - 1) / L;
-      at::parallel_for(0, blocks, grain(work * L), [&](int64_t b0, int64_t b1) {
-        weight_pixels<T>(x, dy, d, rel, C, b0, b1);
-      });
-    } else {
-      at::parallel_for(0, C, grain(work), [&](int64_t c0, int64_t c1) {
-        weight_planar<T>(x, dy, d, rel, C, c0, c1);
-      });
-    }
+    at::parallel_for(0, groups, grain(work * gr.ci * gr.cw), [&](int64_t g0, int64_t g1) {
+      weight_planar<T>(data_as<T>(t[0]), data_as<T>(t[1]), mutable_data_as<T>(out), rel, gr, g0, g1);
+    });
   });
-  if (layout == 1) grad_weight.view({C, K}).copy_(dw.t());
+  if (!dw.is_same(grad_weight)) grad_weight.copy_(dw);
 }
 
 }  // namespace
