@@ -16,8 +16,10 @@ arithmetic for deep learning" (Dumoulin & Visin), section 4.1:
    each side plus output_padding on the high side, and in/out channels
    swapped per group).
 
-Then it goes through stride with zero insertion and output_padding, and a
-dilated, grouped case, in the geometry the flags choose. ``--dims 1`` and
+Then it goes through stride with zero insertion and output_padding, a
+dilated, grouped case, and a depthwise layer (groups = channels: ``C`` is
+block-diagonal, each tap a strided view times a diagonal), in the geometry
+the flags choose. ``--dims 1`` and
 ``--dims 3`` make the same claims about conv1d / conv3d (the geometry applies
 to every spatial axis; the guide's example becomes 4 → 2 pixels with a
 3-tap kernel, or 4×4×4 → 2×2×2 with a 3×3×3 kernel). Every claim is
@@ -530,6 +532,82 @@ def dilated_grouped(wt, gen, kernel, stride, padding, dilation, size, groups=2, 
         )
 
 
+def depthwise(wt, gen, kernel, stride, padding, dilation, size, channels=3, dm=None):
+    """A depthwise layer (groups = C_in = C_out): C is block-diagonal over
+    channels, and the depthwise path is im2col's view times a diagonal (Note
+    [Depthwise as a diagonal] in csrc/depthwise_elements.h)."""
+    from . import conv_path, engine_info, set_conv_path
+    from .functional import im2col_view
+
+    dm = dm or Dims(2)
+    conv, tconv = dm.conv, dm.tconv
+    k, s, p, d, i, n = kernel, stride, padding, dilation, size, channels
+    wt.section(f"4. Depthwise: C is block-diagonal, a view times a diagonal (groups = {n}; k={k}, s={s}, p={p}, d={d}, i={i})")
+    o = _geometry.window_count(i, k, s, p, d)
+    a = _dropped(k, s, p, d, i)
+    w = torch.randn(n, 1, *dm.shape(k), generator=gen, dtype=DTYPE)
+    x = torch.randn(1, n, *dm.shape(i), generator=gen, dtype=DTYPE)
+    y = torch.randint(1, 10, (1, n, *dm.shape(o)), generator=gen).to(DTYPE)
+    L, N = o**dm.n, i**dm.n
+    wt.say(f"  Depthwise: groups = C_in = C_out = {n}, weight {_size(w)}. Each channel has its own kernel,")
+    wt.say("  and each output channel reads only its own input channel.")
+    C = conv_matrix(w, dm.shape(i), s, p, d, n).coalesce()
+    rows, cols = C.indices()
+    counts = torch.zeros(n, n, dtype=DTYPE).index_put_((rows // L, cols // N), torch.ones(rows.numel(), dtype=DTYPE), accumulate=True)
+    wt.say(f"  C = conv_matrix(w, {dm.shape(i)}, {s}, {p}, {d}, groups={n}) is {C.shape[0]}×{C.shape[1]}: {n}×{n} blocks of {L}×{N}.")
+    wt.matrix("nonzeros per block (output channel, input channel)", counts)
+    wt.claim(f"C is block-diagonal: none of its {C._nnz()} nonzeros couples two channels", bool(torch.all(rows // L == cols // N)))
+    own = True
+    for c in range(n):
+        inside = (rows // L == c) & (cols // N == c)
+        block = torch.sparse_coo_tensor(torch.stack((rows[inside] - c * L, cols[inside] - c * N)), C.values()[inside], (L, N), check_invariants=True)
+        single = conv_matrix(w[c:c + 1], dm.shape(i), s, p, d)
+        own = own and single.shape == block.shape and bool(torch.all((block - single).coalesce().values().abs() <= 1e-10))
+    wt.claim(f"its diagonal block c is conv_matrix(w[c:c+1]), channel c's own single-channel {L}×{N} matrix", own)
+    wt.say("  So no GEMM is left: each channel's output is its own column block times one row of taps.")
+
+    # The depthwise path, forced, on x (planar) and on x in channels-last memory.
+    last = x.movedim(1, -1).contiguous()  # (N, *spatial, C) in memory
+    x_last = last.movedim(-1, 1)  # the same x, channels-last strides
+    before = conv_path()
+    try:
+        set_conv_path("depthwise")
+        calls = engine_info()["path"]["calls"]["depthwise"]
+        out = dm.lib(conv)(x, w, None, s, p, d, n)
+        back = dm.lib(tconv)(y, w, None, s, p, a, n, d)
+        out_last = dm.lib(conv)(x_last, w, None, s, p, d, n)
+        ran = engine_info()["path"]["calls"]["depthwise"] - calls
+    finally:
+        set_conv_path(before)
+    wt.say()
+    wt.say(f"  Forced onto the depthwise path ({ran} calls: a sum over taps per output element, no GEMM), in float64:")
+    wt.claim(f"convt_ext.{conv} on the depthwise path = C·x", ran == 3 and _same(out.flatten(), C @ x.flatten()))
+    wt.claim(
+        f"convt_ext.{tconv} on the depthwise path = Cᵀ·y: col2im's gather, channel by channel",
+        ran == 3 and _same(back.flatten(), C.t() @ y.flatten()),
+    )
+
+    # im2col as a view, times a diagonal.
+    padded = F.pad(last, (0, 0) + (p, p) * dm.n).movedim(-1, 1)  # channels-last, padded once: im2col_view has no padding
+    view = im2col_view(padded, dm.shape(k), d, s)  # (1, C, *k, *windows)
+    strides = tuple(s * padded.stride(2 + axis) for axis in range(dm.n))
+    total, shared = torch.zeros(1, *dm.shape(o), n, dtype=DTYPE), True
+    for tap in itertools.product(range(k), repeat=dm.n):
+        block = view[(slice(None), slice(None)) + tap]  # (1, C, *windows): tap's column block
+        shared = shared and block.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
+        shared = shared and block.stride(1) == 1 and block.stride()[2:] == strides
+        diagonal = torch.diag(w[(slice(None), 0) + tap])  # C×C: each channel times its own tap weight
+        total += block.movedim(1, -1) @ diagonal
+    wt.say(f"  In channels-last memory (padded once), tap j's column block is a strided view of x: {L} windows")
+    wt.say(f"  of C = {n} consecutive channels, window strides {strides} (s·C = {s * n} on the last axis).")
+    wt.say("  Depthwise multiplies that view by a diagonal: each channel by its own weight at tap j.")
+    wt.claim("every tap's block of im2col_view(x) copies nothing: channels at stride 1, windows s·(x's strides) apart", shared)
+    wt.claim(
+        f"the sum over the {k**dm.n} taps of view_j·diag(w[:, 0, j]) is {conv} on the depthwise path (channels-last x)",
+        ran == 3 and _same(total.movedim(-1, 1), out_last),
+    )
+
+
 # ---------------------------------------------------------------- entry points
 
 DEFAULTS = dict(kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0, dims=2)
@@ -564,6 +642,7 @@ def run(wt, kernel=3, stride=2, padding=1, dilation=None, size=6, seed=0, dims=2
     guide_example(wt, gen, dm)
     strided(wt, gen, kernel, stride, padding, d2, size, dm)
     dilated_grouped(wt, gen, kernel, stride, padding, d3, size, dm=dm)
+    depthwise(wt, gen, kernel, stride, padding, d2, size, dm=dm)
     return wt.claims
 
 

@@ -8,7 +8,8 @@ relationship it illustrates. Three layers, so that every figure can be
 checked without drawing it:
 
 1. data (:func:`direct_figure`, :func:`transposed_figure`,
-   :func:`example_figure`, :func:`view_figure`): what each figure shows, read
+   :func:`example_figure`, :func:`view_figure`, :func:`depthwise_figure`):
+   what each figure shows, read
    off the nonzeros of :func:`~convt_ext.im2col_matrix` (``U``) and
    :func:`~convt_ext.conv_matrix` (``C``) for the figure's exact arguments, and
    for the transposed figures off the guide's recipe
@@ -36,9 +37,11 @@ from . import _geometry
 from .matrix import conv_matrix, equivalent_conv1d, equivalent_conv2d, equivalent_conv3d, im2col_matrix
 
 __all__ = [
+    "DEPTHWISE",
     "FIGURES",
     "Geometry",
     "SPECS",
+    "depthwise_figure",
     "direct_figure",
     "example_figure",
     "figure_names",
@@ -350,6 +353,76 @@ def view_figure(input_size=VIEW["input_size"], channels=VIEW["channels"], kernel
     )
 
 
+@dataclass(frozen=True)
+class DepthwiseFigure:
+    """A depthwise layer (groups = C_in = C_out = ``channels``, one tap row
+    per channel): ``C = conv_matrix(w, input_size, stride, padding,
+    groups=channels)``, dense, and ``own[c] = conv_matrix(w[c:c+1], ...)``,
+    channel ``c``'s single-channel matrix. Channel ``c``'s kernel holds the
+    labels ``c·K + 1 .. c·K + K`` (``K`` taps), so an entry of ``C`` names
+    its channel and its tap. The figure's point: ``C`` is zero off the
+    diagonal blocks (``off_diagonal == 0``), and ``block(c, c) == own[c]``."""
+
+    channels: int
+    input_size: Tuple[int, int]
+    kernel_size: int
+    stride: int
+    padding: int
+    output_size: Tuple[int, int]
+    C: torch.Tensor = field(repr=False)
+    own: Tuple[torch.Tensor, ...] = field(repr=False)
+
+    @property
+    def taps(self):
+        return self.kernel_size**2
+
+    @property
+    def block_shape(self):
+        """(L, N): one channel's output pixels by its input pixels."""
+        return math.prod(self.output_size), math.prod(self.input_size)
+
+    def block(self, a, b):
+        """The block of ``C`` from input channel ``b`` to output channel ``a``."""
+        L, N = self.block_shape
+        return self.C[a * L:(a + 1) * L, b * N:(b + 1) * N]
+
+    def channel_and_tap(self, label):
+        """An entry of ``C`` as (channel, tap): label c·K + t + 1."""
+        return (int(label) - 1) // self.taps, (int(label) - 1) % self.taps
+
+    @property
+    def off_diagonal(self):
+        """How many nonzeros of ``C`` couple two different channels."""
+        n = self.channels
+        return sum(int(self.block(a, b).count_nonzero()) for a in range(n) for b in range(n) if a != b)
+
+    @property
+    def own_blocks(self):
+        """Whether every diagonal block is its channel's single-channel matrix."""
+        return all(torch.equal(self.block(c, c), self.own[c]) for c in range(self.channels))
+
+
+DEPTHWISE = dict(channels=3, input_size=(4, 4), kernel_size=3, stride=1, padding=1)
+
+
+def depthwise_figure(channels=DEPTHWISE["channels"], input_size=DEPTHWISE["input_size"],
+                     kernel_size=DEPTHWISE["kernel_size"], stride=DEPTHWISE["stride"], padding=DEPTHWISE["padding"]):  # fmt: skip
+    k, K = kernel_size, kernel_size**2
+    w = torch.arange(1, channels * K + 1, dtype=DTYPE).reshape(channels, 1, k, k)
+    C = conv_matrix(w, input_size, stride, padding, 1, channels).to_dense()
+    own = tuple(conv_matrix(w[c:c + 1], input_size, stride, padding).to_dense() for c in range(channels))
+    return DepthwiseFigure(
+        channels=channels,
+        input_size=tuple(input_size),
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        output_size=tuple(_geometry.windows(input_size, (k, k), (stride,) * 2, (padding,) * 2, (1, 1))),
+        C=C,
+        own=own,
+    )
+
+
 # ---------------------------------------------------------------- the figure list
 
 
@@ -360,7 +433,7 @@ class Spec:
 
     name: str
     heading: str
-    kind: str  # direct, transposed, example_C, example_U, view, strips, slices
+    kind: str  # direct, transposed, example_C, example_U, view, depthwise, strips, slices
     number: str = ""
 
     def data(self):
@@ -372,6 +445,8 @@ class Spec:
             return example_figure()
         if self.kind == "view":
             return view_figure()
+        if self.kind == "depthwise":
+            return depthwise_figure()
         if self.kind == "strips":
             return [(direct_figure(g, 1), transposed_figure(g, 1) if len(g.numbers) > 1 else None) for g in FIGURES]
         if self.kind == "slices":
@@ -407,6 +482,14 @@ class Spec:
                 f"im2col as a view: in NHWC memory the column block of one tap is {len(data.pixels)} rows of C = "
                 f"{data.channels} elements, ld = s·C = {data.ld}: no copy"
             )
+        if self.kind == "depthwise":
+            L, N = data.block_shape
+            same = "=" if data.own_blocks else "≠"
+            return (
+                f"Depthwise (groups = C_in = C_out = {data.channels}): C is block-diagonal over channels, "
+                f"{data.off_diagonal} nonzeros off its diagonal blocks; block c {same} conv_matrix(w[c:c+1]), channel c's "
+                f"own {L}×{N} matrix: one row of {data.taps} taps per channel, no GEMM (Cᵀ, conv_transpose, likewise)"
+            )
         if self.kind == "strips":
             return "Every relationship holds per axis: the figures in 1-d, each window a strip, the transpose beside it"
         if self.kind == "slices":
@@ -432,6 +515,7 @@ SPECS = (
         Spec("example_C_and_Ct", "The guide's example (section 4.1): C and Cᵀ", "example_C"),
         Spec("example_U_and_Ut", "The guide's example: U and Uᵀ", "example_U"),
         Spec("im2col_view_nhwc", "im2col as a view of a channels-last input", "view"),
+        Spec("depthwise_block_diagonal", "A depthwise layer: C is block-diagonal over channels", "depthwise"),
         Spec("strips_1d", "The relationships in 1-d", "strips"),
         Spec("slices_3d", "Figure 2.6 in 3-d, slice by slice", "slices"),
     ]
@@ -446,8 +530,9 @@ def figure_names():
 # ---------------------------------------------------------------- 2. scenes (what is drawn, in cell units)
 
 # Cell kinds; paint() gives each a colour.
-PAD, INPUT, TAP, SHADOW, ZERO, OUT, CURRENT, WEIGHT, ONE, EMPTY, ROW, MEMORY, MEMORY_ALT = (
+PAD, INPUT, TAP, SHADOW, ZERO, OUT, CURRENT, WEIGHT, ONE, EMPTY, ROW, MEMORY, MEMORY_ALT, BLOCK = (
     "pad", "input", "tap", "shadow", "zero", "out", "current", "weight", "one", "empty", "row", "memory", "memory_alt",
+    "block",
 )  # fmt: skip
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -698,6 +783,36 @@ def _view_scene(spec, data):
     return sc
 
 
+def _depthwise_scene(spec, data):
+    """The kernels, C with its diagonal blocks shaded, and each channel's own
+    matrix beside its block. Letters: the tap (a..i); the block: the channel."""
+    sc = Scene(spec.heading)
+    n, k, K = data.channels, data.kernel_size, data.taps
+    L, N = data.block_shape
+
+    def kinds_and_labels(M, diagonal):
+        kinds, labels = [], {}
+        for r, row in enumerate(M.long().tolist()):
+            kinds.append([WEIGHT if v else (BLOCK if diagonal(r, c) else EMPTY) for c, v in enumerate(row)])
+            labels.update({(r, c): letter(data.channel_and_tap(v)[1] + 1) for c, v in enumerate(row) if v})
+        return kinds, labels
+
+    for c in range(n):
+        _kernel_grid(sc, 0, 1.5 + c * L + (L - k) / 2, list(range(1, K + 1)), k, f"kernel{c}", f"w[{c}]")
+    x = k + 1.5
+    kinds, labels = kinds_and_labels(data.C, lambda r, c: r // L == c // N)
+    size = f"{data.input_size[0]}, {data.input_size[1]}"
+    sc.add(Text(x + n * N / 2, 0.7, f"C ({n * L}×{n * N}) = conv_matrix(w, ({size}), {data.stride}, {data.padding}, groups={n})"))
+    C = sc.add(Grid(x, 1.5, kinds, labels, role="C"))
+    x = C.x + C.width + 2
+    for c in range(n):
+        kinds, labels = kinds_and_labels(data.own[c], lambda r, col: True)
+        block = sc.add(Grid(x, 1.5 + c * L, kinds, labels, role=f"own{c}"))
+        sc.add(Text(block.x + N + 0.6, block.y + L / 2 - 0.6, f"block ({c}, {c}) of C", ha="left"))
+        sc.add(Text(block.x + N + 0.6, block.y + L / 2 + 0.6, f"= conv_matrix(w[{c}:{c + 1}], ({size}), padding={data.padding})", ha="left"))
+    return sc
+
+
 def _strips_scene(spec, data):
     sc = Scene(spec.heading)
     y = 1.5
@@ -756,6 +871,7 @@ _SCENES = {
     "example_C": _example_scene,
     "example_U": _example_scene,
     "view": _view_scene,
+    "depthwise": _depthwise_scene,
     "strips": _strips_scene,
     "slices": _slices_scene,
 }
@@ -789,6 +905,7 @@ COLOURS = {
     ROW: "#deebf7",
     MEMORY: "#dadaeb",
     MEMORY_ALT: "#f2f0f7",
+    BLOCK: "#feedde",
 }
 DARK = {TAP, CURRENT, ONE}
 

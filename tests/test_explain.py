@@ -135,9 +135,9 @@ def test_im2col_view_claim_is_computed(dims, broken, monkeypatch):
     assert (text, True) in explain.check_claims(dims=dims)
     real = convt_ext.functional.im2col_view
     if broken == "copy":
-        fake = lambda x, k: real(x.clone(), k)  # noqa: E731
+        fake = lambda x, k, *a: real(x.clone(), k, *a)  # noqa: E731
     else:  # the last two axes swapped: the same memory and shape (x1 is square), other strides
-        fake = lambda x, k: real(x.transpose(-1, -2), k)  # noqa: E731
+        fake = lambda x, k, *a: real(x.transpose(-1, -2), k, *a)  # noqa: E731
     monkeypatch.setattr(convt_ext.functional, "im2col_view", fake)
     assert (text, False) in explain.check_claims(dims=dims)
 
@@ -275,3 +275,91 @@ def test_bad_dims_are_refused(value, capsys):
     captured = capsys.readouterr()
     assert "error" in captured.err and "--dims" in captured.err
     assert captured.out == ""
+
+
+# ---------------------------------------------------------------- section 4: depthwise
+
+DEPTHWISE_CLAIMS = {
+    "blocks": "C is block-diagonal: none of its",
+    "own": "its diagonal block c is conv_matrix(w[c:c+1]), channel c's own single-channel",
+    "conv": "convt_ext.conv{d}d on the depthwise path = C·x",
+    "tconv": "convt_ext.conv_transpose{d}d on the depthwise path = Cᵀ·y",
+    "view": "every tap's block of im2col_view(x) copies nothing",
+    "diagonal": "the sum over the",
+}
+
+
+def depthwise_claims(claims, dims=2):
+    """{key: (text, holds)} for section 4's claims, each found once."""
+    found = {}
+    for key, start in DEPTHWISE_CLAIMS.items():
+        (found[key],) = [(t, h) for t, h in claims if t.startswith(start.format(d=dims))]
+    return found
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("geometry", [dict(), dict(kernel=3, stride=3, padding=1, dilation=2, size=7), dict(kernel=4, stride=2, padding=3, dilation=1, size=1)])
+def test_depthwise_claims_hold(dims, geometry):
+    found = depthwise_claims(explain.check_claims(**geometry, dims=dims), dims)
+    assert all(holds for _, holds in found.values()), found
+    assert "diag(w[:, 0, j])" in found["diagonal"][0] and f"conv{dims}d on the depthwise path" in found["diagonal"][0]
+
+
+def test_depthwise_section_prints_the_blocks(capsys):
+    assert explain.main([]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("4. Depthwise"):out.index("Summary")]
+    assert "✗" not in section and section.count("✓") == len(DEPTHWISE_CLAIMS)
+    # 6×6 input, k=3, s=2, p=1: 3×3 windows, 64 nonzeros per channel, none off the diagonal.
+    assert "groups=3) is 27×108: 3×3 blocks of 9×36" in section
+    assert "    [ 64  0  0 ]\n    [  0 64  0 ]\n    [  0  0 64 ]" in section
+    assert "(3 calls:" in section
+
+
+def _coupled(real):
+    """conv_matrix with a coupling between channels added to a depthwise weight:
+    the same diagonal, plus 0.01 off it (a dense, groups=1 layer)."""
+
+    def conv_matrix(weight, input_size, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1:
+            n = groups
+            eye = torch.eye(n, dtype=weight.dtype).reshape(n, n, *([1] * (weight.dim() - 2)))
+            dense = eye * weight.transpose(0, 1) + (1 - eye) * 0.01
+            return real(dense, input_size, stride, padding, dilation, 1)
+        return real(weight, input_size, stride, padding, dilation, groups)
+
+    return conv_matrix
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_depthwise_coupling_between_channels_fails(dims, monkeypatch):
+    """A weight that couples the channels off the diagonal: C is no longer
+    block-diagonal and no longer the depthwise convolution; its diagonal
+    blocks are still each channel's own matrix."""
+    monkeypatch.setattr(explain, "conv_matrix", _coupled(explain.conv_matrix))
+    claims = explain.check_claims(dims=dims)
+    found = depthwise_claims(claims, dims)
+    assert {key for key, (_, holds) in found.items() if not holds} == {"blocks", "conv", "tconv"}
+    assert [t for t, holds in claims if not holds] == [found[key][0] for key in ("blocks", "conv", "tconv")]
+
+
+def test_depthwise_claims_need_the_depthwise_path(monkeypatch):
+    """If set_conv_path("depthwise") ran the column path, the counter says so and the
+    path's claims fail; the setting before the section is restored either way."""
+    real = convt_ext.set_conv_path
+    monkeypatch.setattr(convt_ext, "set_conv_path", lambda path: real("columns" if path == "depthwise" else path))
+    before = convt_ext.conv_path()
+    found = depthwise_claims(explain.check_claims())
+    assert {key for key, (_, holds) in found.items() if not holds} == {"conv", "tconv", "diagonal"}
+    assert convt_ext.conv_path() == before
+
+
+def test_depthwise_view_claim_is_computed(monkeypatch):
+    """A view that copies x: the products still sum to the output, but the
+    claim that the blocks are x's memory fails."""
+    import convt_ext.functional
+
+    real = convt_ext.functional.im2col_view
+    monkeypatch.setattr(convt_ext.functional, "im2col_view", lambda x, *a: real(x.clone(), *a))
+    found = depthwise_claims(explain.check_claims())
+    assert {key for key, (_, holds) in found.items() if not holds} == {"view"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import convt_ext
 from convt_ext import figures
-from convt_ext.figures import FIGURES, SPECS, TAP, SHADOW, CURRENT, WEIGHT, ONE
+from convt_ext.figures import FIGURES, SPECS, TAP, SHADOW, CURRENT, WEIGHT, ONE, BLOCK, EMPTY
 
 D = torch.float64
 CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout, beside tests/
@@ -141,6 +141,58 @@ def test_view_figure_is_a_strided_view_of_nhwc_memory():
     assert [int(v) for v in block[:, 0]] == list(data.offsets)
 
 
+def torch_matrix(weight, size, s, p, groups):
+    """The matrix of F.conv2d(·, weight, stride s, padding p, groups), column by column
+    from one-hot inputs."""
+    c_in = weight.shape[1] * groups
+    n = c_in * math.prod(size)
+    columns = [F.conv2d(torch.eye(n, dtype=D)[c].reshape(1, c_in, *size), weight, None, s, p, 1, groups).flatten() for c in range(n)]
+    return torch.stack(columns, 1)
+
+
+def test_depthwise_figure_is_block_diagonal():
+    data = figures.depthwise_figure()
+    n, k, K = data.channels, data.kernel_size, data.taps
+    w = torch.arange(1, n * K + 1, dtype=D).reshape(n, 1, k, k)
+    assert torch.equal(data.C, torch_matrix(w, data.input_size, data.stride, data.padding, n))
+    L, N = data.block_shape
+    assert (L, N) == (16, 16) and data.C.shape == (n * L, n * N)
+    for a in range(n):
+        for b in range(n):
+            block = data.C[a * L:(a + 1) * L, b * N:(b + 1) * N]
+            if a != b:
+                assert not block.any(), (a, b)  # zero off the diagonal
+                continue
+            own = torch_matrix(w[a:a + 1], data.input_size, data.stride, data.padding, 1)
+            assert torch.equal(block, own) and torch.equal(data.own[a], own)
+            # Every entry names its channel and a tap.
+            assert {data.channel_and_tap(v)[0] for v in block[block != 0].tolist()} == {a}
+            assert {data.channel_and_tap(v)[1] for v in block[block != 0].tolist()} == set(range(K))
+    assert data.off_diagonal == 0 and data.own_blocks
+
+
+def test_depthwise_figure_shows_a_coupling(monkeypatch):
+    """A weight coupling two channels (C[channel 1 ← channel 0] made nonzero): the data
+    counts its nonzeros off the diagonal, the caption says so, the scene marks them."""
+    real = figures.conv_matrix
+
+    def coupled(weight, input_size, stride=1, padding=0, dilation=1, groups=1):
+        C = real(weight, input_size, stride, padding, dilation, groups)
+        if groups == 1:
+            return C
+        C = C.to_dense()
+        C[16, 0] = 7  # output channel 1's first pixel reads input channel 0's first pixel
+        return C.to_sparse()
+
+    monkeypatch.setattr(figures, "conv_matrix", coupled)
+    spec = next(s for s in SPECS if s.kind == "depthwise")
+    data = spec.data()
+    assert data.off_diagonal == 1 and data.own_blocks
+    sc = figures.scene(spec, data)
+    assert "1 nonzeros off its diagonal blocks" in sc.caption
+    assert 16 * 48 + 0 in grids_by_role(sc)["C"].cells(WEIGHT)
+
+
 # ---------------------------------------------------------------- the scenes mark what the data says
 
 
@@ -206,6 +258,21 @@ def test_scene_marks_exactly_the_data(spec):
         assert grids["memory"].cells(TAP) == {off + c for off in data.offsets for c in range(C)}
         assert len(grids["memory"].kinds[0]) == W * C
         checked += 1
+    elif spec.kind == "depthwise":
+        L, N = data.block_shape
+        ncol = data.C.shape[1]
+        C = grids["C"]
+        assert C.cells(WEIGHT) == set(data.C.flatten().nonzero().flatten().tolist())
+        diagonal = {r * ncol + c for r in range(data.C.shape[0]) for c in range(ncol) if r // L == c // N}
+        assert C.cells(WEIGHT, BLOCK) == diagonal  # shaded: exactly the diagonal blocks
+        assert C.cells(EMPTY) | diagonal == set(range(data.C.numel()))
+        for (r, c), text in C.labels.items():
+            assert text == figures.letter(data.channel_and_tap(data.C[r, c])[1] + 1)
+        for c in range(data.channels):
+            own = grids[f"own{c}"]
+            assert own.cells(WEIGHT) == set(data.own[c].flatten().nonzero().flatten().tolist())
+            assert own.y == C.y + c * L  # beside its block
+            checked += 1
     elif spec.kind == "strips":
         for direct, transposed in data:
             number = direct.geometry.numbers[0]
@@ -305,6 +372,16 @@ def test_figures_flag_writes_every_figure_and_an_index(written):
         at = index.index(f'<img src="{spec.name}.png"')
         caption = html.escape(figures.scene(spec).caption)
         assert index.index(f"<p>{caption}</p>", at) > at  # the relationship, under its figure
+
+
+def test_depthwise_figure_is_written(written):
+    out, _, _ = written
+    spec = next(s for s in SPECS if s.kind == "depthwise")
+    assert spec.name == "depthwise_block_diagonal"
+    path = out / f"{spec.name}.png"
+    assert path.exists() and png_size(path) == figures.pixel_size(figures.scene(spec))
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert "0 nonzeros off its diagonal blocks; block c = conv_matrix(w[c:c+1])" in index
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
