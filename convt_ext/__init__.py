@@ -123,9 +123,10 @@ def set_conv_path(path):
 
     - "auto" (default): the depthwise path where its rule says it wins,
       then the view path where its rule does, the column path elsewhere.
-      The depthwise rule: one channel per group on both sides (depthwise
-      with multiplier 1) on the CPU; on a GPU, conv and conv_transpose with
-      one channel per group on the side they sum over. The view rule
+      The depthwise rule: on the CPU, up to 4 channels per group on both
+      sides, or one on one side and up to 8 on the other (depthwise with a
+      multiplier); on a GPU, conv and conv_transpose with one channel per
+      group on the side they sum over. The view rule
       (benchmarks/NOTES.md items 25 and 27): float32, at least 16 channels
       per group on both sides, not 1x1; then, on a CPU with AVX-512, always;
       with AVX2 where the view saves a copy: an input already channels_last,

@@ -741,11 +741,15 @@ if __name__ == "__main__":  # the case table: python tests/test_depthwise.py
 
 
 @pytest.mark.parametrize("op,cuda,ci,cw,wins", [
-    # The CPU's vector loops: one channel per group on both sides, every op.
+    # The CPU's vector loops: one channel per group on both sides, every op ...
     ("conv", False, 1, 1, True), ("conv_transpose", False, 1, 1, True),
     ("conv_weight", False, 1, 1, True), ("conv_transpose_backward", False, 1, 1, True),
-    # Multipliers and few channels per group run the element loops, which the GEMMs beat.
-    ("conv", False, 1, 2, False), ("conv_transpose", False, 2, 1, False), ("conv", False, 4, 4, False),
+    # ... up to 4 channels per group on both sides, and multipliers up to 8 ...
+    ("conv", False, 4, 4, True), ("conv", False, 2, 3, True), ("conv", False, 1, 8, True),
+    ("conv_transpose", False, 8, 1, True), ("conv_weight", False, 4, 2, True),
+    # ... beyond which the GEMM paths win.
+    ("conv", False, 8, 8, False), ("conv", False, 5, 4, False), ("conv", False, 1, 9, False),
+    ("conv_transpose", False, 16, 16, False), ("conv_weight", False, 2, 8, False),
     # A GPU: forward ops with one channel per group on the summed side; never the weight gradient.
     ("conv", True, 1, 3, True), ("conv", True, 2, 1, False), ("conv_transpose", True, 3, 1, True),
     ("conv_transpose", True, 1, 2, False), ("conv_weight", True, 1, 1, False),

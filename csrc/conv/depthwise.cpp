@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+
 #include "../kernels.h"
 #include "../ops.h"
 #include "args.h"
@@ -33,10 +35,12 @@ at::Tensor in_its_layout(const at::Tensor& t, bool pixels) {
 
 bool depthwise_rule(ConvOp op, bool cuda, int64_t ci, int64_t cw) {
   if (!cuda) {
-    // The vector loops (cpu/depthwise_cpu.cpp) run one channel per group on
-    // both sides; the element loops that serve the rest lose to the GEMMs
-    // (benchmarks/NOTES.md item 29).
-    return ci == 1 && cw == 1;
+    // The vector loops (cpu/depthwise_cpu.cpp) beat every GEMM path up to 4
+    // channels per group on both sides, and depthwise layers with a
+    // multiplier up to 8; at 8 channels per group on both sides the view
+    // path wins in pixel memory, and from 16 everywhere (benchmarks/NOTES.md
+    // item 29).
+    return (ci <= 4 && cw <= 4) || (std::min(ci, cw) == 1 && std::max(ci, cw) <= 8);
   }
   // On a GPU the forward sums run one thread per output element; the weight
   // gradient's element sums over the whole batch in one thread, which

@@ -42,6 +42,14 @@ struct Segment {
   int64_t a0 = 0, b0 = 0, count = 0, sb = 1;
 };
 
+// Along the last dimension, the output positions [lo, hi) whose every tap
+// reads inside the input, at pixel a*A + B + k*D (conv: A = s, B = -p, D =
+// d; conv_transpose at stride 1: A = 1, B = p, D = -d); lo = hi where there
+// are none, or the relation is no line (conv_transpose at a larger stride).
+struct Line {
+  int64_t lo = 0, hi = 0, A = 1, B = 0, D = 0;
+};
+
 // The relation (*) of one call, precomputed once (as CUTLASS's iterators
 // precompute their deltas): for each output position a and tap k of each
 // dimension, the input position it reads, or -1 in the padding. conv reads
@@ -51,6 +59,7 @@ struct Relation {
   int64_t batch = 0, out[3] = {}, in[3] = {}, kernel[3] = {}, stride[3] = {}, padding[3] = {}, dilation[3] = {};
   std::vector<int64_t> tables[3];
   std::vector<Segment> segments;  // per k2, conv's direction only
+  Line line;
   int64_t at(int d, int64_t a, int64_t k) const { return tables[d][a * kernel[d] + k]; }
   const int64_t* table(int d) const { return tables[d].data(); }
 };
@@ -80,8 +89,22 @@ Relation make_relation(const Window3& w, bool transposed) {
       }
     }
   }
-  if (transposed) return r;
   const int64_t s = w.stride[2], p = w.padding[2], dil = w.dilation[2];
+  if (!transposed || s == 1) {
+    r.line = transposed ? Line{0, 0, 1, p, -dil} : Line{0, 0, s, -p, dil};
+    int64_t lo = -1, hi = -1;
+    for (int64_t a = 0; a < r.out[2]; ++a) {
+      bool inside = true;
+      for (int64_t k = 0; k < w.kernel[2]; ++k) inside &= r.tables[2][a * w.kernel[2] + k] >= 0;
+      if (inside && lo < 0) lo = a;
+      if (inside) hi = a + 1;
+    }
+    if (lo >= 0) {
+      r.line.lo = lo;
+      r.line.hi = hi;
+    }
+  }
+  if (transposed) return r;
   r.segments.resize(w.kernel[2]);
   for (int64_t k = 0; k < w.kernel[2]; ++k) {
     int64_t lo, hi;
