@@ -260,3 +260,39 @@ def assert_same(got, want):
     elif size in SAME_SIZE_INT and got.dtype != torch.bool:
         got, want = got.contiguous().view(SAME_SIZE_INT[size]), want.contiguous().view(SAME_SIZE_INT[size])
     assert torch.equal(got, want)
+
+
+class Ran:
+    """What the calls inside a `with` block ran: the CPU convolution calls of each path
+    (engine_info()["path"]["calls"]; ran["depthwise"] or ran.view), their total, and the
+    brgemm engine's GEMMs (ran.gemms)."""
+
+    PATHS = ("columns", "view", "depthwise")
+
+    @staticmethod
+    def _now():
+        import convt_ext
+
+        info = convt_ext.engine_info()
+        return {**info["path"]["calls"], "gemms": info["calls"]["brgemm"]}
+
+    def __enter__(self):
+        self._before = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        after = self._now()
+        self.delta = {k: v - self._before.get(k, 0) for k, v in after.items()}
+
+    def __getitem__(self, key):
+        return self.delta.get(key, 0)
+
+    def __getattr__(self, name):
+        if name in self.PATHS or name == "gemms":
+            return self[name]
+        raise AttributeError(name)
+
+    @property
+    def total(self):
+        return sum(self[p] for p in self.PATHS)
+

@@ -26,6 +26,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import convt_ext
 from convt_ext import functional as CF
+from conftest import Ran
 
 
 DW = "depthwise"
@@ -40,30 +41,6 @@ EPS32 = torch.finfo(torch.float32).eps
 def calls(key=DW):
     """The CPU calls the path `key` ran so far (0 for a path this build lacks)."""
     return convt_ext.engine_info()["path"]["calls"].get(key, 0)
-
-
-def _all_calls():
-    return dict(convt_ext.engine_info()["path"]["calls"])
-
-
-class Ran:
-    """Per-path call counts of the calls inside a `with` block."""
-
-    def __enter__(self):
-        self._before = _all_calls()
-        return self
-
-    def __exit__(self, *exc):
-        after = _all_calls()
-        keys = set(after) | set(self._before) | {DW}
-        self.delta = {k: after.get(k, 0) - self._before.get(k, 0) for k in keys}
-
-    def __getitem__(self, key):
-        return self.delta.get(key, 0)
-
-    @property
-    def total(self):
-        return sum(self.delta.values())
 
 
 def assert_ran(ran, key, expected, what):

@@ -281,6 +281,17 @@ def test_cpu_plan_one_by_one_is_batched(case):
     (channels_last) or over the samples (planar conv_transpose), never one per sample and
     group."""
     tasks = convt_ext.engine_info()["cores"]
+    # The column path's plan, which "auto" leaves for the depthwise path's direct sums on
+    # groups of few channels.
+    before = convt_ext.conv_path()
+    convt_ext.set_conv_path("columns")
+    try:
+        _one_by_one_on_columns(case, tasks)
+    finally:
+        convt_ext.set_conv_path(before)
+
+
+def _one_by_one_on_columns(case, tasks):
     x, w, b, stride, padding, dilation, groups = case.conv_args()
     conv = getattr(ops, f"conv{case.d}d")
     out, calls = counted(lambda: conv(x, w, b, stride, padding, dilation, groups))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import convt_ext
-from conftest import make_tensor
+from conftest import Ran, make_tensor
 
 pytestmark = pytest.mark.skipif(
     not convt_ext.engine_info()["path"]["view_available"],
@@ -64,23 +64,6 @@ def ieee_fp32():
         yield
     finally:
         torch.backends.mkldnn.conv.fp32_precision = old
-
-
-def _counters():
-    info = convt_ext.engine_info()
-    return info["path"]["calls"]["view"], info["path"]["calls"]["columns"], info["calls"]["brgemm"]
-
-
-class Ran:
-    """What the calls inside a `with` block ran: view and column calls, brgemm GEMMs."""
-
-    def __enter__(self):
-        self._before = _counters()
-        return self
-
-    def __exit__(self, *exc):
-        after = _counters()
-        self.view, self.columns, self.gemms = (a - b for a, b in zip(after, self._before))
 
 
 def assert_view_ran(ran, calls=None):

@@ -9,6 +9,7 @@
 
 #include "../kernels.h"
 #include "../ops.h"
+#include "../plan.h"
 #include "args.h"
 
 namespace convt_ext {
@@ -29,6 +30,23 @@ void depthwise_into(const at::Tensor& input, const at::Tensor& weight, const std
 // planar otherwise (the kernels read every layout, fastest these two).
 at::Tensor in_its_layout(const at::Tensor& t, bool pixels) {
   return pixels ? in_pixels(t) : t.contiguous();
+}
+
+}  // namespace
+
+namespace {
+
+// The floats of one task's padded input planes on the CPU (Note [Phase
+// planes], Note [conv_transpose by output phases]), bounded from above: c
+// channels of the image padded on both sides and rounded up to whole
+// strides, plus the taps' reach, in each dimension.
+double padded_floats(const Window3& w, int64_t c) {
+  double floats = double(c);
+  for (int d = 0; d < kMaxDims; ++d) {
+    floats *= double(std::max(w.image[d], w.windows[d])) + 2.0 * double(w.padding[d]) + double(w.stride[d]) +
+              double(w.kernel[d] - 1) * double(w.dilation[d]) + 1.0;
+  }
+  return floats;
 }
 
 }  // namespace
@@ -67,7 +85,9 @@ Offer depthwise_offer(ConvOp op, const at::Tensor& like, const Window3& call, in
   const bool small = op == ConvOp::Conv            ? ci <= kDepthwiseChannels
                      : op == ConvOp::ConvTranspose ? cw <= kDepthwiseChannels
                                                    : ci <= kDepthwiseChannels && cw <= kDepthwiseChannels;
-  if (!small) return {};
+  if (!small || padded_floats(call, std::max(ci, cw)) * tasks_at_once(like) * 4.0 > double(workspace_limit())) {
+    return {};
+  }
   // Dense layers (one group) are the other paths' to win.
   return {true, groups > 1 && depthwise_rule(op, !cpu_rules, ci, cw)};
 }
