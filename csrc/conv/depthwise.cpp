@@ -32,10 +32,6 @@ at::Tensor in_its_layout(const at::Tensor& t, bool pixels) {
   return pixels ? in_pixels(t) : t.contiguous();
 }
 
-}  // namespace
-
-namespace {
-
 // The floats of one task's padded input planes on the CPU (Note [Phase
 // planes], Note [conv_transpose by output phases]), bounded from above: c
 // channels of the image padded on both sides and rounded up to whole

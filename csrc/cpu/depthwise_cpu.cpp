@@ -114,6 +114,11 @@ Relation make_relation(const Window3& w, bool transposed) {
   return r;
 }
 
+// A call's groups, and the channels per group of its image (ci) and window (cw) sides.
+struct Groups {
+  int64_t groups, ci, cw;
+};
+
 // Note [conv_transpose by output phases]
 // The guide's recipe, per output phase: conv_transpose at stride s is, for
 // the output pixels i = s*t + r of one phase r, a stride-1 sum over the taps
@@ -124,11 +129,6 @@ Relation make_relation(const Window3& w, bool transposed) {
 // to every s-th pixel. In planar memory the padded input, in rows of Wp,
 // makes each tap one contiguous multiply-add over the phase (as Note [Phase
 // planes] does for conv); the columns past the phase's T2 are dropped.
-// A call's groups, and the channels per group of its image (ci) and window (cw) sides.
-struct Groups {
-  int64_t groups, ci, cw;
-};
-
 struct OutputPhase {
   int64_t r1, r2, T1, T2;
   // Its taps (k1 * K2 + k2), their input offsets per dimension, and their
