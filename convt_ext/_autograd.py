@@ -1,6 +1,7 @@
-"""Derivatives of the torch.ops.convt_ext ops, reverse and forward mode, and
-the differentiable calls that convt_ext.functional makes. Importing this
-module registers the ops' Autograd kernels.
+"""Derivatives of the torch.ops.convt_ext ops, reverse and forward mode, in
+Python, and the differentiable calls that convt_ext.functional makes. The ops'
+Autograd kernels are C++ (csrc/autograd.cpp); importing this module gives them
+the Python entry they hand some calls to (Note [Autograd and torch.func]).
 
 The autograd formulas are the point of the library: every backward is another
 convt_ext op, so double backward works and the duality is plain to see. Every
@@ -20,19 +21,26 @@ import torch.nn.functional as F
 
 from ._fake import conv_format, conv_transpose_format
 from ._geometry import output_padding_to_reach, windows
-from ._ops import apply, below_autograd, call, needs_graph, ops, ops_for, transforms_active, unpack
+from . import _C
+from ._ops import apply, below_autograd, call, ops, ops_for, transforms_active, unpack
 
 # Note [Autograd and torch.func]
-# Each op's derivatives live in one torch.autograd.Function below (backward,
-# and jvp for forward mode), which serves two ways in:
-#   - the op's Autograd kernel (_autograd_kernel) applies it whenever an input
-#     requires grad or a forward-mode dual level is open, so torch.ops calls
-#     get backward, double backward and torch.autograd.forward_ad;
-#   - under torch.func transforms (grad, jvp, vjp, jacrev, jacfwd, hessian,
-#     vmap), functorch can only take an autograd.Function through its own
-#     entry point, before the dispatcher, so the Python calls (the functions
-#     just below, through convt_ext._ops.call, and every backward and jvp
-#     formula) apply it there.
+# Each op's derivatives live twice, with the same formulas: in C++
+# (csrc/autograd.cpp, the ops' Autograd kernels, one torch::autograd::Function
+# per op) and in one torch.autograd.Function per op below (backward, and jvp
+# for forward mode). The C++ kernels take every eager call, so building a
+# graph and its backward never enter Python; they hand three kinds of call to
+# the Functions here (Note [Autograd in C++, and where Python keeps it] in
+# csrc/autograd.cpp):
+#   - forward-mode AD (torch.autograd.forward_ad): a C++ Function has no jvp;
+#   - torch.func transforms (grad, jvp, vjp, jacrev, jacfwd, hessian, vmap):
+#     functorch can only take an autograd.Function through its own entry
+#     point, before the dispatcher, so the Python calls (the functions just
+#     below, through convt_ext._ops.call, and every backward and jvp formula)
+#     apply it there, and a torch.ops call under a transform is refused with
+#     the name of the function to call instead;
+#   - tracing (torch.compile, export: fake or functional tensors, symbolic
+#     sizes), which runs once per graph and where these formulas work on SymInts.
 # The vmap rules (convt_ext/_vmap.py) fold the vmapped dimension into the
 # batch, or into the groups when a weight is vmapped.
 
@@ -336,35 +344,25 @@ class ConvWeight(torch.autograd.Function):
         return out
 
 
-# ---------------------------------------------------------------- Autograd kernels
+# ---------------------------------------------------------------- the C++ kernels' Python calls
 
 
-def _autograd_kernel(function, name):
-    """The Autograd kernel of op `name`: `function` when derivatives are
-    wanted (Note [Autograd and torch.func]), else straight below autograd."""
-    op = getattr(ops, name).default
-
-    def kernel(keyset, *args):
-        # Derivatives for floating and complex inputs only, as torch has them
-        # (an integer or bool im2col/col2im has none).
-        if needs_graph(args):
-            if transforms_active():
-                raise RuntimeError(
-                    f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "
-                    f"that need derivatives; call convt_ext.{name}() (the Python function) instead, "
-                    f"which carries its derivatives to torch.func"
-                )
-            return apply(function, args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    return kernel
+def _python_autograd(name, *args):
+    """The calls the ops' C++ Autograd kernels (csrc/autograd.cpp) hand to
+    Python: forward-mode AD, torch.func transforms and tracing (Note
+    [Autograd in C++, and where Python keeps it]). Called only where the call
+    records derivatives."""
+    if transforms_active():
+        raise RuntimeError(
+            f"torch.ops.convt_ext.{name} was called under a torch.func transform with inputs "
+            f"that need derivatives; call convt_ext.{name}() (the Python function) instead, "
+            f"which carries its derivatives to torch.func"
+        )
+    return apply(_FUNCTIONS[name], args)
 
 
 _FUNCTIONS = {"im2col": Im2col, "col2im": Col2im}
 for _d in (1, 2, 3):
     _FUNCTIONS.update({f"conv{_d}d": Conv, f"conv_transpose{_d}d": ConvTranspose, f"conv{_d}d_weight": ConvWeight})
 
-_lib = torch.library.Library("convt_ext", "IMPL")  # the Autograd kernels; kept for the process
-for _name, _function in _FUNCTIONS.items():
-    _lib.impl(_name, _autograd_kernel(_function, _name), "Autograd", with_keyset=True)
+_C._set_python_autograd(_python_autograd)

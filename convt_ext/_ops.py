@@ -1,6 +1,6 @@
 """How a Python call reaches a torch.ops.convt_ext op: the dispatcher op
-itself, or, under a torch.func transform, the op's autograd.Function
-(Note [Autograd and torch.func] in convt_ext/_autograd.py).
+itself, whose Autograd kernel is C++, or, under a torch.func transform, the
+op's autograd.Function (Note [Autograd and torch.func] in convt_ext/_autograd.py).
 
 The rest of the Python side of the ops has one module per concern, each
 registering its own kernels when imported (convt_ext/__init__.py imports
@@ -8,12 +8,12 @@ them once):
 
     _geometry.py   the shape formulas
     _fake.py       fake kernels and the memory-format rule
-    _autograd.py   derivatives (backward and jvp) and the Autograd kernels;
-                   the differentiable calls that convt_ext.functional makes
+    _autograd.py   derivatives (backward and jvp) in Python, for the calls
+                   the C++ Autograd kernels hand it; the differentiable calls
+                   that convt_ext.functional makes
     _vmap.py       vmap rules
 """
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 
@@ -57,29 +57,14 @@ def unpack(inputs):
     return (*inputs[:-1], *inputs[-1].values)
 
 
-def needs_graph(args):
-    """Whether a call on these op arguments records derivatives, as the ops'
-    Autograd kernels decide (convt_ext/_autograd.py): a floating or complex
-    first input, grad mode on, and an input that requires grad or an open
-    forward-mode level."""
-    return (
-        torch.is_grad_enabled()
-        and (args[0].is_floating_point() or args[0].is_complex())
-        and (torch._C._any_requires_grad(*args) or _forward_ad._current_level >= 0)
-    )
-
-
 def call(function, op, *args):
     """op(*args), through its autograd.Function `function` under torch.func.
-    A call that records no graph skips the op's Python Autograd kernel (which
-    would only pass it on below autograd); one that does, and torch.compile's
-    tracing, go through the dispatcher, where autocast casts the inputs before
-    the Autograd kernel applies `function`."""
+    Elsewhere through the dispatcher, where autocast casts the inputs before
+    the op's C++ Autograd kernel records the graph, or passes the call on
+    below autograd where it records none (csrc/autograd.cpp)."""
     if transforms_active():
         return apply(function, args)
-    if torch.compiler.is_compiling() or needs_graph(args):
-        return op(*args)
-    return below_autograd(op, *args)
+    return op(*args)
 
 
 def below_autograd(op, *args):

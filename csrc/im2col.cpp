@@ -20,9 +20,11 @@
 namespace convt_ext {
 
 at::Tensor lift(const at::Tensor& t) {
-  at::Tensor out = t;
-  while (out.dim() < 2 + kMaxDims) out = out.unsqueeze(2);
-  return out;
+  if (t.dim() >= 2 + kMaxDims) return t;
+  // One view (size-1 dimensions after the channels), not an unsqueeze each.
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.insert(sizes.begin() + 2, 2 + kMaxDims - t.dim(), 1);
+  return t.view(sizes);
 }
 
 // The private ops of kernels.h, called at the tensors' backend key: the

@@ -22,7 +22,6 @@
 // torch.nn.grad do.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
@@ -242,15 +241,15 @@ TORCH_LIBRARY_IMPL(convt_ext, CUDA, m) {
   }
 #endif
 }
-// out= has no derivative, as torch's out= functions.
-TORCH_LIBRARY_IMPL(convt_ext, Autograd, m) {
-  m.impl("im2col.out", torch::autograd::autogradNotImplementedFallback());
-  m.impl("col2im.out", torch::autograd::autogradNotImplementedFallback());
-}
 TORCH_LIBRARY_IMPL(convt_ext, AutocastCPU, m) { convt_ext::impl_autocast<c10::DeviceType::CPU>(m); }
 TORCH_LIBRARY_IMPL(convt_ext, AutocastCUDA, m) { convt_ext::impl_autocast<c10::DeviceType::CUDA>(m); }
 
 namespace py = pybind11;
+
+namespace convt_ext {
+// The Python autograd.Functions' entry (autograd.cpp).
+void set_python_autograd(py::object f);
+}  // namespace convt_ext
 
 namespace {
 
@@ -273,6 +272,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.def("cuda_compiled", [] { return false; });
 #endif
+  m.def("_set_python_autograd", &convt_ext::set_python_autograd);
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
   m.def("release_workspace", &convt_ext::release_workspace);

@@ -197,12 +197,15 @@ struct Blocks {
 // The largest blocks of `extent` whose cost(dim, count) in bytes stays within
 // the budget; cost grows with count. Whole samples when they fit, and when
 // the `samples` are fewer than the tasks that run at once, small enough that
-// every task gets a block.
+// every task gets a block, though none below kSmallestSplit: a smaller
+// block's share of a task costs more in its views and calls (some 90 ATen
+// calls a block) than running it on one thread.
+constexpr int64_t kSmallestSplit = 64 * 1024;
 template <typename Cost>
 Blocks plan_blocks(const int64_t* extent, int64_t budget, int64_t samples, int64_t tasks,
                    const Cost& cost) {
   if (samples < tasks && extent[0] > 0) {
-    budget = std::min(budget, std::max<int64_t>(1, cost(0, extent[0]) / tasks * samples));
+    budget = std::min(budget, std::max<int64_t>(kSmallestSplit, cost(0, extent[0]) / tasks * samples));
   }
   Blocks b;
   std::copy(extent, extent + kMaxDims, b.extent);

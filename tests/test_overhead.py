@@ -1,7 +1,8 @@
-"""Host work per call (python -m convt_ext.bench --overhead measures it): one
-memory-format decision per call with no allocation, the Python autograd layer
-only where a graph is being built, and gradients put in the forward's format
-without a fresh tensor where their strides already are torch's."""
+"""Host work per call (python -m convt_ext.bench --overhead measures it), tested by
+structure, never by time: a graph of C++ nodes whose backward runs no Python, one
+memory-format decision per op call, a bounded number of ATen calls per call, and
+gradients put in the forward's format without a fresh tensor where their strides
+already are torch's."""
 import itertools
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import convt_ext
-import convt_ext._autograd as autograd_layer
+import convt_ext._autograd as autograd_layer  # noqa: F401  (_strides)
 
 ops = torch.ops.convt_ext
 
@@ -21,80 +22,172 @@ def allocations(fn):
     return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
 
 
-@pytest.fixture
-def counting(monkeypatch):
-    """Counts calls of names in convt_ext._autograd: counting("name") -> its counter list."""
-
-    def count(name):
-        calls = []
-        original = getattr(autograd_layer, name)
-
-        def wrapper(*args, **kwargs):
-            calls.append(1)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(autograd_layer, name, wrapper)
-        return calls
-
-    return count
+def aten_calls(fn):
+    """The names of the dispatcher ops fn() calls, nested calls included, by torch.profiler:
+    a count of the ATen work a call does on the host, which no timing noise can move."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
 
 
-def test_strides_are_torchs():
-    """The strides _in_format compares with are those torch gives a new tensor, for every
-    format, with empty and size-1 dimensions."""
-    for shape in itertools.product((0, 1, 2, 3), repeat=4):
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            assert autograd_layer._strides(shape, fmt) == torch.empty(shape, memory_format=fmt).stride(), (shape, fmt)
-    for shape in itertools.product((0, 1, 3), repeat=5):
-        for fmt in (torch.contiguous_format, torch.channels_last_3d):
-            assert autograd_layer._strides(shape, fmt) == torch.empty(shape, memory_format=fmt).stride(), (shape, fmt)
+def python_calls(fn, package="convt_ext"):
+    """The Python functions of `package` that run while fn() runs (sys.setprofile)."""
+    import sys
+
+    seen = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and f"{package}/" in frame.f_code.co_filename:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(tracer)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
 
 
-def test_no_graph_skips_the_python_autograd_kernel(counting):
-    """Without a graph to build, convt_ext.functional reaches the op below autograd: the
-    Python Autograd kernel (which asks needs_graph) does not run. With one, it does."""
-    kernel_checks = counting("needs_graph")
-    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
-    convt_ext.functional.conv2d(x, w)
-    convt_ext.functional.conv_transpose2d(torch.randn(2, 4, 4, 4), w)
+def graph_nodes(t):
+    """The class names of the autograd nodes that produced t, transitively."""
+    names, stack, seen = [], [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def conv_calls(d=2):
+    """One call of each differentiable op on tiny float64 tensors that require grad."""
+    f = convt_ext.functional
+    x = torch.randn(2, 2, *[5] * d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, *[3] * d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    conv, conv_t, weight = ((f.conv1d, f.conv_transpose1d, f.conv1d_weight), (f.conv2d, f.conv_transpose2d, f.conv2d_weight),
+                            (f.conv3d, f.conv_transpose3d, f.conv3d_weight))[d - 1]
+    dy = torch.randn(2, 2, *[3] * d, dtype=torch.float64, requires_grad=True)
+    return {
+        "conv": lambda: conv(x, w, b, stride=1, padding=0),
+        "conv_transpose": lambda: conv_t(x, w, b, stride=2, padding=1, output_padding=1),
+        "conv_weight": lambda: weight(x, w.shape, dy),
+        "im2col": lambda: convt_ext.im2col(x, 3) if d == 2 else conv(x, w),
+        "col2im": lambda: convt_ext.col2im(torch.randn(2, 18, 9, dtype=torch.float64, requires_grad=True), (5, 5), 3)
+        if d == 2 else conv(x, w),
+    }
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_a_graph_is_cpp_nodes_and_backward_never_enters_python(d):
+    """Building a graph, each op records one C++ node (torch::autograd::Function's
+    CppFunction), not a Python autograd.Function's; its backward, which calls the partner
+    ops, runs no Python function of convt_ext at all. The gradients are torch's."""
+    for name, call in conv_calls(d).items():
+        y = call()
+        nodes = graph_nodes(y)
+        assert nodes and set(nodes) <= {"CppFunction", "AccumulateGrad"}, (name, nodes)
+        grad = torch.randn_like(y)
+        assert python_calls(lambda: y.backward(grad)) == [], name
+
+
+def test_graph_values_match_torch():
+    """The C++ nodes' gradients, double backward included, are torch's in float64."""
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for ours, theirs, kw in (
+        (convt_ext.functional.conv2d, F.conv2d, dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+        (convt_ext.functional.conv_transpose2d, F.conv_transpose2d, dict(stride=2, padding=1, output_padding=1)),
+    ):
+        wt = w if ours is convt_ext.functional.conv2d else w.transpose(0, 1).detach().clone().requires_grad_()
+        xt = x if ours is convt_ext.functional.conv2d else torch.randn(2, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+        y, yr = ours(xt, wt, b, **kw), theirs(xt, wt, b, **kw)
+        torch.testing.assert_close(y, yr)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (xt, wt, b), g, create_graph=True)
+        grads_r = torch.autograd.grad(yr, (xt, wt, b), g, create_graph=True)
+        for a, r in zip(grads, grads_r):
+            torch.testing.assert_close(a, r)
+        # Double backward: through the same C++ kernels.
+        h = [torch.randn_like(a) for a in grads[:2]]
+        second = torch.autograd.grad(grads[:2], (xt, wt), h)
+        second_r = torch.autograd.grad(grads_r[:2], (xt, wt), h)
+        for a, r in zip(second, second_r):
+            torch.testing.assert_close(a, r)
+
+
+def test_python_keeps_forward_ad_and_torch_func():
+    """Forward-mode AD and torch.func transforms take the Python autograd.Functions
+    (Note [Autograd in C++, and where Python keeps it]); their values are torch's."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    tx = torch.randn_like(x)
+    with fwAD.dual_level():
+        y = convt_ext.functional.conv2d(fwAD.make_dual(x, tx), w)
+        assert type(y.grad_fn).__name__ != "CppFunction"
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, F.conv2d(tx, w))
+    _, jvp = torch.func.jvp(lambda t: convt_ext.functional.conv2d(t, w), (x,), (tx,))
+    torch.testing.assert_close(jvp, F.conv2d(tx, w))
+    g = torch.func.grad(lambda t: convt_ext.functional.conv2d(t, w).square().sum())(x)
+    torch.testing.assert_close(g, torch.func.grad(lambda t: F.conv2d(t, w).square().sum())(x))
+
+
+def format_asks(fn):
+    """How often fn() asks torch for a convolution's memory format: each ask runs torch's
+    backend choice, which calls aten::_nnpack_available (for a direct convolution)."""
+    return aten_calls(fn).count("aten::_nnpack_available")
+
+
+def ops_alone(x, w, dy, padding):
+    """The three ops of a conv2d forward+backward, called below autograd."""
     with torch.no_grad():
-        convt_ext.functional.conv2d(x, w.requires_grad_())
-    assert kernel_checks == []
-    y = convt_ext.functional.conv2d(x, w)
-    assert len(kernel_checks) == 1 and y.requires_grad
+        ops.conv2d(x, w, None, [1, 1], [padding] * 2, [1, 1], 1)
+        ops.conv_transpose2d(dy, w, None, [1, 1], [padding] * 2, [0, 0], 1, [1, 1])
+        ops.conv2d_weight(x, dy, list(w.shape), [1, 1], [padding] * 2, [1, 1], 1)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_one_format_decision_per_call(counting, channels_last):
-    """Building a graph, the autograd layer reads the output's format from its strides
-    instead of asking torch again; the gradients still get torch's formats and values."""
-    asked = counting("conv_format")
+def test_one_format_decision_per_op_call(channels_last):
+    """Building a graph, the autograd layer reads the forward's format from the output's
+    strides instead of asking torch again: a forward+backward asks as often as its three
+    ops do alone. The gradients still get torch's formats and values."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64).requires_grad_()
-    y = convt_ext.functional.conv2d(x, w, padding=1)
-    y.backward(torch.ones_like(y))
-    assert asked == []
+    dy = torch.ones(2, 4, 6, 5, dtype=torch.float64).contiguous(memory_format=fmt)
+
+    def step():
+        convt_ext.functional.conv2d(x, w, padding=1).backward(dy)
+
+    alone = format_asks(lambda: ops_alone(x, w, dy, 1))
+    assert alone >= 1
+    assert format_asks(step) == alone
+    grads = (x.grad.clone(), w.grad.clone())
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    yr = F.conv2d(xr, wr, padding=1)
-    yr.backward(torch.ones_like(yr))
-    assert y.stride() == yr.stride()
-    for ours, theirs in ((x.grad, xr.grad), (w.grad, wr.grad)):
-        torch.testing.assert_close(ours, theirs)
-        assert ours.stride() == theirs.stride()
+    F.conv2d(xr, wr, padding=1).backward(dy)
+    for a, r in zip(grads, (xr.grad, wr.grad)):
+        torch.testing.assert_close(a, r)
+        assert a.stride() == r.stride()
 
 
-def test_ambiguous_output_strides_ask_torch(counting):
+def test_ambiguous_output_strides_ask_torch():
     """An output of one channel and one pixel has the same strides in both formats: then,
-    and only then, the layer asks torch, and the input gradient gets torch's format."""
-    asked = counting("conv_format")
+    and only then, the autograd layer asks torch once more, and the input gradient gets
+    torch's format."""
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(1, 3, 3, 3, dtype=torch.float64).requires_grad_()
-    y = convt_ext.functional.conv2d(x, w)
-    y.sum().backward()
-    assert len(asked) == 1
+    dy = torch.ones(2, 1, 1, 1, dtype=torch.float64)
+
+    def step():
+        convt_ext.functional.conv2d(x, w).backward(dy)
+
+    assert format_asks(step) == format_asks(lambda: ops_alone(x, w, dy, 0)) + 1
     xr = x.detach().clone().requires_grad_()
-    F.conv2d(xr, w.detach()).sum().backward()
+    F.conv2d(xr, w.detach()).backward(dy)
     assert x.grad.stride() == xr.grad.stride()
     torch.testing.assert_close(x.grad, xr.grad)
 
@@ -143,8 +236,13 @@ def test_overhead_bench_mode(capsys, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("conv2d", "conv_transpose2d"))]
-    assert len(rows) == len(overhead.cases()) == 6
+    rows = [line for line in out.splitlines() if line.startswith(("conv", "im2col", "col2im"))]
+    labels = [label for label, _, _ in overhead.cases()]
+    assert len(rows) == len(labels) == 24
+    for name in ("conv1d", "conv3d", "conv_transpose3d", "im2col", "col2im", "64ch"):
+        assert any(name in label for label in labels), name
     for line in rows:
-        ours, theirs, ratio = (float(v) for v in line.split()[-3:])
+        ours, theirs, ratio, target = (float(v) for v in line.split()[-5:-1])
         assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.02)
+        assert line.split()[-1] == ("yes" if ours <= target else "no")
+    assert out.splitlines()[-1].endswith(f"of {len(labels)} rows within target")

@@ -227,10 +227,23 @@ bool reads_pixel_rows(const at::Tensor& input, bool pointwise) {
          input.is_contiguous(channels_last_of(input.dim()));
 }
 
+// As t.permute(0, 2, ..., 1).is_contiguous(), read off the strides without
+// a view: size-1 dimensions have any stride, and an empty tensor is in
+// every layout.
 bool pixel_memory(const at::Tensor& t) {
-  at::Tensor v = t;
-  while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
-  return v.permute({0, 2, 3, 4, 1}).is_contiguous();
+  if (t.numel() == 0) return true;
+  int64_t expected = 1;
+  const auto next = [&](int64_t d) {
+    if (t.size(d) == 1) return true;
+    if (t.stride(d) != expected) return false;
+    expected *= t.size(d);
+    return true;
+  };
+  if (!next(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (!next(d)) return false;
+  }
+  return next(0);
 }
 
 // A new (N, C, *spatial) tensor, planar or in pixel memory (N, *spatial, C).
