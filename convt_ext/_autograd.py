@@ -48,25 +48,29 @@ from ._ops import apply, below_autograd, call, ops, ops_for, transforms_active, 
 
 
 def im2col(input, kernel_size, dilation, padding, stride):
-    return call(Im2col, ops.im2col, input, kernel_size, dilation, padding, stride)
+    return call(Im2col, ops.im2col, _C._call_im2col, input, kernel_size, dilation, padding, stride)
 
 
 def col2im(input, output_size, kernel_size, dilation, padding, stride):
-    return call(Col2im, ops.col2im, input, output_size, kernel_size, dilation, padding, stride)
+    return call(Col2im, ops.col2im, _C._call_col2im, input, output_size, kernel_size, dilation, padding, stride)
 
 
 def conv(input, weight, bias, stride, padding, dilation, groups):
-    return call(Conv, ops_for(len(stride))[0], input, weight, bias, stride, padding, dilation, groups)
+    return call(Conv, _CONV[len(stride)], _C._call_conv, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation):
-    op = ops_for(len(stride))[1]
-    return call(ConvTranspose, op, input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return call(ConvTranspose, _CONV_TRANSPOSE[len(stride)], _C._call_conv_transpose,
+                input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def conv_weight(input, grad_output, weight_size, stride, padding, dilation, groups):
-    op = ops_for(len(stride))[2]
-    return call(ConvWeight, op, input, grad_output, weight_size, stride, padding, dilation, groups)
+    return call(ConvWeight, _CONV_WEIGHT[len(stride)], _C._call_conv_weight,
+                input, grad_output, weight_size, stride, padding, dilation, groups)
+
+
+# The ops by number of spatial dimensions, looked up once.
+_CONV, _CONV_TRANSPOSE, _CONV_WEIGHT = ({d: ops_for(d)[i] for d in (1, 2, 3)} for i in range(3))
 
 
 # ---------------------------------------------------------------- shared pieces

@@ -57,14 +57,19 @@ def unpack(inputs):
     return (*inputs[:-1], *inputs[-1].values)
 
 
-def call(function, op, *args):
-    """op(*args), through its autograd.Function `function` under torch.func.
-    Elsewhere through the dispatcher, where autocast casts the inputs before
-    the op's C++ Autograd kernel records the graph, or passes the call on
-    below autograd where it records none (csrc/autograd.cpp)."""
+def call(function, op, entry, *args):
+    """op(*args): through its autograd.Function `function` under torch.func;
+    through torch.ops where Python-level overrides apply (a tensor's or mode's
+    __torch_function__) and while torch.compile traces, which knows the ops;
+    else through `entry`, the op's direct binding (csrc/calls.cpp), which
+    reaches the same dispatcher op without torch.ops' per-call boxing. Either
+    way autocast casts the inputs before the op's C++ Autograd kernel records
+    the graph, or passes the call on below autograd where it records none."""
     if transforms_active():
         return apply(function, args)
-    return op(*args)
+    if torch._C._has_torch_function(args[: function.tensor_args]) or torch.compiler.is_compiling():
+        return op(*args)
+    return entry(*args)
 
 
 def below_autograd(op, *args):

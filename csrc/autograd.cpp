@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "conv/args.h"
+#include "op_handles.h"
 
 namespace convt_ext {
 
@@ -51,56 +52,9 @@ using Ints = std::vector<int64_t>;
 
 // ---- the ops, as the backward formulas call them
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const std::string& name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(("convt_ext::" + name).c_str(), "").typed<Sig>();
-}
-
 c10::SymIntArrayRef sym(const Ints& v) { return c10::fromIntArrayRefSlow(v); }
 
-using Im2colSig = at::Tensor(const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
-                            c10::SymIntArrayRef, c10::SymIntArrayRef);
-using Col2imSig = at::Tensor(const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
-                            c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef);
-using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt);
-using ConvTransposeSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-                                    c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt,
-                                    c10::SymIntArrayRef);
-using ConvWeightSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                                 c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef,
-                                 c10::SymInt);
-using FusedSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, c10::SymIntArrayRef,
-                                                    c10::SymIntArrayRef, c10::SymIntArrayRef,
-                                                    c10::SymInt, c10::SymIntArrayRef);
-
-constexpr const char* kConv[] = {"", "conv1d", "conv2d", "conv3d"};
-constexpr const char* kConvTranspose[] = {"", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"};
-constexpr const char* kConvWeight[] = {"", "conv1d_weight", "conv2d_weight", "conv3d_weight"};
-
-// The op handles, found once.
-struct Handles {
-  c10::TypedOperatorHandle<Im2colSig> im2col = handle<Im2colSig>("im2col");
-  c10::TypedOperatorHandle<Col2imSig> col2im = handle<Col2imSig>("col2im");
-  c10::TypedOperatorHandle<FusedSig> fused = handle<FusedSig>("_conv_transpose_backward");
-  std::vector<c10::TypedOperatorHandle<ConvSig>> conv;
-  std::vector<c10::TypedOperatorHandle<ConvTransposeSig>> conv_transpose;
-  std::vector<c10::TypedOperatorHandle<ConvWeightSig>> conv_weight;
-  Handles() {
-    for (int d = 1; d <= 3; ++d) {
-      conv.push_back(handle<ConvSig>(kConv[d]));
-      conv_transpose.push_back(handle<ConvTransposeSig>(kConvTranspose[d]));
-      conv_weight.push_back(handle<ConvWeightSig>(kConvWeight[d]));
-    }
-  }
-};
-
-const Handles& ops() {
-  static const Handles h;
-  return h;
-}
+const OpHandles& ops() { return op_handles(); }
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                 const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
@@ -465,6 +419,23 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torc
 }
 
 }  // namespace
+
+const OpHandles& op_handles() {
+  static const OpHandles h = [] {
+    const auto find = [](const std::string& name) {
+      return c10::Dispatcher::singleton().findSchemaOrThrow(("convt_ext::" + name).c_str(), "");
+    };
+    OpHandles h{find("im2col").typed<Im2colSig>(), find("col2im").typed<Col2imSig>(),
+                find("_conv_transpose_backward").typed<FusedSig>(), {}, {}, {}};
+    for (const char* d : {"1", "2", "3"}) {
+      h.conv.push_back(find(std::string("conv") + d + "d").typed<ConvSig>());
+      h.conv_transpose.push_back(find(std::string("conv_transpose") + d + "d").typed<ConvTransposeSig>());
+      h.conv_weight.push_back(find(std::string("conv") + d + "d_weight").typed<ConvWeightSig>());
+    }
+    return h;
+  }();
+  return h;
+}
 
 void set_python_autograd(py::object f) { python_autograd() = std::move(f); }
 

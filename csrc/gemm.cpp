@@ -239,11 +239,8 @@ void run_aten(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     // The BLAS itself, not at::mm, which reads the matmul precision flag
     // (Note [CPU float32 precision]).
     if (blas_takes(out, a, b)) {
-      for (int64_t g = 0; g < out.size(0); ++g) {
-        at::Tensor o = out.select(0, g);
-        if (add.defined() && !accumulate) o.copy_(add.select(0, g).expand_as(o));
-        blas_gemm(o, a.select(0, g), b.select(0, g), accumulate || add.defined());
-      }
+      if (add.defined() && !accumulate) out.copy_(add.expand_as(out));
+      for (int64_t g = 0; g < out.size(0); ++g) blas_gemm(out, a, b, g, accumulate || add.defined());
       return;
     }
   }

@@ -249,6 +249,8 @@ namespace py = pybind11;
 namespace convt_ext {
 // The Python autograd.Functions' entry (autograd.cpp).
 void set_python_autograd(py::object f);
+// The Python functions' entry to the ops (calls.cpp).
+void bind_calls(py::module& m);
 }  // namespace convt_ext
 
 namespace {
@@ -273,6 +275,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", [] { return false; });
 #endif
   m.def("_set_python_autograd", &convt_ext::set_python_autograd);
+  convt_ext::bind_calls(m);
   m.def("set_workspace_limit", &convt_ext::set_workspace_limit, py::arg("bytes"));
   m.def("workspace_limit", &convt_ext::workspace_limit);
   m.def("release_workspace", &convt_ext::release_workspace);

@@ -75,6 +75,12 @@ at::Tensor im2col_indices(at::IntArrayRef input_size, at::IntArrayRef kernel_siz
 // (Note [N-d by lifting] in im2col.h).
 at::Tensor lift(const at::Tensor& t);
 
+// t.narrow(dim, start, length), or t itself where that is all of it: every
+// view costs a dispatcher call and a TensorImpl, and a tiny call makes dozens.
+inline at::Tensor part(const at::Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == t.size(dim) ? t : t.narrow(dim, start, length);
+}
+
 // The device kernels behind the ops (kernels.h), for the convolutions'
 // orchestration: they skip argument checks and write into caller-provided
 // tensors. `image` is (N, C, *spatial) for any D <= 3 (lifted here).

@@ -207,7 +207,7 @@ at::Tensor scratch(const DevicePolicy& policy, Slot slot_name, at::IntArrayRef s
     std::lock_guard<std::mutex> lock(registry_mutex());
     kept.slots[slot] = t;
   }
-  return t.narrow(0, 0, numel).view(sizes);
+  return (t.numel() == numel ? t : t.narrow(0, 0, numel)).view(sizes);
 }
 
 // Samples per chunk of the wide path: their columns (`rows` per position,

@@ -103,7 +103,7 @@ def test_graph_values_match_torch():
         (convt_ext.functional.conv_transpose2d, F.conv_transpose2d, dict(stride=2, padding=1, output_padding=1)),
     ):
         wt = w if ours is convt_ext.functional.conv2d else w.transpose(0, 1).detach().clone().requires_grad_()
-        xt = x if ours is convt_ext.functional.conv2d else torch.randn(2, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+        xt = x if ours is convt_ext.functional.conv2d else torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
         y, yr = ours(xt, wt, b, **kw), theirs(xt, wt, b, **kw)
         torch.testing.assert_close(y, yr)
         g = torch.randn_like(y)

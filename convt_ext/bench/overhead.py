@@ -48,45 +48,50 @@ def _tiny(d, channels=1, size=4):
     return x, w, g
 
 
-def cases():
-    """(label, ours, torch's) for the tiny shapes: forward without a graph, forward
-    building one, and forward+backward, in 1, 2 and 3 dimensions; im2col and col2im; the
-    weight gradient; and a 64-channel 8x8 layer, whose arithmetic is still small."""
+def _convolution_rows(d):
+    """conv and conv_transpose of d spatial dimensions: no graph, building one, forward+backward."""
     ours, theirs = convt_ext.functional, F
-    rows = []
-    for d in (1, 2, 3):
-        x, w, g = _tiny(d)
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        xt, gt = g.clone(), x.clone()  # a transposed convolution: g-shaped in, x-shaped out
-        xtg = xt.clone().requires_grad_()
-        conv, conv_t = getattr(ours, f"conv{d}d"), getattr(ours, f"conv_transpose{d}d")
-        tconv, tconv_t = getattr(theirs, f"conv{d}d"), getattr(theirs, f"conv_transpose{d}d")
-        rows += [
-            (f"conv{d}d, no graph", lambda: conv(x, w), lambda: tconv(x, w)),
-            (f"conv{d}d, building a graph", lambda: conv(xg, wg), lambda: tconv(xg, wg)),
-            (f"conv{d}d, forward+backward", lambda: conv(xg, wg).backward(g), lambda: tconv(xg, wg).backward(g)),
-            (f"conv_transpose{d}d, no graph", lambda: conv_t(xt, w), lambda: tconv_t(xt, w)),
-            (f"conv_transpose{d}d, forward+backward", lambda: conv_t(xtg, wg).backward(gt),
-             lambda: tconv_t(xtg, wg).backward(gt)),
-        ]
+    x, w, g = _tiny(d)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xt, gt = g.clone(), x.clone()  # a transposed convolution: g-shaped in, x-shaped out
+    xtg = xt.clone().requires_grad_()
+    conv, conv_t = getattr(ours, f"conv{d}d"), getattr(ours, f"conv_transpose{d}d")
+    tconv, tconv_t = getattr(theirs, f"conv{d}d"), getattr(theirs, f"conv_transpose{d}d")
+    return [
+        (f"conv{d}d, no graph", lambda: conv(x, w), lambda: tconv(x, w)),
+        (f"conv{d}d, building a graph", lambda: conv(xg, wg), lambda: tconv(xg, wg)),
+        (f"conv{d}d, forward+backward", lambda: conv(xg, wg).backward(g), lambda: tconv(xg, wg).backward(g)),
+        (f"conv_transpose{d}d, no graph", lambda: conv_t(xt, w), lambda: tconv_t(xt, w)),
+        (f"conv_transpose{d}d, forward+backward", lambda: conv_t(xtg, wg).backward(gt),
+         lambda: tconv_t(xtg, wg).backward(gt)),
+    ]
+
+
+def _window_rows():
+    """The weight gradient, im2col and col2im, tiny."""
+    ours = convt_ext.functional
     x, w, g = _tiny(2)
-    rows.append(("conv2d_weight", lambda: ours.conv2d_weight(x, w.shape, g),
-                 lambda: torch.nn.grad.conv2d_weight(x, w.shape, g)))
     xg = x.clone().requires_grad_()
     cols = torch.randn(1, 9, 4)
     colsg = cols.clone().requires_grad_()
-    rows += [
+    return [
+        ("conv2d_weight", lambda: ours.conv2d_weight(x, w.shape, g), lambda: torch.nn.grad.conv2d_weight(x, w.shape, g)),
         ("im2col, no graph", lambda: convt_ext.im2col(x, 3), lambda: F.unfold(x, 3)),
         ("im2col, forward+backward", lambda: convt_ext.im2col(xg, 3).backward(cols), lambda: F.unfold(xg, 3).backward(cols)),
         ("col2im, no graph", lambda: convt_ext.col2im(cols, (4, 4), 3), lambda: F.fold(cols, (4, 4), 3)),
         ("col2im, forward+backward", lambda: convt_ext.col2im(colsg, (4, 4), 3).backward(x),
          lambda: F.fold(colsg, (4, 4), 3).backward(x)),
     ]
-    x, w, g = _tiny(2, channels=64, size=10)  # 64 channels, 8x8 outputs, batch 1
+
+
+def _wide_rows():
+    """A 64-channel layer with 8x8 outputs at batch 1: little arithmetic, still host-bound."""
+    ours, theirs = convt_ext.functional, F
+    x, w, g = _tiny(2, channels=64, size=10)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     xt, gt = g.clone(), x.clone()
     xtg = xt.clone().requires_grad_()
-    rows += [
+    return [
         ("conv2d 64ch 8x8, no graph", lambda: ours.conv2d(x, w), lambda: theirs.conv2d(x, w)),
         ("conv2d 64ch 8x8, forward+backward", lambda: ours.conv2d(xg, wg).backward(g),
          lambda: theirs.conv2d(xg, wg).backward(g)),
@@ -94,7 +99,13 @@ def cases():
         ("conv_transpose2d 64ch 8x8, fwd+bwd", lambda: ours.conv_transpose2d(xtg, wg).backward(gt),
          lambda: theirs.conv_transpose2d(xtg, wg).backward(gt)),
     ]
-    return rows
+
+
+def cases():
+    """(label, ours, torch's): forward without a graph, forward building one, and
+    forward+backward of tiny tensors in 1, 2 and 3 dimensions; the weight gradient, im2col
+    and col2im; and a 64-channel 8x8 layer, whose arithmetic is still small."""
+    return [row for d in (1, 2, 3) for row in _convolution_rows(d)] + _window_rows() + _wide_rows()
 
 
 def target_us(label, torch_us):

@@ -35,7 +35,7 @@ void im2col_box(const at::Tensor& image, const at::Tensor& cols, Window3 w, cons
     w.padding[i] = r0 - top;
     w.image[i] = r1 - r0;
     w.windows[i] = hi[i] - lo[i];
-    region = region.narrow(2 + i, r0, r1 - r0);
+    region = part(region, 2 + i, r0, r1 - r0);
   }
   w.batch = image.size(0);
   im2col_into(region, cols, w);
@@ -78,10 +78,10 @@ void for_each_column_block(const DevicePolicy& policy, const at::Tensor& x, cons
       const int64_t first = flat_offset(lo, call.windows), count = box_numel(lo, hi);
       at::Tensor c;
       if (input_is_columns) {
-        c = x.select(0, n).view({rows, L}).narrow(1, first, count);
+        c = part(x.select(0, n).view({rows, L}), 1, first, count);
       } else {
-        c = buffer.narrow(1, 0, count);
-        im2col_box(x5.narrow(0, n, 1), c.unsqueeze(0), call, lo, hi);
+        c = part(buffer, 1, 0, count);
+        im2col_box(part(x5, 0, n, 1), c.unsqueeze(0), call, lo, hi);
       }
       fn(range, n, first, count, c);
     }
@@ -100,7 +100,7 @@ void for_each_wide_chunk(const DevicePolicy& policy, const at::Tensor& image, co
   const int64_t lo[kMaxDims] = {0, 0, 0};
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t b = std::min(chunk, N - n0);
-    im2col_box(x5.narrow(0, n0, b), cols.samples(b), call, lo, call.windows);
+    im2col_box(part(x5, 0, n0, b), cols.samples(b), call, lo, call.windows);
     fn(n0, b, cols.matrix(b));
   }
 }
@@ -117,7 +117,7 @@ at::Tensor side_by_side(const at::Tensor& t, const ColumnBuffer& buf) {
 void gemm_columns(const DevicePolicy& policy, const at::Tensor& out, const at::Tensor& a,
                   const at::Tensor& b, const at::Tensor& add) {
   for_each_task(policy, out.size(2), [&](int64_t, int64_t begin, int64_t end) {
-    gemm(out.narrow(2, begin, end - begin), a, b.narrow(2, begin, end - begin), add);
+    gemm(part(out, 2, begin, end - begin), a, part(b, 2, begin, end - begin), add);
   });
 }
 
@@ -161,7 +161,7 @@ struct PartialSums {
 void wide_weight_sum(const DevicePolicy& policy, PartialSums& sums, const at::Tensor& a,
                      const at::Tensor& c) {
   for_each_task(policy, a.size(2), [&](int64_t range, int64_t begin, int64_t end) {
-    sums.add(range, a.narrow(2, begin, end - begin), c.narrow(2, begin, end - begin).transpose(1, 2));
+    sums.add(range, part(a, 2, begin, end - begin), part(c, 2, begin, end - begin).transpose(1, 2));
   });
 }
 
@@ -218,7 +218,7 @@ void conv_columns(const at::Tensor& image, const at::Tensor& weight,
   }
   const at::Tensor x = pointwise ? image.contiguous() : image;
   for_each_column_block(policy, x, call, rows, pointwise, [&](int64_t, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    gemm(y.select(0, n).narrow(1, first, count).view({G, C_out / G, count}), w3,
+    gemm(part(y.select(0, n), 1, first, count).view({G, C_out / G, count}), w3,
          c.view({G, rows / G, count}), b3);
   }, cap);
 }
@@ -266,7 +266,7 @@ void conv_transpose_pointwise(const DevicePolicy& policy, const at::Tensor& x,
   const bool by_columns = N < policy.tasks;
   for_each_task(policy, by_columns ? L : N, [&](int64_t, int64_t begin, int64_t end) {
     const int dim = by_columns ? 3 : 0;
-    gemm_each_sample(y.narrow(dim, begin, end - begin), wt3, x4.narrow(dim, begin, end - begin), b3);
+    gemm_each_sample(part(y, dim, begin, end - begin), wt3, part(x4, dim, begin, end - begin), b3);
   });
 }
 
@@ -287,7 +287,7 @@ void conv_transpose_wide(const DevicePolicy& policy, const at::Tensor& x, const 
         at::Tensor());
     Window3 w = call;
     w.batch = b;
-    col2im_into(cols.samples(b), bias_1d, out.narrow(0, n0, b), w);
+    col2im_into(cols.samples(b), bias_1d, part(out, 0, n0, b), w);
   }
 }
 
@@ -338,22 +338,22 @@ void conv_transpose_blocks(const DevicePolicy& policy, const at::Tensor& x, cons
       blocks.at(t % blocks.per_sample(), lo, hi);
       Window3 w = call;
       w.batch = 1;
-      at::Tensor xs = x5.select(0, n), ys = out5.narrow(0, n, 1);
+      at::Tensor xs = x5.select(0, n), ys = part(out5, 0, n, 1);
       for (int i = 0; i < kMaxDims; ++i) {
         int64_t o_lo, o_hi;
         windows_reaching(call, i, lo[i], hi[i], &o_lo, &o_hi);
-        xs = xs.narrow(1 + i, o_lo, o_hi - o_lo);
-        ys = ys.narrow(2 + i, lo[i], hi[i] - lo[i]);
+        xs = part(xs, 1 + i, o_lo, o_hi - o_lo);
+        ys = part(ys, 2 + i, lo[i], hi[i] - lo[i]);
         // In the block's coordinates: window o_lo + o' taps o'*s - p' + k*d.
         w.padding[i] = call.padding[i] + lo[i] - o_lo * call.stride[i];
         w.image[i] = hi[i] - lo[i];
         w.windows[i] = o_hi - o_lo;
       }
       const int64_t positions = w.window_numel();
-      const at::Tensor cols = buffer.narrow(0, 0, rows * positions).view({1, rows, positions});
+      const at::Tensor cols = part(buffer, 0, 0, rows * positions).view({1, rows, positions});
       const at::Tensor xb = xs.is_contiguous()
                                 ? xs
-                                : operand.narrow(0, 0, C_in * positions).view(xs.sizes()).copy_(xs);
+                                : part(operand, 0, 0, C_in * positions).view(xs.sizes()).copy_(xs);
       gemm(cols.view({G, rows / G, positions}), wt3, xb.view({G, C_in / G, positions}),
            at::Tensor());
       col2im_into(cols, bias_1d, ys, w);
@@ -432,7 +432,7 @@ at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_o
   }
   const at::Tensor x = pointwise ? image.contiguous() : image;
   for_each_column_block(policy, x, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
-    sums.add(range, dy3.select(0, n).narrow(1, first, count).view({G, C_out / G, count}),
+    sums.add(range, part(dy3.select(0, n), 1, first, count).view({G, C_out / G, count}),
              c.view({G, rows / G, count}).transpose(1, 2));
   });
   return sums.sum();
@@ -475,8 +475,8 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
   const at::Tensor image_dy = pointwise ? dy.contiguous() : dy;
   for_each_column_block(policy, image_dy, call, rows, pointwise, [&](int64_t range, int64_t n, int64_t first, int64_t count, const at::Tensor& c) {
     const at::Tensor cg = c.view({G, rows / G, count});
-    gemm(gi.select(0, n).narrow(1, first, count).view({G, C_in / G, count}), w3, cg);
-    sums.add(range, x3.select(0, n).narrow(1, first, count).view({G, C_in / G, count}),
+    gemm(part(gi.select(0, n), 1, first, count).view({G, C_in / G, count}), w3, cg);
+    sums.add(range, part(x3.select(0, n), 1, first, count).view({G, C_in / G, count}),
              cg.transpose(1, 2));
   });
   return {grad_input, sums.sum()};

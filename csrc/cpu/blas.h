@@ -28,9 +28,10 @@ class MklOneThread {
 // CPU, each operand with a unit stride, sizes within int32, a non-empty sum.
 bool blas_takes(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
-// out (+)= a . b for one group's 2-d views that blas_takes accepted, by
-// sgemm_/dgemm_, reading no torch flag (call it inside an MklOneThread).
-void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// out[g] (+)= a[g] . b[g] for group g of (G, ., .) tensors that blas_takes
+// accepted (or the 2-d tensors themselves), by sgemm_/dgemm_, reading no
+// torch flag (call it inside an MklOneThread). No ATen view is made.
+void blas_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t g, bool accumulate);
 
 // out (+)= a . b with a and b rounded to bfloat16 and the products summed
 // in float32 (oneDNN's fpmath mode bf16), for 2-d float32 views on the CPU.
