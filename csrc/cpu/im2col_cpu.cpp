@@ -131,6 +131,17 @@ void store_band(const acc_t* acc, int64_t rows, int64_t phase_len, int64_t W, in
   }
 }
 
+// Adds the `len` column entries at src, `step` apart, into the accumulator
+// run at a; contiguous entries (step 1) make a vectorisable add.
+template <typename scalar_t, typename acc_t>
+void add_run(acc_t* a, const scalar_t* src, int64_t len, int64_t step) {
+  if (step == 1) {
+    for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t]);
+  } else {
+    for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t * step]);
+  }
+}
+
 template <typename scalar_t>
 void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tensor& image,
                  const Window3& w) {
@@ -152,7 +163,6 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
   const int64_t total_rows = w.batch * w.channels * I0 * H;
   const int64_t grain =
       std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, W * w.kernel_numel()));
-  const bool unit_run = cs_l == 1;
   // One accumulator row per image row, phase-major: image column iw lives at
   // [(iw % sw) * phase_len + iw / sw].
   // Only phases below W occur (a stride larger than the row has fewer).
@@ -198,11 +208,7 @@ void col2im_rows(const at::Tensor& cols, const at::Tensor& bias, const at::Tenso
               for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
                 const scalar_t* src = row + oh * OW * cs_l;
                 acc_t* a = acc.data() + (tap<int64_t>(oh, ki, sh, ph, dh) - ih0) * row_len + acc_lo[kj];
-                if (unit_run) {
-                  for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t]);
-                } else {
-                  for (int64_t t = 0; t < len; ++t) a[t] += static_cast<acc_t>(src[t * cs_l]);
-                }
+                add_run(a, src, len, cs_l);
               }
             }
           }
