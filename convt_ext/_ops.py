@@ -67,7 +67,7 @@ def call(function, op, entry, *args):
     the graph, or passes the call on below autograd where it records none."""
     if transforms_active():
         return apply(function, args)
-    if torch._C._has_torch_function(args[: function.tensor_args]) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._has_torch_function(args[: function.tensor_args]):
         return op(*args)
     return entry(*args)
 

@@ -356,8 +356,17 @@ void call_python(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }
 
 // An argument as plain ints, or nothing where it is symbolic.
+// Also nothing where a value is past a SymInt's range (below -2^62): the
+// formulas pass lists to the ops as SymInts, and such a call is refused by
+// the op's own checks, which the Python Function reaches with plain ints.
 std::optional<Ints> concrete_list(const c10::IValue& v) {
-  if (v.isIntList()) return v.toIntVector();
+  if (v.isIntList()) {
+    Ints out = v.toIntVector();
+    for (int64_t i : out) {
+      if (!c10::SymInt::check_range(i)) return std::nullopt;
+    }
+    return out;
+  }
   const std::vector<c10::SymInt> sv = v.toSymIntVector();
   const auto opt = c10::asIntArrayRefSlowOpt(sv);
   return opt ? std::optional<Ints>(opt->vec()) : std::nullopt;

@@ -19,6 +19,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "im2col.h"
 
@@ -93,27 +94,43 @@ inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t 
   return static_cast<int64_t>(r);
 }
 
-// The number of elements of a tensor of these sizes, overflow-checked;
-// `context` says which arguments made them so large.
-// element_bytes: 8 (float64, the widest dtype of the convolutions) unless
-// the caller knows its tensor's (im2col and col2im take complex128).
-inline int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes,
-                             const std::string& context = "", int64_t element_bytes = 8) {
-  // Its bytes must fit too.
-  wide_int n = 1;
-  for (int64_t s : sizes) {
-    n *= s;
-    TORCH_CHECK_VALUE(n <= kInt64Max / element_bytes, op, ": ", what, " of shape ", fmt(sizes),
-                      " would need more than 2^63-1 bytes", context);
-  }
-  return static_cast<int64_t>(n);
-}
-
 // The geometry arguments, for messages about sizes they make too large.
 inline std::string geometry(c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   return " (kernel_size=" + fmt(kernel_size) + ", stride=" + fmt(stride) + ", padding=" +
          fmt(padding) + ", dilation=" + fmt(dilation) + ")";
+}
+
+// A message's context, written only when a check fails (TORCH_CHECK reads
+// its message arguments then): a string built on every call costs more than
+// the rest of a tiny call's checks.
+struct Geometry {
+  c10::IntArrayRef kernel_size, stride, padding, dilation;
+};
+inline std::string describe(const char* s) { return s; }
+inline std::string describe(const Geometry& g) {
+  return geometry(g.kernel_size, g.stride, g.padding, g.dilation);
+}
+template <typename F, typename = decltype(std::declval<const F&>()())>
+std::string describe(const F& f) {
+  return f();
+}
+
+// The number of elements of a tensor of these sizes, overflow-checked;
+// `context` says which arguments made them so large.
+// element_bytes: 8 (float64, the widest dtype of the convolutions) unless
+// the caller knows its tensor's (im2col and col2im take complex128).
+template <typename Context = const char*>
+int64_t checked_numel(const char* op, const char* what, c10::IntArrayRef sizes,
+                      const Context& context = "", int64_t element_bytes = 8) {
+  // Its bytes must fit too.
+  wide_int n = 1;
+  for (int64_t s : sizes) {
+    n *= s;
+    TORCH_CHECK_VALUE(n <= kInt64Max / element_bytes, op, ": ", what, " of shape ", fmt(sizes),
+                      " would need more than 2^63-1 bytes", describe(context));
+  }
+  return static_cast<int64_t>(n);
 }
 
 // Window positions per dimension for an image (relationship 15, in 128-bit
@@ -188,7 +205,7 @@ inline Window3 make_window(const char* op, int64_t batch, int64_t channels,
                       " and dilation=", fmt(dilation),
                       " are too large: window coordinates would overflow int64");
   }
-  const std::string context = geometry(kernel_size, stride, padding, dilation);
+  const Geometry context{kernel_size, stride, padding, dilation};
   const int64_t kernel_numel = checked_numel(op, "kernel_size", kernel_size, context);
   const int64_t positions =
       checked_numel(op, "the windows", c10::IntArrayRef(windows, dims), context);

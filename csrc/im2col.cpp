@@ -104,7 +104,7 @@ at::Tensor im2col_impl(const at::Tensor& input, at::IntArrayRef kernel_size,
   const Window3 w = make_window(op, x.size(0), x.size(1), x.sizes().slice(2), windows,
                                 kernel_size, stride, padding, dilation);
   const std::vector<int64_t> shape{w.batch, w.rows(), w.window_numel()};
-  checked_numel(op, "the column matrix", shape, geometry(kernel_size, stride, padding, dilation),
+  checked_numel(op, "the column matrix", shape, Geometry{kernel_size, stride, padding, dilation},
                 x.element_size());
   c10::DeviceGuard guard(x.device());
   at::Tensor cols;
@@ -145,8 +145,10 @@ at::Tensor col2im_impl(const at::Tensor& input, at::IntArrayRef output_size,
   window_counts(op, "output_size", output_size, kernel_size, stride, padding, dilation, windows);
   const int64_t positions =
       checked_numel(op, "the windows", at::IntArrayRef(windows, dims),
-                    " for output_size=" + fmt(output_size) +
-                        geometry(kernel_size, stride, padding, dilation));
+                    [&] {
+                      return " for output_size=" + fmt(output_size) +
+                             geometry(kernel_size, stride, padding, dilation);
+                    });
   TORCH_CHECK_VALUE(cols.size(2) == positions, op, ": input's dimension ", batched ? 2 : 1,
                     " (L) must equal the number of sliding windows, ",
                     fmt(at::IntArrayRef(windows, dims)), " = ", positions,
@@ -155,7 +157,7 @@ at::Tensor col2im_impl(const at::Tensor& input, at::IntArrayRef output_size,
                     fmt(stride), "; but got shape ", input.sizes());
   std::vector<int64_t> shape{cols.size(0), cols.size(1) / kernel_numel};
   shape.insert(shape.end(), output_size.begin(), output_size.end());
-  checked_numel(op, "the output", shape, " for output_size=" + fmt(output_size),
+  checked_numel(op, "the output", shape, [&] { return " for output_size=" + fmt(output_size); },
                 cols.element_size());
   const Window3 w = make_window(op, cols.size(0), cols.size(1) / kernel_numel, output_size,
                                 windows, kernel_size, stride, padding, dilation);

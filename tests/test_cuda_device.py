@@ -510,3 +510,43 @@ def test_on_the_second_device(index, restore_workspace_limit):
         got = _forward_and_grads(case, _on(case, inputs, "cuda:1"), g.float().to("cuda:1"))
     assert all(t.device == torch.device("cuda:1") for t in got)
     _check(case, got, refs, tf32=True)
+
+
+@cuda_test
+def test_forward_backward_through_autograd_captured_in_a_cuda_graph():
+    """A training step's convolution, forward and backward through the C++ Autograd kernels,
+    captures in one CUDA graph (no host synchronisation in the autograd layer either), and a
+    replay on new data gives torch's float64 gradients (TF32 off)."""
+    from conftest import reset_tf32
+
+    set_tf32("neither")
+    try:
+        torch.manual_seed(0)
+        x = torch.zeros(2, 3, 9, 8, device="cuda", requires_grad=True)
+        w = torch.zeros(4, 3, 3, 3, device="cuda", requires_grad=True)
+        g = torch.zeros(2, 4, 5, 4, device="cuda")
+
+        def step():
+            y = convt_ext.functional.conv2d(x, w, stride=2, padding=1)
+            return torch.autograd.grad(y, (x, w), g)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            grad_x, grad_w = step()
+        data = [torch.randn(t.shape, dtype=torch.float64) for t in (x, w, g)]
+        with torch.no_grad():
+            for buffer, value in zip((x, w, g), data):
+                buffer.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        xr, wr = data[0].clone().requires_grad_(), data[1].clone().requires_grad_()
+        ref_x, ref_w = torch.autograd.grad(F.conv2d(xr, wr, stride=2, padding=1), (xr, wr), data[2])
+        torch.testing.assert_close(grad_x.cpu().double(), ref_x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad_w.cpu().double(), ref_w, rtol=1e-4, atol=1e-4)
+    finally:
+        reset_tf32()

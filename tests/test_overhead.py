@@ -246,3 +246,46 @@ def test_overhead_bench_mode(capsys, monkeypatch):
         assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.02)
         assert line.split()[-1] == ("yes" if ours <= target else "no")
     assert out.splitlines()[-1].endswith(f"of {len(labels)} rows within target")
+
+
+def test_gpu_plan_overhead_script(capsys):
+    """benchmarks/gpu_plan_overhead.py times the GPU plan's ops (shortened here): every
+    row printed, with its goal, and the engine and threads restored."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_plan_overhead.py")
+    spec = importlib.util.spec_from_file_location("gpu_plan_overhead", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    engine, threads = convt_ext.gemm_engine(), torch.get_num_threads()
+    assert script.main(calls=3, repeats=1) == 0
+    assert (convt_ext.gemm_engine(), torch.get_num_threads()) == (engine, threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "GPU plan" in line and line.startswith("conv")]
+    assert len(rows) == 4
+    for line in rows:
+        us, goal = (float(v) for v in line.split()[-3:-1])
+        assert us > 0 and goal in (15.0, 40.0)
+
+
+def test_gpu_plan_step_makes_no_host_sync():
+    """A forward+backward with the GPU's plan makes no call that would synchronise a GPU
+    or break a CUDA graph's capture: no scalar read back (aten::item,
+    aten::_local_scalar_dense), no copy to another device, no nonzero. On a GPU,
+    tests/test_cuda_device.py captures the same step in a CUDA graph."""
+    from emulated_ops import emulated
+
+    e = emulated()
+    x, w, g = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 4, 4)
+
+    def step():
+        e.conv_gpu_plan(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+        e.conv_transpose_gpu_plan(g, w, None, [1, 1], [0, 0], [0, 0], 1, [1, 1])
+        e.conv_weight_gpu_plan(x, g, list(w.shape), [1, 1], [0, 0], [1, 1], 1)
+        e.conv_transpose_backward_gpu_plan(x, g, w.transpose(0, 1).contiguous(), [1, 1], [0, 0], [0, 0], 1, [1, 1])
+
+    step()
+    names = aten_calls(step)
+    assert "convt_ext::_im2col_into" in names or "convt_ext::_depthwise_into" in names, names
+    for banned in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::_to_copy", "aten::to"):
+        assert banned not in names, (banned, names)

@@ -100,7 +100,7 @@ Window3 check_conv(const char* op, int dims, const at::Tensor& input, const at::
   const Window3 call = make_window(op, N, C_in, input.sizes().slice(2), windows, kernel, stride,
                                    padding, dilation);
   checked_numel(op, "the output", {N, C_out, call.window_numel()},
-                geometry(kernel, stride, padding, dilation));
+                Geometry{kernel, stride, padding, dilation});
   return call;
 }
 

@@ -146,7 +146,7 @@ at::Tensor conv_transpose(const char* op, int dims, const at::Tensor& input,
                                             output_padding, groups, dilation, image);
   const at::IntArrayRef kernel = weight.sizes().slice(2);
   checked_numel(op, "the output", {input.size(0), call.channels, call.image_numel()},
-                geometry(kernel, stride, padding, dilation));
+                Geometry{kernel, stride, padding, dilation});
   c10::DeviceGuard guard(input.device());
   const at::MemoryFormat format = output_format(input, weight, bias, stride, padding, dilation,
                                                 true, output_padding, groups);
