@@ -25,8 +25,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import convt_ext  # noqa: E402
+try:
+    import convt_ext  # the installed package
+except ImportError:  # a checkout built in place
+    sys.path.insert(0, ROOT)
+    import convt_ext
 from emulated_ops import emulated  # noqa: E402
 
 CALLS, REPEATS = 2000, 7
