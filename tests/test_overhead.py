@@ -291,3 +291,41 @@ def test_gpu_plan_step_makes_no_host_sync():
     assert "aten::empty" in names  # the profiler saw the ATen calls inside
     for banned in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::_to_copy", "aten::to"):
         assert banned not in names, (banned, names)
+
+
+# The most ATen calls (profiler events, nested calls included) that one below-autograd call of
+# a tiny layer (2 samples, 6x6 pixels) may make, by path: measured, with some room. A call
+# made before the per-call work was cut made up to 1,626 (conv_transpose2d on the column
+# path: its plan split a 6x6 output into 18 blocks of views and GEMMs).
+ATEN_CALLS_AT_MOST = {"columns": 64, "view": 56, "depthwise": 24}
+
+
+@pytest.fixture
+def restore_conv_path():
+    old = convt_ext.conv_path()
+    yield
+    convt_ext.set_conv_path(old)
+
+
+@pytest.mark.parametrize("path", sorted(ATEN_CALLS_AT_MOST))
+@pytest.mark.parametrize("channels,groups", [(1, 1), (4, 4), (16, 1)])
+def test_a_tiny_call_makes_few_aten_calls(path, channels, groups, restore_conv_path):
+    """Structural, so it cannot flake: each op of a tiny layer makes at most
+    ATEN_CALLS_AT_MOST[path] ATen calls, on the path forced, and runs on that path when it
+    can (depthwise: few channels per group)."""
+    x, w = torch.randn(2, channels, 6, 6), torch.randn(channels, channels // groups, 3, 3)
+    g = torch.randn(2, channels, 4, 4)
+    one, zero = [1, 1], [0, 0]
+    convt_ext.set_conv_path(path)
+    calls = {
+        "conv2d": lambda: ops.conv2d(x, w, None, one, zero, one, groups),
+        "conv_transpose2d": lambda: ops.conv_transpose2d(g, w, None, one, zero, zero, groups, one),
+        "conv2d_weight": lambda: ops.conv2d_weight(x, g, list(w.shape), one, zero, one, groups),
+    }
+    for name, call in calls.items():
+        before = convt_ext.engine_info()["path"]["calls"][path]
+        expected = call()
+        assert convt_ext.engine_info()["path"]["calls"][path] == before + 1, (path, name)
+        names = aten_calls(call)
+        assert len(names) <= ATEN_CALLS_AT_MOST[path], (path, name, len(names), names)
+        torch.testing.assert_close(call(), expected)

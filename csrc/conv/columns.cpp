@@ -136,7 +136,9 @@ void wide_conv(const DevicePolicy& policy, const at::Tensor& y, int64_t n0, int6
 // A weight gradient summed over blocks: each of for_each_task's fixed ranges
 // sums into its own partial, and the partials are added in range order, so
 // the result is the same for any thread count (Note [Determinism across
-// thread counts]). With one range (a GPU's plan), it sums into the total.
+// thread counts]). The first range sums into the total itself, which is
+// zeros until then, so a call with one range (a GPU's plan, a small call)
+// allocates and adds no partial.
 struct PartialSums {
   at::Tensor total;  // (G, M, N), zeros
   std::vector<at::Tensor> partial;
@@ -145,7 +147,7 @@ struct PartialSums {
   // partial[range] += a . b, per group.
   void add(int64_t range, const at::Tensor& a, const at::Tensor& b) {
     at::Tensor& acc = partial[range];
-    if (!acc.defined()) acc = partial.size() == 1 ? total : at::zeros_like(total);
+    if (!acc.defined()) acc = range == 0 ? total : at::zeros_like(total);
     gemm(acc, a, b, at::Tensor(), true);
   }
   const at::Tensor& sum() {
