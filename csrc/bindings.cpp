@@ -152,6 +152,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", &path_report_dict);
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),
-        py::arg("avx512"), py::arg("vendor"), py::arg("onednn_available"), py::arg("groups") = 1,
-        py::arg("mnk") = INT64_MAX);
+        py::arg("avx512"), py::arg("vendor"), py::arg("ukernel_available"));
 }

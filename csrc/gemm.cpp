@@ -39,8 +39,6 @@ namespace {
 constexpr const char* kEngineNames[kEngines] = {"aten", "onednn", "brgemm"};
 // The setting: an engine's index when forced, or one of these.
 constexpr int kAuto = -1, kBenchmark = -2;
-// The rule's smallest oneDNN GEMM, in multiply-adds M*N*K (rule_engine).
-constexpr int64_t kOneDNNFrom = int64_t(1) << 20;
 
 std::atomic<int> g_setting{kAuto};
 std::array<std::atomic<int64_t>, kEngines> g_calls{};
@@ -293,15 +291,14 @@ constexpr int64_t kTileM = 64, kTileN = 64, kTileK = 256;
 void run_brgemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& add, bool accumulate) {
   const int64_t M = out.size(1), N = out.size(2), K = a.size(2);
+  // Each group's operands by pointer and stride: no ATen view per group.
+  if (add.defined() && !accumulate) out.copy_(add.expand_as(out));
+  const bool add_c = accumulate || add.defined();
+  const int64_t lda = a.stride(1), ldb = b.stride(1), ldc = out.stride(1);
   for (int64_t g = 0; g < out.size(0); ++g) {
-    at::Tensor o = out.select(0, g);
-    const at::Tensor ag = a.select(0, g), bg = b.select(0, g);
-    if (add.defined() && !accumulate) o.copy_(add.select(0, g).expand_as(o));
-    const bool add_c = accumulate || add.defined();
-    float* c = o.data_ptr<float>();
-    const float* pa = ag.const_data_ptr<float>();
-    const float* pb = bg.const_data_ptr<float>();
-    const int64_t lda = ag.stride(0), ldb = bg.stride(0), ldc = o.stride(0);
+    float* c = out.data_ptr<float>() + g * out.stride(0);
+    const float* pa = a.const_data_ptr<float>() + g * a.stride(0);
+    const float* pb = b.const_data_ptr<float>() + g * b.stride(0);
     for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
       const int64_t n = std::min(kTileN, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
@@ -340,13 +337,12 @@ void run(Engine e, const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 
 // The rule for out (G, M, N) = a (G, M, K) . b; for the report, a large
 // single GEMM (mnk unbounded).
-Engine rule_for(const at::Tensor& out, int64_t mnk = INT64_MAX) {
+Engine rule_for(const at::Tensor& out) {
   static const bool avx512 = cpu_avx512();
   static const std::string vendor = cpu_vendor();
-  const std::string name =
-      rule_engine(out.is_cpu() ? "cpu" : "other", dtype_name(out.scalar_type()), avx512, vendor,
-                  out.is_cpu() && onednn_runs(out.scalar_type()), out.dim() == 3 ? out.size(0) : 1, mnk);
-  return name == "onednn" ? Engine::OneDNN : Engine::Aten;
+  const std::string name = rule_engine(out.is_cpu() ? "cpu" : "other", dtype_name(out.scalar_type()),
+                                       avx512, vendor, out.is_cpu() && brgemm_runs());
+  return name == "brgemm" ? Engine::Brgemm : Engine::Aten;
 }
 
 char layout(const at::Tensor& t) { return rows_contiguous(t) ? 'n' : 't'; }
@@ -408,8 +404,7 @@ Engine choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   if (setting == kBenchmark && out.is_cpu() && !at::globalContext().deterministicAlgorithms()) {
     return timed(out, a, b, add);
   }
-  const double mnk = double(out.size(1)) * double(out.size(2)) * double(a.size(2));
-  const Engine e = rule_for(out, mnk >= double(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(mnk));
+  const Engine e = rule_for(out);
   if (e == Engine::Aten && !thread_independent(e, out) &&
       at::globalContext().deterministicAlgorithms()) {
     // Note [Bits that do not depend on the thread setting]: an engine whose
@@ -456,18 +451,23 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const
 }
 
 std::string rule_engine(const std::string& device, const std::string& dtype, bool avx512,
-                        const std::string& vendor, bool onednn_available, int64_t groups, int64_t mnk) {
-  // MKL runs its AVX2 code on non-Intel CPUs, half of an AVX-512 CPU's peak
-  // where that runs 512 bits a cycle; on AVX2 CPUs it is the fastest engine
-  // (benchmarks/NOTES.md item 18). Only float32 gains: float64 has no other
-  // engine, and at::mm already sends bfloat16 and float16 to oneDNN. But
-  // oneDNN's matmul costs a boxed dispatcher call per group, about 60 us
-  // more than the BLAS's (item 28): one per group is up to 7x slower on
-  // grouped and depthwise layers, and a GEMM of fewer than kOneDNNFrom
-  // multiply-adds (2 MFLOP, some 10 us at its rate) is mostly that cost.
-  if (device == "cpu" && dtype == "float32" && avx512 && vendor != "GenuineIntel" &&
-      onednn_available && groups == 1 && mnk >= kOneDNNFrom) {
-    return "onednn";
+                        const std::string& vendor, bool ukernel_available) {
+  // MKL runs its AVX2 code on non-Intel CPUs (benchmarks/NOTES.md item 18):
+  // half of the peak where the CPU runs 512 bits a cycle (Zen 5), the same
+  // where it runs them in two halves (Zen 4). oneDNN's AVX-512 kernels reach
+  // it, but its matmul costs a boxed dispatcher call per GEMM, some 60 us
+  // (item 28); its ukernel (brgemm) is the same JIT code, called directly.
+  // Measured on a Zen 4 (family 25, item 30), on the column path's GEMMs:
+  // the ukernel the fastest engine on every layer from 56x56 px down to
+  // 5x5 (3x3, 1x1 and the 7x7 stem), within 10% of aten on tiny ones; the
+  // matmul the slowest on all but the two smallest images (up to 4x behind,
+  // on 1x1 layers).
+  // On a Zen 5 the ukernel is unmeasured: the matmul's lead over MKL there
+  // came from the same kernels. Only float32: float64 has no other engine,
+  // and at::mm already sends bfloat16 and float16 to oneDNN. Operands the
+  // ukernel does not take (a transposed one) run on aten (supports()).
+  if (device == "cpu" && dtype == "float32" && avx512 && vendor != "GenuineIntel" && ukernel_available) {
+    return "brgemm";
   }
   return "aten";
 }

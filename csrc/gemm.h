@@ -133,10 +133,8 @@ struct EngineReport {
 };
 EngineReport engine_report();
 
-// The rule, as a function of its inputs, for tests on any machine: the
-// engine for `groups` GEMMs of mnk = M*N*K multiply-adds each.
+// The rule, as a function of its inputs, for tests on any machine.
 std::string rule_engine(const std::string& device, const std::string& dtype, bool avx512,
-                        const std::string& vendor, bool onednn_available, int64_t groups = 1,
-                        int64_t mnk = INT64_MAX);
+                        const std::string& vendor, bool ukernel_available);
 
 }  // namespace convt_ext

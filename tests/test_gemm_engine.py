@@ -8,6 +8,7 @@ layers, channels_last pixel rows, and the weight gradient. Each test also
 checks, through engine_info()'s call counters, that the engine it forces
 actually ran GEMMs, so a silent fallback to at::mm cannot pass for it.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -226,43 +227,52 @@ def test_benchmark_mode_is_the_rule_under_deterministic_algorithms():
 
 def test_rule():
     rule = convt_ext._C.rule_engine
-    # MKL runs its AVX2 code on AMD CPUs with AVX-512: oneDNN there.
-    assert rule("cpu", "float32", True, "AuthenticAMD", True) == "onednn"
+    # MKL runs its AVX2 code on AMD CPUs with AVX-512: oneDNN's ukernel there (measured on a
+    # Zen 4; the matmul's boxed call per GEMM made it the slowest engine).
+    assert rule("cpu", "float32", True, "AuthenticAMD", True) == "brgemm"
     assert rule("cpu", "float32", True, "GenuineIntel", True) == "aten"
     assert rule("cpu", "float32", False, "AuthenticAMD", True) == "aten"  # AVX2: MKL is fastest
-    assert rule("cpu", "float32", True, "AuthenticAMD", False) == "aten"  # no oneDNN in torch
+    assert rule("cpu", "float32", True, "AuthenticAMD", False) == "aten"  # no ukernel in torch
     assert rule("cpu", "float64", True, "AuthenticAMD", True) == "aten"
     assert rule("cpu", "bfloat16", True, "AuthenticAMD", True) == "aten"
     assert rule("cuda", "float32", True, "AuthenticAMD", True) == "aten"
-    # oneDNN costs a boxed call per group: one large GEMM only (2^20 multiply-adds and up).
-    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=1, mnk=1 << 20) == "onednn"
-    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=1, mnk=(1 << 20) - 1) == "aten"
-    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=2, mnk=1 << 30) == "aten"
-    assert rule("cpu", "float32", True, "AuthenticAMD", True, groups=144, mnk=9 * 784) == "aten"
-    assert rule("cpu", "float32", True, "GenuineIntel", True, groups=1, mnk=1 << 30) == "aten"
+    # The rule never picks oneDNN's matmul.
+    for args in itertools.product(("cpu", "cuda"), ("float32", "float64", "bfloat16", "float16"), (True, False),
+                                  ("AuthenticAMD", "GenuineIntel", "HygonGenuine"), (True, False)):
+        assert rule(*args) in ("aten", "brgemm"), args
     info = convt_ext.engine_info()
-    expected = rule("cpu", "float32", info["cpu_avx512"], info["cpu_vendor"], "onednn" in info["available"])
+    expected = rule("cpu", "float32", info["cpu_avx512"], info["cpu_vendor"], "brgemm" in info["available"])
     assert info["rule"]["float32"] == expected
     assert info["rule"]["float64"] == "aten"
 
 
-@pytest.mark.skipif(convt_ext.engine_info()["rule"]["float32"] != "onednn",
-                    reason="the rule picks oneDNN only on a non-Intel CPU with AVX-512")
-def test_auto_keeps_grouped_and_tiny_gemms_off_onednn():
-    """Under "auto", where the rule picks oneDNN for a large single GEMM: a depthwise layer
-    (144 groups) and a tiny layer run on aten, a large ungrouped one on oneDNN; all torch's."""
+@pytest.mark.skipif(convt_ext.engine_info()["rule"]["float32"] != "brgemm",
+                    reason="the rule picks the ukernel only on a non-Intel CPU with AVX-512")
+def test_auto_runs_the_ukernel_where_it_takes_the_operands():
+    """Under "auto", where the rule picks the ukernel: conv's forward GEMMs (row-major
+    operands) run on it, tiny and large alike, and never on oneDNN's matmul; a GEMM with a
+    transposed operand (the weight gradient's) runs on aten. All torch's values."""
     convt_ext.set_gemm_engine("auto")
+    old_path = convt_ext.conv_path()
+    convt_ext.set_conv_path("columns")
     gen = torch.Generator().manual_seed(7)
-    layers = [((1, 144, 12, 12), (144, 1, 3, 3), 144, "aten"), ((1, 1, 4, 4), (1, 1, 3, 3), 1, "aten"),
-              ((1, 64, 24, 24), (64, 64, 3, 3), 1, "onednn")]  # 64 x 576 x 576 = 21M multiply-adds
-    for xs, ws, g, engine in layers:
-        x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
-        before = _calls()
-        got = convt_ext.conv2d(x, w, None, 1, 1, 1, g)
-        ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
-        assert list(ran) == [engine], (xs, ws, ran)
-        want = F.conv2d(x.double(), w.double(), None, 1, 1, 1, g)
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    try:
+        for xs, ws in [((1, 1, 4, 4), (1, 1, 3, 3)), ((2, 64, 24, 24), (64, 64, 3, 3)), ((2, 32, 10, 10), (96, 32, 1, 1))]:
+            x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
+            before = _calls()
+            got = convt_ext.conv2d(x, w, None, 1, 1)
+            ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
+            assert list(ran) == ["brgemm"], (xs, ws, ran)
+            torch.testing.assert_close(got.double(), F.conv2d(x.double(), w.double(), None, 1, 1), rtol=1e-4, atol=1e-4)
+            dy = torch.randn(got.shape, generator=gen)
+            before = _calls()
+            grad_w = convt_ext.conv2d_weight(x, w.shape, dy, 1, 1)
+            ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
+            assert "onednn" not in ran and "aten" in ran, (xs, ws, ran)
+            want = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), 1, 1)
+            torch.testing.assert_close(grad_w.double(), want, rtol=1e-4, atol=1e-4)
+    finally:
+        convt_ext.set_conv_path(old_path)
 
 
 def test_settings_and_errors():
