@@ -17,9 +17,7 @@ Goals: at most 15 us a forward call and 40 us a forward+backward.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -30,23 +28,11 @@ try:
 except ImportError:  # a checkout built in place
     sys.path.insert(0, ROOT)
     import convt_ext
+from convt_ext.bench.overhead import per_call_us  # noqa: E402
 from emulated_ops import emulated  # noqa: E402
 
 CALLS, REPEATS = 2000, 7
 GOALS = {"forward": 15.0, "forward+backward": 40.0}
-
-
-def per_call_us(fn, calls, repeats):
-    """Median over repeats of the mean microseconds per call."""
-    for _ in range(min(calls, 200)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def cases():

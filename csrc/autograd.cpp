@@ -137,6 +137,18 @@ std::vector<Ints> kept(AutogradContext* ctx) {
   return out;
 }
 
+// What a convolution's backward reads back: the two saved tensors, the
+// argument lists and the groups.
+struct Kept {
+  at::Tensor first, second;
+  std::vector<Ints> lists;
+  int64_t groups;
+};
+Kept read_back(AutogradContext* ctx) {
+  const variable_list saved = ctx->get_saved_variables();
+  return {saved[0], saved[1], kept(ctx), ctx->saved_data["groups"].toInt()};
+}
+
 // ---- the Functions
 
 struct Im2colFunction : torch::autograd::Function<Im2colFunction> {
@@ -202,11 +214,10 @@ struct ConvFunction : torch::autograd::Function<ConvFunction> {
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &grad = grads[0];
-    const std::vector<Ints> a = kept(ctx);
-    const Ints stride = a[0], padding = a[1], dilation = a[2];
-    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const Kept k = read_back(ctx);
+    const at::Tensor &input = k.first, &weight = k.second, &grad = grads[0];
+    const Ints &stride = k.lists[0], &padding = k.lists[1], &dilation = k.lists[2];
+    const int64_t groups = k.groups;
     at::Tensor gi, gw;
     if (ctx->needs_input_grad(0)) {
       // The input gradient is C^T applied to the upstream gradient: a
@@ -239,11 +250,10 @@ struct ConvTransposeFunction : torch::autograd::Function<ConvTransposeFunction> 
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &grad = grads[0];
-    const std::vector<Ints> a = kept(ctx);
-    const Ints stride = a[0], padding = a[1], output_padding = a[2], dilation = a[3];
-    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const Kept k = read_back(ctx);
+    const at::Tensor &input = k.first, &weight = k.second, &grad = grads[0];
+    const Ints &stride = k.lists[0], &padding = k.lists[1], &output_padding = k.lists[2], &dilation = k.lists[3];
+    const int64_t groups = k.groups;
     at::Tensor gi, gw;
     if (ctx->needs_input_grad(0) && ctx->needs_input_grad(1) && !at::GradMode::is_enabled()) {
       // Both from one im2col of grad (Note [One column buffer for
@@ -272,11 +282,10 @@ struct ConvWeightFunction : torch::autograd::Function<ConvWeightFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // conv_weight(x, dy) is bilinear: <G, conv_weight(x, dy)> = <conv(x, G), dy>
     // = <x, conv_transpose(dy, G)>.
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &grad_output = saved[1], &grad = grads[0];
-    const std::vector<Ints> a = kept(ctx);
-    const Ints stride = a[0], padding = a[1], dilation = a[2];
-    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const Kept k = read_back(ctx);
+    const at::Tensor &input = k.first, &grad_output = k.second, &grad = grads[0];
+    const Ints &stride = k.lists[0], &padding = k.lists[1], &dilation = k.lists[2];
+    const int64_t groups = k.groups;
     const size_t d = stride.size();
     at::Tensor gi, gdy;
     if (ctx->needs_input_grad(0)) {

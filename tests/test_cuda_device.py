@@ -418,6 +418,20 @@ def test_window_ops_on_a_side_stream():
     _check_window_ops(x, cols, got_cols, got_image)
 
 
+def _captured(run):
+    """run() warmed up on a side stream, as torch.cuda.graphs asks, then captured:
+    (the graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 @cuda_test
 def test_window_ops_captured_in_a_cuda_graph_and_replayed():
     x, cols = _window_data()
@@ -426,14 +440,7 @@ def test_window_ops_captured_in_a_cuda_graph_and_replayed():
     def run():
         return convt_ext.im2col(static[0], **WINDOW), convt_ext.col2im(static[1], (9, 8), **WINDOW)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = run()
+    graph, got = _captured(run)
     static[0].copy_(x)
     static[1].copy_(cols)
     graph.replay()
@@ -530,14 +537,7 @@ def test_forward_backward_through_autograd_captured_in_a_cuda_graph():
             y = convt_ext.functional.conv2d(x, w, stride=2, padding=1)
             return torch.autograd.grad(y, (x, w), g)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            grad_x, grad_w = step()
+        graph, (grad_x, grad_w) = _captured(step)
         data = [torch.randn(t.shape, dtype=torch.float64) for t in (x, w, g)]
         with torch.no_grad():
             for buffer, value in zip((x, w, g), data):

@@ -26,7 +26,7 @@ CALLS = 2000
 REPEATS = 7
 
 
-def _per_call_us(fn, calls, repeats):
+def per_call_us(fn, calls, repeats):
     """Median over `repeats` of the mean microseconds per call of `calls` calls."""
     for _ in range(min(calls, 200)):  # warm-up: first-call caches, lazy registrations
         fn()
@@ -121,8 +121,8 @@ def measure(calls=CALLS, repeats=REPEATS):
         # Interleaved, so that a burst of load on a shared machine hits both sides.
         a, b = [], []
         for _ in range(repeats):
-            a.append(_per_call_us(ours, calls, 1))
-            b.append(_per_call_us(theirs, calls, 1))
+            a.append(per_call_us(ours, calls, 1))
+            b.append(per_call_us(theirs, calls, 1))
         rows.append((label, statistics.median(a), statistics.median(b)))
     return rows
 
