@@ -1,6 +1,7 @@
-"""How a Python call reaches a torch.ops.convt_ext op: the dispatcher op
-itself, whose Autograd kernel is C++, or, under a torch.func transform, the
-op's autograd.Function (Note [Autograd and torch.func] in convt_ext/_autograd.py).
+"""How a Python call reaches a torch.ops.convt_ext op: its direct binding
+(csrc/calls.cpp) or torch.ops, both through the dispatcher, where the op's
+Autograd kernel is C++; or, under a torch.func transform, the op's
+autograd.Function (Note [Autograd and torch.func] in convt_ext/_autograd.py).
 
 The rest of the Python side of the ops has one module per concern, each
 registering its own kernels when imported (convt_ext/__init__.py imports

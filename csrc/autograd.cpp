@@ -396,7 +396,7 @@ at::Tensor apply_function(const std::string& name, const c10::IValue* a, size_t 
       continue;
     }
     std::optional<Ints> v = concrete_list(a[i]);
-    if (!v || !groups) return {};
+    if (!v) return {};
     lists.push_back(std::move(*v));
   }
   if (!groups) return {};

@@ -253,26 +253,21 @@ def test_auto_runs_the_ukernel_where_it_takes_the_operands():
     operands) run on it, tiny and large alike, and never on oneDNN's matmul; a GEMM with a
     transposed operand (the weight gradient's) runs on aten. All torch's values."""
     convt_ext.set_gemm_engine("auto")
-    old_path = convt_ext.conv_path()
-    convt_ext.set_conv_path("columns")
     gen = torch.Generator().manual_seed(7)
-    try:
-        for xs, ws in [((1, 1, 4, 4), (1, 1, 3, 3)), ((2, 64, 24, 24), (64, 64, 3, 3)), ((2, 32, 10, 10), (96, 32, 1, 1))]:
-            x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
-            before = _calls()
-            got = convt_ext.conv2d(x, w, None, 1, 1)
-            ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
-            assert list(ran) == ["brgemm"], (xs, ws, ran)
-            torch.testing.assert_close(got.double(), F.conv2d(x.double(), w.double(), None, 1, 1), rtol=1e-4, atol=1e-4)
-            dy = torch.randn(got.shape, generator=gen)
-            before = _calls()
-            grad_w = convt_ext.conv2d_weight(x, w.shape, dy, 1, 1)
-            ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
-            assert "onednn" not in ran and "aten" in ran, (xs, ws, ran)
-            want = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), 1, 1)
-            torch.testing.assert_close(grad_w.double(), want, rtol=1e-4, atol=1e-4)
-    finally:
-        convt_ext.set_conv_path(old_path)
+    for xs, ws in [((1, 1, 4, 4), (1, 1, 3, 3)), ((2, 64, 24, 24), (64, 64, 3, 3)), ((2, 32, 10, 10), (96, 32, 1, 1))]:
+        x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
+        before = _calls()
+        got = convt_ext.conv2d(x, w, None, 1, 1)
+        ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
+        assert list(ran) == ["brgemm"], (xs, ws, ran)
+        torch.testing.assert_close(got.double(), F.conv2d(x.double(), w.double(), None, 1, 1), rtol=1e-4, atol=1e-4)
+        dy = torch.randn(got.shape, generator=gen)
+        before = _calls()
+        grad_w = convt_ext.conv2d_weight(x, w.shape, dy, 1, 1)
+        ran = {e: n - before[e] for e, n in _calls().items() if n > before[e]}
+        assert "onednn" not in ran and "aten" in ran, (xs, ws, ran)
+        want = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), 1, 1)
+        torch.testing.assert_close(grad_w.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_settings_and_errors():

@@ -302,21 +302,24 @@ ATEN_CALLS_AT_MOST = {"columns": 64, "view": 56, "depthwise": 24}
 
 @pytest.fixture
 def restore_conv_path():
-    old = convt_ext.conv_path()
+    old, engine = convt_ext.conv_path(), convt_ext.gemm_engine()
     yield
     convt_ext.set_conv_path(old)
+    convt_ext.set_gemm_engine(engine)
 
 
 @pytest.mark.parametrize("path", sorted(ATEN_CALLS_AT_MOST))
 @pytest.mark.parametrize("channels,groups", [(1, 1), (4, 4), (16, 1)])
 def test_a_tiny_call_makes_few_aten_calls(path, channels, groups, restore_conv_path):
     """Structural, so it cannot flake: each op of a tiny layer makes at most
-    ATEN_CALLS_AT_MOST[path] ATen calls, on the path forced, and runs on that path when it
-    can (depthwise: few channels per group)."""
+    ATEN_CALLS_AT_MOST[path] ATen calls, on the path forced, and runs on that path. The GEMM
+    engine is pinned to aten (MKL): oneDNN's matmul, when forced, adds its own calls per
+    GEMM (a boxed op, contiguous copies), which the engine rule keeps it from."""
     x, w = torch.randn(2, channels, 6, 6), torch.randn(channels, channels // groups, 3, 3)
     g = torch.randn(2, channels, 4, 4)
     one, zero = [1, 1], [0, 0]
     convt_ext.set_conv_path(path)
+    convt_ext.set_gemm_engine("aten")
     calls = {
         "conv2d": lambda: ops.conv2d(x, w, None, one, zero, one, groups),
         "conv_transpose2d": lambda: ops.conv_transpose2d(g, w, None, one, zero, zero, groups, one),
