@@ -94,6 +94,9 @@ py::dict path_report_dict() {
   d["setting"] = r.setting;
   d["view_available"] = r.view_available;
   d["depthwise_isa"] = convt_ext::depthwise_cpu_isa();
+  py::dict loops;
+  for (const auto& [name, count] : convt_ext::depthwise_cpu_loops()) loops[py::str(name)] = count;
+  d["depthwise_loops"] = loops;
   d["calls"] = calls;
   py::list timed;
   for (const auto& t : r.benchmarked) {

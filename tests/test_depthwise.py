@@ -807,3 +807,109 @@ def test_vector_loops_match_torch(case):
         for a, e in zip(got_grads, want_grads):
             torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-10)
         assert ran[DW] >= 2 and ran.total == ran[DW], ran.delta  # forward, then the backward op(s)
+
+
+# ------------------------------------------------------------------ 7. blocked planes (planar depthwise conv)
+
+
+def loops():
+    """How often each of the depthwise path's CPU loops ran so far."""
+    return dict(convt_ext.engine_info()["path"]["depthwise_loops"])
+
+
+def _blocked_plane_cases():
+    """Planar depthwise convs that the rule sends to blocked planes: kernel width 3, 5 or
+    7 with stride 1 or 2 and dilation 1 along the last dimension, anything along the
+    others, padding up to beyond the kernel, rows shorter and longer than a vector and
+    than a block of 8-10 pixels, at least 4 (sample, block of 32 channels) tasks, and
+    channel counts that leave a short block (5, 33, 70) or none (32); never empty."""
+    rnd = random.Random(712)
+    cases = []
+    for i in range(36):
+        d = (1, 2, 3)[i % 3]
+        k = [rnd.randint(1, 3) for _ in range(d - 1)] + [(3, 5, 7)[i % 3 if d == 1 else rnd.randint(0, 2)]]
+        dil = [rnd.randint(1, 2) for _ in range(d - 1)] + [1]
+        stride = [rnd.randint(1, 2) for _ in range(d)]
+        pad = [rnd.randint(0, dil[j] * (k[j] - 1) + 1) for j in range(d)]
+        top = [5 if d == 3 else 9] * (d - 1) + [23]
+        # At least 2 pixels along a row: (N, C, 1) is pixel memory too, and takes that loop.
+        size = [rnd.randint(max(2 if j == d - 1 else 1, dil[j] * (k[j] - 1) + 1 - 2 * pad[j]), top[j]) for j in range(d)]
+        c = (5, 32, 33, 70)[i % 4]
+        n = 2 if c > 64 else 4 + i % 2
+        cases.append((d, n, c, size, k, dil, pad, stride, bool(i % 2)))
+    return cases
+
+
+BLOCKED_PLANE_CASES = _blocked_plane_cases()
+
+
+@pytest.mark.parametrize("case", BLOCKED_PLANE_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-{c[3]}-k{c[4]}-s{c[7]}")
+def test_blocked_planes_match_torch(case, forced, threads):
+    """float64 values against torch's, with and without bias, on the blocked-plane loop
+    (counted), and the same bits at 1 and 3 threads."""
+    d, n, c, size, k, dil, pad, stride, bias = case
+    g = torch.Generator().manual_seed(BLOCKED_PLANE_CASES.index(case))
+    x = torch.randn(n, c, *size, dtype=torch.float64, generator=g)
+    w = torch.randn(c, 1, *k, dtype=torch.float64, generator=g)
+    b = torch.randn(c, dtype=torch.float64, generator=g) if bias else None
+    want = (F.conv1d, F.conv2d, F.conv3d)[d - 1](x, w, b, stride, pad, dil, c)
+    ours = getattr(CF, f"conv{d}d")
+    before = loops()
+    torch.set_num_threads(1)
+    got = ours(x, w, b, stride, pad, dil, c)
+    torch.set_num_threads(3)
+    again = ours(x, w, b, stride, pad, dil, c)
+    assert loops()["blocked_planes"] - before["blocked_planes"] == 2, (loops(), before)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    assert torch.equal(got, again)
+    assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocked_planes_low_precision(dtype, forced):
+    """float32 and bfloat16 (summed in float32) on the blocked-plane loop, against torch's
+    float64 result on the same values."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 70, 10, 10, generator=g).to(dtype)
+    w = torch.randn(70, 1, 3, 3, generator=g).to(dtype)
+    b = torch.randn(70, generator=g).to(dtype)
+    want = F.conv2d(x.double(), w.double(), b.double(), 2, 1, 1, 70)
+    before = loops()["blocked_planes"]
+    got = CF.conv2d(x, w, b, 2, 1, 1, 70)
+    assert loops()["blocked_planes"] == before + 1
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("n,c,hw,k,stride,blocked", [
+    (4, 96, 10, 3, 1, True),      # MobileNet's small planes
+    (8, 96, 80, 3, 2, True),      # stride 2 up to 80x80: its buffers fit the L2
+    (1, 32, 112, 3, 1, False),    # beyond the L2: phase planes
+    (1, 96, 10, 3, 1, False),     # 3 tasks: phase planes split by channel
+    (2, 64, 10, 3, 1, True),      # 4 tasks
+    (4, 32, 10, 4, 1, False),     # no block for a width of 4
+    (4, 32, 10, 3, 3, False),     # nor for stride 3
+])
+def test_blocked_planes_rule(n, c, hw, k, stride, blocked, forced):
+    """Which planar loop a depthwise conv takes, by the rule in cpu/depthwise_cpu.cpp, and
+    its values either way."""
+    g = torch.Generator().manual_seed(n * c + hw)
+    x = torch.randn(n, c, hw, hw, dtype=torch.float64, generator=g)
+    w = torch.randn(c, 1, k, k, dtype=torch.float64, generator=g)
+    before = loops()
+    got = CF.conv2d(x, w, None, stride, 1, 1, c)
+    after = loops()
+    assert (after["blocked_planes"] - before["blocked_planes"], after["phase_planes"] - before["phase_planes"]) == (
+        (1, 0) if blocked else (0, 1)
+    )
+    torch.testing.assert_close(got, F.conv2d(x, w, None, stride, 1, 1, c), rtol=1e-11, atol=1e-11)
+
+
+def test_blocked_plane_cases_cover_what_they_claim():
+    cases = BLOCKED_PLANE_CASES
+    assert {c[0] for c in cases} == {1, 2, 3} and all(c[1] > 0 for c in cases)
+    assert {c[4][-1] for c in cases} == {3, 5, 7} and {c[7][-1] for c in cases} == {1, 2}
+    assert {c[2] % 32 == 0 for c in cases} == {True, False}
+    assert any(c[3][-1] > 16 for c in cases) and any(c[3][-1] < 8 for c in cases)
+    assert all(c[1] * -(-c[2] // 32) >= 4 for c in cases)

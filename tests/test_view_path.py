@@ -982,8 +982,10 @@ def test_set_conv_path_and_engine_info():
             assert convt_ext.engine_info()["path"]["setting"] == setting
             assert convt_ext.build_info()["conv_path"] == setting
         path = convt_ext.engine_info()["path"]
-        assert set(path) == {"setting", "view_available", "depthwise_isa", "calls", "benchmarked"}
+        assert set(path) == {"setting", "view_available", "depthwise_isa", "depthwise_loops", "calls", "benchmarked"}
         assert set(path["calls"]) == {"view", "columns", "depthwise"}
+        assert set(path["depthwise_loops"]) == {
+            "pixels", "phase_planes", "blocked_planes", "output_phases", "weight_pixels", "weight_planes"}
     finally:
         convt_ext.set_conv_path(old)
 

@@ -10,6 +10,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "path.h"
 
@@ -31,6 +33,11 @@ bool depthwise_rule(ConvOp op, bool cuda, int64_t ci, int64_t cw);
 // Which build of the CPU's vector loops runs here: "avx512", "avx2" or
 // "default" (Note [One loop, three instruction sets] in cpu/depthwise_cpu.cpp).
 std::string depthwise_cpu_isa();
+
+// How often each of the CPU's loops ran, by name (pixels, phase_planes,
+// blocked_planes, output_phases, weight_pixels, weight_planes), since the
+// process began.
+std::vector<std::pair<std::string, int64_t>> depthwise_cpu_loops();
 
 // conv: (N, C_out, *windows), in the input's memory (pixel or planar).
 at::Tensor conv_depthwise(const at::Tensor& input, const at::Tensor& weight,

@@ -1,9 +1,11 @@
 // The depthwise path's CPU kernels (the private ops _depthwise_into and
 // _depthwise_weight_into, ../kernels.h): vector loops over the relation of
 // ../im2col.h, for depthwise layers with one output channel per input
-// channel in pixel (channels-last) memory (vectors across channels), and for
-// every grouped layer in planar memory (vectors along the plane: Note [Phase
-// planes], Note [conv_transpose by output phases]). The element functions of
+// channel in pixel (channels-last) memory (vectors across channels), for
+// planar depthwise convs by blocks of channels in the cache (vectors across
+// channels again: Note [Blocked planes]), and for every grouped layer in
+// planar memory (vectors along the plane: Note [Phase planes], Note
+// [conv_transpose by output phases]). The element functions of
 // ../depthwise_elements.h are the GPU's; the CPU runs them in the tests'
 // emulation.
 //
@@ -21,11 +23,15 @@
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../dtypes.h"
@@ -187,6 +193,32 @@ OutputPhases output_phases(const Window3& w) {
   return plan;
 }
 
+// Note [Blocked planes] (depthwise_planes.inc): the kernel widths and strides
+// it has blocks for, along a row of dilation 1.
+bool planes_supported(const Relation& rel) {
+  const int64_t K2 = rel.kernel[2], S = rel.stride[2];
+  return rel.dilation[2] == 1 && (K2 == 3 || K2 == 5 || K2 == 7) && (S == 1 || S == 2);
+}
+
+// A padded row's pixels: the reads of a row of at least 10 output pixels (a
+// row shorter than a block is one block of up to 10, whose reads run past the
+// row: row_sweep).
+int64_t padded_width(const Relation& rel) {
+  return (std::max<int64_t>(rel.out[2], 10) - 1) * rel.stride[2] + rel.kernel[2];
+}
+
+// One planar call of Note [Blocked planes]: x and y planar, C channels; w in
+// blocks of CB channels, (blocks, K, CB), and bias, both zero-padded to whole
+// blocks.
+template <typename T>
+struct PlanesCall {
+  const T* x;
+  const T* w;
+  const T* bias;
+  T* y;
+  int64_t C;
+};
+
 }  // namespace
 
 #pragma GCC diagnostic push
@@ -198,7 +230,9 @@ OutputPhases output_phases(const Window3& w) {
 namespace {
 namespace isa_avx512 {
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+constexpr bool kTransposeInRegisters = true;  // two-source shuffles (Note [Blocked planes])
 #include "depthwise_loops.inc"
+#include "depthwise_planes.inc"
 }  // namespace isa_avx512
 }  // namespace
 #pragma GCC pop_options
@@ -207,14 +241,18 @@ namespace isa_avx512 {
 namespace {
 namespace isa_avx2 {
 #pragma GCC target("avx2,fma")
+constexpr bool kTransposeInRegisters = false;  // no two-source 64-byte shuffle: scalar moves
 #include "depthwise_loops.inc"
+#include "depthwise_planes.inc"
 }  // namespace isa_avx2
 }  // namespace
 #pragma GCC pop_options
 #endif
 namespace {
 namespace isa_default {
+constexpr bool kTransposeInRegisters = false;
 #include "depthwise_loops.inc"
+#include "depthwise_planes.inc"
 }  // namespace isa_default
 }  // namespace
 #pragma GCC diagnostic pop
@@ -245,6 +283,23 @@ Isa cpu_isa() {
 
 }  // namespace
 
+namespace {
+
+// The loops' calls, by name, for engine_info()["path"]["depthwise_loops"].
+enum Loop { kPixels, kPhasePlanes, kBlockedPlanes, kOutputPhases, kWeightPixels, kWeightPlanes, kLoops };
+std::array<std::atomic<int64_t>, kLoops> g_loops{};
+void count_loop(Loop l) { g_loops[l].fetch_add(1, std::memory_order_relaxed); }
+
+}  // namespace
+
+std::vector<std::pair<std::string, int64_t>> depthwise_cpu_loops() {
+  static const char* names[kLoops] = {"pixels",        "phase_planes",  "blocked_planes",
+                                      "output_phases", "weight_pixels", "weight_planes"};
+  std::vector<std::pair<std::string, int64_t>> r;
+  for (int l = 0; l < kLoops; ++l) r.emplace_back(names[l], g_loops[l].load());
+  return r;
+}
+
 std::string depthwise_cpu_isa() {
   const Isa isa = cpu_isa();
   return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "default";
@@ -270,6 +325,10 @@ template <typename T>
 void gather_pixels(const T* x, const T* w, const T* bias, T* y, const Relation& rel, int64_t C,
                    int64_t r0, int64_t r1) {
   CONVT_DW_CALL(gather_pixels<T>, x, w, bias, y, rel, C, r0, r1)
+}
+template <typename T>
+void conv_planes(const PlanesCall<T>& call, const Relation& rel, int64_t t0, int64_t t1) {
+  CONVT_DW_CALL(conv_planes<T>, call, rel, t0, t1)
 }
 template <typename T>
 void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const Groups& gr, int64_t t0,
@@ -325,10 +384,50 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? data_as<T>(t) : nullptr;
 }
 
+// Whether a planar depthwise conv (one channel per group on both sides)
+// runs by blocked planes (Note [Blocked planes]), measured on a Zen 4 against
+// phase planes (benchmarks/NOTES.md): 1.0-7x faster wherever its two
+// buffers stay within the L2 (up to 80x80 pixels at stride 2), slower
+// beyond (1.6x at 112x112, batch 1). It also needs 4 tasks (samples x
+// blocks), since phase planes split by channel; the rule reads no thread
+// count, so that a call sums in one order however many threads run it.
+bool by_blocked_planes(const Relation& rel, const Groups& gr, bool transposed, int layout) {
+  if (transposed || gr.ci != 1 || gr.cw != 1 || layout != 0 || !planes_supported(rel)) return false;
+  const double pixels = double(rel.in[0]) * double(rel.in[1]) * double(padded_width(rel)) +
+                        double(rel.out[0]) * double(rel.out[1]) * double(rel.out[2]);
+  return pixels * 128.0 <= 1.5 * double(1 << 20) && rel.batch * ((gr.groups + 31) / 32) >= 4;
+}
+
+// Note [Blocked planes]: the weight in blocks of CB channels, tap-major in
+// each, (blocks, K, CB), and the bias, zero-padded to whole blocks; CB is the
+// loop type's, 32 floats or 16 doubles (kRowVectors vectors).
+void conv_blocked_planes(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& out, const Relation& rel, int64_t C) {
+  const int64_t K = rel.kernel[0] * rel.kernel[1] * rel.kernel[2], Cp = (C + 31) / 32 * 32;
+  const int64_t CB = weight.scalar_type() == at::kDouble ? 16 : 32;
+  const at::Tensor padded = at::zeros({Cp, K}, weight.options());
+  padded.narrow(0, 0, C).copy_(weight.reshape({C, K}));
+  const at::Tensor wt = padded.view({Cp / CB, CB, K}).permute({0, 2, 1}).contiguous();
+  at::Tensor bp;
+  if (bias.defined()) {
+    bp = at::zeros({Cp}, bias.options());
+    bp.narrow(0, 0, C).copy_(bias);
+  }
+  in_loop_type({input, wt, bp}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
+    using T = typename decltype(tag)::type;
+    constexpr int64_t cb = 2 * 64 / sizeof(T);
+    const int64_t tasks = rel.batch * ((C + cb - 1) / cb);
+    const PlanesCall<T> call{data_as<T>(t[0]), data_as<T>(t[1]), ptr_or_null<T>(t[2]), mutable_data_as<T>(y), C};
+    const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * cb * K;
+    at::parallel_for(0, tasks, grain(work), [&](int64_t t0, int64_t t1) { conv_planes<T>(call, rel, t0, t1); });
+  });
+}
+
 // _depthwise_into: conv (image -> windows) or conv_transpose (windows ->
 // image, `transposed`), all tensors lifted to three spatial dimensions.
-// Depthwise layers with multiplier 1 in pixel memory run the pixel loops;
-// everything else the planar loops, on planar copies where it is not planar.
+// Depthwise layers with multiplier 1 in pixel memory run the pixel loops,
+// planar ones blocked planes where by_blocked_planes says; everything else
+// the planar loops, on planar copies where it is not planar.
 void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_arg,
                    const at::Tensor& out, at::IntArrayRef window, int64_t groups, bool transposed) {
   const Window3 w = unpack_window(window);
@@ -337,7 +436,12 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const Groups gr{groups, weight.size(1), weight.size(0) / groups};
   const Relation rel = make_relation(w, transposed);
   const int64_t K = w.kernel_numel();
+  if (by_blocked_planes(rel, gr, transposed, shared_layout(input, out))) {
+    count_loop(kBlockedPlanes);
+    return conv_blocked_planes(input, weight, bias, out, rel, groups);  // Note [Blocked planes]
+  }
   if (gr.ci == 1 && gr.cw == 1 && shared_layout(input, out) == 1) {
+    count_loop(kPixels);
     // Pixel memory reads the weight tap-major, (K, C).
     const at::Tensor wt = weight.reshape({groups, K}).t().contiguous();
     in_loop_type({input, wt, bias}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
@@ -353,6 +457,7 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const at::Tensor y = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
   const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * K * (transposed ? gr.cw * gr.ci : gr.ci * gr.cw);
   const OutputPhases plan = transposed ? output_phases(w) : OutputPhases{};
+  count_loop(transposed ? kOutputPhases : kPhasePlanes);
   in_loop_type({input.contiguous(), weight.contiguous(), bias}, y,
                [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& yt) {
     using T = typename decltype(tag)::type;
@@ -379,6 +484,7 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
   const Relation rel = make_relation(w, false);
   const int64_t K = w.kernel_numel(), work = rel.batch * rel.out[0] * rel.out[1] * rel.out[2] * K;
   if (gr.ci == 1 && gr.cw == 1 && shared_layout(image, windows) == 1) {
+    count_loop(kWeightPixels);
     const at::Tensor dw = at::empty({K, groups}, grad_weight.options());  // tap-major
     in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
       using T = typename decltype(tag)::type;
@@ -390,6 +496,7 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
     grad_weight.view({groups, K}).copy_(dw.t());
     return;
   }
+  count_loop(kWeightPlanes);
   const at::Tensor dw = grad_weight.is_contiguous() ? grad_weight : at::empty(grad_weight.sizes(), grad_weight.options());
   in_loop_type({image.contiguous(), windows.contiguous()}, dw,
                [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
