@@ -913,3 +913,46 @@ def test_blocked_plane_cases_cover_what_they_claim():
     assert {c[2] % 32 == 0 for c in cases} == {True, False}
     assert any(c[3][-1] > 16 for c in cases) and any(c[3][-1] < 8 for c in cases)
     assert all(c[1] * -(-c[2] // 32) >= 4 for c in cases)
+
+
+def _transpose_args(case):
+    """A blocked-plane case's output_padding (drawn below its stride or dilation) and
+    padding for conv_transpose: the case's, lowered where the output would be empty."""
+    d, _, _, size, k, dil, pad, stride, _ = case
+    rnd = random.Random(BLOCKED_PLANE_CASES.index(case))
+    op = [rnd.randint(0, max(stride[j], dil[j]) - 1) for j in range(d)]
+    pad = [min(pad[j], ((size[j] - 1) * stride[j] + dil[j] * (k[j] - 1) + op[j]) // 2) for j in range(d)]
+    return op, pad
+
+
+@pytest.mark.parametrize("case", BLOCKED_PLANE_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-{c[3]}-k{c[4]}-s{c[7]}")
+def test_blocked_planes_run_conv_transpose_as_a_direct_conv(case, forced, threads):
+    """conv_transpose (every output_padding its stride and dilation allow, drawn) as the
+    guide's direct conv on blocked planes: counted on that loop wherever the padding
+    d(k - 1) - p is not negative, on output phases elsewhere; float64 values against
+    torch's, the same bits at 1 and 3 threads."""
+    d, n, c, size, k, dil, _, stride, bias = case
+    g = torch.Generator().manual_seed(100 + BLOCKED_PLANE_CASES.index(case))
+    op, pad = _transpose_args(case)
+    x = torch.randn(n, c, *size, dtype=torch.float64, generator=g)
+    w = torch.randn(c, 1, *k, dtype=torch.float64, generator=g)
+    b = torch.randn(c, dtype=torch.float64, generator=g) if bias else None
+    want = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1](x, w, b, stride, pad, op, c, dil)
+    ours = getattr(CF, f"conv_transpose{d}d")
+    direct = all(pad[j] <= dil[j] * (k[j] - 1) for j in range(d))
+    before = loops()
+    torch.set_num_threads(1)
+    got = ours(x, w, b, stride, pad, op, c, dil)
+    torch.set_num_threads(3)
+    again = ours(x, w, b, stride, pad, op, c, dil)
+    after = loops()
+    ran = (after["blocked_planes"] - before["blocked_planes"], after["output_phases"] - before["output_phases"])
+    assert ran == ((2, 0) if direct else (0, 2)), (ran, direct)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    assert torch.equal(got, again)
+
+
+def test_blocked_plane_cases_reach_both_conv_transpose_loops():
+    direct = [all(_transpose_args(c)[1][j] <= c[5][j] * (c[4][j] - 1) for j in range(c[0])) for c in BLOCKED_PLANE_CASES]
+    assert sum(direct) >= 10 and not all(direct)
+    assert any(max(c[7]) > 1 for c, dr in zip(BLOCKED_PLANE_CASES, direct) if dr)

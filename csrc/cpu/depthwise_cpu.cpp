@@ -23,6 +23,7 @@
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -217,6 +218,7 @@ struct PlanesCall {
   const T* bias;
   T* y;
   int64_t C;
+  int64_t inserted[3];  // s where x has s - 1 zeros inserted between its pixels (relation 14), else 1
 };
 
 }  // namespace
@@ -398,11 +400,32 @@ bool by_blocked_planes(const Relation& rel, const Groups& gr, bool transposed, i
   return pixels * 128.0 <= 1.5 * double(1 << 20) && rel.batch * ((gr.groups + 31) / 32) >= 4;
 }
 
+// A planar depthwise conv_transpose as the direct conv the guide gives for
+// it (relationship 14): over the input with s - 1 zeros inserted between its
+// pixels, at stride 1, the kernel rotated 180 degrees (channels per group
+// swapped: here one on each side), padding d(k - 1) - p on the low side, and
+// output_padding as more on the high side, which the output size gives.
+// Blocked planes run it without storing the zeros (Note [Blocked planes]);
+// false where the padding would be negative.
+bool as_direct_conv(const Window3& w, Window3* direct, int64_t* inserted) {
+  *direct = w;
+  for (int d = 0; d < kMaxDims; ++d) {
+    inserted[d] = w.stride[d];
+    direct->image[d] = (w.windows[d] - 1) * w.stride[d] + 1;
+    direct->windows[d] = w.image[d];
+    direct->stride[d] = 1;
+    direct->padding[d] = w.dilation[d] * (w.kernel[d] - 1) - w.padding[d];
+    if (direct->padding[d] < 0) return false;
+  }
+  return true;
+}
+
 // Note [Blocked planes]: the weight in blocks of CB channels, tap-major in
 // each, (blocks, K, CB), and the bias, zero-padded to whole blocks; CB is the
 // loop type's, 32 floats or 16 doubles (kRowVectors vectors).
 void conv_blocked_planes(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                         const at::Tensor& out, const Relation& rel, int64_t C) {
+                         const at::Tensor& out, const Relation& rel, int64_t C,
+                         const int64_t* inserted = nullptr) {
   const int64_t K = rel.kernel[0] * rel.kernel[1] * rel.kernel[2], Cp = (C + 31) / 32 * 32;
   const int64_t CB = weight.scalar_type() == at::kDouble ? 16 : 32;
   const at::Tensor padded = at::zeros({Cp, K}, weight.options());
@@ -417,7 +440,10 @@ void conv_blocked_planes(const at::Tensor& input, const at::Tensor& weight, cons
     using T = typename decltype(tag)::type;
     constexpr int64_t cb = 2 * 64 / sizeof(T);
     const int64_t tasks = rel.batch * ((C + cb - 1) / cb);
-    const PlanesCall<T> call{data_as<T>(t[0]), data_as<T>(t[1]), ptr_or_null<T>(t[2]), mutable_data_as<T>(y), C};
+    const PlanesCall<T> call{data_as<T>(t[0]),      data_as<T>(t[1]),
+                             ptr_or_null<T>(t[2]),  mutable_data_as<T>(y),
+                             C,                     {inserted ? inserted[0] : 1, inserted ? inserted[1] : 1,
+                                                     inserted ? inserted[2] : 1}};
     const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * cb * K;
     at::parallel_for(0, tasks, grain(work), [&](int64_t t0, int64_t t1) { conv_planes<T>(call, rel, t0, t1); });
   });
@@ -439,6 +465,15 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   if (by_blocked_planes(rel, gr, transposed, shared_layout(input, out))) {
     count_loop(kBlockedPlanes);
     return conv_blocked_planes(input, weight, bias, out, rel, groups);  // Note [Blocked planes]
+  }
+  Window3 direct;
+  int64_t inserted[kMaxDims];
+  if (transposed && as_direct_conv(w, &direct, inserted)) {
+    const Relation conv = make_relation(direct, false);
+    if (by_blocked_planes(conv, gr, false, shared_layout(input, out))) {
+      count_loop(kBlockedPlanes);
+      return conv_blocked_planes(input, weight.flip({2, 3, 4}), bias, out, conv, groups, inserted);
+    }
   }
   if (gr.ci == 1 && gr.cw == 1 && shared_layout(input, out) == 1) {
     count_loop(kPixels);
