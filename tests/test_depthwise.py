@@ -845,23 +845,30 @@ BLOCKED_PLANE_CASES = _blocked_plane_cases()
 
 @pytest.mark.parametrize("case", BLOCKED_PLANE_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-{c[3]}-k{c[4]}-s{c[7]}")
 def test_blocked_planes_match_torch(case, forced, threads):
-    """float64 values against torch's, with and without bias, on the blocked-plane loop
-    (counted), and the same bits at 1 and 3 threads."""
+    """float64 values and weight gradients against torch's, with and without bias, on the
+    blocked-plane loops (counted), and the same bits at 1 and 3 threads."""
     d, n, c, size, k, dil, pad, stride, bias = case
     g = torch.Generator().manual_seed(BLOCKED_PLANE_CASES.index(case))
     x = torch.randn(n, c, *size, dtype=torch.float64, generator=g)
-    w = torch.randn(c, 1, *k, dtype=torch.float64, generator=g)
+    w = torch.randn(c, 1, *k, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(c, dtype=torch.float64, generator=g) if bias else None
     want = (F.conv1d, F.conv2d, F.conv3d)[d - 1](x, w, b, stride, pad, dil, c)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    (want_dw,) = torch.autograd.grad(want, [w], upstream)
     ours = getattr(CF, f"conv{d}d")
     before = loops()
-    torch.set_num_threads(1)
-    got = ours(x, w, b, stride, pad, dil, c)
-    torch.set_num_threads(3)
-    again = ours(x, w, b, stride, pad, dil, c)
-    assert loops()["blocked_planes"] - before["blocked_planes"] == 2, (loops(), before)
+    results = []
+    for threads_now in (1, 3):
+        torch.set_num_threads(threads_now)
+        got = ours(x, w, b, stride, pad, dil, c)
+        results.append((got, *torch.autograd.grad(got, [w], upstream)))
+    after = loops()
+    ran = (after["blocked_planes"] - before["blocked_planes"], after["weight_blocked_planes"] - before["weight_blocked_planes"])
+    assert ran == (2, 2), (ran, after)
+    (got, got_dw), (again, again_dw) = results
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
-    assert torch.equal(got, again)
+    torch.testing.assert_close(got_dw, want_dw, rtol=1e-11, atol=1e-10)
+    assert torch.equal(got, again) and torch.equal(got_dw, again_dw)
     assert got.is_contiguous()
 
 

@@ -288,15 +288,24 @@ Isa cpu_isa() {
 namespace {
 
 // The loops' calls, by name, for engine_info()["path"]["depthwise_loops"].
-enum Loop { kPixels, kPhasePlanes, kBlockedPlanes, kOutputPhases, kWeightPixels, kWeightPlanes, kLoops };
+enum Loop {
+  kPixels,
+  kPhasePlanes,
+  kBlockedPlanes,
+  kOutputPhases,
+  kWeightPixels,
+  kWeightPlanes,
+  kWeightBlockedPlanes,
+  kLoops
+};
 std::array<std::atomic<int64_t>, kLoops> g_loops{};
 void count_loop(Loop l) { g_loops[l].fetch_add(1, std::memory_order_relaxed); }
 
 }  // namespace
 
 std::vector<std::pair<std::string, int64_t>> depthwise_cpu_loops() {
-  static const char* names[kLoops] = {"pixels",        "phase_planes",  "blocked_planes",
-                                      "output_phases", "weight_pixels", "weight_planes"};
+  static const char* names[kLoops] = {"pixels",        "phase_planes",  "blocked_planes",       "output_phases",
+                                      "weight_pixels", "weight_planes", "weight_blocked_planes"};
   std::vector<std::pair<std::string, int64_t>> r;
   for (int l = 0; l < kLoops; ++l) r.emplace_back(names[l], g_loops[l].load());
   return r;
@@ -331,6 +340,10 @@ void gather_pixels(const T* x, const T* w, const T* bias, T* y, const Relation& 
 template <typename T>
 void conv_planes(const PlanesCall<T>& call, const Relation& rel, int64_t t0, int64_t t1) {
   CONVT_DW_CALL(conv_planes<T>, call, rel, t0, t1)
+}
+template <typename T>
+void weight_planes(const PlanesCall<T>& call, const Relation& rel, int64_t t0, int64_t t1, T* partial) {
+  CONVT_DW_CALL(weight_planes<T>, call, rel, t0, t1, partial)
 }
 template <typename T>
 void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const Groups& gr, int64_t t0,
@@ -509,6 +522,34 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   if (!y.is_same(out)) out.copy_(y);
 }
 
+// The weight gradient by blocked planes: per (sample, block) task a partial
+// sum (K, CB), then the samples' partials summed in order into grad_weight
+// (C, K), contiguous.
+void weight_blocked_planes(const at::Tensor& image, const at::Tensor& windows, const at::Tensor& grad_weight,
+                           const Relation& rel, int64_t C) {
+  const int64_t K = rel.kernel[0] * rel.kernel[1] * rel.kernel[2];
+  in_loop_type({image, windows}, grad_weight, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
+    using T = typename decltype(tag)::type;
+    constexpr int64_t cb = 2 * 64 / sizeof(T);
+    const int64_t blocks = (C + cb - 1) / cb, tasks = rel.batch * blocks;
+    std::vector<T> partial(tasks * K * cb);
+    const PlanesCall<T> call{data_as<T>(t[0]), nullptr, nullptr, const_cast<T*>(data_as<T>(t[1])), C, {1, 1, 1}};
+    const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * cb * K;
+    at::parallel_for(0, tasks, grain(work), [&](int64_t t0, int64_t t1) {
+      weight_planes<T>(call, rel, t0, t1, partial.data());
+    });
+    T* dw = mutable_data_as<T>(out);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t blk = c / cb, lane = c % cb;
+      for (int64_t k = 0; k < K; ++k) {
+        T sum(0);
+        for (int64_t n = 0; n < rel.batch; ++n) sum += partial[((n * blocks + blk) * K + k) * cb + lane];
+        dw[c * K + k] = sum;
+      }
+    }
+  });
+}
+
 // _depthwise_weight_into: the weight gradient (C_w, ci, k0, k1, k2) from the
 // image and the windows' gradient, lifted; pixel or planar loops as above.
 void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, const at::Tensor& grad_weight,
@@ -530,6 +571,10 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
     });
     grad_weight.view({groups, K}).copy_(dw.t());
     return;
+  }
+  if (by_blocked_planes(rel, gr, false, shared_layout(image, windows)) && grad_weight.is_contiguous()) {
+    count_loop(kWeightBlockedPlanes);
+    return weight_blocked_planes(image, windows, grad_weight, rel, groups);  // Note [Blocked planes]
   }
   count_loop(kWeightPlanes);
   const at::Tensor dw = grad_weight.is_contiguous() ? grad_weight : at::empty(grad_weight.sizes(), grad_weight.options());
