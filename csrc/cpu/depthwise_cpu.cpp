@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -342,8 +343,8 @@ void conv_planes(const PlanesCall<T>& call, const Relation& rel, int64_t t0, int
   CONVT_DW_CALL(conv_planes<T>, call, rel, t0, t1)
 }
 template <typename T>
-void weight_planes(const PlanesCall<T>& call, const Relation& rel, int64_t t0, int64_t t1, T* partial) {
-  CONVT_DW_CALL(weight_planes<T>, call, rel, t0, t1, partial)
+void weight_planes(const T* image, const T* dy, int64_t C, const Relation& rel, int64_t t0, int64_t t1, T* partial) {
+  CONVT_DW_CALL(weight_planes<T>, image, dy, C, rel, t0, t1, partial)
 }
 template <typename T>
 void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const Groups& gr, int64_t t0,
@@ -433,28 +434,27 @@ bool as_direct_conv(const Window3& w, Window3* direct, int64_t* inserted) {
   return true;
 }
 
-// Note [Blocked planes]: the weight in blocks of CB channels, tap-major in
-// each, (blocks, K, CB), and the bias, zero-padded to whole blocks; CB is the
-// loop type's, 32 floats or 16 doubles (kRowVectors vectors).
+// Note [Blocked planes]: the weight in blocks of cb channels, tap-major in
+// each, (blocks, K, cb), and the bias, zero-padded to whole blocks; cb is the
+// loop type's, 32 floats or 16 doubles (kRowVectors vectors of 64 bytes).
 void conv_blocked_planes(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& out, const Relation& rel, int64_t C,
                          const int64_t* inserted = nullptr) {
-  const int64_t K = rel.kernel[0] * rel.kernel[1] * rel.kernel[2], Cp = (C + 31) / 32 * 32;
-  const int64_t CB = weight.scalar_type() == at::kDouble ? 16 : 32;
-  const at::Tensor padded = at::zeros({Cp, K}, weight.options());
-  padded.narrow(0, 0, C).copy_(weight.reshape({C, K}));
-  const at::Tensor wt = padded.view({Cp / CB, CB, K}).permute({0, 2, 1}).contiguous();
-  at::Tensor bp;
-  if (bias.defined()) {
-    bp = at::zeros({Cp}, bias.options());
-    bp.narrow(0, 0, C).copy_(bias);
-  }
-  in_loop_type({input, wt, bp}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
+  const int64_t K = rel.kernel[0] * rel.kernel[1] * rel.kernel[2];
+  in_loop_type({input, weight, bias}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
     using T = typename decltype(tag)::type;
     constexpr int64_t cb = 2 * 64 / sizeof(T);
-    const int64_t tasks = rel.batch * ((C + cb - 1) / cb);
-    const PlanesCall<T> call{data_as<T>(t[0]),      data_as<T>(t[1]),
-                             ptr_or_null<T>(t[2]),  mutable_data_as<T>(y),
+    const int64_t blocks = (C + cb - 1) / cb, tasks = rel.batch * blocks;
+    const at::Tensor padded = at::zeros({blocks * cb, K}, t[1].options());
+    padded.narrow(0, 0, C).copy_(t[1].reshape({C, K}));
+    const at::Tensor wt = padded.view({blocks, cb, K}).permute({0, 2, 1}).contiguous();
+    at::Tensor bp;
+    if (t[2].defined()) {
+      bp = at::zeros({blocks * cb}, t[2].options());
+      bp.narrow(0, 0, C).copy_(t[2]);
+    }
+    const PlanesCall<T> call{data_as<T>(t[0]),      data_as<T>(wt),
+                             ptr_or_null<T>(bp),    mutable_data_as<T>(y),
                              C,                     {inserted ? inserted[0] : 1, inserted ? inserted[1] : 1,
                                                      inserted ? inserted[2] : 1}};
     const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * cb * K;
@@ -475,7 +475,8 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const Groups gr{groups, weight.size(1), weight.size(0) / groups};
   const Relation rel = make_relation(w, transposed);
   const int64_t K = w.kernel_numel();
-  if (by_blocked_planes(rel, gr, transposed, shared_layout(input, out))) {
+  const int layout = shared_layout(input, out);
+  if (by_blocked_planes(rel, gr, transposed, layout)) {
     count_loop(kBlockedPlanes);
     return conv_blocked_planes(input, weight, bias, out, rel, groups);  // Note [Blocked planes]
   }
@@ -483,12 +484,12 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   int64_t inserted[kMaxDims];
   if (transposed && as_direct_conv(w, &direct, inserted)) {
     const Relation conv = make_relation(direct, false);
-    if (by_blocked_planes(conv, gr, false, shared_layout(input, out))) {
+    if (by_blocked_planes(conv, gr, false, layout)) {
       count_loop(kBlockedPlanes);
       return conv_blocked_planes(input, weight.flip({2, 3, 4}), bias, out, conv, groups, inserted);
     }
   }
-  if (gr.ci == 1 && gr.cw == 1 && shared_layout(input, out) == 1) {
+  if (gr.ci == 1 && gr.cw == 1 && layout == 1) {
     count_loop(kPixels);
     // Pixel memory reads the weight tap-major, (K, C).
     const at::Tensor wt = weight.reshape({groups, K}).t().contiguous();
@@ -533,10 +534,9 @@ void weight_blocked_planes(const at::Tensor& image, const at::Tensor& windows, c
     constexpr int64_t cb = 2 * 64 / sizeof(T);
     const int64_t blocks = (C + cb - 1) / cb, tasks = rel.batch * blocks;
     std::vector<T> partial(tasks * K * cb);
-    const PlanesCall<T> call{data_as<T>(t[0]), nullptr, nullptr, const_cast<T*>(data_as<T>(t[1])), C, {1, 1, 1}};
     const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * cb * K;
     at::parallel_for(0, tasks, grain(work), [&](int64_t t0, int64_t t1) {
-      weight_planes<T>(call, rel, t0, t1, partial.data());
+      weight_planes<T>(data_as<T>(t[0]), data_as<T>(t[1]), C, rel, t0, t1, partial.data());
     });
     T* dw = mutable_data_as<T>(out);
     for (int64_t c = 0; c < C; ++c) {
@@ -559,7 +559,8 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
   const Groups gr{groups, grad_weight.size(1), grad_weight.size(0) / groups};
   const Relation rel = make_relation(w, false);
   const int64_t K = w.kernel_numel(), work = rel.batch * rel.out[0] * rel.out[1] * rel.out[2] * K;
-  if (gr.ci == 1 && gr.cw == 1 && shared_layout(image, windows) == 1) {
+  const int layout = shared_layout(image, windows);
+  if (gr.ci == 1 && gr.cw == 1 && layout == 1) {
     count_loop(kWeightPixels);
     const at::Tensor dw = at::empty({K, groups}, grad_weight.options());  // tap-major
     in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
@@ -572,7 +573,7 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
     grad_weight.view({groups, K}).copy_(dw.t());
     return;
   }
-  if (by_blocked_planes(rel, gr, false, shared_layout(image, windows)) && grad_weight.is_contiguous()) {
+  if (by_blocked_planes(rel, gr, false, layout) && grad_weight.is_contiguous()) {
     count_loop(kWeightBlockedPlanes);
     return weight_blocked_planes(image, windows, grad_weight, rel, groups);  // Note [Blocked planes]
   }
