@@ -19,7 +19,7 @@ import torch
 
 import convt_ext
 from convt_ext.bench import __main__ as cli
-from convt_ext.bench import chart, layers, machine, measure, mobilenetv2, suite
+from convt_ext.bench import chart, layers, machine, measure, mobilenetv2, resnet18, suite
 from convt_ext.bench import report as bench_report
 from conftest import reset_tf32
 
@@ -748,6 +748,19 @@ def test_mobilenetv2_is_the_papers_model():
     assert sum(isinstance(m, mobilenetv2.InvertedResidual) and m.residual for m in model.modules()) == 10
 
 
+def test_resnet18_is_the_papers_model():
+    """The hand-written model has ResNet-18's 11,689,512 parameters (torchvision's count at
+    1000 classes), 20 convolutions of which 3 are 1x1 stride-2 downsamples, and a 5x5 map
+    before the pool at 160x160."""
+    model = resnet18.resnet18(torch.nn.Conv2d)
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512
+    found = layers.conv_layers(model.eval(), torch.zeros(1, 3, resnet18.SIZE, resnet18.SIZE))
+    assert len(found) == 20 and found[0][0] == "stem.conv" and found[0][1].kernel_size == (7, 7)
+    assert [name for name, m, _ in found if m.kernel_size == (1, 1)] == [
+        f"layer{i}.0.downsample.conv" for i in (2, 3, 4)]
+    assert found[-1][0] == "layer4.1.conv2.conv" and found[-1][2] == (1, 512, 5, 5)
+
+
 def test_a_models_layers_become_suite_shapes():
     """conv_layers lists every convolution with the input it gets; layer_shape turns one into
     the suite's Shape, whose case computes what the module does; time_layers times each
@@ -780,30 +793,27 @@ def test_a_models_layers_become_suite_shapes():
     assert "all 4 conv layers, time-weighted" in table and "grouped 3 conv layers, time-weighted" in table
 
 
-def test_the_mobilenetv2_mode(monkeypatch, tmp_path):
-    """--model mobilenetv2 (two blocks at 32x32, batch 2, to stay fast): both formats, both
-    modes, the first call's logits and loss agree, the goals, every conv layer timed in both
-    formats and directions, and the JSON with the machine, its allocator state and the path."""
-    monkeypatch.setattr(mobilenetv2, "BLOCKS", ((1, 16, 1, 1), (6, 24, 2, 2)))
-    monkeypatch.setattr(mobilenetv2, "SIZE", 32)
-    out = tmp_path / "mbv2.json"
+def _run_classifier_mode(name, tmp_path):
+    """--model `name` --quick (the caller shrinks the model): both formats, both modes, the
+    first call's logits and loss agree, the model's goals, every conv layer checked and timed
+    in both formats and directions, and the JSON with the machine, its allocator state and
+    the path. Returns the JSON and what was printed."""
+    out = tmp_path / f"{name}.json"
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        code = cli.main(["--model", "mobilenetv2", "--quick", "--min-run-time", "0.01", "--out", str(out)])
+        code = cli.main(["--model", name, "--quick", "--min-run-time", "0.01", "--out", str(out)])
     printed = stdout.getvalue()
     assert code == 0, printed
     report = json.loads(out.read_text())
-    assert report["model"] == "mobilenetv2" and report["agree"] and report["batch"] == mobilenetv2.QUICK_BATCH
+    assert report["model"] == name and report["agree"] and report["batch"] == 2
     assert set(report["formats"]) == {"nchw", "channels_last"}
     for fmt, r in report["formats"].items():
         assert r["agree"] and r["problem"] is None and r["grad_rel_diff"] < 0.05
         for mode in mobilenetv2.MODES:
             assert len(r[mode]["round_s"]["torch"]) == len(r[mode]["round_s"]["convt_ext"]) == 1
             assert r[mode]["speedup"] > 0 and r[mode]["status"] == ("pass" if r[mode]["speedup"] >= 1.0 else "miss")
-    assert [(t["format"], t["mode"]) for t in report["targets"]] == [
+    assert [(t["format"], t["mode"]) for t in report["targets"] if "mode" in t] == [
         (f, m) for f in ("nchw", "channels_last") for m in ("inference", "training")]
-    rows = report["layers"]["rows"]
-    assert sum(r["count"] for r in rows) == 10 and sum(r["layer"]["groups"] > 1 for r in rows) == 3
-    for r in rows:
+    for r in report["layers"]["rows"]:
         for fmt in ("nchw", "channels_last"):
             assert {d: rec["status"] for d, rec in r["cases"][fmt].items()} == {
                 suite.FORWARD: "ok", suite.BACKWARD: "ok"}, (r["names"], fmt)
@@ -811,4 +821,42 @@ def test_the_mobilenetv2_mode(monkeypatch, tmp_path):
     assert report["machine"]["allocator"] == machine.allocator_state()
     assert report["conv_path"]["calls"]["view"] + report["conv_path"]["calls"]["columns"] > 0
     assert printed.splitlines()[0] == machine.format_allocator(machine.allocator_state())
-    assert "block2.depthwise.conv" in printed and "cl fwd+bwd" in printed and ">= 1.00x" in printed
+    assert "cl fwd+bwd" in printed and ">= 1.00x" in printed
+    return report, printed
+
+
+def test_the_mobilenetv2_mode(monkeypatch, tmp_path):
+    """--model mobilenetv2 (two blocks at 32x32, batch 2, to stay fast): the classifier
+    mode's checks, 10 conv layers of which 3 geometries grouped, and no layer goals."""
+    monkeypatch.setattr(mobilenetv2, "BLOCKS", ((1, 16, 1, 1), (6, 24, 2, 2)))
+    monkeypatch.setattr(mobilenetv2, "SIZE", 32)
+    report, printed = _run_classifier_mode("mobilenetv2", tmp_path)
+    assert report["batch"] == mobilenetv2.QUICK_BATCH and len(report["targets"]) == 4
+    rows = report["layers"]["rows"]
+    assert sum(r["count"] for r in rows) == 10 and sum(r["layer"]["groups"] > 1 for r in rows) == 3
+    assert "block2.depthwise.conv" in printed
+
+
+def test_the_resnet18_mode(monkeypatch, tmp_path):
+    """--model resnet18 (two stages of 16 and 32 channels at 32x32, batch 2, to stay fast):
+    the classifier mode's checks, 10 conv layers in 5 geometries, and each geometry's forward
+    in each format against its goal, at least min(1.0x torch, 88% of the FMA peak)."""
+    monkeypatch.setattr(resnet18, "STEM", 16)
+    monkeypatch.setattr(resnet18, "STAGES", ((16, 1), (32, 2)))
+    monkeypatch.setattr(resnet18, "SIZE", 32)
+    report, printed = _run_classifier_mode("resnet18", tmp_path)
+    assert report["batch"] == resnet18.QUICK_BATCH and report["stages"] == [[16, 1], [32, 2]]
+    rows = report["layers"]["rows"]
+    assert [(r["names"][0], r["count"]) for r in rows] == [
+        ("stem.conv", 1), ("layer1.0.conv1.conv", 4), ("layer2.0.conv1.conv", 1), ("layer2.0.conv2.conv", 3),
+        ("layer2.0.downsample.conv", 1)]
+    goals = [t for t in report["targets"] if "layer" in t]
+    assert [(t["layer"], t["format"]) for t in goals] == [
+        (r["names"][0], f) for r in rows for f in ("nchw", "channels_last")]
+    fma = report["layers"].get("fma_peak_gflops")
+    for t in goals:
+        assert t["direction"] == suite.FORWARD and t["at_least"] == 1.0 and t["measured"] > 0
+        assert t["or_percent_fma"] == (88.0 if fma else None) and (t["percent_fma"] is None) == (fma is None)
+        met = t["measured"] >= 1.0 or (fma is not None and t["percent_fma"] >= 88.0)
+        assert t["status"] == ("pass" if met else "miss")
+    assert "per-layer goals, forward:" in printed and "layer2.0.downsample.conv" in printed

@@ -230,6 +230,12 @@ CASES = [
     Case(W, 2, 4, 6, (7, 5), (1, 1), stride=2, groups=2),
     Case(W, 2, 4, 6, (5, 6, 7), (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 2), dilation=(2, 1, 1), groups=2),
     Case(W, 1, 3, 5, (6, 5, 7), (2, 2, 2), stride=2, padding=1, layouts=(CL, CL)),
+    # ---- conv on the folded form (Note [The folded batch]): rows of <= 16 pixels, <= 256 in the batch
+    Case(C, 8, 20, 70, (5, 5), (3, 3), padding=1),  # > 64 output channels
+    Case(C, 4, 6, 6, (3, 5, 9), (3, 2, 3), stride=(2, 1, 1), padding=(1, 0, 2), dilation=(1, 2, 1), groups=3,
+         layouts=(CL, CL)),
+    Case(C, 16, 4, 5, (6, 10), (3, 3), padding=1, bias=False, layouts=(CL, NC)),  # > 128 GEMM rows an output row
+    Case(C, 8, 5, 7, (9,), (3,), padding=1),
 ]
 
 
@@ -297,6 +303,11 @@ def _expected_tap_gemms(case, image_pixels):
     64-wide block of the GEMM's N) where some position of the segment has that
     tap inside the image.
 
+    Folded form (conv where _folded says): one per (output row along
+    dimensions 0 and 1, kernel tap inside the image there, group, 64-wide
+    block of N, block of 128 of the GEMM rows: the batch's pixels of the row
+    that the tap reaches).
+
     Plane form (conv and the weight gradient otherwise): one per (sample,
     outer output position, block of 128 virtual rows, kernel tap whose outer
     offset lands inside the image, group, 64-wide block of N), where a plane
@@ -328,6 +339,15 @@ def _expected_tap_gemms(case, image_pixels):
         phase_gemms = _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits)
         if phase_gemms is not None:
             return case.n * phase_gemms * case.groups * -(-n_block // block)
+    if case.op == "conv" and _folded(case):
+        count = 0
+        for k0 in range(kernel[0]):
+            for k1 in range(kernel[1]):
+                rows = sum(hits(0, p0, k0) and hits(1, p1, k1) for p0 in range(owned[0]) for p1 in range(owned[1]))
+                for k2 in range(kernel[2]):
+                    reach = sum(hits(2, p, k2) for p in range(owned[2]))
+                    count += rows * (-(-(reach * case.n) // 128) if reach else 0)
+        return count * case.groups * -(-n_block // block)
     if case.op != "conv_transpose" and (not image_pixels or windows[2] < 32):
         cover = (windows[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1
         virtual = windows[1] * -(-cover // stride[2])
@@ -343,6 +363,13 @@ def _expected_tap_gemms(case, image_pixels):
                                for m0 in range(0, owned[2], span))
                 count += rows0 * rows1 * segments
     return case.n * count * case.groups * -(-n_block // block)
+
+
+def _folded(case):
+    """Whether conv takes the folded form: stride 1 along the row, rows of at
+    most 16 pixels, at most 256 of them in the batch."""
+    width = case.out_size[-1]
+    return case.stride[-1] == 1 and width <= 16 and case.n * width <= 256
 
 
 def _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits):
@@ -424,6 +451,8 @@ BACKWARD = [
                   bias=False, layouts=(CL, CL)), "weight"),
     Backward(Case(T, 2, 4, 6, (3, 4, 3), (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), groups=2,
                   output_padding=(1, 0, 1), layouts=(CL, CL)), "all"),
+    # its input gradient is a conv on the folded form
+    Backward(Case(T, 8, 6, 5, (6, 7), (3, 3), padding=1, layouts=(CL, NC)), "input"),
 ]
 
 
@@ -687,6 +716,16 @@ def test_case_tables_cover_what_they_claim():
         assert any(b.case.n > 1 for b in items) and any(b.case.n == 1 for b in items), op
         assert any(b.case.groups > 1 for b in items), op
         assert any(b.case.bias and b.wrt == "all" for b in items), op
+    # the folded form: conv in 1/2/3-d, an output row of more than 128 GEMM rows, and not in the others
+    folded = [c for c in CASES if c.op == "conv" and _folded(c)]
+    assert {c.dims for c in folded} == {1, 2, 3}
+    assert any(c.n * c.out_size[-1] > 128 for c in folded)
+    assert any(c.c_out // c.groups > 64 for c in folded) and any(c.groups > 1 for c in folded)
+    assert any(not _folded(c) for c in CASES if c.op == "conv")
+    # conv_transpose's input gradient: conv of grad_output (its output) back to its input
+    assert any(b.case.op == "conv_transpose" and b.wrt == "input" and _folded(
+        Case(C, b.case.n, b.case.c_out, b.case.c_in, b.case.out_size, b.case.kernel, b.case.stride, b.case.padding,
+             b.case.dilation)) for b in BACKWARD)
     # every case takes the view path when forced: none is the pixel-rows 1x1 on channels_last
     for c in table:
         pointwise = math.prod(c.kernel) == 1 and max(c.stride) == 1 and max(c.padding) == 0 and not any(c.output_padding)
@@ -891,6 +930,7 @@ def restore_threads():
 @pytest.mark.parametrize("layouts", [(NC, NC), (CL, CL)], ids="-".join)
 def test_bitwise_the_same_for_1_to_4_threads(layouts, view_path, ieee_fp32, restore_threads):
     cases = [Case(C, 3, 24, 40, (14, 13), (3, 3), padding=1, layouts=layouts),
+             Case(C, 8, 24, 70, (6, 6), (3, 3), padding=1, layouts=layouts),  # folded
              Case(T, 3, 24, 40, (7, 7), (3, 3), stride=2, padding=1, output_padding=1, layouts=layouts),
              Case(W, 3, 24, 40, (14, 13), (3, 3), padding=1, layouts=layouts),
              Case(W, 2, 6, 8, (600,), (3,), padding=1, groups=2, layouts=layouts)]

@@ -5,6 +5,7 @@
     python -m convt_ext.bench --ops conv_transpose2d --shapes dcgan --dtype bfloat16
     python -m convt_ext.bench --dims 1,3      # only the 1-d (audio) and 3-d (video, volume) shapes
     python -m convt_ext.bench --model mobilenetv2 --quick   # a model, then its conv layers one by one
+    python -m convt_ext.bench --model resnet18 --quick      # the same for ResNet-18
 
 For every case (op x shape x direction) each implementation is first checked
 against torch's default kernel (torch.testing.assert_close), then timed with
@@ -20,8 +21,9 @@ One module per concern:
   machine.py  the machine and its ceilings (fp32 FMA peak from GEMMs, copy bandwidth)
   report.py   rates, the table, the summary, the performance goals, the JSON
   chart.py    the figures: one at a glance, and an appendix with every case
-  model.py    --model dcgan, and the model modes' interleaved timing loop
+  model.py    --model dcgan, the model modes' interleaved timing loop, and the classifiers' harness
   mobilenetv2.py  --model mobilenetv2: inference and a training step, NCHW and channels_last
+  resnet18.py     --model resnet18: the same for ResNet-18, each conv layer forward held to a goal
   layers.py   a model's conv layers one by one against torch's, as a table
   __main__.py the command line
 See benchmarks/README.md.

@@ -54,11 +54,11 @@ def parse_args(argv):
                    help="float32 inputs, every call under torch.autocast to this dtype (both sides)")
     p.add_argument("--held-out", action="store_true",
                    help="the held-out layers instead of the suite (never used to tune the view path)")
-    p.add_argument("--model", choices=["dcgan", "mobilenetv2"],
+    p.add_argument("--model", choices=["dcgan", "mobilenetv2", "resnet18"],
                    help="time a model instead of the suite: dcgan, a 64x64 DCGAN generator and discriminator "
-                        "training step at batch 64; mobilenetv2, inference and a training step at 8x3x160x160 "
-                        "in NCHW and channels_last (--channels-last: that format alone), then every conv layer "
-                        "alone (--no-backward: forward only)")
+                        "training step at batch 64; mobilenetv2 or resnet18, inference and a training step at "
+                        "8x3x160x160 in NCHW and channels_last (--channels-last: that format alone), then every "
+                        "conv layer alone (--no-backward: forward only)")
     p.add_argument("--tf32", choices=["on", "off"], default="off",
                    help="CUDA float32: TF32 for torch's convolutions and convt_ext's alike (default off)")
     p.add_argument("--gemm-engine", choices=list(convt_ext.GEMM_ENGINES),
@@ -147,8 +147,9 @@ def main(argv=None):
     if args.conv_path:
         convt_ext.set_conv_path(args.conv_path)
     if args.model:
-        from . import mobilenetv2, model
-        return {"dcgan": model.main, "mobilenetv2": mobilenetv2.main}[args.model](args, device)
+        from . import mobilenetv2, model, resnet18
+        return {"dcgan": model.main, "mobilenetv2": mobilenetv2.main, "resnet18": resnet18.main}[args.model](
+            args, device)
     dtype = DTYPES[args.dtype]
     if args.autocast and args.dtype != "float32":
         print("error: --autocast takes float32 inputs (leave --dtype at float32)", file=sys.stderr)

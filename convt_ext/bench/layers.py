@@ -8,7 +8,9 @@ conv_layers collects with hooks on one forward. Each layer becomes a suite
 Shape and each case runs through measure.run_case, so a layer is checked and
 timed exactly as the suite's layers are (interleaved rounds, medians,
 speedup = torch's time / ours). Layers of one geometry (a model's repeated
-blocks) are timed once and counted as often as they occur."""
+blocks) are timed once and counted as often as they occur. A model mode may
+hold each layer's forward to a goal (goals): at least torch's speed, or a
+share of the FMA peak where that is the lower rate."""
 from __future__ import annotations
 
 import dataclasses
@@ -145,3 +147,50 @@ def format_table(rows):
         "  speedup = torch's time / ours (> 1: convt_ext faster), median of the rounds; n: the model's layers of "
         "that geometry (timed once); time-weighted: the sum of torch's times over the sum of ours, each layer "
         "counted n times"])
+
+
+
+def _percent_fma(record, fma_peak):
+    """Ours as a percent of the FMA peak (GFLOP/s) on one timed case, None where untimed."""
+    ours = record.get("impls", {}).get("convt_ext", {}).get("median_s")
+    return 100 * record["flops"] / ours / 1e9 / fma_peak if ours and fma_peak and "flops" in record else None
+
+
+def goals(rows, at_least, fma_percent, fma_peak):
+    """Each geometry's forward in each format against its goal: ours at least the lower
+    of `at_least` times torch's rate and `fma_percent` percent of the FMA peak (fma_peak
+    GFLOP/s; None where not measured, e.g. on a GPU: then torch's alone), i.e. a pass
+    when either holds. A layer that failed its check keeps that status. One entry per
+    row and format, in the JSON's "targets" beside the model's own."""
+    out = []
+    for r in rows:
+        for fmt, by_direction in r["cases"].items():
+            record = by_direction.get(FORWARD)
+            if record is None:
+                continue
+            ok = record["status"] == "ok"
+            ratio = record["speedup"]["torch"]["median"] if ok else None
+            pct = _percent_fma(record, fma_peak) if ok else None
+            met = ok and (ratio >= at_least or (pct is not None and pct >= fma_percent))
+            out.append({"layer": r["names"][0], "names": r["names"], "format": fmt, "direction": FORWARD,
+                        "at_least": at_least, "or_percent_fma": fma_percent if fma_peak else None,
+                        "measured": ratio, "percent_fma": pct,
+                        "status": record["status"] if not ok else ("pass" if met else "miss")})
+    return out
+
+
+def format_goals(checked, fma):
+    """The layers' goals as a table, under a heading that counts those met; `fma`:
+    machine.fma_peak's {fma_peak_gflops, fma_isa}, empty where not measured."""
+    peak = fma.get("fma_peak_gflops")
+    def goal(t):
+        x = report._fmt_x(t["at_least"])
+        return f">= min({x}, {t['or_percent_fma']:.0f}% FMA)" if t["or_percent_fma"] else f">= {x}"
+
+    rows = [(t["layer"], len(t["names"]), t["format"], report._fmt_x(t["measured"]),
+             "-" if t["percent_fma"] is None else f"{t['percent_fma']:.0f}%", goal(t), t["status"]) for t in checked]
+    of = f"the FMA peak {peak:.1f} GFLOP/s ({fma['fma_isa']})" if peak else "no FMA peak here: torch's speed alone"
+    return "\n".join([
+        f"\nper-layer goals, forward: {sum(t['status'] == 'pass' for t in checked)} of {len(checked)} met "
+        f"(ours at least the lower of torch's rate and a share of {of})",
+        *report._align(("layer", "n", "format", "speedup", "%FMA", "goal", "result"), rows, left=3, indent="  ")])

@@ -4,12 +4,16 @@
 // forms of view_forms.h (rows, plane, phases), the path's offer and rule.
 #include "view.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../gemm.h"
 #include "../plan.h"
@@ -31,20 +35,79 @@ at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArra
 }
 
 // The panels of a weight viewed as (G, a, b, *kernel): `k_first` when its
-// K (input channels of the GEMM) come before its N.
+// K (input channels of the GEMM) come before its N. Built on every call, so
+// it is one pass in the weight's own strides (any memory format), not a
+// zero fill and a strided copy_ per panel: for 512 x 512 3x3 weights those
+// cost more than the layer's GEMMs on small images (benchmarks/NOTES.md
+// item 32). Only the padding columns of each last panel are zeroed.
 Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
   Panels p;
+  const int64_t kdims = weight.dim() - 2;
   p.T = c10::multiply_integers(weight.sizes().slice(2));
-  const at::Tensor w = weight.reshape({groups, -1, weight.size(1), p.T});
-  at::Tensor major = k_first ? w.permute({0, 3, 1, 2}) : w.permute({0, 3, 2, 1});  // (G, T, K, N)
-  p.K = major.size(2);
-  const int64_t N = major.size(3);
+  const int64_t ab = weight.size(0) / groups;  // the first dimension's share of a group
+  p.K = k_first ? ab : weight.size(1);
+  const int64_t N = k_first ? weight.size(1) : ab;
   p.blocks = (N + kBlockN - 1) / kBlockN;
-  p.data = at::zeros({groups, p.T, p.blocks, p.K, kBlockN}, weight.options());
-  for (int64_t b = 0; b < p.blocks; ++b) {
-    const int64_t n = std::min(kBlockN, N - b * kBlockN);
-    p.data.select(2, b).narrow(3, 0, n).copy_(major.narrow(3, b * kBlockN, n));
+  p.data = at::empty({groups, p.T, p.blocks, p.K, kBlockN}, weight.options());
+  // The source's strides along g, k, n, and each tap's offset.
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  const int64_t sg = ab * s0, sk = k_first ? s0 : s1, sn = k_first ? s1 : s0;
+  std::vector<int64_t> toff(p.T, 0);
+  for (int64_t t = 0; t < p.T; ++t) {
+    for (int64_t d = kdims - 1, rest = t; d >= 0; --d) {
+      toff[t] += rest % weight.size(2 + d) * weight.stride(2 + d);
+      rest /= weight.size(2 + d);
+    }
   }
+  bool taps_contiguous = true;  // as in a contiguous weight: the taps are one run
+  for (int64_t t = 0; t < p.T; ++t) taps_contiguous &= toff[t] == t;
+  const float* src = weight.const_data_ptr<float>();
+  float* dst = p.data.mutable_data_ptr<float>();
+  const int64_t T = p.T, K = p.K, blocks = p.blocks, tap_step = blocks * K * kBlockN;
+  // A task: kChunk rows of one (group, panel), for every tap. It reads its
+  // kBlockN columns of kChunk x T values (one run each, for a contiguous
+  // weight) into a tile laid out as its T x kChunk rows of kBlockN, then
+  // copies each row whole into its panel. The rows of the taps' panels lie
+  // a multiple of 4 KiB apart: written in place, element by element, they
+  // fall into one L1 set. While it works it fetches the next task's columns,
+  // kBlockN runs too far apart for the hardware to foresee.
+  constexpr int64_t kChunk = 8;
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  constexpr int64_t kSerialFloats = 32768;  // ATen's grain: below it a copy runs on one thread
+  const int64_t grain = std::max<int64_t>(1, kSerialFloats / (kChunk * kBlockN * T));
+  const auto column = [&](int64_t task, int64_t j) {
+    const int64_t c = task % chunks, b = task / chunks % blocks, g = task / chunks / blocks;
+    return src + g * sg + (b * kBlockN + j) * sn + c * kChunk * sk;
+  };
+  at::parallel_for(0, groups * blocks * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(T * kChunk * kBlockN, 0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, b = task / chunks % blocks, g = task / chunks / blocks;
+      const int64_t k0 = c * kChunk, kc = std::min(kChunk, K - k0);
+      const int64_t n = std::min(kBlockN, N - b * kBlockN);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* from = column(task, j);
+        if (task + 1 < end && taps_contiguous) {
+          const char* next = reinterpret_cast<const char*>(column(task + 1, j));
+          for (int64_t byte = 0; byte < kChunk * T * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(next + byte);
+        }
+        for (int64_t kk = 0; kk < kc; ++kk) {
+          float* to = tile.data() + kk * kBlockN + j;
+          const float* at = from + kk * sk;
+          if (taps_contiguous) {
+            for (int64_t t = 0; t < T; ++t) to[t * kChunk * kBlockN] = at[t];
+          } else {
+            for (int64_t t = 0; t < T; ++t) to[t * kChunk * kBlockN] = at[toff[t]];
+          }
+        }
+      }
+      float* d = dst + ((g * T * blocks + b) * K + k0) * kBlockN;
+      for (int64_t t = 0; t < T; ++t) {
+        // kc whole rows; columns past n stay zero in the tile.
+        std::memcpy(d + t * tap_step, tile.data() + t * kChunk * kBlockN, kc * kBlockN * sizeof(float));
+      }
+    }
+  });
   return p;
 }
 
@@ -97,10 +160,12 @@ Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t
                   : (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
   } else {
     // conv, the weight gradient, or both (conv_transpose's backward)
-    floats += (op == ConvOp::ConvTransposeBackward ? 2 : 1) * gather;
-    if (op != ConvOp::ConvWeight) floats += plane || output_pixels ? 0 : windows;
+    if (op != ConvOp::ConvWeight) {
+      floats += folded_form(call) ? folded_floats(call, c_image, c_windows)
+                                  : gather + (plane || output_pixels ? 0 : windows);
+    }
     if (op != ConvOp::Conv) {
-      floats += (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
+      floats += gather + (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
     }
   }
   if (floats * sizeof(float) > double(workspace_limit())) return {};
@@ -118,6 +183,11 @@ at::Tensor conv_view(const at::Tensor& input, const at::Tensor& weight,
   const int64_t O = weight.size(0);
   const Panels wt = tap_panels(weight, groups, false);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (folded_form(call)) {
+    at::Tensor out = empty_output(planar_out, call.batch, O, call.windows, dims, input.options());
+    conv_folded(input, wt, b, call, groups, O, out);
+    return out;
+  }
   if (plane_form(input, call)) {
     at::Tensor out = empty_output(planar_out, call.batch, O, call.windows, dims, input.options());
     conv_plane(input, wt, b, call, groups, O, out);

@@ -1,7 +1,8 @@
 // What the view path's files share (private to them): its constants, the
 // weights' panels, the task and tap loops, and each form's entry. The forms:
 // the row form (view_rows.cpp; Note [im2col as a view] in view.h), the plane
-// form (view_plane.cpp; Note [The padded plane]) and the phase form
+// form (view_plane.cpp; Note [The padded plane]), the folded form
+// (view_folded.cpp; Note [The folded batch]) and the phase form
 // (view_phases.cpp; Note [conv_transpose by output phases]). view.cpp holds
 // the path's entry points, which choose among them.
 #pragma once
@@ -27,6 +28,13 @@ constexpr int64_t kBlockN = 64, kRows = 4, kSpan = 256;
 // and the output row width from which a channels-last image is read in
 // place by the row form instead.
 constexpr int64_t kPlaneRows = 128, kWideRows = 32;
+// The folded form (Note [The folded batch]) takes output rows of at most
+// kFoldedWidth pixels while the batch's pixels of a row are at most
+// kFoldedMaxRows GEMM rows (benchmarks/NOTES.md item 32).
+constexpr int64_t kFoldedWidth = 16, kFoldedMaxRows = 256;
+// A folded task's product rows of kBlockN floats: 256 KiB, within the L2 of
+// every CPU measured (512 KiB on an EPYC Milan).
+constexpr int64_t kFoldedProductRows = 1024;
 
 // Whether image position tap(o, k) along dimension i lies inside the image.
 inline bool tap_inside(const Window3& w, int i, int64_t o, int64_t k, int64_t* at) {
@@ -106,6 +114,13 @@ void virtual_places(int64_t m0, int64_t m1, int64_t wv, int64_t O2, int64_t row,
 void write_block(const float* block, int64_t rows, const int64_t* at, float* out, bool pixels_out,
                  int64_t n, int64_t O, int64_t plane, int64_t offset);
 float* start_block(const at::Tensor& like, int64_t rows, int64_t O, const float* bias);
+
+// The folded form (view_folded.cpp): whether it computes conv, its
+// buffers' floats, and conv.
+bool folded_form(const Window3& call);
+double folded_floats(const Window3& w, int64_t c_image, int64_t c_windows);
+void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
+                 const Window3& call, int64_t groups, int64_t O, const at::Tensor& out);
 
 // The phase form (view_phases.cpp): whether it computes conv_transpose, its
 // plane's floats, and conv_transpose.

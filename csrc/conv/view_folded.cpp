@@ -1,0 +1,134 @@
+// The view path's folded form (Note [The folded batch]): conv on small
+// images, the batch folded into each tap's GEMM rows.
+#include "view_forms.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "args.h"
+
+namespace convt_ext::view_forms {
+
+// Note [The folded batch]
+// On small images the plane form (Note [The padded plane]) computes much
+// that is thrown away, and reads the weights once per sample. ResNet's
+// 512-channel layer at 5 x 5 pixels computes 7 virtual columns a row for 5
+// real ones, and its padding taps on zeros: 1.9x the products that count.
+// Its tasks are samples, so each reads all 9 MiB of the weights' panels.
+// Folded, the batch becomes the innermost pixel dimension: the image is
+// copied once into (I0, I1, I2, N, C). At stride 1 along the row, output
+// row (o0, o1)'s tap (k0, k1, k2) reads pixel (o2 + k2 d2 - p2, n) for
+// each sample n and each o2 whose tap lies inside the image (taps_inside):
+// (hi - lo) N consecutive pixels, one matrix of leading dimension C. So one
+// GEMM covers the row in every sample, a tap in the padding is never
+// computed, and a task (one panel of kBlockN output channels over a run of
+// output rows) reads each tap's panel once for the whole batch. The taps add
+// into the task's product (its rows' (o2, n) pixels) in a fixed order,
+// whatever the split into tasks, and the task writes it into the output's
+// format while it is in the cache.
+
+namespace {
+
+// The output rows (o0, o1) one task covers: enough tasks for every core
+// once the panels are shared out, and no more, since each task reads every
+// tap's panel; and no more than keep its product in the L2, which every tap
+// sweeps.
+int64_t rows_per_task(const Window3& call, int64_t panels, int64_t tasks) {
+  const int64_t rows = call.windows[0] * call.windows[1];
+  const int64_t chunks = std::min(rows, (2 * tasks + panels - 1) / panels);
+  const int64_t fit = std::max<int64_t>(1, kFoldedProductRows / (call.batch * call.windows[2]));
+  return std::min((rows + chunks - 1) / chunks, fit);
+}
+
+// t (N, C, *spatial) viewed as (S0, S1, S2, N, C).
+at::Tensor folded_view(const at::Tensor& t) {
+  at::Tensor v = t;
+  while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
+  return v.permute({2, 3, 4, 0, 1});
+}
+
+}  // namespace
+
+// Whether the folded form computes conv: stride 1 along the row, rows short
+// enough that the plane form's virtual columns and padding taps weigh, and
+// not so many of them in the batch that a task's rows of the image leave
+// the L2 (at 8 x 128 channels x 24 x 24 pixels, 1.3x slower than the plane
+// form). A batch of one is no exception: its GEMMs are short (5 rows at
+// 5 x 5 pixels) but the ukernel runs them near its peak, and a task per
+// panel keeps every core busy where the plane form has one task a sample.
+bool folded_form(const Window3& call) {
+  return call.stride[2] == 1 && call.windows[2] <= kFoldedWidth && call.batch * call.windows[2] <= kFoldedMaxRows;
+}
+
+// Its buffers' floats: the folded image and product.
+double folded_floats(const Window3& w, int64_t c_image, int64_t c_windows) {
+  return double(w.batch) * (double(c_image) * w.image_numel() + double(c_windows) * w.window_numel());
+}
+
+void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
+                 const Window3& call, int64_t groups, int64_t O, const at::Tensor& out) {
+  const int64_t N = call.batch, C = input.size(1), Cg = C / groups, Og = O / groups;
+  const int64_t I1 = call.image[1], I2 = call.image[2], O1 = call.windows[1], O2 = call.windows[2];
+  const int64_t rows = call.windows[0] * O1, plane = rows * O2, row = O2 * N;  // a row's GEMM rows
+  const at::Tensor x = at::empty({call.image[0], I1, I2, N, C}, input.options());
+  x.copy_(folded_view(input));
+  const float* px = x.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* py = out.mutable_data_ptr<float>();
+  const bool pixels_out = pixel_memory(out);
+  const int64_t panels = groups * wt.blocks;
+  const int64_t per_task = rows_per_task(call, panels, tasks_at_once(input));
+  const int64_t chunks = (rows + per_task - 1) / per_task;
+  run_tasks(input, panels * chunks, [&](int64_t, int64_t task, int64_t& calls) {
+    const int64_t g = task / chunks / wt.blocks, n0 = task / chunks % wt.blocks * kBlockN;
+    const int64_t r0 = task % chunks * per_task, r1 = std::min(r0 + per_task, rows);
+    const int64_t c0 = g * Og + n0, nc = std::min(kBlockN, Og - n0);
+    // The task's product: rows (r, o2, n) of kBlockN channels, from the bias.
+    float* pc = scratch(Slot::Product, {kFoldedProductRows, kBlockN}, input.options()).mutable_data_ptr<float>();
+    for (int64_t m = 0; m < (r1 - r0) * row; ++m) {
+      if (pb) std::memcpy(pc + m * kBlockN, pb + c0, nc * sizeof(float)); else std::fill(pc + m * kBlockN, pc + m * kBlockN + nc, 0.f);
+    }
+    // Tap by tap (its panel stays in the cache), each row of the run.
+    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
+      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
+        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
+          int64_t lo, hi;
+          taps_inside(I2, O2, k2, 1, call.padding[2], call.dilation[2], &lo, &hi);
+          if (lo >= hi) continue;
+          const int64_t i2 = tap<int64_t>(lo, k2, 1, call.padding[2], call.dilation[2]);
+          const float* b = wt.at(g, t, n0);
+          for (int64_t r = r0; r < r1; ++r) {
+            int64_t i0, i1;
+            if (!tap_inside(call, 0, r / O1, k0, &i0) || !tap_inside(call, 1, r % O1, k1, &i1)) continue;
+            const float* a = px + ((i0 * I1 + i1) * I2 + i2) * N * C + g * Cg;
+            float* c = pc + ((r - r0) * row + lo * N) * kBlockN;
+            // At most kPlaneRows rows a GEMM, as the plane form's.
+            for (int64_t m0 = 0, m = (hi - lo) * N; m0 < m; m0 += kPlaneRows, ++calls) {
+              tap_gemm(std::min(kPlaneRows, m - m0), nc, Cg, a + m0 * C, C, b, wt.ld, c + m0 * kBlockN, kBlockN);
+            }
+          }
+        }
+      }
+    }
+    // Into the output's format while the product is in the cache.
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = pc + (r - r0) * row * kBlockN;
+      for (int64_t o2 = 0; o2 < O2; ++o2) {
+        for (int64_t n = 0; n < N; ++n) {
+          const float* from = src + (o2 * N + n) * kBlockN;
+          if (pixels_out) {
+            std::memcpy(py + ((n * plane) + r * O2 + o2) * O + c0, from, nc * sizeof(float));
+          } else {
+            float* to = py + (n * O + c0) * plane + r * O2 + o2;
+            for (int64_t j = 0; j < nc; ++j) to[j * plane] = from[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace convt_ext::view_forms
