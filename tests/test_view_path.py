@@ -236,6 +236,9 @@ CASES = [
          layouts=(CL, CL)),
     Case(C, 16, 4, 5, (6, 10), (3, 3), padding=1, bias=False, layouts=(CL, NC)),  # > 128 GEMM rows an output row
     Case(C, 8, 5, 7, (9,), (3,), padding=1),
+    Case(C, 6, 8, 70, (9, 10), (3, 3), stride=2, padding=1, layouts=(NC, CL)),  # stride 2 along the row
+    Case(C, 4, 4, 6, (7, 14), (2, 3), stride=(1, 3), padding=(0, 2), dilation=(1, 2), groups=2, bias=False,
+         layouts=(CL, NC)),  # stride 3, dilated, an image row that is no multiple of the stride
 ]
 
 
@@ -366,10 +369,10 @@ def _expected_tap_gemms(case, image_pixels):
 
 
 def _folded(case):
-    """Whether conv takes the folded form: stride 1 along the row, rows of at
-    most 16 pixels, at most 256 of them in the batch."""
+    """Whether conv takes the folded form: output rows of at most 16 pixels,
+    at most 256 of them in the batch."""
     width = case.out_size[-1]
-    return case.stride[-1] == 1 and width <= 16 and case.n * width <= 256
+    return width <= 16 and case.n * width <= 256
 
 
 def _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits):
@@ -721,6 +724,7 @@ def test_case_tables_cover_what_they_claim():
     assert {c.dims for c in folded} == {1, 2, 3}
     assert any(c.n * c.out_size[-1] > 128 for c in folded)
     assert any(c.c_out // c.groups > 64 for c in folded) and any(c.groups > 1 for c in folded)
+    assert {c.stride[-1] for c in folded} >= {1, 2, 3} and any(c.size[-1] % c.stride[-1] for c in folded)
     assert any(not _folded(c) for c in CASES if c.op == "conv")
     # conv_transpose's input gradient: conv of grad_output (its output) back to its input
     assert any(b.case.op == "conv_transpose" and b.wrt == "input" and _folded(

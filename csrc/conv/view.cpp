@@ -161,7 +161,7 @@ Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t
   } else {
     // conv, the weight gradient, or both (conv_transpose's backward)
     if (op != ConvOp::ConvWeight) {
-      floats += folded_form(call) ? folded_floats(call, c_image, c_windows)
+      floats += folded_form(call) ? folded_floats(call, c_image, int64_t(tasks))
                                   : gather + (plane || output_pixels ? 0 : windows);
     }
     if (op != ConvOp::Conv) {

@@ -2,11 +2,13 @@
 // images, the batch folded into each tap's GEMM rows.
 #include "view_forms.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "args.h"
 
@@ -19,10 +21,11 @@ namespace convt_ext::view_forms {
 // real ones, and its padding taps on zeros: 1.9x the products that count.
 // Its tasks are samples, so each reads all 9 MiB of the weights' panels.
 // Folded, the batch becomes the innermost pixel dimension: the image is
-// copied once into (I0, I1, I2, N, C). At stride 1 along the row, output
-// row (o0, o1)'s tap (k0, k1, k2) reads pixel (o2 + k2 d2 - p2, n) for
-// each sample n and each o2 whose tap lies inside the image (taps_inside):
-// (hi - lo) N consecutive pixels, one matrix of leading dimension C. So one
+// copied once into (I0, I1, I2, N, C), its rows split by phase at stride
+// s2 > 1 as the plane's are (pixel i2 at (i2 % s2, i2 / s2)). Output row
+// (o0, o1)'s tap (k0, k1, k2) reads pixel (o2 s2 + k2 d2 - p2, n) for each
+// sample n and each o2 whose tap lies inside the image (taps_inside): in one
+// phase, (hi - lo) N consecutive pixels, one matrix of leading dimension C. So one
 // GEMM covers the row in every sample, a tap in the padding is never
 // computed, and a task (one panel of kBlockN output channels over a run of
 // output rows) reads each tap's panel once for the whole batch. The taps add
@@ -43,29 +46,68 @@ int64_t rows_per_task(const Window3& call, int64_t panels, int64_t tasks) {
   return std::min((rows + chunks - 1) / chunks, fit);
 }
 
-// t (N, C, *spatial) viewed as (S0, S1, S2, N, C).
-at::Tensor folded_view(const at::Tensor& t) {
-  at::Tensor v = t;
-  while (v.dim() < 2 + kMaxDims) v = v.unsqueeze(2);
-  return v.permute({2, 3, 4, 0, 1});
+// Whether some output position along dimension i reads image position
+// b through one of its taps, for every b.
+std::vector<bool> read_positions(const Window3& call, int i) {
+  std::vector<bool> read(call.image[i], false);
+  for (int64_t k = 0; k < call.kernel[i]; ++k) {
+    int64_t lo, hi;
+    taps_inside(call.image[i], call.windows[i], k, call.stride[i], call.padding[i], call.dilation[i], &lo, &hi);
+    for (int64_t o = lo; o < hi; ++o) read[tap<int64_t>(o, k, call.stride[i], call.padding[i], call.dilation[i])] = true;
+  }
+  return read;
+}
+
+// The image into x, (I0, I1, s2, Q2, N, C): the pixels some tap reads, and
+// no others (a 1x1 layer at stride 2 reads a quarter of them). In place of
+// a permuted copy_: a planar image's channels are read at their stride, a
+// pixel's run at a time, while its lines stay in the cache.
+void fold_image(const at::Tensor& input, const Window3& call, float* x) {
+  at::Tensor in = input;
+  while (in.dim() < 2 + kMaxDims) in = in.unsqueeze(2);
+  const int64_t N = call.batch, C = in.size(1), I1 = call.image[1], I2 = call.image[2];
+  const int64_t s2 = call.stride[2], Q2 = (I2 + s2 - 1) / s2;
+  const int64_t sn = in.stride(0), sc = in.stride(1), sp0 = in.stride(2), sp1 = in.stride(3), sp2 = in.stride(4);
+  const std::vector<bool> read0 = read_positions(call, 0), read1 = read_positions(call, 1),
+                          read2 = read_positions(call, 2);
+  const float* src = in.const_data_ptr<float>();
+  at::parallel_for(0, call.image[0] * I1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (!read0[r / I1] || !read1[r % I1]) continue;
+      for (int64_t i2 = 0; i2 < I2; ++i2) {
+        if (!read2[i2]) continue;
+        float* to = x + ((r * s2 + i2 % s2) * Q2 + i2 / s2) * N * C;
+        for (int64_t n = 0; n < N; ++n, to += C) {
+          const float* from = src + n * sn + r / I1 * sp0 + r % I1 * sp1 + i2 * sp2;
+          if (sc == 1) {
+            std::memcpy(to, from, C * sizeof(float));
+          } else {
+            for (int64_t c = 0; c < C; ++c) to[c] = from[c * sc];
+          }
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
 
-// Whether the folded form computes conv: stride 1 along the row, rows short
-// enough that the plane form's virtual columns and padding taps weigh, and
-// not so many of them in the batch that a task's rows of the image leave
-// the L2 (at 8 x 128 channels x 24 x 24 pixels, 1.3x slower than the plane
-// form). A batch of one is no exception: its GEMMs are short (5 rows at
-// 5 x 5 pixels) but the ukernel runs them near its peak, and a task per
-// panel keeps every core busy where the plane form has one task a sample.
+// Whether the folded form computes conv: rows short enough that the plane
+// form's virtual columns and padding taps weigh, and not so many of them in
+// the batch that a task's rows of the image leave the L2 (at 8 x 128
+// channels x 24 x 24 pixels, 1.3x slower than the plane form). A batch of
+// one is no exception: its GEMMs are short (5 rows at 5 x 5 pixels) but the
+// ukernel runs them near its peak, and a task per panel keeps every core
+// busy where the plane form has one task a sample.
 bool folded_form(const Window3& call) {
-  return call.stride[2] == 1 && call.windows[2] <= kFoldedWidth && call.batch * call.windows[2] <= kFoldedMaxRows;
+  return call.windows[2] <= kFoldedWidth && call.batch * call.windows[2] <= kFoldedMaxRows;
 }
 
-// Its buffers' floats: the folded image and product.
-double folded_floats(const Window3& w, int64_t c_image, int64_t c_windows) {
-  return double(w.batch) * (double(c_image) * w.image_numel() + double(c_windows) * w.window_numel());
+// Its buffers' floats: the folded image, its phases' rows rounded up, and
+// each task's product.
+double folded_floats(const Window3& w, int64_t c_image, int64_t tasks) {
+  const double image = double(w.image[0]) * w.image[1] * ((w.image[2] + w.stride[2] - 1) / w.stride[2]) * w.stride[2];
+  return double(w.batch) * c_image * image + double(tasks) * kFoldedProductRows * kBlockN;
 }
 
 void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
@@ -73,8 +115,10 @@ void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bi
   const int64_t N = call.batch, C = input.size(1), Cg = C / groups, Og = O / groups;
   const int64_t I1 = call.image[1], I2 = call.image[2], O1 = call.windows[1], O2 = call.windows[2];
   const int64_t rows = call.windows[0] * O1, plane = rows * O2, row = O2 * N;  // a row's GEMM rows
-  const at::Tensor x = at::empty({call.image[0], I1, I2, N, C}, input.options());
-  x.copy_(folded_view(input));
+  const int64_t s2 = call.stride[2], Q2 = (I2 + s2 - 1) / s2;
+  // The image's rows split by phase along the row: pixel i2 at (i2 % s2, i2 / s2).
+  const at::Tensor x = at::empty({call.image[0], I1, s2, Q2, N, C}, input.options());
+  fold_image(input, call, x.mutable_data_ptr<float>());
   const float* px = x.const_data_ptr<float>();
   const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
@@ -96,14 +140,14 @@ void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bi
       for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
         for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
           int64_t lo, hi;
-          taps_inside(I2, O2, k2, 1, call.padding[2], call.dilation[2], &lo, &hi);
+          taps_inside(I2, O2, k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
           if (lo >= hi) continue;
-          const int64_t i2 = tap<int64_t>(lo, k2, 1, call.padding[2], call.dilation[2]);
+          const int64_t i2 = tap<int64_t>(lo, k2, s2, call.padding[2], call.dilation[2]);
           const float* b = wt.at(g, t, n0);
           for (int64_t r = r0; r < r1; ++r) {
             int64_t i0, i1;
             if (!tap_inside(call, 0, r / O1, k0, &i0) || !tap_inside(call, 1, r % O1, k1, &i1)) continue;
-            const float* a = px + ((i0 * I1 + i1) * I2 + i2) * N * C + g * Cg;
+            const float* a = px + ((((i0 * I1 + i1) * s2 + i2 % s2) * Q2 + i2 / s2) * N) * C + g * Cg;
             float* c = pc + ((r - r0) * row + lo * N) * kBlockN;
             // At most kPlaneRows rows a GEMM, as the plane form's.
             for (int64_t m0 = 0, m = (hi - lo) * N; m0 < m; m0 += kPlaneRows, ++calls) {

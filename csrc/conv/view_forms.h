@@ -118,7 +118,7 @@ float* start_block(const at::Tensor& like, int64_t rows, int64_t O, const float*
 // The folded form (view_folded.cpp): whether it computes conv, its
 // buffers' floats, and conv.
 bool folded_form(const Window3& call);
-double folded_floats(const Window3& w, int64_t c_image, int64_t c_windows);
+double folded_floats(const Window3& w, int64_t c_image, int64_t tasks);
 void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
                  const Window3& call, int64_t groups, int64_t O, const at::Tensor& out);
 
