@@ -122,4 +122,24 @@ struct Window {
 constexpr int kMaxDims = 3;
 using Window3 = Window<kMaxDims>;
 
+// A conv_transpose (w: its output the image, its input the windows) as the
+// direct conv the guide gives for it (relationship 14): over the input with
+// inserted[d] - 1 = s - 1 zeros between its pixels, at stride 1, the kernel
+// rotated 180 degrees (channels per group swapped), padding d(k - 1) - p on
+// the low side, and output_padding as more on the high side, which the
+// output size gives (the taps past the input read nothing). False where the
+// padding would be negative.
+inline bool as_direct_conv(const Window3& w, Window3* direct, int64_t* inserted) {
+  *direct = w;
+  for (int d = 0; d < kMaxDims; ++d) {
+    inserted[d] = w.stride[d];
+    direct->image[d] = (w.windows[d] - 1) * w.stride[d] + 1;
+    direct->windows[d] = w.image[d];
+    direct->stride[d] = 1;
+    direct->padding[d] = w.dilation[d] * (w.kernel[d] - 1) - w.padding[d];
+    if (direct->padding[d] < 0) return false;
+  }
+  return true;
+}
+
 }  // namespace convt_ext

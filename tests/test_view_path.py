@@ -239,6 +239,11 @@ CASES = [
     Case(C, 6, 8, 70, (9, 10), (3, 3), stride=2, padding=1, layouts=(NC, CL)),  # stride 2 along the row
     Case(C, 4, 4, 6, (7, 14), (2, 3), stride=(1, 3), padding=(0, 2), dilation=(1, 2), groups=2, bias=False,
          layouts=(CL, NC)),  # stride 3, dilated, an image row that is no multiple of the stride
+    Case(T, 2, 4, 6, (6, 7), (3, 3), padding=3, layouts=(CL, NC)),  # stride 1, but d(k - 1) < p: not folded
+    Case(T, 8, 4, 6, (9,), (3,), padding=1, dilation=2, groups=2),  # folded, as the direct conv
+    # ---- the weight gradient on the folded form: two panels of input channels for every core (up to 16)
+    Case(W, 4, 64, 64, (6, 7), (3, 3), stride=(1, 2), padding=1, groups=32, layouts=(NC, CL)),
+    Case(W, 3, 130, 9, (5, 4, 6), (2, 3, 3), padding=(0, 1, 1), dilation=(1, 1, 2), layouts=(CL, NC)),
 ]
 
 
@@ -342,15 +347,14 @@ def _expected_tap_gemms(case, image_pixels):
         phase_gemms = _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits)
         if phase_gemms is not None:
             return case.n * phase_gemms * case.groups * -(-n_block // block)
-    if case.op == "conv" and _folded(case):
-        count = 0
-        for k0 in range(kernel[0]):
-            for k1 in range(kernel[1]):
-                rows = sum(hits(0, p0, k0) and hits(1, p1, k1) for p0 in range(owned[0]) for p1 in range(owned[1]))
-                for k2 in range(kernel[2]):
-                    reach = sum(hits(2, p, k2) for p in range(owned[2]))
-                    count += rows * (-(-(reach * case.n) // 128) if reach else 0)
-        return count * case.groups * -(-n_block // block)
+    if (case.op == "conv" and _folded(case)) or (case.op == "conv_weight" and _folded_weight(case)):
+        return _folded_gemms(case.n, kernel, stride, padding, dilation, windows, image, case.op == "conv") * \
+            case.groups * -(-n_block // block)
+    if case.op == "conv_transpose" and _folded_transpose(case):
+        # relationship 14 at stride 1: conv over the input (the windows) at padding d(k - 1) - p
+        direct = tuple(d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation))
+        return _folded_gemms(case.n, kernel, (1, 1, 1), direct, dilation, image, windows, True) * \
+            case.groups * -(-n_block // block)
     if case.op != "conv_transpose" and (not image_pixels or windows[2] < 32):
         cover = (windows[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1
         virtual = windows[1] * -(-cover // stride[2])
@@ -373,6 +377,40 @@ def _folded(case):
     at most 256 of them in the batch."""
     width = case.out_size[-1]
     return width <= 16 and case.n * width <= 256
+
+
+def _folded_gemms(n, kernel, stride, padding, dilation, windows, image, blocks_of_128):
+    """The folded form's GEMMs for one group and panel, conv's geometry (3-d,
+    lifted): one per (output row along dimensions 0 and 1, tap inside the
+    image there and along the row), split into blocks of 128 GEMM rows for
+    conv (the weight gradient: one GEMM, its K the row's pixels)."""
+    def hits(i, p, k):
+        return 0 <= p * stride[i] - padding[i] + k * dilation[i] < image[i]
+
+    count = 0
+    for k0 in range(kernel[0]):
+        for k1 in range(kernel[1]):
+            rows = sum(hits(0, p0, k0) and hits(1, p1, k1) for p0 in range(windows[0]) for p1 in range(windows[1]))
+            for k2 in range(kernel[2]):
+                reach = sum(hits(2, p, k2) for p in range(windows[2]))
+                count += rows * ((-(-(reach * n) // 128) if blocks_of_128 else 1) if reach else 0)
+    return count
+
+
+def _folded_transpose(case):
+    """Whether conv_transpose takes the folded form: stride 1, d(k - 1) >= p,
+    and the direct conv (over the input, out to its output) folded."""
+    width = case.out_size[-1]
+    return (max(case.stride) == 1 and all(d * (k - 1) >= p for k, p, d in zip(case.kernel, case.padding, case.dilation))
+            and width <= 16 and case.n * width <= 256)
+
+
+def _folded_weight(case):
+    """Whether the weight gradient takes the folded form: where conv would,
+    with two 64-wide panels of input channels for every core the machine
+    lends (convt_ext's tasks_at_once, a constant of the process)."""
+    panels = case.groups * -(-(case.c_in // case.groups) // 64)
+    return _folded(case) and panels >= 2 * convt_ext._C.usable_cores()
 
 
 def _phase_gemms(case, kernel, stride, padding, dilation, windows, image, hits):
@@ -726,6 +764,12 @@ def test_case_tables_cover_what_they_claim():
     assert any(c.c_out // c.groups > 64 for c in folded) and any(c.groups > 1 for c in folded)
     assert {c.stride[-1] for c in folded} >= {1, 2, 3} and any(c.size[-1] % c.stride[-1] for c in folded)
     assert any(not _folded(c) for c in CASES if c.op == "conv")
+    assert any(c.op == "conv_weight" and _folded_weight(c) and c.groups > 1 for c in CASES)
+    transposes = [c for c in CASES if c.op == "conv_transpose" and max(c.stride) == 1]
+    assert any(_folded_transpose(c) and any(c.output_padding) for c in transposes)
+    assert any(_folded_transpose(c) and c.dims == 1 for c in transposes)
+    assert any(not _folded_transpose(c) for c in transposes)
+    assert any(c.op == "conv_weight" and _folded(c) and not _folded_weight(c) for c in CASES)
     # conv_transpose's input gradient: conv of grad_output (its output) back to its input
     assert any(b.case.op == "conv_transpose" and b.wrt == "input" and _folded(
         Case(C, b.case.n, b.case.c_out, b.case.c_in, b.case.out_size, b.case.kernel, b.case.stride, b.case.padding,
@@ -935,6 +979,7 @@ def restore_threads():
 def test_bitwise_the_same_for_1_to_4_threads(layouts, view_path, ieee_fp32, restore_threads):
     cases = [Case(C, 3, 24, 40, (14, 13), (3, 3), padding=1, layouts=layouts),
              Case(C, 8, 24, 70, (6, 6), (3, 3), padding=1, layouts=layouts),  # folded
+             Case(W, 8, 64, 64, (6, 6), (3, 3), padding=1, groups=32, layouts=layouts),  # folded, 32 panels
              Case(T, 3, 24, 40, (7, 7), (3, 3), stride=2, padding=1, output_padding=1, layouts=layouts),
              Case(W, 3, 24, 40, (14, 13), (3, 3), padding=1, layouts=layouts),
              Case(W, 2, 6, 8, (600,), (3,), padding=1, groups=2, layouts=layouts)]

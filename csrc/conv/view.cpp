@@ -154,7 +154,10 @@ Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t
   // The weights' panels (for the weight gradient: its sum, no larger)
   double floats = op == ConvOp::ConvTranspose ? panel_floats(groups, call.kernel_numel(), cg_windows, cg_image)
                                               : panel_floats(groups, call.kernel_numel(), cg_image, cg_windows);
-  if (op == ConvOp::ConvTranspose) {
+  Window3 direct;
+  if (op == ConvOp::ConvTranspose && folded_transpose(call, &direct)) {
+    floats += folded_floats(direct, c_windows, int64_t(tasks));
+  } else if (op == ConvOp::ConvTranspose) {
     floats += transpose_plane_form(windows_pixels, call)
                   ? transpose_plane_floats(call, c_windows) + tasks * kPlaneRows * c_image
                   : (windows_pixels ? 0 : windows) + (output_pixels ? 0 : image);
@@ -165,7 +168,9 @@ Offer view_offer(ConvOp op, const at::Tensor& like, const Window3& call, int64_t
                                   : gather + (plane || output_pixels ? 0 : windows);
     }
     if (op != ConvOp::Conv) {
-      floats += gather + (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
+      floats += folded_weight(call, groups, c_image, int64_t(tasks))
+                    ? folded_floats(call, c_image, 0) + windows + weights
+                    : gather + (windows_pixels ? 0 : windows) + tasks * (weights + kRows * kSpan * c_windows);
     }
   }
   if (floats * sizeof(float) > double(workspace_limit())) return {};
@@ -205,6 +210,11 @@ at::Tensor conv_transpose_view(const at::Tensor& input, const at::Tensor& weight
   const int64_t O = call.channels;
   const Panels wt = tap_panels(weight, groups, true);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (Window3 direct; folded_transpose(call, &direct)) {
+    at::Tensor out = empty_output(planar_out, call.batch, O, call.image, dims, input.options());
+    conv_folded(input, wt, b, direct, groups, O, out, true);
+    return out;
+  }
   if (transpose_plane_form(pixel_memory(input), call)) {
     at::Tensor out = empty_output(planar_out, call.batch, O, call.image, dims, input.options());
     conv_transpose_plane(input, wt, b, call, groups, out);
@@ -219,6 +229,11 @@ at::Tensor conv_weight_view(const at::Tensor& input, const at::Tensor& grad_outp
                             const Window3& call, int64_t groups, at::IntArrayRef weight_size) {
   const int64_t C = input.size(1), O = grad_output.size(1), Cg = C / groups, Og = O / groups;
   const int64_t T = call.kernel_numel();
+  if (folded_weight(call, groups, C, tasks_at_once(input))) {
+    const at::Tensor dw = at::empty({1, groups, T, Og, Cg}, input.options());
+    weight_folded(input, grad_output, call, groups, dw.select(0, 0));
+    return finish_weight(dw, 1, weight_size);
+  }
   const bool plane = plane_form(input, call);
   const int64_t count = plane ? plane_form_tasks(call) : row_form_tasks(call);
   const int64_t ranges = std::min(count, tasks_at_once(input));

@@ -115,12 +115,20 @@ void write_block(const float* block, int64_t rows, const int64_t* at, float* out
                  int64_t n, int64_t O, int64_t plane, int64_t offset);
 float* start_block(const at::Tensor& like, int64_t rows, int64_t O, const float* bias);
 
-// The folded form (view_folded.cpp): whether it computes conv, its
-// buffers' floats, and conv.
+// The folded form (view_folded.cpp): whether it computes conv (or a
+// conv_transpose, as the direct conv of relationship 14), its buffers'
+// floats, and conv (with the kernel rotated, for a conv_transpose).
 bool folded_form(const Window3& call);
 double folded_floats(const Window3& w, int64_t c_image, int64_t tasks);
+bool folded_transpose(const Window3& call, Window3* direct);
 void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
-                 const Window3& call, int64_t groups, int64_t O, const at::Tensor& out);
+                 const Window3& call, int64_t groups, int64_t O, const at::Tensor& out,
+                 bool rotated = false);
+// The weight gradient on the folded form: whether it computes it, and the
+// gradient into dw (G, T, Og, Cg).
+bool folded_weight(const Window3& call, int64_t groups, int64_t c_image, int64_t tasks);
+void weight_folded(const at::Tensor& input, const at::Tensor& grad_output, const Window3& call,
+                   int64_t groups, const at::Tensor& dw);
 
 // The phase form (view_phases.cpp): whether it computes conv_transpose, its
 // plane's floats, and conv_transpose.

@@ -414,26 +414,6 @@ bool by_blocked_planes(const Relation& rel, const Groups& gr, bool transposed, i
   return pixels * 128.0 <= 1.5 * double(1 << 20) && rel.batch * ((gr.groups + 31) / 32) >= 4;
 }
 
-// A planar depthwise conv_transpose as the direct conv the guide gives for
-// it (relationship 14): over the input with s - 1 zeros inserted between its
-// pixels, at stride 1, the kernel rotated 180 degrees (channels per group
-// swapped: here one on each side), padding d(k - 1) - p on the low side, and
-// output_padding as more on the high side, which the output size gives.
-// Blocked planes run it without storing the zeros (Note [Blocked planes]);
-// false where the padding would be negative.
-bool as_direct_conv(const Window3& w, Window3* direct, int64_t* inserted) {
-  *direct = w;
-  for (int d = 0; d < kMaxDims; ++d) {
-    inserted[d] = w.stride[d];
-    direct->image[d] = (w.windows[d] - 1) * w.stride[d] + 1;
-    direct->windows[d] = w.image[d];
-    direct->stride[d] = 1;
-    direct->padding[d] = w.dilation[d] * (w.kernel[d] - 1) - w.padding[d];
-    if (direct->padding[d] < 0) return false;
-  }
-  return true;
-}
-
 // Note [Blocked planes]: the weight in blocks of cb channels, tap-major in
 // each, (blocks, K, cb), and the bias, zero-padded to whole blocks; cb is the
 // loop type's, 32 floats or 16 doubles (kRowVectors vectors of 64 bytes).
