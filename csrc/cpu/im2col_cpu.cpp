@@ -67,6 +67,7 @@ void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3&
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, w.window_numel()));
   // A row of output positions maps onto a unit-stride run of the image row.
   const bool unit_run = w.stride[2] * xs[2] == 1 && cs_l == 1;
+  const bool pair_run = w.stride[2] * xs[2] == 2 && cs_l == 1;
 
   at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -104,6 +105,11 @@ void im2col_rows(const at::Tensor& image, const at::Tensor& cols, const Window3&
           zero(drow, lo[2], cs_l);
           if (unit_run) {
             std::memcpy(drow + lo[2], srow, (hi[2] - lo[2]) * sizeof(scalar_t));
+          } else if (pair_run) {
+            // Every second pixel: a constant step, which the compiler turns
+            // into vector loads and shuffles (the stride-2 stem's columns).
+            scalar_t* d = drow + lo[2];
+            for (int64_t j = 0; j < hi[2] - lo[2]; ++j) d[j] = srow[2 * j];
           } else {
             const int64_t step = w.stride[2] * xs[2];
             for (int64_t o2 = lo[2]; o2 < hi[2]; ++o2) drow[o2 * cs_l] = srow[(o2 - lo[2]) * step];
