@@ -230,7 +230,7 @@ CASES = [
     Case(W, 2, 4, 6, (7, 5), (1, 1), stride=2, groups=2),
     Case(W, 2, 4, 6, (5, 6, 7), (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 2), dilation=(2, 1, 1), groups=2),
     Case(W, 1, 3, 5, (6, 5, 7), (2, 2, 2), stride=2, padding=1, layouts=(CL, CL)),
-    # ---- conv on the folded form (Note [The folded batch]): rows of <= 16 pixels, <= 256 in the batch
+    # ---- conv on the folded form (Note [The folded batch]): rows of <= 28 pixels, <= 256 in the batch
     Case(C, 8, 20, 70, (5, 5), (3, 3), padding=1),  # > 64 output channels
     Case(C, 4, 6, 6, (3, 5, 9), (3, 2, 3), stride=(2, 1, 1), padding=(1, 0, 2), dilation=(1, 2, 1), groups=3,
          layouts=(CL, CL)),
@@ -373,10 +373,10 @@ def _expected_tap_gemms(case, image_pixels):
 
 
 def _folded(case):
-    """Whether conv takes the folded form: output rows of at most 16 pixels,
+    """Whether conv takes the folded form: output rows of at most 28 pixels,
     at most 256 of them in the batch."""
     width = case.out_size[-1]
-    return width <= 16 and case.n * width <= 256
+    return width <= 28 and case.n * width <= 256
 
 
 def _folded_gemms(n, kernel, stride, padding, dilation, windows, image, blocks_of_128):
@@ -402,7 +402,7 @@ def _folded_transpose(case):
     and the direct conv (over the input, out to its output) folded."""
     width = case.out_size[-1]
     return (max(case.stride) == 1 and all(d * (k - 1) >= p for k, p, d in zip(case.kernel, case.padding, case.dilation))
-            and width <= 16 and case.n * width <= 256)
+            and width <= 28 and case.n * width <= 256)
 
 
 def _folded_weight(case):

@@ -37,13 +37,16 @@ namespace {
 
 // The output rows (o0, o1) one task covers: enough tasks for every core
 // once the panels are shared out, and no more, since each task reads every
-// tap's panel; and no more than keep its product in the L2, which every tap
-// sweeps.
+// tap's panel; no more rows than keep its product in the L2, which every
+// tap sweeps; and a task count that shares out evenly over the cores (five
+// tasks on two cores cost 64 channels at 24 px 15%).
 int64_t rows_per_task(const Window3& call, int64_t panels, int64_t tasks) {
   const int64_t rows = call.windows[0] * call.windows[1];
-  const int64_t chunks = std::min(rows, (2 * tasks + panels - 1) / panels);
   const int64_t fit = std::max<int64_t>(1, kFoldedProductRows / (call.batch * call.windows[2]));
-  return std::min((rows + chunks - 1) / chunks, fit);
+  int64_t chunks = std::max((2 * tasks + panels - 1) / panels, (rows + fit - 1) / fit);
+  const int64_t even = (panels * chunks + tasks - 1) / tasks * tasks;  // a multiple of the cores
+  chunks = std::min(rows, (even + panels - 1) / panels);
+  return (rows + chunks - 1) / chunks;
 }
 
 // Whether some output position along dimension i reads image position
@@ -94,11 +97,13 @@ void fold_image(const at::Tensor& input, const Window3& call, float* x) {
 
 // Whether the folded form computes conv: rows short enough that the plane
 // form's virtual columns and padding taps weigh, and not so many of them in
-// the batch that a task's rows of the image leave the L2 (at 8 x 128
-// channels x 24 x 24 pixels, 1.3x slower than the plane form). A batch of
-// one is no exception: its GEMMs are short (5 rows at 5 x 5 pixels) but the
-// ukernel runs them near its peak, and a task per panel keeps every core
-// busy where the plane form has one task a sample.
+// the batch that a task's rows of the image leave the L2. Measured against
+// the plane form (benchmarks/NOTES.md item 32), it wins up to 28 pixels (8 x
+// 128 channels at 28 px: 8.4 against 9.5 ms NCHW) and breaks even or loses
+// from 32 (8 x 64 channels at 40 px channels_last: 4.6 against 4.2). A
+// batch of one is no exception: its GEMMs are short (5 rows at 5 x 5
+// pixels) but the ukernel runs them near its peak, and a task per panel
+// keeps every core busy where the plane form has one task a sample.
 bool folded_form(const Window3& call) {
   return call.windows[2] <= kFoldedWidth && call.batch * call.windows[2] <= kFoldedMaxRows;
 }
@@ -139,8 +144,10 @@ void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bi
   const int64_t per_task = rows_per_task(call, panels, tasks_at_once(input));
   const int64_t chunks = (rows + per_task - 1) / per_task;
   run_tasks(input, panels * chunks, [&](int64_t, int64_t task, int64_t& calls) {
-    const int64_t g = task / chunks / wt.blocks, n0 = task / chunks % wt.blocks * kBlockN;
-    const int64_t r0 = task % chunks * per_task, r1 = std::min(r0 + per_task, rows);
+    // Chunk-major, so that each core's range of tasks holds every panel (a
+    // last panel narrower than kBlockN is less work).
+    const int64_t g = task % panels / wt.blocks, n0 = task % panels % wt.blocks * kBlockN;
+    const int64_t r0 = task / panels * per_task, r1 = std::min(r0 + per_task, rows);
     const int64_t c0 = g * Og + n0, nc = std::min(kBlockN, Og - n0);
     // The task's product: rows (r, o2, n) of kBlockN channels, from the bias.
     float* pc = scratch(Slot::Product, {kFoldedProductRows, kBlockN}, input.options()).mutable_data_ptr<float>();
@@ -170,16 +177,31 @@ void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bi
       }
     }
     // Into the output's format while the product is in the cache.
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* src = pc + (r - r0) * row * kBlockN;
-      for (int64_t o2 = 0; o2 < O2; ++o2) {
-        for (int64_t n = 0; n < N; ++n) {
-          const float* from = src + (o2 * N + n) * kBlockN;
-          if (pixels_out) {
-            std::memcpy(py + ((n * plane) + r * O2 + o2) * O + c0, from, nc * sizeof(float));
-          } else {
-            float* to = py + (n * O + c0) * plane + r * O2 + o2;
-            for (int64_t j = 0; j < nc; ++j) to[j * plane] = from[j];
+    if (pixels_out) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t m = 0; m < row; ++m) {
+          std::memcpy(py + (m % N * plane + r * O2 + m / N) * O + c0, pc + ((r - r0) * row + m) * kBlockN,
+                      nc * sizeof(float));
+        }
+      }
+      return;
+    }
+    // Planar: each channel's pixels of the run, (r, o2), are one run of the
+    // output. By blocks of 8 channels x 8 pixels: a plane of 1024 floats puts
+    // every channel's run in one L1 set, which 8 lines at a time do not
+    // overflow (8 x 64 channels at 32 px, NCHW: 4.9 ms unblocked, torch 2.8).
+    const int64_t count = (r1 - r0) * O2;
+    int64_t at[kFoldedProductRows];  // pixel m's first product row
+    for (int64_t m = 0; m < count; ++m) at[m] = ((m / O2) * row + (m % O2) * N) * kBlockN;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* src = pc + n * kBlockN;
+      for (int64_t j0 = 0; j0 < nc; j0 += 8) {
+        const int64_t j1 = std::min(j0 + 8, nc);
+        for (int64_t m0 = 0; m0 < count; m0 += 8) {
+          const int64_t m1 = std::min(m0 + 8, count);
+          for (int64_t j = j0; j < j1; ++j) {
+            float* to = py + (n * O + c0 + j) * plane + r0 * O2;
+            for (int64_t m = m0; m < m1; ++m) to[m] = src[at[m] + j];
           }
         }
       }

@@ -31,7 +31,7 @@ constexpr int64_t kPlaneRows = 128, kWideRows = 32;
 // The folded form (Note [The folded batch]) takes output rows of at most
 // kFoldedWidth pixels while the batch's pixels of a row are at most
 // kFoldedMaxRows GEMM rows (benchmarks/NOTES.md item 32).
-constexpr int64_t kFoldedWidth = 16, kFoldedMaxRows = 256;
+constexpr int64_t kFoldedWidth = 28, kFoldedMaxRows = 256;
 // A folded task's product rows of kBlockN floats: 256 KiB, within the L2 of
 // every CPU measured (512 KiB on an EPYC Milan).
 constexpr int64_t kFoldedProductRows = 1024;
