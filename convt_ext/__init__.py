@@ -172,7 +172,9 @@ def engine_info():
     run with MKL's thread count pinned to one on the calling thread),
     "cpu_native_bf16", "fp32_in_bf16" and "bf16_calls" (whether float32
     convolutions follow torch.backends.mkldnn.conv.fp32_precision = "bf16"
-    here, and how many GEMMs did), and "cores" (the cores this process may
+    here, and how many GEMMs did), "cpu_packs_bf16" (whether oneDNN's
+    ukernel has a bfloat16 pack here, cpublas::could_pack: AMX CPUs alone;
+    the bench judges its bf16 goals only there), and "cores" (the cores this process may
     use, after its affinity mask and cgroup quota: the most tasks a call runs
     at once), and "path": the convolution path setting (set_conv_path),
     whether the view path can run here, which build of the depthwise path's

@@ -79,6 +79,7 @@ py::dict engine_report_dict() {
   d["thread_dependent_calls"] = r.thread_dependent_calls;
   d["pinned_calls"] = r.pinned_calls;
   d["cpu_native_bf16"] = r.cpu_native_bf16;
+  d["cpu_packs_bf16"] = r.cpu_packs_bf16;
   d["fp32_in_bf16"] = r.fp32_in_bf16;
   d["bf16_calls"] = r.bf16_calls;
   return d;

@@ -532,6 +532,7 @@ EngineReport engine_report() {
   r.pinned_calls = blas_pinned_calls();
   r.bf16_calls = g_bf16_calls.load();
   r.cpu_native_bf16 = cpu_native_bf16();
+  r.cpu_packs_bf16 = at::native::cpublas::could_pack(at::kBFloat16);
   r.fp32_in_bf16 = cpu_fp32_in_bf16();
   return r;
 }

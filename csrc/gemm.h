@@ -129,6 +129,8 @@ struct EngineReport {
   // natively, whether float32 convolutions run in it now, and how many
   // GEMMs did.
   bool cpu_native_bf16 = false, fp32_in_bf16 = false;
+  // cpublas::could_pack(bfloat16): oneDNN's ukernel has a VNNI pack for bf16 (AMX only).
+  bool cpu_packs_bf16 = false;
   int64_t bf16_calls = 0;
 };
 EngineReport engine_report();

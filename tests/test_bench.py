@@ -646,7 +646,8 @@ def _summary_entry(op, dims, direction, vs_torch):
 
 def test_goals_are_judged_by_the_kind_of_run_they_are_for():
     """A channels_last goal counts in a --channels-last run only, a bf16 goal in an
-    --autocast bf16 run only (and is reported, not judged, without native bf16),
+    --autocast bf16 run only (and is reported, not judged, where oneDNN's ukernel has no
+    bf16 pack: cpublas::could_pack, AMX alone),
     and the FMA goal takes the 3x3 layers of >= 64 channels, over the FMA peak."""
     summary = [_summary_entry("conv2d", 2, suite.FORWARD, 1.3), _summary_entry("conv_transpose2d", 2, suite.FORWARD, 0.5)]
     layer = lambda k, c: {"kernels": [k, k], "c_in": c, "c_out": c, "groups": 1}  # noqa: E731
@@ -662,9 +663,9 @@ def test_goals_are_judged_by_the_kind_of_run_they_are_for():
     ]
     reference = {"fma_peak_gflops": 100.0}
 
-    def judged(settings, native=True):
+    def judged(settings, packs=True):
         return {(t["op"], t["measure"], t["statistic"], tuple(sorted(t["run"]))): t
-                for t in bench_report.check_targets(summary, "cpu", results, reference, settings, native)
+                for t in bench_report.check_targets(summary, "cpu", results, reference, settings, packs)
                 if t["direction"] == suite.FORWARD and t["dims"] == 2 and t["layers"] == bench_report.DENSE}
 
     default = judged({"channels_last": False, "autocast": None})
@@ -679,9 +680,9 @@ def test_goals_are_judged_by_the_kind_of_run_they_are_for():
     assert cl[("conv2d", "vs_torch", "median", ("channels_last",))]["status"] == "pass"
     assert all(t["status"] == "not run" for k, t in cl.items() if not k[3])
 
-    bf16 = judged({"channels_last": False, "autocast": "bf16"}, native=False)
+    bf16 = judged({"channels_last": False, "autocast": "bf16"}, packs=False)
     assert bf16[("conv2d", "vs_torch", "median", ("autocast",))]["status"] == "report"
-    bf16 = judged({"channels_last": False, "autocast": "bf16"}, native=True)
+    bf16 = judged({"channels_last": False, "autocast": "bf16"}, packs=True)
     assert bf16[("conv_transpose2d", "vs_torch", "median", ("autocast",))]["status"] == "miss"
 
 
@@ -860,3 +861,18 @@ def test_the_resnet18_mode(monkeypatch, tmp_path):
         met = t["measured"] >= 1.0 or (fma is not None and t["percent_fma"] >= 88.0)
         assert t["status"] == ("pass" if met else "miss")
     assert "per-layer goals, forward:" in printed and "layer2.0.downsample.conv" in printed
+
+
+def test_the_bf16_goals_follow_the_ukernels_bf16_pack():
+    """The bench judges its bf16 goals where cpublas::could_pack(bf16) is true (AMX)
+    and reports them elsewhere: engine_info says which, from the CPU's own flags. An
+    AMX-BF16 CPU packs; a CPU with neither AMX nor AVX512-BF16 cannot."""
+    info = convt_ext.engine_info()
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert isinstance(info["cpu_packs_bf16"], bool)
+    if "amx_bf16" in flags and os.environ.get("ONEDNN_MAX_CPU_ISA") is None:
+        assert info["cpu_packs_bf16"]
+    if flags and "amx_bf16" not in flags:
+        assert not info["cpu_packs_bf16"]
+    if info["cpu_packs_bf16"]:
+        assert info["cpu_native_bf16"]

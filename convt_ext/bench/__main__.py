@@ -185,7 +185,7 @@ def _suite(args, argv, device, dtype, cases, tf32):
     summary = report.summarize(results)
     targets = report.check_targets(summary, device.type, results, reference,
                                    {"channels_last": args.channels_last, "autocast": args.autocast},
-                                   convt_ext.engine_info()["cpu_native_bf16"])
+                                   convt_ext.engine_info()["cpu_packs_bf16"])
     failures = sum(r["status"] in FAILED for r in results)
     unbuilt = sorted({op_label(r["op"], r["dims"]) for r in results if r["status"] == NOT_BUILT})
     print()
