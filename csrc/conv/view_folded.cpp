@@ -61,11 +61,16 @@ std::vector<bool> read_positions(const Window3& call, int i) {
   return read;
 }
 
-// The image into x, (I0, I1, s2, Q2, N, C): the pixels some tap reads, and
-// no others (a 1x1 layer at stride 2 reads a quarter of them). In place of
-// a permuted copy_: a planar image's channels are read at their stride, a
-// pixel's run at a time, while its lines stay in the cache.
-void fold_image(const at::Tensor& input, const Window3& call, float* x) {
+// The folded image, (I0, I1, s2, Q2 = ceil(I2 / s2), N, C): image row
+// pixel i2 at (i2 % s2, i2 / s2), and only the pixels some tap reads (a 1x1
+// layer at stride 2 reads a quarter of them). In place of a permuted copy_:
+// a planar image's channels are read at their stride, a pixel's run at a
+// time, while its lines stay in the cache.
+at::Tensor fold_image(const at::Tensor& input, const Window3& call) {
+  const at::Tensor folded = at::empty({call.image[0], call.image[1], call.stride[2],
+                                       (call.image[2] + call.stride[2] - 1) / call.stride[2], call.batch,
+                                       input.size(1)}, input.options());
+  float* x = folded.mutable_data_ptr<float>();
   at::Tensor in = input;
   while (in.dim() < 2 + kMaxDims) in = in.unsqueeze(2);
   const int64_t N = call.batch, C = in.size(1), I1 = call.image[1], I2 = call.image[2];
@@ -91,6 +96,32 @@ void fold_image(const at::Tensor& input, const Window3& call, float* x) {
       }
     }
   });
+  return folded;
+}
+
+// Runs fn(t, r, lo, hi, at) for every kernel tap t = (k0, k1, k2), in order,
+// and every output row r in [r0, r1) that it reaches inside the image: the
+// row's pixels o2 in [lo, hi) read the folded image's (hi - lo) N
+// consecutive pixels from pixel `at` on (in one phase at stride s2 > 1).
+template <typename F>
+void for_each_folded_tap(const Window3& call, int64_t r0, int64_t r1, const F& fn) {
+  const int64_t I1 = call.image[1], I2 = call.image[2], O1 = call.windows[1], O2 = call.windows[2];
+  const int64_t s2 = call.stride[2], Q2 = (I2 + s2 - 1) / s2;
+  for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
+    for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
+      for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
+        int64_t lo, hi;
+        taps_inside(I2, O2, k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
+        if (lo >= hi) continue;
+        const int64_t i2 = tap<int64_t>(lo, k2, s2, call.padding[2], call.dilation[2]);
+        for (int64_t r = r0; r < r1; ++r) {
+          int64_t i0, i1;
+          if (!tap_inside(call, 0, r / O1, k0, &i0) || !tap_inside(call, 1, r % O1, k1, &i1)) continue;
+          fn(t, r, lo, hi, (((i0 * I1 + i1) * s2 + i2 % s2) * Q2 + i2 / s2) * call.batch);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -129,13 +160,9 @@ double folded_floats(const Window3& w, int64_t c_image, int64_t tasks) {
 
 void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bias,
                  const Window3& call, int64_t groups, int64_t O, const at::Tensor& out, bool rotated) {
-  const int64_t N = call.batch, C = input.size(1), Cg = C / groups, Og = O / groups;
-  const int64_t I1 = call.image[1], I2 = call.image[2], O1 = call.windows[1], O2 = call.windows[2];
-  const int64_t rows = call.windows[0] * O1, plane = rows * O2, row = O2 * N;  // a row's GEMM rows
-  const int64_t s2 = call.stride[2], Q2 = (I2 + s2 - 1) / s2;
-  // The image's rows split by phase along the row: pixel i2 at (i2 % s2, i2 / s2).
-  const at::Tensor x = at::empty({call.image[0], I1, s2, Q2, N, C}, input.options());
-  fold_image(input, call, x.mutable_data_ptr<float>());
+  const int64_t N = call.batch, C = input.size(1), Cg = C / groups, Og = O / groups, O2 = call.windows[2];
+  const int64_t rows = call.windows[0] * call.windows[1], plane = rows * O2, row = O2 * N;  // a row's GEMM rows
+  const at::Tensor x = fold_image(input, call);
   const float* px = x.const_data_ptr<float>();
   const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* py = out.mutable_data_ptr<float>();
@@ -155,27 +182,15 @@ void conv_folded(const at::Tensor& input, const Panels& wt, const at::Tensor& bi
       if (pb) std::memcpy(pc + m * kBlockN, pb + c0, nc * sizeof(float)); else std::fill(pc + m * kBlockN, pc + m * kBlockN + nc, 0.f);
     }
     // Tap by tap (its panel stays in the cache), each row of the run.
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          int64_t lo, hi;
-          taps_inside(I2, O2, k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
-          if (lo >= hi) continue;
-          const int64_t i2 = tap<int64_t>(lo, k2, s2, call.padding[2], call.dilation[2]);
-          const float* b = wt.at(g, rotated ? wt.T - 1 - t : t, n0);  // rotated: flat tap T - 1 - t
-          for (int64_t r = r0; r < r1; ++r) {
-            int64_t i0, i1;
-            if (!tap_inside(call, 0, r / O1, k0, &i0) || !tap_inside(call, 1, r % O1, k1, &i1)) continue;
-            const float* a = px + ((((i0 * I1 + i1) * s2 + i2 % s2) * Q2 + i2 / s2) * N) * C + g * Cg;
-            float* c = pc + ((r - r0) * row + lo * N) * kBlockN;
-            // At most kPlaneRows rows a GEMM, as the plane form's.
-            for (int64_t m0 = 0, m = (hi - lo) * N; m0 < m; m0 += kPlaneRows, ++calls) {
-              tap_gemm(std::min(kPlaneRows, m - m0), nc, Cg, a + m0 * C, C, b, wt.ld, c + m0 * kBlockN, kBlockN);
-            }
-          }
-        }
+    for_each_folded_tap(call, r0, r1, [&](int64_t t, int64_t r, int64_t lo, int64_t hi, int64_t at) {
+      const float* a = px + at * C + g * Cg;
+      const float* b = wt.at(g, rotated ? wt.T - 1 - t : t, n0);  // rotated: flat tap T - 1 - t
+      float* c = pc + ((r - r0) * row + lo * N) * kBlockN;
+      // At most kPlaneRows rows a GEMM, as the plane form's.
+      for (int64_t m0 = 0, m = (hi - lo) * N; m0 < m; m0 += kPlaneRows, ++calls) {
+        tap_gemm(std::min(kPlaneRows, m - m0), nc, Cg, a + m0 * C, C, b, wt.ld, c + m0 * kBlockN, kBlockN);
       }
-    }
+    });
     // Into the output's format while the product is in the cache.
     if (pixels_out) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -226,11 +241,9 @@ bool folded_weight(const Window3& call, int64_t groups, int64_t c_image, int64_t
 void weight_folded(const at::Tensor& input, const at::Tensor& grad_output, const Window3& call,
                    int64_t groups, const at::Tensor& dw) {
   const int64_t N = call.batch, C = input.size(1), O = grad_output.size(1), Cg = C / groups, Og = O / groups;
-  const int64_t I1 = call.image[1], I2 = call.image[2], O1 = call.windows[1], O2 = call.windows[2];
+  const int64_t O1 = call.windows[1], O2 = call.windows[2];
   const int64_t rows = call.windows[0] * O1, row = O2 * N, T = call.kernel_numel();
-  const int64_t s2 = call.stride[2], Q2 = (I2 + s2 - 1) / s2;
-  const at::Tensor x = at::empty({call.image[0], I1, s2, Q2, N, C}, input.options());
-  fold_image(input, call, x.mutable_data_ptr<float>());
+  const at::Tensor x = fold_image(input, call);
   // grad_output turned, row by row: (rows, O, row), pixel m = o2 N + n.
   const at::Tensor turned = at::empty({rows, O, row}, input.options());
   {
@@ -262,25 +275,11 @@ void weight_folded(const at::Tensor& input, const at::Tensor& grad_output, const
         std::fill(at, at + nc, 0.f);
       }
     }
-    for (int64_t k0 = 0, t = 0; k0 < call.kernel[0]; ++k0) {
-      for (int64_t k1 = 0; k1 < call.kernel[1]; ++k1) {
-        for (int64_t k2 = 0; k2 < call.kernel[2]; ++k2, ++t) {
-          int64_t lo, hi;
-          taps_inside(I2, O2, k2, s2, call.padding[2], call.dilation[2], &lo, &hi);
-          if (lo >= hi) continue;
-          const int64_t i2 = tap<int64_t>(lo, k2, s2, call.padding[2], call.dilation[2]);
-          float* c = pw + (g * T + t) * Og * Cg + n0;
-          for (int64_t r = 0; r < rows; ++r) {
-            int64_t i0, i1;
-            if (!tap_inside(call, 0, r / O1, k0, &i0) || !tap_inside(call, 1, r % O1, k1, &i1)) continue;
-            const float* b = px + ((((i0 * I1 + i1) * s2 + i2 % s2) * Q2 + i2 / s2) * N) * C + g * Cg + n0;
-            const float* a = pt + (r * O + g * Og) * row + lo * N;
-            tap_gemm(Og, nc, (hi - lo) * N, a, row, b, C, c, Cg);
-            ++calls;
-          }
-        }
-      }
-    }
+    for_each_folded_tap(call, 0, rows, [&](int64_t t, int64_t r, int64_t lo, int64_t hi, int64_t at) {
+      const float* a = pt + (r * O + g * Og) * row + lo * N;
+      tap_gemm(Og, nc, (hi - lo) * N, a, row, px + at * C + g * Cg + n0, C, pw + (g * T + t) * Og * Cg + n0, Cg);
+      ++calls;
+    });
   });
 }
 
