@@ -63,9 +63,8 @@ std::vector<bool> read_positions(const Window3& call, int i) {
 
 // The folded image, (I0, I1, s2, Q2 = ceil(I2 / s2), N, C): image row
 // pixel i2 at (i2 % s2, i2 / s2), and only the pixels some tap reads (a 1x1
-// layer at stride 2 reads a quarter of them). In place of a permuted copy_:
-// a planar image's channels are read at their stride, a pixel's run at a
-// time, while its lines stay in the cache.
+// layer at stride 2 reads a quarter of them), each run of them in one phase
+// of one sample by copy_pixels, in place of a permuted copy_.
 at::Tensor fold_image(const at::Tensor& input, const Window3& call) {
   const at::Tensor folded = at::empty({call.image[0], call.image[1], call.stride[2],
                                        (call.image[2] + call.stride[2] - 1) / call.stride[2], call.batch,
@@ -82,16 +81,21 @@ at::Tensor fold_image(const at::Tensor& input, const Window3& call) {
   at::parallel_for(0, call.image[0] * I1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (!read0[r / I1] || !read1[r % I1]) continue;
-      for (int64_t i2 = 0; i2 < I2; ++i2) {
-        if (!read2[i2]) continue;
-        float* to = x + ((r * s2 + i2 % s2) * Q2 + i2 / s2) * N * C;
-        for (int64_t n = 0; n < N; ++n, to += C) {
-          const float* from = src + n * sn + r / I1 * sp0 + r % I1 * sp1 + i2 * sp2;
-          if (sc == 1) {
-            std::memcpy(to, from, C * sizeof(float));
-          } else {
-            for (int64_t c = 0; c < C; ++c) to[c] = from[c * sc];
+      for (int64_t ph = 0; ph < std::min(s2, I2); ++ph) {
+        // The phase's pixels i2 = ph + q s2, by runs of pixels that some tap reads.
+        for (int64_t q0 = 0; ph + q0 * s2 < I2;) {
+          if (!read2[ph + q0 * s2]) {
+            ++q0;
+            continue;
           }
+          int64_t q1 = q0 + 1;
+          while (ph + q1 * s2 < I2 && read2[ph + q1 * s2]) ++q1;
+          const int64_t i2 = ph + q0 * s2;
+          for (int64_t n = 0; n < N; ++n) {
+            copy_pixels(src + n * sn + r / I1 * sp0 + r % I1 * sp1 + i2 * sp2, s2 * sp2, sc, C, q1 - q0,
+                        x + (((r * s2 + ph) * Q2 + q0) * N + n) * C, N * C);
+          }
+          q0 = q1;
         }
       }
     }

@@ -114,6 +114,11 @@ void virtual_places(int64_t m0, int64_t m1, int64_t wv, int64_t O2, int64_t row,
 void write_block(const float* block, int64_t rows, const int64_t* at, float* out, bool pixels_out,
                  int64_t n, int64_t O, int64_t plane, int64_t offset);
 float* start_block(const at::Tensor& like, int64_t rows, int64_t O, const float* bias);
+// Copies `count` pixels of C channels from an image (pixel stride sp,
+// channel stride sc) into pixel memory, `step` floats from pixel to pixel:
+// the plane's and the folded image's one copy.
+void copy_pixels(const float* from, int64_t sp, int64_t sc, int64_t C, int64_t count, float* to,
+                 int64_t step);
 
 // The folded form (view_folded.cpp): whether it computes conv (or a
 // conv_transpose, as the direct conv of relationship 14), its buffers'

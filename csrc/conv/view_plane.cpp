@@ -53,10 +53,7 @@ int64_t plane_wv(const Window3& w) {
 }
 
 // The plane, one plane row a task: its padding zeroed, its image pixels
-// copied. A planar image's pixels by blocks of 8 channels x 8 pixels, each
-// block's reads and writes 8 lines apiece, so that neither a channel stride
-// nor the plane's C-float pixels thrash a cache set (in place of zeros() and
-// a permuted copy_: 8 x 64 channels at 40 px NCHW, item 32).
+// copied (copy_pixels; in place of zeros() and a permuted copy_).
 Plane make_plane(const at::Tensor& image, const Window3& w) {
   Plane pl;
   const int64_t s1 = w.stride[1], C = image.size(1);
@@ -86,27 +83,35 @@ Plane make_plane(const at::Tensor& image, const Window3& w) {
       }
       std::fill(d, d + p2 * C, 0.f);
       std::fill(d + (p2 + cols) * C, d + width * C, 0.f);
-      const float* from = src + n * sn + i0 * sp0 + i1 * sp1;
-      float* to = d + p2 * C;
-      if (sc == 1) {
-        for (int64_t q = 0; q < cols; ++q) std::memcpy(to + q * C, from + q * sp2, C * sizeof(float));
-        continue;
-      }
-      for (int64_t c0 = 0; c0 < C; c0 += 8) {
-        const int64_t c1 = std::min(c0 + 8, C);
-        for (int64_t q0 = 0; q0 < cols; q0 += 8) {
-          const int64_t q1 = std::min(q0 + 8, cols);
-          for (int64_t q = q0; q < q1; ++q) {
-            for (int64_t c = c0; c < c1; ++c) to[q * C + c] = from[c * sc + q * sp2];
-          }
-        }
-      }
+      copy_pixels(src + n * sn + i0 * sp0 + i1 * sp1, sp2, sc, C, cols, d + p2 * C, C);
     }
   });
   return pl;
 }
 
 }  // namespace
+
+// A planar image's pixels by blocks of 8 channels x 8 pixels, each block's
+// reads and writes 8 lines apiece, so that neither the channel stride nor
+// the destination's pixel stride thrashes a cache set (8 x 64 channels at
+// 32 px NCHW, benchmarks/NOTES.md item 32); a pixel-memory image's a run of
+// C floats at a time.
+void copy_pixels(const float* from, int64_t sp, int64_t sc, int64_t C, int64_t count, float* to,
+                 int64_t step) {
+  if (sc == 1) {
+    for (int64_t q = 0; q < count; ++q) std::memcpy(to + q * step, from + q * sp, C * sizeof(float));
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    const int64_t c1 = std::min(c0 + 8, C);
+    for (int64_t q0 = 0; q0 < count; q0 += 8) {
+      const int64_t q1 = std::min(q0 + 8, count);
+      for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t c = c0; c < c1; ++c) to[q * step + c] = from[c * sc + q * sp];
+      }
+    }
+  }
+}
 
 // Whether the plane form computes conv or the weight gradient (Note [The
 // padded plane]): a planar image needs a copy anyway, and short output rows
