@@ -75,9 +75,9 @@ Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
   const int64_t chunks = (K + kChunk - 1) / kChunk;
   constexpr int64_t kSerialFloats = 32768;  // ATen's grain: below it a copy runs on one thread
   const int64_t grain = std::max<int64_t>(1, kSerialFloats / (kChunk * kBlockN * T));
-  const auto column = [&](int64_t task, int64_t j) {
-    const int64_t c = task % chunks, b = task / chunks % blocks, g = task / chunks / blocks;
-    return src + g * sg + (b * kBlockN + j) * sn + c * kChunk * sk;
+  // A task's first column: (g, b, c) = (task / chunks / blocks, task / chunks % blocks, task % chunks).
+  const auto first_column = [&](int64_t task) {
+    return src + task / chunks / blocks * sg + task / chunks % blocks * kBlockN * sn + task % chunks * kChunk * sk;
   };
   at::parallel_for(0, groups * blocks * chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(T * kChunk * kBlockN, 0.f);
@@ -85,11 +85,14 @@ Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
       const int64_t c = task % chunks, b = task / chunks % blocks, g = task / chunks / blocks;
       const int64_t k0 = c * kChunk, kc = std::min(kChunk, K - k0);
       const int64_t n = std::min(kBlockN, N - b * kBlockN);
+      const float* columns = first_column(task);
+      const char* next = task + 1 < end && taps_contiguous ? reinterpret_cast<const char*>(first_column(task + 1)) : nullptr;
       for (int64_t j = 0; j < n; ++j) {
-        const float* from = column(task, j);
-        if (task + 1 < end && taps_contiguous) {
-          const char* next = reinterpret_cast<const char*>(column(task + 1, j));
-          for (int64_t byte = 0; byte < kChunk * T * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(next + byte);
+        const float* from = columns + j * sn;
+        if (next != nullptr) {
+          for (int64_t byte = 0; byte < kChunk * T * int64_t(sizeof(float)); byte += 64) {
+            __builtin_prefetch(next + j * sn * int64_t(sizeof(float)) + byte);
+          }
         }
         for (int64_t kk = 0; kk < kc; ++kk) {
           float* to = tile.data() + kk * kBlockN + j;
