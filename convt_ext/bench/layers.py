@@ -149,7 +149,6 @@ def format_table(rows):
         "counted n times"])
 
 
-
 def _percent_fma(record, fma_peak):
     """Ours as a percent of the FMA peak (GFLOP/s) on one timed case, None where untimed."""
     ours = record.get("impls", {}).get("convt_ext", {}).get("median_s")
