@@ -2,7 +2,10 @@
 in 1, 2 and 3 spatial dimensions.
 
 Each normalises its arguments (int or tuple, string padding, unbatched input)
-and calls one torch.ops.convt_ext op (through convt_ext._autograd, which
+and calls one torch.ops.convt_ext op. conv and conv_transpose first offer the
+call as written to a C++ entry, which takes it where these checks would pass
+it unchanged (Note [The fast entry] in csrc/calls.cpp), since they cost as
+much as the op itself on a small tensor; else the checks run here (through convt_ext._autograd, which
 carries its derivatives to torch.func); the ops check the geometry and raise
 ValueError/TypeError naming the argument that breaks a rule.
 """
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _autograd
+from . import _C
 from ._geometry import INT64_MAX, default_window_dims, dilated_extent
 
 ops = torch.ops.convt_ext
@@ -255,7 +259,14 @@ def _same_padding(input, kernel, dilation, op):
     return input, tuple(low)
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def _conv(d, input, weight, bias, stride, padding, dilation, groups):
+    if not _compiling():
+        out = _C._fast_conv(d, input, weight, bias, stride, padding, dilation, groups)
+        if out is not None:
+            return out
     op = f"conv{d}d"
     x, unbatched = _batched(input, d, op)
     _check_tensor(weight, "weight", op)
@@ -280,6 +291,10 @@ def _conv(d, input, weight, bias, stride, padding, dilation, groups):
 
 
 def _conv_transpose(d, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    if not _compiling():
+        out = _C._fast_conv_transpose(d, input, weight, bias, stride, padding, output_padding, groups, dilation)
+        if out is not None:
+            return out
     op = f"conv_transpose{d}d"
     x, unbatched = _batched(input, d, op)
     _check_tensor(weight, "weight", op)

@@ -332,3 +332,92 @@ def test_a_tiny_call_makes_few_aten_calls(path, channels, groups, restore_conv_p
         names = aten_calls(call)
         assert len(names) <= ATEN_CALLS_AT_MOST[path], (path, name, len(names), names)
         torch.testing.assert_close(call(), expected)
+
+
+# Note [The fast entry] in csrc/calls.cpp: the Python functions' argument checks, skipped
+# where they would pass the call unchanged.
+CHECKS = {"_ntuple", "_batched", "_int", "_check_tensor", "_check_bias", "call"}
+
+
+def fast_cases(d):
+    """(our function, torch's, args, kwargs) with plain arguments in every accepted spelling:
+    ints, tuples, lists, a Parameter weight, a bias, float64."""
+    f = convt_ext.functional
+    x = torch.randn(2, 4, *[6] * d, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(4, 2, *[3] * d, dtype=torch.float64))
+    b = torch.randn(4, dtype=torch.float64)
+    conv, conv_t = getattr(f, f"conv{d}d"), getattr(f, f"conv_transpose{d}d")
+    tconv, tconv_t = getattr(F, f"conv{d}d"), getattr(F, f"conv_transpose{d}d")
+    return [
+        (conv, tconv, (x, w, b), dict(stride=2, padding=(1,) * d, dilation=[1] * d, groups=2)),
+        (conv, tconv, (x, w, None, 1, 0, 1, 2), {}),
+        (conv_t, tconv_t, (x, w.transpose(0, 1).reshape(4, 2, *[3] * d), b),
+         dict(stride=(2,) * d, padding=1, output_padding=[1] * d, groups=2, dilation=1)),
+    ]
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_the_fast_entry_takes_plain_calls(d):
+    """A call with plain arguments skips every Python check (no _ntuple, _batched, ...
+    runs) and still gives torch's values, with and without a graph."""
+    for ours, theirs, args, kwargs in fast_cases(d):
+        ran = python_calls(lambda: ours(*args, **kwargs))
+        assert not CHECKS & set(ran), (ours.__name__, ran)
+        torch.testing.assert_close(ours(*args, **kwargs), theirs(*args, **kwargs))
+        leaf = args[0].detach().requires_grad_()
+        y, yr = ours(leaf, *args[1:], **kwargs), theirs(leaf, *args[1:], **kwargs)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), leaf)[0], torch.autograd.grad(yr.sum(), leaf)[0])
+
+
+class Marked(torch.Tensor):
+    """A Tensor subclass: its __torch_function__ must run."""
+
+
+class Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_fast_entry_refuses_what_python_must_check():
+    """_C._fast_conv / _fast_conv_transpose return None (so Python checks, with its
+    errors naming the argument) for every spelling the Python side has a rule for, and
+    under a __torch_function__ mode or a torch.func transform; the public functions then
+    give torch's values or its error."""
+    from convt_ext import _C
+
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    plain = dict(input=x, weight=w, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    order = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    fast = lambda **kw: _C._fast_conv(2, *[{**plain, **kw}[k] for k in order])  # noqa: E731
+    assert fast() is not None
+    refused = dict(
+        stride=[True, (1,), (1, 1, 1), 1.0, 2**63, (1, 2**64), "1"],
+        padding=["same", "valid", (torch.tensor(1), 0)],
+        dilation=[(1, True)],
+        groups=[True, 1.0, torch.tensor(1), 2**70],
+        input=[x[0], x.as_subclass(Marked), x.numpy()],
+        weight=[w.as_subclass(Marked), None],
+        bias=[torch.zeros(2, dtype=torch.float64).as_subclass(Marked), 0.0],
+    )
+    for name, values in refused.items():
+        for value in values:
+            assert fast(**{name: value}) is None, (name, value)
+    with Mode():
+        assert fast() is None
+    torch.func.vmap(lambda t: _assert_none(fast(input=t[None])))(x)
+    t_args = [x, w, None, 1, 0, 0, 1, 1]
+    assert _C._fast_conv_transpose(2, *t_args) is not None
+    for i, value in ((3, True), (5, (0,)), (6, False), (0, x[0])):
+        assert _C._fast_conv_transpose(2, *t_args[:i], value, *t_args[i + 1:]) is None, (i, value)
+    # The public functions on refused spellings: torch's values, or an error naming the argument.
+    f = convt_ext.functional
+    torch.testing.assert_close(f.conv2d(x[0], w, padding="same"), F.conv2d(x[0], w, padding="same"))
+    with pytest.raises(TypeError, match="stride"):
+        f.conv2d(x, w, stride=True)
+    with pytest.raises(ValueError, match="groups"):
+        f.conv_transpose2d(x, w, groups=2**70)
+
+
+def _assert_none(value):
+    assert value is None
+    return torch.zeros(())

@@ -27,11 +27,41 @@ using namespace view_forms;
 namespace {
 
 // The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
-// range order, then laid out as the weight (G*Og, Cg, *kernel).
+// range order, then laid out as the weight (G*Og, Cg, *kernel). One pass, a
+// row (g, o) of the weight per step: its T x Cg block of each partial is read
+// in rows and written transposed while it is in L1. (A permute and
+// contiguous() gathered the elements T-innermost at a stride of Og*Cg: 16 us
+// of a 99 us weight gradient at 64 channels and 8x8 pixels.) Each element
+// is summed by one thread in range order, so the bits do not depend on the
+// thread count.
 at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArrayRef weight_size) {
-  at::Tensor sum = partials.select(0, 0);
-  for (int64_t r = 1; r < ranges; ++r) sum.add_(partials.select(0, r));
-  return sum.permute({0, 2, 3, 1}).reshape(weight_size).contiguous();
+  TORCH_INTERNAL_ASSERT(partials.scalar_type() == at::kFloat && partials.is_contiguous());
+  const int64_t G = partials.size(1), T = partials.size(2), Og = partials.size(3), Cg = partials.size(4);
+  const int64_t range_stride = partials.stride(0);
+  at::Tensor out = at::empty(weight_size, partials.options());
+  const float* src = partials.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(T * Cg, 1));
+  at::parallel_for(0, G * Og, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(T * Cg);  // the row's (T, Cg) block, summed over ranges
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / Og, o = row % Og;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* s = src + ((g * T + t) * Og + o) * Cg;
+        float* b = block.data() + t * Cg;
+        std::memcpy(b, s, Cg * sizeof(float));
+        for (int64_t r = 1; r < ranges; ++r) {
+          for (int64_t c = 0; c < Cg; ++c) b[c] += s[r * range_stride + c];
+        }
+      }
+      float* d = dst + row * Cg * T;
+      for (int64_t t = 0; t < T; ++t) {  // long inner loops: T is often 9
+        const float* b = block.data() + t * Cg;
+        for (int64_t c = 0; c < Cg; ++c) d[c * T + t] = b[c];
+      }
+    }
+  });
+  return out;
 }
 
 // The panels of a weight viewed as (G, a, b, *kernel): `k_first` when its
