@@ -109,6 +109,7 @@ DevicePolicy device_policy(c10::DeviceType type) {
     p.chunk_bytes = chunk_bytes();
     p.tile_bytes = forward_tile_bytes();
     p.wide_below = kWideBelow;
+    p.wide_pointwise = false;
     p.keep_scratch = true;
     p.view = true;
     p.cpu_rules = true;
@@ -218,9 +219,9 @@ at::Tensor scratch(const DevicePolicy& policy, Slot slot_name, at::IntArrayRef s
 // where blocks run one after another, one GEMM over as many samples as the
 // limit allows always beats a launch and a thin GEMM per sample.
 int64_t wide_chunk(const DevicePolicy& p, const at::Tensor& like, int64_t positions, int64_t rows,
-                   int64_t aux_rows, int64_t cap) {
+                   int64_t aux_rows, bool pointwise, int64_t cap) {
   const int64_t batch = like.size(0);
-  if (positions >= p.wide_below || batch < 2) return 0;
+  if (positions >= p.wide_below || batch < 2 || (pointwise && !p.wide_pointwise)) return 0;
   const int64_t budget = std::min({workspace_limit(), p.chunk_bytes, cap});
   // In 128 bits: the two buffers' sizes are each checked, not their sum.
   const __int128 per_sample = (__int128(rows) + aux_rows) * positions * like.element_size();

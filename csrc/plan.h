@@ -74,6 +74,12 @@ void release_workspace();
 //                 than this: 1024 on the CPU (benchmarks/NOTES.md); always on
 //                 a GPU, where one GEMM over many samples beats a launch and
 //                 a thin GEMM per sample;
+//   wide_pointwise  the wide path also serves 1x1 layers (stride 1, no
+//                 padding), whose planar image is already its column matrix:
+//                 on a GPU, where one GEMM beats a launch per sample; not on
+//                 the CPU, where laying the samples side by side (and the
+//                 product back) cost more than the thin GEMMs they spare
+//                 (benchmarks/NOTES.md item 33: 0.2-0.8x torch -> 1.3-1.5x);
 //   keep_scratch  threads keep their buffers between calls (the CPU, where
 //                 fresh pages cost more than the im2col that fills them);
 //   view          whether the view path may run (the CPU: its GEMMs are
@@ -92,6 +98,7 @@ struct DevicePolicy {
   int64_t chunk_bytes = INT64_MAX;
   int64_t tile_bytes = INT64_MAX;
   int64_t wide_below = INT64_MAX;
+  bool wide_pointwise = true;
   bool keep_scratch = false;
   bool view = false;
   bool cpu_rules = false;
@@ -141,8 +148,9 @@ inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, const at::TensorOpti
 int64_t forward_tile_cap(const DevicePolicy& policy, int64_t groups, int64_t positions);
 
 // Samples of `like` per chunk of the wide path, or 0 when it does not apply.
+// `pointwise`: a 1x1 layer's call (policy.wide_pointwise).
 int64_t wide_chunk(const DevicePolicy& policy, const at::Tensor& like, int64_t positions,
-                   int64_t rows, int64_t aux_rows, int64_t cap = INT64_MAX);
+                   int64_t rows, int64_t aux_rows, bool pointwise, int64_t cap = INT64_MAX);
 
 // Storage for the columns of up to `chunk` samples laid side by side:
 // (rows, chunk, L) memory, so that the first b samples form one (rows, b*L)

@@ -129,8 +129,8 @@ def test_cases_cover_every_path():
 def test_the_plan_is_a_gpus():
     """The emulation runs the policy the library gives a CUDA tensor, which differs from the
     CPU's in every field that the plan reads."""
-    tasks, parallel, chunk, tile, wide_below, keep = emulated().gpu_policy()
-    assert (tasks, parallel, chunk, tile, wide_below, keep) == (1, 0, INT64_MAX, INT64_MAX, INT64_MAX, 0)
+    tasks, parallel, chunk, tile, wide_below, wide_pointwise, keep = emulated().gpu_policy()
+    assert (tasks, parallel, chunk, tile, wide_below, wide_pointwise, keep) == (1, 0, INT64_MAX, INT64_MAX, INT64_MAX, 1, 0)
 
 
 def _expected_calls(case, op):
@@ -299,6 +299,8 @@ def _one_by_one_on_columns(case, tasks):
     pixels = case.n * math.prod(case.size)
     if case.channels_last:
         assert calls == min(pixels, tasks)
+    else:  # the planar image is its own column matrix: read in place, a GEMM per sample (no wide copy)
+        assert calls >= case.n
     targs = case.transpose_args()
     out, calls = counted(lambda: getattr(ops, f"conv_transpose{case.d}d")(*targs))
     torch.testing.assert_close(out, F_CONV_T[case.d](*targs), rtol=1e-12, atol=1e-12)
@@ -317,3 +319,5 @@ def _one_by_one_on_columns(case, tasks):
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     if case.channels_last:  # pixel rows (one sample) or one wide chunk: a GEMM per range
         assert calls == min(pixels, tasks)
+    else:  # per sample, in place, as conv
+        assert calls >= case.n

@@ -210,7 +210,7 @@ void conv_columns(const at::Tensor& image, const at::Tensor& weight,
   const at::Tensor w3 = weight.reshape({G, C_out / G, rows / G});
   const at::Tensor b3 = group_bias(bias, G);
   const int64_t cap = forward_tile_cap(policy, G, L);
-  if (const int64_t chunk = wide_chunk(policy, image, L, rows, C_out, cap)) {
+  if (const int64_t chunk = wide_chunk(policy, image, L, rows, C_out, pointwise, cap)) {
     const at::Tensor wide_out =
         scratch(policy, Slot::Product, {G, C_out / G, chunk * L}, image.options());
     for_each_wide_chunk(policy, image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
@@ -375,7 +375,7 @@ void conv_transpose_columns(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x = input.contiguous();
   if (pointwise) return conv_transpose_pointwise(policy, x, wt3, group_bias(bias, G), out, L);
   const at::Tensor bias_1d = bias.has_value() ? *bias : at::Tensor();
-  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_in)) {
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_in, pointwise)) {
     return conv_transpose_wide(policy, x, wt3, bias_1d, call, chunk, out);
   }
   conv_transpose_blocks(policy, x, wt3, bias_1d, call, out);
@@ -424,7 +424,7 @@ at::Tensor conv_weight_columns(const at::Tensor& input, const at::Tensor& grad_o
   }
   const at::Tensor image = planar(input);
   const at::Tensor dy3 = grad_output.contiguous().view({N, C_out, L});
-  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_out)) {
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, C_out, pointwise)) {
     const ColumnBuffer wide_dy(policy, Slot::Operand, chunk, C_out, L, input.options());
     for_each_wide_chunk(policy, image, call, chunk, [&](int64_t n0, int64_t b, const at::Tensor& cols) {
       const at::Tensor dy = side_by_side(dy3.narrow(0, n0, b), wide_dy).view({G, C_out / G, b * L});
@@ -463,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_columns(
   const at::Tensor w3 = weight.reshape({G, C_in / G, rows / G});
   const at::Tensor gi = grad_input.view({N, C_in, L});
   PartialSums sums(grad_weight, policy);
-  if (const int64_t chunk = wide_chunk(policy, input, L, rows, 2 * C_in)) {
+  if (const int64_t chunk = wide_chunk(policy, input, L, rows, 2 * C_in, pointwise)) {
     const ColumnBuffer wide_x(policy, Slot::Operand, chunk, C_in, L, input.options());
     const at::Tensor wide_out =
         scratch(policy, Slot::Product, {G, C_in / G, chunk * L}, input.options());

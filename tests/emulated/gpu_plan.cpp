@@ -70,10 +70,10 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_backward_gpu_plan(
 }
 
 // The GPU policy's values, for the tests to check that they run a GPU's:
-// [tasks, parallel, chunk_bytes, tile_bytes, wide_below, keep_scratch].
+// [tasks, parallel, chunk_bytes, tile_bytes, wide_below, wide_pointwise, keep_scratch].
 std::vector<int64_t> gpu_policy() {
   const DevicePolicy p = gpu();
-  return {p.tasks, p.parallel, p.chunk_bytes, p.tile_bytes, p.wide_below, p.keep_scratch};
+  return {p.tasks, p.parallel, p.chunk_bytes, p.tile_bytes, p.wide_below, p.wide_pointwise, p.keep_scratch};
 }
 
 }  // namespace
