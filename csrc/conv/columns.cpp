@@ -228,8 +228,13 @@ void conv_columns(const at::Tensor& image, const at::Tensor& weight,
 at::Tensor conv_pixel_rows(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t groups,
                            at::Tensor out, const DevicePolicy& policy) {
-  // W_g^T: (G, C_in/G, C_out/G), a transposed view of the stored weight.
-  const at::Tensor w3 = weight.reshape({groups, weight.size(0) / groups, weight.size(1)}).transpose(1, 2);
+  // W_g^T: (G, C_in/G, C_out/G), copied row-major (O*C values) so that the
+  // ukernel, which takes no transposed operand, can run the GEMM over all
+  // the pixels: through a transposed view the engine fell back to MKL, which
+  // scales C by beta = 0 in a pass of its own before the product (0.39x torch
+  // on a 16 -> 96 layer at 80x80 px; benchmarks/NOTES.md item 33).
+  const at::Tensor w3 =
+      weight.reshape({groups, weight.size(0) / groups, weight.size(1)}).transpose(1, 2).contiguous();
   return pixel_rows_gemm(policy, input, std::move(out), groups, bias, w3);
 }
 
