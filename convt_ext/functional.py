@@ -2,12 +2,12 @@
 in 1, 2 and 3 spatial dimensions.
 
 Each normalises its arguments (int or tuple, string padding, unbatched input)
-and calls one torch.ops.convt_ext op. conv and conv_transpose first offer the
-call as written to a C++ entry, which takes it where these checks would pass
-it unchanged (Note [The fast entry] in csrc/calls.cpp), since they cost as
-much as the op itself on a small tensor; else the checks run here (through convt_ext._autograd, which
+and calls one torch.ops.convt_ext op (through convt_ext._autograd, which
 carries its derivatives to torch.func); the ops check the geometry and raise
-ValueError/TypeError naming the argument that breaks a rule.
+ValueError/TypeError naming the argument that breaks a rule. conv and
+conv_transpose first offer the call as written to a C++ entry, which takes it
+where these checks would pass it unchanged (Note [The fast entry] in
+csrc/calls.cpp): on a small tensor the checks cost as much as the op.
 """
 from typing import Tuple
 
