@@ -26,6 +26,9 @@ using namespace view_forms;
 
 namespace {
 
+// ATen's grain for elementwise work: below it a copy runs on one thread.
+constexpr int64_t kSerialFloats = 32768;
+
 // The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
 // range order, then laid out as the weight (G*Og, Cg, *kernel). One pass, a
 // row (g, o) of the weight per step: its T x Cg block of each partial is read
@@ -41,7 +44,7 @@ at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArra
   at::Tensor out = at::empty(weight_size, partials.options());
   const float* src = partials.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(T * Cg, 1));
+  const int64_t grain = std::max<int64_t>(1, kSerialFloats / std::max<int64_t>(T * Cg, 1));
   at::parallel_for(0, G * Og, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> block(T * Cg);  // the row's (T, Cg) block, summed over ranges
     for (int64_t row = begin; row < end; ++row) {
@@ -103,7 +106,6 @@ Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
   // kBlockN runs too far apart for the hardware to foresee.
   constexpr int64_t kChunk = 8;
   const int64_t chunks = (K + kChunk - 1) / kChunk;
-  constexpr int64_t kSerialFloats = 32768;  // ATen's grain: below it a copy runs on one thread
   const int64_t grain = std::max<int64_t>(1, kSerialFloats / (kChunk * kBlockN * T));
   // A task's first column: (g, b, c) = (task / chunks / blocks, task / chunks % blocks, task % chunks).
   const auto first_column = [&](int64_t task) {
