@@ -388,7 +388,15 @@ def _check_memory(case, x, w):
 # ------------------------------------------------------------------ 1. float64 parity, forward and gradients
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+# Larger than the table's cases: the pixel loops' weight gradient in several stretches of rows
+# (the last of the thread cases below), in 2-d and 3-d.
+STRETCH_CASES = [
+    Case("conv", "dw1", 2, 64, 64, 64, (40, 40), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 2, 48, 48, 48, (9, 20, 21), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), fmt="channels_last"),
+]
+
+
+@pytest.mark.parametrize("case", CASES + STRETCH_CASES, ids=str)
 def test_float64_parity(case, forced):
     x, w, b, dy = _tensors(case)
     _check_memory(case, x, w)
@@ -518,6 +526,10 @@ THREAD_CASES = [
     Case("conv", "dw1", 2, 64, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), fmt="contiguous"),
     Case("conv", "dw1", 2, 64, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
     Case("conv_transpose", "dw1", 2, 64, 64, 64, (10, 10), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), fmt="contiguous"),
+    # The pixel loops' weight gradient in several stretches of rows, summed in order
+    # (kWeightStretchWork in depthwise_cpu.cpp: n * out pixels * taps * channels = 2 * 40 * 40 * 9 * 64
+    # is 3.5 times 2^19, so 4 stretches), and its output rows in stretches of pixels.
+    Case("conv", "dw1", 2, 64, 64, 64, (40, 40), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
 ]
 
 
@@ -536,9 +548,14 @@ def test_bitwise_the_same_at_any_thread_count(case, forced, threads):
     for n in (2, 3, 4):
         for name, one, many in zip(("output", "grad input", "grad weight", "grad bias"), results[1], results[n]):
             assert torch.equal(one, many), f"{case}: {name} at {n} threads differs from 1 thread"
-    # and right
+    # and right: each gradient within the rounding of its sums (the input's over the taps,
+    # the weight's over every output position, the bias's too)
     (want, want_grads), (mag, mag_grads) = reference(case, x, w, b, dy)
     assert_within(results[1][0], want, mag, case.reduction * EPS32, f"{case}: output")
+    positions = case.n * math.prod(want.shape[2:])
+    for name, got, expect, m, terms in zip(("grad input", "grad weight", "grad bias"), results[1][1:], want_grads,
+                                           mag_grads, (case.reduction, positions, positions)):
+        assert_within(got, expect, m, terms * EPS32, f"{case}: {name}")
 
 
 # ------------------------------------------------------------------ 5. edge cases

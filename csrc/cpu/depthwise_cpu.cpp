@@ -357,8 +357,8 @@ void transpose_planar(const T* x, const T* w, const T* bias, T* y, const Relatio
   CONVT_DW_CALL(transpose_planar<T>, x, w, bias, y, rel, plan, gr, t0, t1)
 }
 template <typename T>
-void weight_pixels(const T* x, const T* dy, T* dw, const Relation& rel, int64_t C, int64_t b0, int64_t b1) {
-  CONVT_DW_CALL(weight_pixels<T>, x, dy, dw, rel, C, b0, b1)
+void weight_pixels(const T* x, const T* dy, T* partial, const Relation& rel, int64_t C, int64_t r0, int64_t r1) {
+  CONVT_DW_CALL(weight_pixels<T>, x, dy, partial, rel, C, r0, r1)
 }
 template <typename T>
 void weight_planar(const T* x, const T* dy, T* dw, const Relation& rel, const Groups& gr, int64_t g0, int64_t g1) {
@@ -377,6 +377,11 @@ int shared_layout(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Tasks of about 64K multiply-adds each: fewer, larger chunks on tiny calls.
+// The multiply-adds of one stretch of rows of the pixel loops' weight
+// gradient, at the least: below it a stretch's partial costs more to sum
+// than its rows to compute.
+constexpr int64_t kWeightStretchWork = int64_t(1) << 19;
+
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_item)); }
 
 // f(TypeTag<T>{}) for the float types the vector loops run: float and
@@ -542,12 +547,32 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
   const int layout = shared_layout(image, windows);
   if (gr.ci == 1 && gr.cw == 1 && layout == 1) {
     count_loop(kWeightPixels);
+    // Stretches of output rows, fixed by the shape alone, each summed into a
+    // partial of its own, the partials then summed in order: the bits do not
+    // depend on the thread count.
+    const int64_t R = rel.batch * rel.out[0] * rel.out[1];
+    // (A multiple of 4 from 4 on: even shares for 1, 2 and 4 threads.)
+    int64_t stretches = std::clamp<int64_t>(work * groups / kWeightStretchWork, 1, 32);
+    if (stretches > 2) stretches = (stretches + 3) / 4 * 4;
+    stretches = std::min(stretches, R);
+    const int64_t per = (R + stretches - 1) / stretches, count = (R + per - 1) / per, KC = K * groups;
     const at::Tensor dw = at::empty({K, groups}, grad_weight.options());  // tap-major
     in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
       using T = typename decltype(tag)::type;
-      const int64_t L = 64 / sizeof(T), blocks = (groups + L - 1) / L;
-      at::parallel_for(0, blocks, grain(work * L), [&](int64_t b0, int64_t b1) {
-        weight_pixels<T>(data_as<T>(t[0]), data_as<T>(t[1]), mutable_data_as<T>(out), rel, groups, b0, b1);
+      std::vector<T> partials(count * KC, T(0));
+      at::parallel_for(0, count, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          weight_pixels<T>(data_as<T>(t[0]), data_as<T>(t[1]), partials.data() + s * KC, rel, groups, s * per,
+                           std::min(R, (s + 1) * per));
+        }
+      });
+      T* sum = mutable_data_as<T>(out);
+      at::parallel_for(0, KC, grain(count), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T v = partials[i];
+          for (int64_t s = 1; s < count; ++s) v += partials[s * KC + i];
+          sum[i] = v;
+        }
       });
     });
     grad_weight.view({groups, K}).copy_(dw.t());
