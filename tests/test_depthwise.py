@@ -388,15 +388,23 @@ def _check_memory(case, x, w):
 # ------------------------------------------------------------------ 1. float64 parity, forward and gradients
 
 
-# Larger than the table's cases: the pixel loops' weight gradient in several stretches of rows
-# (the last of the thread cases below), in 2-d and 3-d.
-STRETCH_CASES = [
+# Beyond the table's cases, for the pixel loops (depthwise_loops.inc):
+# - the weight gradient in several stretches of rows (the last of the thread cases below), in 2-d
+#   and 3-d; the 40-pixel rows also end in a block that overlaps the one before it;
+# - 59 channels: one block of each width, four vectors of float64, two, one, then 3 channels alone,
+#   on rows whose interior does not run the unit-stride blocks (stride 2, 5-pixel rows,
+#   conv_transpose at stride 2), where four vectors at a time run.
+PIXEL_LOOP_CASES = [
     Case("conv", "dw1", 2, 64, 64, 64, (40, 40), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
     Case("conv", "dw1", 2, 48, 48, 48, (9, 20, 21), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 2, 59, 59, 59, (13, 14), (3, 3), (2, 2), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 2, 59, 59, 59, (5, 5), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 2, 59, 59, 59, (7, 6), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1),
+         fmt="channels_last"),
 ]
 
 
-@pytest.mark.parametrize("case", CASES + STRETCH_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES, ids=str)
 def test_float64_parity(case, forced):
     x, w, b, dy = _tensors(case)
     _check_memory(case, x, w)
