@@ -376,12 +376,12 @@ int shared_layout(const at::Tensor& a, const at::Tensor& b) {
   return -1;
 }
 
-// Tasks of about 64K multiply-adds each: fewer, larger chunks on tiny calls.
 // The multiply-adds of one stretch of rows of the pixel loops' weight
 // gradient, at the least: below it a stretch's partial costs more to sum
 // than its rows to compute.
 constexpr int64_t kWeightStretchWork = int64_t(1) << 19;
 
+// Tasks of about 64K multiply-adds each: fewer, larger chunks on tiny calls.
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_item)); }
 
 // f(TypeTag<T>{}) for the float types the vector loops run: float and
@@ -554,8 +554,8 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
     // (A multiple of 4 from 4 on: even shares for 1, 2 and 4 threads.)
     int64_t stretches = std::clamp<int64_t>(work * groups / kWeightStretchWork, 1, 32);
     if (stretches > 2) stretches = (stretches + 3) / 4 * 4;
-    stretches = std::min(stretches, R);
-    const int64_t per = (R + stretches - 1) / stretches, count = (R + per - 1) / per, KC = K * groups;
+    const int64_t per = std::max<int64_t>(1, (R + stretches - 1) / stretches);
+    const int64_t count = std::max<int64_t>(1, (R + per - 1) / per), KC = K * groups;
     const at::Tensor dw = at::empty({K, groups}, grad_weight.options());  // tap-major
     in_loop_type({image, windows}, dw, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
       using T = typename decltype(tag)::type;
