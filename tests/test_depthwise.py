@@ -404,7 +404,27 @@ PIXEL_LOOP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES, ids=str)
+# Unit-stride rows of the pixel loops (pixel_block_unit: kernel widths 3, 5, 7, conv's line and
+# conv_transpose's reversed one) with edges in the padding on either side: a row of exactly one
+# block, interiors of one or more blocks with tails, kernels wider than their padding and padding
+# wider than the kernel's half, a row with no pixel inside the image's interior, and 59 channels
+# (in float32 and float64: whole blocks of one and two vectors, then single channels).
+UNIT_ROW_CASES = [
+    Case("conv", "dw1", 2, 59, 59, 59, (3, 8), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 1, 59, 59, 59, (2, 20), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 1, 59, 59, 59, (3, 18), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 1, 59, 59, 59, (4, 26), (3, 5), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 1, 59, 59, 59, (2, 30), (3, 7), (1, 1), (1, 3), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 2, 32, 32, 32, (3, 11), (3, 7), (1, 1), (1, 3), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 1, 59, 59, 59, (3, 10), (1, 3), (1, 1), (0, 2), (1, 1), bias=False, fmt="channels_last"),
+    Case("conv_transpose", "dw1", 1, 59, 59, 59, (3, 20), (3, 5), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 1, 59, 59, 59, (2, 24), (3, 7), (1, 1), (1, 2), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "dw1", 1, 40, 40, 40, (3, 4), (3, 7), (1, 1), (1, 0), (1, 1), fmt="channels_last"),
+    Case("conv", "dw1", 1, 48, 48, 48, (3, 4, 10), (3, 3, 3), (1, 1, 1), (1, 1, 2), (1, 1, 1),
+         fmt="channels_last"),
+]
+
+@pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES + UNIT_ROW_CASES, ids=str)
 def test_float64_parity(case, forced):
     x, w, b, dy = _tensors(case)
     _check_memory(case, x, w)
@@ -483,7 +503,7 @@ LOW_REL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", DTYPE_CASES, ids=str)
+@pytest.mark.parametrize("case", DTYPE_CASES + UNIT_ROW_CASES, ids=str)
 def test_low_precision_forward(case, dtype, forced):
     x, w, b, _ = _tensors(case, dtype)
     with Ran() as ran:
@@ -742,24 +762,47 @@ if __name__ == "__main__":  # the case table: python tests/test_depthwise.py
     print("total", len(CASES))
 
 
-@pytest.mark.parametrize("op,cuda,ci,cw,wins", [
-    # The CPU's vector loops: one channel per group on both sides, every op ...
-    ("conv", False, 1, 1, True), ("conv_transpose", False, 1, 1, True),
-    ("conv_weight", False, 1, 1, True), ("conv_transpose_backward", False, 1, 1, True),
-    # ... up to 4 channels per group on both sides, and multipliers up to 8 ...
-    ("conv", False, 4, 4, True), ("conv", False, 2, 3, True), ("conv", False, 1, 8, True),
-    ("conv_transpose", False, 8, 1, True), ("conv_weight", False, 4, 2, True),
-    # ... beyond which the GEMM paths win.
-    ("conv", False, 8, 8, False), ("conv", False, 5, 4, False), ("conv", False, 1, 9, False),
-    ("conv_transpose", False, 16, 16, False), ("conv_weight", False, 2, 8, False),
+@pytest.mark.parametrize("op,cuda,avx512,ci,cw,wins", [
+    # The CPU's vector loops: one channel per group on both sides, every op, every build ...
+    *((op, False, wide, 1, 1, True) for op in ("conv", "conv_transpose", "conv_weight", "conv_transpose_backward")
+      for wide in (True, False)),
+    # ... with AVX-512, up to 8 channels per group on both sides (multipliers up to 8 among them) ...
+    ("conv", False, True, 4, 4, True), ("conv", False, True, 2, 3, True), ("conv", False, True, 1, 8, True),
+    ("conv_transpose", False, True, 8, 1, True), ("conv_weight", False, True, 4, 2, True),
+    ("conv", False, True, 8, 8, True), ("conv_transpose", False, True, 5, 8, True),
+    ("conv_transpose_backward", False, True, 8, 8, True),
+    # ... beyond which the GEMM paths win;
+    ("conv", False, True, 9, 8, False), ("conv", False, True, 1, 9, False),
+    ("conv_transpose", False, True, 16, 16, False), ("conv_weight", False, True, 2, 16, False),
+    # without AVX-512 the GEMM paths win from a second channel on either side.
+    ("conv", False, False, 2, 2, False), ("conv", False, False, 1, 2, False), ("conv_transpose", False, False, 2, 1, False),
+    ("conv_weight", False, False, 4, 4, False), ("conv_transpose_backward", False, False, 8, 8, False),
     # A GPU: forward ops with one channel per group on the summed side; never the weight gradient.
-    ("conv", True, 1, 3, True), ("conv", True, 2, 1, False), ("conv_transpose", True, 3, 1, True),
-    ("conv_transpose", True, 1, 2, False), ("conv_weight", True, 1, 1, False),
-    ("conv_transpose_backward", True, 1, 1, False),
+    *((op, True, wide, ci, cw, wins) for wide in (True, False) for op, ci, cw, wins in (
+        ("conv", 1, 3, True), ("conv", 2, 1, False), ("conv_transpose", 3, 1, True),
+        ("conv_transpose", 1, 2, False), ("conv_weight", 1, 1, False), ("conv_transpose_backward", 1, 1, False))),
 ])
-def test_depthwise_rule_table(op, cuda, ci, cw, wins):
+def test_depthwise_rule_table(op, cuda, avx512, ci, cw, wins):
     """The "auto" rule of the depthwise path as a table (csrc/conv/depthwise.cpp)."""
-    assert convt_ext._C.depthwise_rule(op, cuda, ci, cw) is wins
+    assert convt_ext._C.depthwise_rule(op, cuda, avx512, ci, cw) is wins
+
+
+@pytest.mark.parametrize("ci,cw", [(1, 1), (4, 4), (8, 8), (1, 2)])
+def test_auto_follows_the_loops_build(ci, cw):
+    """On this machine "auto" runs the depthwise path on a float32 grouped layer exactly where
+    the rule says for the vector loops' build here (.ci/run's capped stages run the other
+    branch)."""
+    groups = 4
+    x = torch.randn(1, groups * ci, 6, 6)
+    w = torch.randn(groups * cw, ci, 3, 3)
+    wide = convt_ext.engine_info()["path"]["depthwise_isa"] == "avx512"
+    before = calls()
+    with conv_path("auto"):
+        got = CF.conv2d(x, w, None, 1, 1, 1, groups)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1, 1, groups)
+    assert_within(got, want, torch.nn.functional.conv2d(x.double().abs(), w.double().abs(), None, 1, 1, 1, groups),
+                  (ci * 9 + 1) * EPS32, f"auto at {ci}/{cw} channels per group")
+    assert (calls() - before == 1) is convt_ext._C.depthwise_rule("conv", False, wide, ci, cw)
 
 
 def test_depthwise_loops_follow_the_cpu_capability():

@@ -47,14 +47,16 @@ double padded_floats(const Window3& w, int64_t c) {
 
 }  // namespace
 
-bool depthwise_rule(ConvOp op, bool cuda, int64_t ci, int64_t cw) {
+bool depthwise_rule(ConvOp op, bool cuda, bool avx512, int64_t ci, int64_t cw) {
   if (!cuda) {
-    // The vector loops (cpu/depthwise_cpu.cpp) beat every GEMM path up to 4
-    // channels per group on both sides, and depthwise layers with a
-    // multiplier up to 8; at 8 channels per group on both sides the view
-    // path wins in pixel memory, and from 16 everywhere (benchmarks/NOTES.md
-    // item 29).
-    return (ci <= 4 && cw <= 4) || (std::min(ci, cw) == 1 && std::max(ci, cw) <= 8);
+    // With AVX-512 the vector loops (cpu/depthwise_cpu.cpp) beat the path
+    // "auto" took otherwise (the column path, below 16 channels per group) up
+    // to 8 channels per group on both sides, forward and forward+backward, in
+    // both memory formats (benchmarks/NOTES.md items 29 and 35). Their AVX2
+    // and default builds keep the 64-byte vectors in register pairs and run
+    // 3-10x slower against torch (item 35): there they win only on depthwise
+    // layers with one channel per group on both sides.
+    return avx512 ? std::max(ci, cw) <= 8 : ci == 1 && cw == 1;
   }
   // On a GPU the forward sums run one thread per output element; the weight
   // gradient's element sums over the whole batch in one thread, which
@@ -85,7 +87,7 @@ Offer depthwise_offer(ConvOp op, const at::Tensor& like, const Window3& call, in
     return {};
   }
   // Dense layers (one group) are the other paths' to win.
-  return {true, groups > 1 && depthwise_rule(op, !cpu_rules, ci, cw)};
+  return {true, groups > 1 && depthwise_rule(op, !cpu_rules, depthwise_cpu_avx512(), ci, cw)};
 }
 
 at::Tensor conv_depthwise(const at::Tensor& input, const at::Tensor& weight,

@@ -317,6 +317,8 @@ std::string depthwise_cpu_isa() {
   return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "default";
 }
 
+bool depthwise_cpu_avx512() { return cpu_isa() == Isa::Avx512; }
+
 namespace {
 
 #ifdef CONVT_DW_MULTI_ISA
