@@ -424,6 +424,7 @@ UNIT_ROW_CASES = [
          fmt="channels_last"),
 ]
 
+
 @pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES + UNIT_ROW_CASES, ids=str)
 def test_float64_parity(case, forced):
     x, w, b, dy = _tensors(case)
