@@ -53,9 +53,10 @@ bool depthwise_rule(ConvOp op, bool cuda, bool avx512, int64_t ci, int64_t cw) {
     // "auto" took otherwise (the column path, below 16 channels per group) up
     // to 8 channels per group on both sides, forward and forward+backward, in
     // both memory formats (benchmarks/NOTES.md items 29 and 35). Their AVX2
-    // and default builds keep the 64-byte vectors in register pairs and run
-    // 3-10x slower against torch (item 35): there they win only on depthwise
-    // layers with one channel per group on both sides.
+    // and default builds keep the 64-byte vectors, in two or four registers
+    // each (32 or 16 bytes wide), and run 3-10x slower against torch (item
+    // 35): there they win only on depthwise layers with one channel per group
+    // on both sides.
     return avx512 ? std::max(ci, cw) <= 8 : ci == 1 && cw == 1;
   }
   // On a GPU the forward sums run one thread per output element; the weight
