@@ -425,7 +425,23 @@ UNIT_ROW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES + UNIT_ROW_CASES, ids=str)
+# Planar grouped layers (conv_planar, transpose_planar) sum up to 4 output channels of a group at
+# once: output channels per group of 4, 5 (a block of 4, then 1), 6, 7 and 8 (two blocks), so that
+# every block size runs after a full one, in both directions, with odd rows at stride 2 for the
+# output phases, in 1-d, 2-d and 3-d. The table's grouped cases draw at most 4 per group.
+ROW_BLOCK_CASES = [
+    Case("conv", "g8", 2, 16, 16, 2, (11, 13), (3, 3), (1, 1), (1, 1), (1, 1)),
+    Case("conv", "g4", 1, 8, 10, 2, (9, 10), (3, 2), (2, 1), (1, 0), (1, 2), bias=False),
+    Case("conv", "g2", 2, 6, 21, 3, (17,), (5,), (1,), (2,), (1,)),
+    Case("conv", "g3", 1, 6, 12, 2, (4, 5, 6), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1)),
+    Case("conv_transpose", "g8", 2, 16, 16, 2, (7, 9), (4, 4), (2, 2), (1, 1), (1, 1), (0, 0)),
+    Case("conv_transpose", "g2", 1, 4, 10, 2, (6, 7), (3, 3), (2, 1), (1, 1), (1, 1), (1, 0), bias=False),
+    Case("conv_transpose", "g3", 2, 9, 12, 3, (13,), (4,), (2,), (1,), (1,), (1,)),
+    Case("conv_transpose", "g1", 1, 3, 21, 3, (3, 4, 5), (2, 3, 3), (2, 1, 2), (0, 1, 1), (1, 1, 1), (1, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("case", CASES + PIXEL_LOOP_CASES + UNIT_ROW_CASES + ROW_BLOCK_CASES, ids=str)
 def test_float64_parity(case, forced):
     x, w, b, dy = _tensors(case)
     _check_memory(case, x, w)
@@ -504,7 +520,7 @@ LOW_REL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", DTYPE_CASES + UNIT_ROW_CASES, ids=str)
+@pytest.mark.parametrize("case", DTYPE_CASES + UNIT_ROW_CASES + ROW_BLOCK_CASES, ids=str)
 def test_low_precision_forward(case, dtype, forced):
     x, w, b, _ = _tensors(case, dtype)
     with Ran() as ran:

@@ -234,6 +234,7 @@ namespace {
 namespace isa_avx512 {
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 constexpr bool kTransposeInRegisters = true;  // two-source shuffles (Note [Blocked planes])
+constexpr int kVectorRegisters = 32;
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
 }  // namespace isa_avx512
@@ -245,6 +246,7 @@ namespace {
 namespace isa_avx2 {
 #pragma GCC target("avx2,fma")
 constexpr bool kTransposeInRegisters = false;  // no two-source 64-byte shuffle: scalar moves
+constexpr int kVectorRegisters = 16;
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
 }  // namespace isa_avx2
@@ -254,6 +256,7 @@ constexpr bool kTransposeInRegisters = false;  // no two-source 64-byte shuffle:
 namespace {
 namespace isa_default {
 constexpr bool kTransposeInRegisters = false;
+constexpr int kVectorRegisters = 16;
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
 }  // namespace isa_default
