@@ -123,10 +123,10 @@ def set_conv_path(path):
 
     - "auto" (default): the depthwise path where its rule says it wins,
       then the view path where its rule does, the column path elsewhere.
-      The depthwise rule: on the CPU, up to 8 channels per group on both
-      sides where the depthwise loops run their AVX-512 build
-      (engine_info()["path"]["depthwise_isa"]), one on both sides
-      elsewhere; on a GPU, conv and conv_transpose with one channel per
+      The depthwise rule: on the CPU, where the depthwise loops run their
+      AVX-512 build (engine_info()["path"]["depthwise_isa"]), up to 16
+      channels per group on both sides, but not 16 on both in channels_last
+      memory (the view wins there); one on both sides elsewhere; on a GPU, conv and conv_transpose with one channel per
       group on the side they sum over. The view rule
       (benchmarks/NOTES.md items 25 and 27): float32, at least 16 channels
       per group on both sides, not 1x1; then, on a CPU with AVX-512, always;

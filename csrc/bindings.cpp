@@ -149,9 +149,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 cg_image, cg_windows, pointwise);
   }, py::arg("op"), py::arg("avx512"), py::arg("image_pixels"), py::arg("windows_pixels"), py::arg("dims"),
      py::arg("overlap"), py::arg("cg_image"), py::arg("cg_windows"), py::arg("pointwise"));
-  m.def("depthwise_rule", [](const std::string& op, bool cuda, bool avx512, int64_t ci, int64_t cw) {
-    return convt_ext::depthwise_rule(conv_op("depthwise_rule", op), cuda, avx512, ci, cw);
-  }, py::arg("op"), py::arg("cuda"), py::arg("avx512"), py::arg("ci"), py::arg("cw"));
+  m.def("depthwise_rule", [](const std::string& op, bool cuda, bool avx512, bool pixels, int64_t ci, int64_t cw) {
+    return convt_ext::depthwise_rule(conv_op("depthwise_rule", op), cuda, avx512, pixels, ci, cw);
+  }, py::arg("op"), py::arg("cuda"), py::arg("avx512"), py::arg("pixels"), py::arg("ci"), py::arg("cw"));
   m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", &path_report_dict);

@@ -779,47 +779,58 @@ if __name__ == "__main__":  # the case table: python tests/test_depthwise.py
     print("total", len(CASES))
 
 
-@pytest.mark.parametrize("op,cuda,avx512,ci,cw,wins", [
-    # The CPU's vector loops: one channel per group on both sides, every op, every build ...
-    *((op, False, wide, 1, 1, True) for op in ("conv", "conv_transpose", "conv_weight", "conv_transpose_backward")
-      for wide in (True, False)),
-    # ... with AVX-512, up to 8 channels per group on both sides (multipliers up to 8 among them) ...
-    ("conv", False, True, 4, 4, True), ("conv", False, True, 2, 3, True), ("conv", False, True, 1, 8, True),
-    ("conv_transpose", False, True, 8, 1, True), ("conv_weight", False, True, 4, 2, True),
-    ("conv", False, True, 8, 8, True), ("conv_transpose", False, True, 5, 8, True),
-    ("conv_transpose_backward", False, True, 8, 8, True),
+@pytest.mark.parametrize("op,cuda,avx512,pixels,ci,cw,wins", [
+    # The CPU's vector loops: one channel per group on both sides, every op, every build, both formats ...
+    *((op, False, wide, px, 1, 1, True) for op in ("conv", "conv_transpose", "conv_weight", "conv_transpose_backward")
+      for wide in (True, False) for px in (True, False)),
+    # ... with AVX-512, up to 16 channels per group on both sides in planar memory (multipliers up to 16
+    # among them) ...
+    *((op, False, True, False, ci, cw, True) for op, ci, cw in (
+        ("conv", 4, 4), ("conv", 2, 3), ("conv", 1, 8), ("conv_transpose", 8, 1), ("conv_weight", 4, 2),
+        ("conv", 8, 8), ("conv_transpose", 5, 8), ("conv_transpose_backward", 8, 8), ("conv", 16, 16),
+        ("conv_transpose", 12, 12), ("conv_weight", 16, 16), ("conv_transpose_backward", 1, 16))),
+    # ... and in pixel memory up to 15, or 16 on one side alone: at 16 on both the view path wins ...
+    *((op, False, True, True, ci, cw, wins) for op, ci, cw, wins in (
+        ("conv", 8, 8, True), ("conv", 12, 12, True), ("conv_transpose", 15, 15, True), ("conv_weight", 1, 16, True),
+        ("conv", 16, 8, True), ("conv", 16, 16, False), ("conv_transpose", 16, 16, False),
+        ("conv_transpose_backward", 16, 16, False))),
     # ... beyond which the GEMM paths win;
-    ("conv", False, True, 9, 8, False), ("conv", False, True, 1, 9, False),
-    ("conv_transpose", False, True, 16, 16, False), ("conv_weight", False, True, 2, 16, False),
+    *((op, False, True, px, ci, cw, False) for px in (True, False) for op, ci, cw in (
+        ("conv", 17, 8), ("conv", 1, 17), ("conv_transpose", 32, 32), ("conv_weight", 2, 17))),
     # without AVX-512 the GEMM paths win from a second channel on either side.
-    ("conv", False, False, 2, 2, False), ("conv", False, False, 1, 2, False), ("conv_transpose", False, False, 2, 1, False),
-    ("conv_weight", False, False, 4, 4, False), ("conv_transpose_backward", False, False, 8, 8, False),
+    *((op, False, False, px, ci, cw, False) for px in (True, False) for op, ci, cw in (
+        ("conv", 2, 2), ("conv", 1, 2), ("conv_transpose", 2, 1), ("conv_weight", 4, 4),
+        ("conv_transpose_backward", 8, 8))),
     # A GPU: forward ops with one channel per group on the summed side; never the weight gradient.
-    *((op, True, wide, ci, cw, wins) for wide in (True, False) for op, ci, cw, wins in (
+    *((op, True, wide, False, ci, cw, wins) for wide in (True, False) for op, ci, cw, wins in (
         ("conv", 1, 3, True), ("conv", 2, 1, False), ("conv_transpose", 3, 1, True),
         ("conv_transpose", 1, 2, False), ("conv_weight", 1, 1, False), ("conv_transpose_backward", 1, 1, False))),
 ])
-def test_depthwise_rule_table(op, cuda, avx512, ci, cw, wins):
+def test_depthwise_rule_table(op, cuda, avx512, pixels, ci, cw, wins):
     """The "auto" rule of the depthwise path as a table (csrc/conv/depthwise.cpp)."""
-    assert convt_ext._C.depthwise_rule(op, cuda, avx512, ci, cw) is wins
+    assert convt_ext._C.depthwise_rule(op, cuda, avx512, pixels, ci, cw) is wins
 
 
-@pytest.mark.parametrize("ci,cw", [(1, 1), (4, 4), (8, 8), (1, 2)])
-def test_auto_follows_the_loops_build(ci, cw):
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ci,cw", [(1, 1), (4, 4), (8, 8), (1, 2), (12, 12), (16, 16)])
+def test_auto_follows_the_loops_build(ci, cw, fmt):
     """On this machine "auto" runs the depthwise path on a float32 grouped layer exactly where
-    the rule says for the vector loops' build here (.ci/run's capped stages run the other
-    branch)."""
+    the rule says for the vector loops' build here and the input's format (.ci/run's capped
+    stages run the other branch)."""
     groups = 4
     x = torch.randn(1, groups * ci, 6, 6)
     w = torch.randn(groups * cw, ci, 3, 3)
+    pixels = fmt == "channels_last"
+    if pixels:
+        x = x.contiguous(memory_format=torch.channels_last)
     wide = convt_ext.engine_info()["path"]["depthwise_isa"] == "avx512"
     before = calls()
     with conv_path("auto"):
         got = CF.conv2d(x, w, None, 1, 1, 1, groups)
     want = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1, 1, groups)
     assert_within(got, want, torch.nn.functional.conv2d(x.double().abs(), w.double().abs(), None, 1, 1, 1, groups),
-                  (ci * 9 + 1) * EPS32, f"auto at {ci}/{cw} channels per group")
-    assert (calls() - before == 1) is convt_ext._C.depthwise_rule("conv", False, wide, ci, cw)
+                  (ci * 9 + 1) * EPS32, f"auto at {ci}/{cw} channels per group, {fmt}")
+    assert (calls() - before == 1) is convt_ext._C.depthwise_rule("conv", False, wide, pixels, ci, cw)
 
 
 def test_depthwise_loops_follow_the_cpu_capability():

@@ -871,8 +871,8 @@ def test_auto_takes_the_view_for_a_typical_channels_last_layer(ieee_fp32):
     (64, 64, 1, 1),   # 1x1: no columns to save
     (3, 64, 3, 1),    # a first layer: 3 input channels
     (64, 3, 3, 1),    # 3 output channels
-    (30, 32, 3, 2),   # 15 input channels per group
-], ids=["1x1", "3_in", "3_out", "15_per_group"])
+    (34, 30, 3, 2),   # 17 input and 15 output channels per group: past the depthwise path's rule too
+], ids=["1x1", "3_in", "3_out", "17_and_15_per_group"])
 def test_auto_takes_the_columns_elsewhere(c_in, c_out, k, groups, ieee_fp32):
     with _path("auto"):
         x, w, dy, geometry = _layer(c_in, c_out, k, groups=groups)

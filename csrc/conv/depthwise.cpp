@@ -47,17 +47,19 @@ double padded_floats(const Window3& w, int64_t c) {
 
 }  // namespace
 
-bool depthwise_rule(ConvOp op, bool cuda, bool avx512, int64_t ci, int64_t cw) {
+bool depthwise_rule(ConvOp op, bool cuda, bool avx512, bool pixels, int64_t ci, int64_t cw) {
   if (!cuda) {
-    // With AVX-512 the vector loops (cpu/depthwise_cpu.cpp) beat the path
-    // "auto" took otherwise (the column path, below 16 channels per group) up
-    // to 8 channels per group on both sides, forward and forward+backward, in
-    // both memory formats (benchmarks/NOTES.md items 29 and 35). Their AVX2
-    // and default builds keep the 64-byte vectors, in two or four registers
-    // each (32 or 16 bytes wide), and run 3-10x slower against torch (item
-    // 35): there they win only on depthwise layers with one channel per group
-    // on both sides.
-    return avx512 ? std::max(ci, cw) <= 8 : ci == 1 && cw == 1;
+    // With AVX-512 the vector loops (cpu/depthwise_cpu.cpp) beat the paths
+    // "auto" took otherwise up to 16 channels per group on both sides in
+    // planar memory, forward and forward+backward; in pixel memory up to 15,
+    // and up to 16 on one side: at 16 on both the view path wins there
+    // (benchmarks/NOTES.md items 29, 35 and 36). Their AVX2 and default
+    // builds keep the 64-byte vectors, in two or four registers each (32 or
+    // 16 bytes wide), and run 3-10x slower against torch (item 35): there
+    // they win only on depthwise layers with one channel per group on both
+    // sides.
+    if (!avx512) return ci == 1 && cw == 1;
+    return std::max(ci, cw) <= 16 && (!pixels || std::min(ci, cw) < 16);
   }
   // On a GPU the forward sums run one thread per output element; the weight
   // gradient's element sums over the whole batch in one thread, which
@@ -88,7 +90,7 @@ Offer depthwise_offer(ConvOp op, const at::Tensor& like, const Window3& call, in
     return {};
   }
   // Dense layers (one group) are the other paths' to win.
-  return {true, groups > 1 && depthwise_rule(op, !cpu_rules, depthwise_cpu_avx512(), ci, cw)};
+  return {true, groups > 1 && depthwise_rule(op, !cpu_rules, depthwise_cpu_avx512(), pixel_memory(like), ci, cw)};
 }
 
 at::Tensor conv_depthwise(const at::Tensor& input, const at::Tensor& weight,

@@ -27,9 +27,10 @@ Offer depthwise_offer(ConvOp op, const at::Tensor& like, const Window3& call, in
                       int64_t c_windows, int64_t groups, bool cpu_rules);
 
 // The "auto" rule, as a function of its inputs, for tests on any machine:
-// `avx512` whether the CPU's vector loops run their AVX-512 build; `ci` and
-// `cw` channels per group on the image and the window side.
-bool depthwise_rule(ConvOp op, bool cuda, bool avx512, int64_t ci, int64_t cw);
+// `avx512` whether the CPU's vector loops run their AVX-512 build; `pixels`
+// whether the input is in pixel (channels-last) memory; `ci` and `cw`
+// channels per group on the image and the window side.
+bool depthwise_rule(ConvOp op, bool cuda, bool avx512, bool pixels, int64_t ci, int64_t cw);
 
 // Which build of the CPU's vector loops runs here: "avx512", "avx2" or
 // "default" (Note [One loop, three instruction sets] in cpu/depthwise_cpu.cpp);
