@@ -438,6 +438,11 @@ ROW_BLOCK_CASES = [
     Case("conv_transpose", "g2", 1, 4, 10, 2, (6, 7), (3, 3), (2, 1), (1, 1), (1, 1), (1, 0), bias=False),
     Case("conv_transpose", "g3", 2, 9, 12, 3, (13,), (4,), (2,), (1,), (1,), (1,)),
     Case("conv_transpose", "g1", 1, 3, 21, 3, (3, 4, 5), (2, 3, 3), (2, 1, 2), (0, 1, 1), (1, 1, 1), (1, 0, 0)),
+    # channels_last: the planar loops run on planar copies, made and undone by tiles of 16 floats or 8
+    # doubles in registers; here whole tiles and partial ones, in pixels and in channels.
+    Case("conv", "g8", 2, 32, 40, 4, (9, 13), (3, 3), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv_transpose", "g4", 1, 24, 20, 4, (5, 7), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), fmt="channels_last"),
+    Case("conv", "g8", 1, 16, 16, 2, (4, 4, 5), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), fmt="channels_last"),
 ]
 
 

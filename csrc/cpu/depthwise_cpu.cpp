@@ -19,6 +19,7 @@
 // CPU and torch's capability have it. Their headers are included before the
 // pragmas, so no inline function of a header is compiled for a wider ISA
 // than the process may run. Clang and other targets get the baseline only.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
@@ -370,8 +371,49 @@ void weight_planar(const T* x, const T* dy, T* dw, const Relation& rel, const Gr
   CONVT_DW_CALL(weight_planar<T>, x, dy, dw, rel, gr, g0, g1)
 }
 
+template <typename T>
+void transpose_tiles(const T* src, T* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1) {
+  CONVT_DW_CALL(transpose_tiles<T>, src, dst, rows, cols, r0, r1)
+}
+
 // (N, C, S0, S1, S2) in pixel memory.
 bool pixels5(const at::Tensor& t) { return t.permute({0, 2, 3, 4, 1}).is_contiguous(); }
+
+// dst = src, one of them in pixel memory and the other planar (contiguous),
+// float or double: per sample a (pixels x C) transpose, by transpose_tiles.
+void copy_across_layouts(const at::Tensor& src, const at::Tensor& dst, bool to_planar) {
+  const int64_t N = src.size(0), C = src.size(1), P = N == 0 || C == 0 ? 0 : src.numel() / (N * C);
+  const int64_t rows = to_planar ? P : C, cols = to_planar ? C : P, stripes = (rows + 15) / 16;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "copy_across_layouts", [&] {
+    const scalar_t* s = data_as<scalar_t>(src);
+    scalar_t* d = mutable_data_as<scalar_t>(dst);
+    at::parallel_for(0, N * stripes, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, 16 * cols)),
+                     [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / stripes, r0 = (t % stripes) * 16;
+        transpose_tiles<scalar_t>(s + n * P * C, d + n * P * C, rows, cols, r0, std::min(rows, r0 + 16));
+      }
+    });
+  });
+}
+
+// t as a planar tensor: itself where it is, a copy by tiles from pixel memory.
+at::Tensor planar(const at::Tensor& t) {
+  if (t.is_contiguous()) return t;
+  if (!pixels5(t) || !(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) return t.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  copy_across_layouts(t, out, true);
+  return out;
+}
+
+// out = y, y planar: by tiles where out is in pixel memory.
+void copy_from_planar(const at::Tensor& out, const at::Tensor& y) {
+  if (pixels5(out) && !out.is_contiguous() && y.scalar_type() == out.scalar_type() &&
+      (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble)) {
+    return copy_across_layouts(y, out, false);
+  }
+  out.copy_(y);
+}
 
 // The layout both tensors share, if the vector loops take it: 1 pixel, 0
 // planar, -1 neither.
@@ -497,7 +539,7 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * K * (transposed ? gr.cw * gr.ci : gr.ci * gr.cw);
   const OutputPhases plan = transposed ? output_phases(w) : OutputPhases{};
   count_loop(transposed ? kOutputPhases : kPhasePlanes);
-  in_loop_type({input.contiguous(), weight.contiguous(), bias}, y,
+  in_loop_type({planar(input), weight.contiguous(), bias}, y,
                [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& yt) {
     using T = typename decltype(tag)::type;
     const T *x = data_as<T>(t[0]), *wp = data_as<T>(t[1]), *b = ptr_or_null<T>(t[2]);
@@ -510,7 +552,7 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
       }
     });
   });
-  if (!y.is_same(out)) out.copy_(y);
+  if (!y.is_same(out)) copy_from_planar(out, y);
 }
 
 // The weight gradient by blocked planes: per (sample, block) task a partial
@@ -589,7 +631,7 @@ void depthwise_weight_cpu(const at::Tensor& image, const at::Tensor& windows, co
   }
   count_loop(kWeightPlanes);
   const at::Tensor dw = grad_weight.is_contiguous() ? grad_weight : at::empty(grad_weight.sizes(), grad_weight.options());
-  in_loop_type({image.contiguous(), windows.contiguous()}, dw,
+  in_loop_type({planar(image), planar(windows)}, dw,
                [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& out) {
     using T = typename decltype(tag)::type;
     at::parallel_for(0, groups, grain(work * gr.ci * gr.cw), [&](int64_t g0, int64_t g1) {
