@@ -153,6 +153,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return convt_ext::depthwise_rule(conv_op("depthwise_rule", op), cuda, avx512, pixels, ci, cw);
   }, py::arg("op"), py::arg("cuda"), py::arg("avx512"), py::arg("pixels"), py::arg("ci"), py::arg("cw"));
   m.def("set_conv_path", &convt_ext::set_conv_path, py::arg("path"));
+  m.def("_set_plane_rows", &convt_ext::set_plane_rows, py::arg("on"));
   m.def("conv_path", &convt_ext::conv_path);
   m.def("path_report", &path_report_dict);
   m.def("rule_engine", &convt_ext::rule_engine, py::arg("device"), py::arg("dtype"),

@@ -88,6 +88,17 @@ def forced():
 
 
 @pytest.fixture
+def no_plane_rows():
+    """Turns plane rows (Note [Plane rows]) off for the test, so that the loops they take
+    over keep their own tests; turns them back on."""
+    old = convt_ext._C._set_plane_rows(False)
+    try:
+        yield
+    finally:
+        convt_ext._C._set_plane_rows(old)
+
+
+@pytest.fixture
 def threads():
     """Lets a test change torch's thread count; puts the old one back."""
     old = torch.get_num_threads()
@@ -945,7 +956,7 @@ BLOCKED_PLANE_CASES = _blocked_plane_cases()
 
 
 @pytest.mark.parametrize("case", BLOCKED_PLANE_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-{c[3]}-k{c[4]}-s{c[7]}")
-def test_blocked_planes_match_torch(case, forced, threads):
+def test_blocked_planes_match_torch(case, forced, threads, no_plane_rows):
     """float64 values and weight gradients against torch's, with and without bias, on the
     blocked-plane loops (counted), and the same bits at 1 and 3 threads."""
     d, n, c, size, k, dil, pad, stride, bias = case
@@ -974,7 +985,7 @@ def test_blocked_planes_match_torch(case, forced, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_blocked_planes_low_precision(dtype, forced):
+def test_blocked_planes_low_precision(dtype, forced, no_plane_rows):
     """float32 and bfloat16 (summed in float32) on the blocked-plane loop, against torch's
     float64 result on the same values."""
     g = torch.Generator().manual_seed(5)
@@ -999,7 +1010,7 @@ def test_blocked_planes_low_precision(dtype, forced):
     (4, 32, 10, 4, 1, False),     # no block for a width of 4
     (4, 32, 10, 3, 3, False),     # nor for stride 3
 ])
-def test_blocked_planes_rule(n, c, hw, k, stride, blocked, forced):
+def test_blocked_planes_rule(n, c, hw, k, stride, blocked, forced, no_plane_rows):
     """Which planar loop a depthwise conv takes, by the rule in cpu/depthwise_cpu.cpp, and
     its values either way."""
     g = torch.Generator().manual_seed(n * c + hw)
@@ -1034,7 +1045,7 @@ def _transpose_args(case):
 
 
 @pytest.mark.parametrize("case", BLOCKED_PLANE_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-c{c[2]}-{c[3]}-k{c[4]}-s{c[7]}")
-def test_blocked_planes_run_conv_transpose_as_a_direct_conv(case, forced, threads):
+def test_blocked_planes_run_conv_transpose_as_a_direct_conv(case, forced, threads, no_plane_rows):
     """conv_transpose (every output_padding its stride and dilation allow, drawn) as the
     guide's direct conv on blocked planes: counted on that loop wherever the padding
     d(k - 1) - p is not negative, on output phases elsewhere; float64 values against
@@ -1064,3 +1075,172 @@ def test_blocked_plane_cases_reach_both_conv_transpose_loops():
     direct = [all(_transpose_args(c)[1][j] <= c[5][j] * (c[4][j] - 1) for j in range(c[0])) for c in BLOCKED_PLANE_CASES]
     assert sum(direct) >= 10 and not all(direct)
     assert any(max(c[7]) > 1 for c, dr in zip(BLOCKED_PLANE_CASES, direct) if dr)
+
+
+# ------------------------------------------------------------------ 8. plane rows (planar depthwise conv, masked lanes)
+
+
+def _plane_rows_taken(k2, s2, dil2, width, k1=None, s1=None, ci=1):
+    """Whether the rule in cpu/depthwise_cpu.cpp (by_plane_rows) sends a planar conv to
+    plane rows, on this process's build of the loops."""
+    isa = convt_ext.engine_info()["path"]["depthwise_isa"]
+    square = k1 is None or (k1 == k2 and s1 == s2)
+    if isa == "default" or dil2 != 1 or k2 not in (3, 5) or s2 not in (1, 2) or not square or width < 12:
+        return False
+    if isa == "avx2":
+        return s2 == 1 and k2 == 3
+    return s2 == 1 or ci == 1
+
+
+def _plane_row_cases():
+    """Planar grouped convs (1, 2, 4 or 8 input channels per group, 1-3 times as many
+    output channels) that plane rows can take: kernel width 3, 5 or 7 as tall as it is wide (2-d, 3-d) or one row
+    (1-d), stride 1 or 2 both ways, dilation 1 along the rows and 1-2 along the third
+    dimension, padding up to beyond the kernel, output rows of 12 to 40 pixels (one
+    vector of floats and a part, up to three), batch 1-2; never empty."""
+    rnd = random.Random(3101)
+    cases = []
+    for i in range(30):
+        d = (1, 2, 3)[i % 3]
+        k2 = (3, 5, 7)[(i // 3) % 3]
+        s = (1, 2)[(i // 9) % 2] if i < 18 else rnd.randint(1, 2)
+        k = ([rnd.randint(1, 2)] if d == 3 else []) + ([k2] if d > 1 else []) + [k2]
+        stride = ([rnd.randint(1, 2)] if d == 3 else []) + [s] * min(d, 2)
+        dil = ([rnd.randint(1, 2)] if d == 3 else []) + [1] * min(d, 2)
+        pad = [rnd.randint(0, k[j]) for j in range(d)]
+        width = rnd.randint(12, 40)  # output pixels along a row
+        size = []
+        for j in range(d):
+            # input pixels that give `width` outputs along the rows, a few rows elsewhere
+            lo = dil[j] * (k[j] - 1) + 1 - 2 * pad[j]
+            size.append(max(1, (width - 1) * stride[j] + lo) if j == d - 1 else rnd.randint(max(1, lo), max(lo, 6 if d == 3 else 20)))
+        c, m = (3, 8, 17)[i % 3], (1, 1, 2, 3)[i % 4]
+        ci = (1, 1, 2, 4, 8)[i % 5] if c < 17 else 1
+        cases.append((d, 1 + i % 2, c, ci, m, size, k, dil, pad, stride, bool(i % 2)))
+    return cases
+
+
+PLANE_ROW_CASES = _plane_row_cases()
+
+
+def _out_width(case):
+    d, _, _, _, _, size, k, dil, pad, stride, _ = case
+    return (size[-1] + 2 * pad[-1] - dil[-1] * (k[-1] - 1) - 1) // stride[-1] + 1
+
+
+def test_plane_row_cases_cover_what_they_claim():
+    cases = PLANE_ROW_CASES
+    assert {c[0] for c in cases} == {1, 2, 3} and all(c[1] > 0 for c in cases)
+    assert {c[6][-1] for c in cases} == {3, 5, 7} and {c[9][-1] for c in cases} == {1, 2}
+    assert {c[3] for c in cases} == {1, 2, 4, 8} and {c[4] for c in cases} == {1, 2, 3}
+    assert all(12 <= _out_width(c) <= 40 for c in cases)
+    assert any(_out_width(c) > 32 for c in cases) and any(_out_width(c) <= 16 for c in cases)
+    assert any(c[8][-1] > c[6][-1] // 2 for c in cases)  # padding past the half kernel
+
+
+def _taken(case):
+    d, ci, k, stride, dil = case[0], case[3], case[6], case[9], case[7]
+    return _plane_rows_taken(k[-1], stride[-1], dil[-1], _out_width(case), *((k[-2], stride[-2]) if d > 1 else (None, None)),
+                             ci=ci)
+
+
+@pytest.mark.parametrize("case", PLANE_ROW_CASES, ids=lambda c: f"{c[0]}d-n{c[1]}-g{c[2]}-{c[3]}to{c[3] * c[4]}-{c[5]}-k{c[6]}-s{c[9]}")
+def test_plane_rows_match_torch(case, forced, threads):
+    """float64 values and input and weight gradients against torch's, with and without
+    bias, the forward counted on plane rows where the rule says so (and on another loop
+    where it does not), the same bits at 1 and 3 threads."""
+    d, n, c, ci, m, size, k, dil, pad, stride, bias = case
+    g = torch.Generator().manual_seed(PLANE_ROW_CASES.index(case))
+    x = torch.randn(n, c * ci, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(c * ci * m, ci, *k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(c * ci * m, dtype=torch.float64, generator=g) if bias else None
+    want = (F.conv1d, F.conv2d, F.conv3d)[d - 1](x, w, b, stride, pad, dil, c)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    want_grads = torch.autograd.grad(want, [x, w], upstream)
+    ours = getattr(CF, f"conv{d}d")
+    taken = _taken(case)
+    results = []
+    for threads_now in (1, 3):
+        torch.set_num_threads(threads_now)
+        before = loops()["plane_rows"]
+        got = ours(x, w, b, stride, pad, dil, c)
+        assert loops()["plane_rows"] - before == int(taken)
+        results.append((got, *torch.autograd.grad(got, [x, w], upstream)))
+    (got, gx, gw), again = results
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gx, want_grads[0], rtol=1e-11, atol=1e-10)
+    torch.testing.assert_close(gw, want_grads[1], rtol=1e-11, atol=1e-10)
+    assert all(torch.equal(a, e) for a, e in zip(results[0], again))
+    assert got.is_contiguous()
+
+
+def test_plane_row_cases_reach_plane_rows():
+    taken = [_taken(c) for c in PLANE_ROW_CASES]
+    isa = convt_ext.engine_info()["path"]["depthwise_isa"]
+    assert sum(taken) >= (15 if isa == "avx512" else 4 if isa == "avx2" else 0) and not all(taken)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_plane_rows_low_precision(dtype, forced):
+    """float32, bfloat16 and float16 (summed in float32) on plane rows, against torch's
+    float64 result on the same values; stride 1, width 3, so every build with masked lanes
+    takes it."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, 9, 30, generator=g).to(dtype)
+    w = torch.randn(24, 1, 3, 3, generator=g).to(dtype)
+    b = torch.randn(24, generator=g).to(dtype)
+    want = F.conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 12)
+    before = loops()["plane_rows"]
+    got = CF.conv2d(x, w, b, 1, 1, 1, 12)
+    assert loops()["plane_rows"] - before == int(_plane_rows_taken(3, 1, 1, 30, 3, 1))
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("hw,k,stride,dilation,kh,transposed", [
+    (28, 3, 1, 1, 3, False),     # MobileNet's middle layers
+    (14, 3, 1, 1, 3, False),     # one vector a row (8 rows a block)
+    (12, 3, 1, 1, 3, False),     # the narrowest row it takes
+    (10, 3, 1, 1, 3, False),     # narrower: blocked planes fill their vectors with channels
+    (56, 3, 2, 1, 3, False),     # stride 2: AVX-512 only
+    (56, 5, 1, 1, 5, False),     # 5x5: AVX-512 only
+    (56, 7, 1, 1, 7, False),     # ConvNeXt's 7x7: blocked planes
+    (28, 3, 1, 2, 3, False),     # dilation along the row: no
+    (28, 4, 1, 1, 4, False),     # no instantiation for a width of 4
+    (28, 3, 1, 1, 1, False),     # not square: no
+    (28, 3, 1, 1, 3, True),      # conv_transpose at stride 1: the direct conv, on plane rows
+    (28, 3, 2, 1, 3, True),      # at stride 2 the direct conv has zeros inserted: no
+])
+def test_plane_rows_rule(hw, k, stride, dilation, kh, transposed, forced):
+    """Which loop a planar depthwise conv (64 channels, batch 2, padding 1) takes, by the
+    rule in cpu/depthwise_cpu.cpp on this build of the loops, and its values either way."""
+    g = torch.Generator().manual_seed(hw * k + stride)
+    x = torch.randn(2, 64, hw, hw, dtype=torch.float64, generator=g)
+    w = torch.randn(64, 1, kh, k, dtype=torch.float64, generator=g)
+    width = (hw + 2 - dilation * (k - 1) - 1) // stride + 1
+    if transposed:
+        out_pad = stride - 1
+        want = F.conv_transpose2d(x, w, None, stride, 1, out_pad, 64, dilation)
+        width = want.shape[-1]
+        # the direct conv's stride is 1 and its zeros inserted decide
+        taken = stride == 1 and _plane_rows_taken(k, 1, dilation, width, kh, 1)
+    else:
+        want = F.conv2d(x, w, None, stride, 1, dilation, 64)
+        taken = _plane_rows_taken(k, stride, dilation, width, kh, stride)
+    before = loops()["plane_rows"]
+    if transposed:
+        got = CF.conv_transpose2d(x, w, None, stride, 1, stride - 1, 64, dilation)
+    else:
+        got = CF.conv2d(x, w, None, stride, 1, dilation, 64)
+    assert loops()["plane_rows"] - before == int(taken)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_plane_rows_rule_on_this_build():
+    """The rule's table above takes plane rows on the rows it claims, on this build."""
+    isa = convt_ext.engine_info()["path"]["depthwise_isa"]
+    taken = [_plane_rows_taken(3, 1, 1, 28, 3, 1), _plane_rows_taken(3, 2, 1, 28, 3, 2), _plane_rows_taken(3, 1, 1, 10, 3, 1),
+             _plane_rows_taken(3, 2, 1, 28, 3, 2, ci=2), _plane_rows_taken(7, 1, 1, 28, 7, 1)]
+    assert taken == {"avx512": [True, True, False, False, False], "avx2": [True, False, False, False, False],
+                     "default": [False] * 5}[isa]

@@ -1074,8 +1074,8 @@ def test_set_conv_path_and_engine_info():
         assert set(path) == {"setting", "view_available", "depthwise_isa", "depthwise_loops", "calls", "benchmarked"}
         assert set(path["calls"]) == {"view", "columns", "depthwise"}
         assert set(path["depthwise_loops"]) == {
-            "pixels", "phase_planes", "blocked_planes", "output_phases", "weight_pixels", "weight_planes",
-            "weight_blocked_planes"}
+            "pixels", "phase_planes", "blocked_planes", "plane_rows", "output_phases", "weight_pixels",
+            "weight_planes", "weight_blocked_planes"}
     finally:
         convt_ext.set_conv_path(old)
 

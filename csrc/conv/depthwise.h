@@ -39,9 +39,14 @@ std::string depthwise_cpu_isa();
 bool depthwise_cpu_avx512();
 
 // How often each of the CPU's loops ran, by name (pixels, phase_planes,
-// blocked_planes, output_phases, weight_pixels, weight_planes), since the
-// process began.
+// blocked_planes, plane_rows, output_phases, weight_pixels, weight_planes,
+// weight_blocked_planes), since the process began.
 std::vector<std::pair<std::string, int64_t>> depthwise_cpu_loops();
+
+// Whether planar depthwise convs may run by plane rows (Note [Plane rows] in
+// cpu/depthwise_rows.inc; on by default); returns the old setting. For the
+// tests of the loops it takes over.
+bool set_plane_rows(bool on);
 
 // conv: (N, C_out, *windows), in the input's memory (pixel or planar).
 at::Tensor conv_depthwise(const at::Tensor& input, const at::Tensor& weight,

@@ -32,6 +32,9 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // plane rows' masked lanes (Note [Plane rows])
+#endif
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -225,7 +228,8 @@ struct PlanesCall {
 
 }  // namespace
 
-#pragma GCC diagnostic push
+// The loops pass 64-byte vectors between inline functions of one ISA; GCC
+// warns of their ABI where a template is instantiated, at the end of the file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define CONVT_DW_MULTI_ISA 1
@@ -236,8 +240,10 @@ namespace isa_avx512 {
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 constexpr bool kTransposeInRegisters = true;  // two-source shuffles (Note [Blocked planes])
 constexpr int kVectorRegisters = 32;
+constexpr int kMaskedLanes = 512;  // Note [Plane rows]
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
+#include "depthwise_rows.inc"
 }  // namespace isa_avx512
 }  // namespace
 #pragma GCC pop_options
@@ -248,8 +254,10 @@ namespace isa_avx2 {
 #pragma GCC target("avx2,fma")
 constexpr bool kTransposeInRegisters = false;  // no two-source 64-byte shuffle: scalar moves
 constexpr int kVectorRegisters = 16;
+constexpr int kMaskedLanes = 256;
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
+#include "depthwise_rows.inc"
 }  // namespace isa_avx2
 }  // namespace
 #pragma GCC pop_options
@@ -258,11 +266,12 @@ namespace {
 namespace isa_default {
 constexpr bool kTransposeInRegisters = false;
 constexpr int kVectorRegisters = 16;
+constexpr int kMaskedLanes = 0;  // lane by lane: the rule never takes plane rows here
 #include "depthwise_loops.inc"
 #include "depthwise_planes.inc"
+#include "depthwise_rows.inc"
 }  // namespace isa_default
 }  // namespace
-#pragma GCC diagnostic pop
 
 namespace {
 
@@ -297,6 +306,7 @@ enum Loop {
   kPixels,
   kPhasePlanes,
   kBlockedPlanes,
+  kPlaneRows,
   kOutputPhases,
   kWeightPixels,
   kWeightPlanes,
@@ -309,8 +319,8 @@ void count_loop(Loop l) { g_loops[l].fetch_add(1, std::memory_order_relaxed); }
 }  // namespace
 
 std::vector<std::pair<std::string, int64_t>> depthwise_cpu_loops() {
-  static const char* names[kLoops] = {"pixels",        "phase_planes",  "blocked_planes",       "output_phases",
-                                      "weight_pixels", "weight_planes", "weight_blocked_planes"};
+  static const char* names[kLoops] = {"pixels",        "phase_planes",  "blocked_planes",       "plane_rows",
+                                      "output_phases", "weight_pixels", "weight_planes",        "weight_blocked_planes"};
   std::vector<std::pair<std::string, int64_t>> r;
   for (int l = 0; l < kLoops; ++l) r.emplace_back(names[l], g_loops[l].load());
   return r;
@@ -322,6 +332,13 @@ std::string depthwise_cpu_isa() {
 }
 
 bool depthwise_cpu_avx512() { return cpu_isa() == Isa::Avx512; }
+
+namespace {
+std::atomic<bool> g_plane_rows{true};
+constexpr int64_t kPlaneRowsMinRow = 12;
+}  // namespace
+
+bool set_plane_rows(bool on) { return g_plane_rows.exchange(on); }
 
 namespace {
 
@@ -356,6 +373,11 @@ template <typename T>
 void conv_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const Groups& gr, int64_t t0,
                  int64_t t1) {
   CONVT_DW_CALL(conv_planar<T>, x, w, bias, y, rel, gr, t0, t1)
+}
+template <typename T>
+void plane_rows(const T* x, const T* w, const T* bias, T* y, const Relation& rel, int64_t c_out, int64_t ci,
+                int64_t cw, int64_t t0, int64_t t1) {
+  CONVT_DW_CALL(plane_rows<T>, x, w, bias, y, rel, c_out, ci, cw, t0, t1)
 }
 template <typename T>
 void transpose_planar(const T* x, const T* w, const T* bias, T* y, const Relation& rel, const OutputPhases& plan,
@@ -466,6 +488,41 @@ bool by_blocked_planes(const Relation& rel, const Groups& gr, bool transposed, i
   return pixels * 128.0 <= 1.5 * double(1 << 20) && rel.batch * ((gr.groups + 31) / 32) >= 4;
 }
 
+// Whether a planar grouped conv runs by plane rows (Note [Plane rows]):
+// where the ISA has masked lanes, for the shapes it has instantiations for
+// (plane_rows_shape: kernel width 3 or 5), and output rows of at least
+// kPlaneRowsMinRow pixels (a vector of a shorter row is mostly idle lanes;
+// blocked planes fill theirs with channels). Measured on a Zen 4
+// (benchmarks/NOTES.md item 37), against the loops they replace: with
+// AVX-512, 1.3-2.4x from 14 pixels on and 0.75-0.9x at 10 and below; at
+// stride 2 with more than one input channel per group, 0.8x phase planes
+// (those split each input plane once for all the group's outputs); 7x7
+// kernels 0.9x blocked planes. Capped to AVX2, better at stride 1 and width
+// 3 only (its 64-byte vectors are register pairs, and the stride-2 shuffles
+// several instructions). set_plane_rows(false) turns it off, for the tests
+// of the other loops.
+bool by_plane_rows(const Relation& rel, const Groups& gr, bool transposed, int layout) {
+  const Isa isa = cpu_isa();
+  if (!g_plane_rows.load() || isa == Isa::Default || transposed || layout != 0) return false;
+  if (!isa_default::plane_rows_shape(rel) || rel.out[2] < kPlaneRowsMinRow) return false;
+  if (isa == Isa::Avx2) return rel.stride[2] == 1 && rel.kernel[2] == 3;
+  return rel.stride[2] == 1 || gr.ci == 1;
+}
+
+// Note [Plane rows]: every output plane a task; x, w and y planar.
+void conv_plane_rows(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                     const at::Tensor& out, const Relation& rel, const Groups& gr) {
+  const int64_t c_out = gr.groups * gr.cw, K = gr.ci * rel.kernel[0] * rel.kernel[1] * rel.kernel[2];
+  in_loop_type({input, weight.contiguous(), bias}, out, [&](auto tag, const std::vector<at::Tensor>& t, const at::Tensor& y) {
+    using T = typename decltype(tag)::type;
+    const int64_t work = rel.out[0] * rel.out[1] * rel.out[2] * K;
+    at::parallel_for(0, rel.batch * c_out, grain(work), [&](int64_t t0, int64_t t1) {
+      plane_rows<T>(data_as<T>(t[0]), data_as<T>(t[1]), ptr_or_null<T>(t[2]), mutable_data_as<T>(y), rel, c_out,
+                    gr.ci, gr.cw, t0, t1);
+    });
+  });
+}
+
 // Note [Blocked planes]: the weight in blocks of cb channels, tap-major in
 // each, (blocks, K, cb), and the bias, zero-padded to whole blocks; cb is the
 // loop type's, 32 floats or 16 doubles (kRowVectors vectors of 64 bytes).
@@ -508,6 +565,10 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const Relation rel = make_relation(w, transposed);
   const int64_t K = w.kernel_numel();
   const int layout = shared_layout(input, out);
+  if (by_plane_rows(rel, gr, transposed, layout)) {
+    count_loop(kPlaneRows);
+    return conv_plane_rows(input, weight, bias, out, rel, gr);  // Note [Plane rows]
+  }
   if (by_blocked_planes(rel, gr, transposed, layout)) {
     count_loop(kBlockedPlanes);
     return conv_blocked_planes(input, weight, bias, out, rel, groups);  // Note [Blocked planes]
@@ -516,6 +577,13 @@ void depthwise_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   int64_t inserted[kMaxDims];
   if (transposed && as_direct_conv(w, &direct, inserted)) {
     const Relation conv = make_relation(direct, false);
+    // Plane rows have no inserted zeros: conv_transpose at stride 1, one
+    // channel per group both ways (the rotated kernel is the flipped one).
+    const bool none_inserted = inserted[0] == 1 && inserted[1] == 1 && inserted[2] == 1;
+    if (none_inserted && gr.ci == 1 && gr.cw == 1 && by_plane_rows(conv, gr, false, layout)) {
+      count_loop(kPlaneRows);
+      return conv_plane_rows(input, weight.flip({2, 3, 4}), bias, out, conv, gr);
+    }
     if (by_blocked_planes(conv, gr, false, layout)) {
       count_loop(kBlockedPlanes);
       return conv_blocked_planes(input, weight.flip({2, 3, 4}), bias, out, conv, groups, inserted);
