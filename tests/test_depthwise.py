@@ -984,21 +984,26 @@ def test_blocked_planes_match_torch(case, forced, threads, no_plane_rows):
     assert got.is_contiguous()
 
 
+def _low_precision_on(loop, dtype, size, c, m, stride, taken=True):
+    """A 3x3 planar depthwise conv (c channels, multiplier m, padding 1) in `dtype` against
+    torch's float64 result on the same values, counted on `loop` where `taken`."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(size[0], c, *size[1:], generator=g).to(dtype)
+    w = torch.randn(c * m, 1, 3, 3, generator=g).to(dtype)
+    b = torch.randn(c * m, generator=g).to(dtype)
+    want = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, c)
+    before = loops()[loop]
+    got = CF.conv2d(x, w, b, stride, 1, 1, c)
+    assert loops()[loop] - before == int(taken)
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_blocked_planes_low_precision(dtype, forced, no_plane_rows):
-    """float32 and bfloat16 (summed in float32) on the blocked-plane loop, against torch's
-    float64 result on the same values."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 70, 10, 10, generator=g).to(dtype)
-    w = torch.randn(70, 1, 3, 3, generator=g).to(dtype)
-    b = torch.randn(70, generator=g).to(dtype)
-    want = F.conv2d(x.double(), w.double(), b.double(), 2, 1, 1, 70)
-    before = loops()["blocked_planes"]
-    got = CF.conv2d(x, w, b, 2, 1, 1, 70)
-    assert loops()["blocked_planes"] == before + 1
-    assert got.dtype == dtype
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+    """float32 and bfloat16 (summed in float32) on the blocked-plane loop."""
+    _low_precision_on("blocked_planes", dtype, (4, 10, 10), 70, 1, 2)
 
 
 @pytest.mark.parametrize("n,c,hw,k,stride,blocked", [
@@ -1182,20 +1187,9 @@ def test_plane_row_cases_reach_plane_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_plane_rows_low_precision(dtype, forced):
-    """float32, bfloat16 and float16 (summed in float32) on plane rows, against torch's
-    float64 result on the same values; stride 1, width 3, so every build with masked lanes
-    takes it."""
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 12, 9, 30, generator=g).to(dtype)
-    w = torch.randn(24, 1, 3, 3, generator=g).to(dtype)
-    b = torch.randn(24, generator=g).to(dtype)
-    want = F.conv2d(x.double(), w.double(), b.double(), 1, 1, 1, 12)
-    before = loops()["plane_rows"]
-    got = CF.conv2d(x, w, b, 1, 1, 1, 12)
-    assert loops()["plane_rows"] - before == int(_plane_rows_taken(3, 1, 1, 30, 3, 1))
-    assert got.dtype == dtype
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+    """float32, bfloat16 and float16 (summed in float32) on plane rows; stride 1, width 3,
+    so every build with masked lanes takes it."""
+    _low_precision_on("plane_rows", dtype, (2, 9, 30), 12, 2, 1, _plane_rows_taken(3, 1, 1, 30, 3, 1))
 
 
 @pytest.mark.parametrize("hw,k,stride,dilation,kh,transposed", [
