@@ -1089,7 +1089,7 @@ def _plane_rows_taken(k2, s2, dil2, width, k1=None, s1=None, ci=1):
     """Whether the rule in cpu/depthwise_cpu.cpp (by_plane_rows) sends a planar conv to
     plane rows, on this process's build of the loops."""
     isa = convt_ext.engine_info()["path"]["depthwise_isa"]
-    square = k1 is None or (k1 == k2 and s1 == s2)
+    square = k1 is not None and k1 == k2 and s1 == s2  # 2-d and 3-d alone
     if isa == "default" or dil2 != 1 or k2 not in (3, 5) or s2 not in (1, 2) or not square or width < 12:
         return False
     if isa == "avx2":
@@ -1099,9 +1099,9 @@ def _plane_rows_taken(k2, s2, dil2, width, k1=None, s1=None, ci=1):
 
 def _plane_row_cases():
     """Planar grouped convs (1, 2, 4 or 8 input channels per group, 1-3 times as many
-    output channels) that plane rows can take: kernel width 3, 5 or 7 as tall as it is wide (2-d, 3-d) or one row
-    (1-d), stride 1 or 2 both ways, dilation 1 along the rows and 1-2 along the third
-    dimension, padding up to beyond the kernel, output rows of 12 to 40 pixels (one
+    output channels) around plane rows' rule: kernel width 3, 5 or 7 as tall as it is wide
+    (2-d, 3-d; 1-d, which the rule leaves to blocked planes), stride 1 or 2 both ways,
+    dilation 1 along the rows and 1-2 along the third dimension, padding up to beyond the kernel, output rows of 12 to 40 pixels (one
     vector of floats and a part, up to three), batch 1-2; never empty."""
     rnd = random.Random(3101)
     cases = []
@@ -1182,7 +1182,7 @@ def test_plane_rows_match_torch(case, forced, threads):
 def test_plane_row_cases_reach_plane_rows():
     taken = [_taken(c) for c in PLANE_ROW_CASES]
     isa = convt_ext.engine_info()["path"]["depthwise_isa"]
-    assert sum(taken) >= (15 if isa == "avx512" else 4 if isa == "avx2" else 0) and not all(taken)
+    assert sum(taken) >= (10 if isa == "avx512" else 4 if isa == "avx2" else 0) and not all(taken)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -1202,7 +1202,7 @@ def test_plane_rows_low_precision(dtype, forced):
     (56, 7, 1, 1, 7, False),     # ConvNeXt's 7x7: blocked planes
     (28, 3, 1, 2, 3, False),     # dilation along the row: no
     (28, 4, 1, 1, 4, False),     # no instantiation for a width of 4
-    (28, 3, 1, 1, 1, False),     # not square: no
+    (28, 3, 1, 1, 1, False),     # not square: no (nor 1-d: one row a plane)
     (28, 3, 1, 1, 3, True),      # conv_transpose at stride 1: the direct conv, on plane rows
     (28, 3, 2, 1, 3, True),      # at stride 2 the direct conv has zeros inserted: no
 ])

@@ -490,7 +490,7 @@ bool by_blocked_planes(const Relation& rel, const Groups& gr, bool transposed, i
 
 // Whether a planar grouped conv runs by plane rows (Note [Plane rows]):
 // where the ISA has masked lanes, for the shapes it has instantiations for
-// (plane_rows_shape: kernel width 3 or 5), and output rows of at least
+// (plane_rows_shape: 2-d and 3-d, kernel width 3 or 5), and output rows of at least
 // kPlaneRowsMinRow pixels (a vector of a shorter row is mostly idle lanes;
 // blocked planes fill theirs with channels). Measured on a Zen 4
 // (benchmarks/NOTES.md item 37), against the loops they replace: with
