@@ -246,13 +246,14 @@ def test_rule():
     assert info["rule"]["float64"] == "aten"
 
 
-@pytest.mark.skipif(convt_ext.engine_info()["rule"]["float32"] != "brgemm",
-                    reason="the rule picks the ukernel only on a non-Intel CPU with AVX-512")
+@pytest.mark.skipif("brgemm" not in convt_ext.engine_info()["available"], reason="no oneDNN ukernel in this torch")
 def test_auto_runs_the_ukernel_where_it_takes_the_operands():
-    """Under "auto", where the rule picks the ukernel: conv's forward GEMMs (row-major
-    operands) run on it, tiny and large alike, and never on oneDNN's matmul; a GEMM with a
-    transposed operand (the weight gradient's) runs on aten. All torch's values."""
-    convt_ext.set_gemm_engine("auto")
+    """Under "auto" where the rule picks the ukernel (a non-Intel CPU with AVX-512), or
+    with it forced elsewhere (an Intel CPU, or AVX2), so that both branches of the rule
+    run on every CPU: conv's forward GEMMs (row-major operands) run on it, tiny and large
+    alike, and never on oneDNN's matmul; a GEMM with a transposed operand (the weight
+    gradient's) runs on aten. All torch's values."""
+    convt_ext.set_gemm_engine("auto" if convt_ext.engine_info()["rule"]["float32"] == "brgemm" else "brgemm")
     gen = torch.Generator().manual_seed(7)
     for xs, ws in [((1, 1, 4, 4), (1, 1, 3, 3)), ((2, 64, 24, 24), (64, 64, 3, 3)), ((2, 32, 10, 10), (96, 32, 1, 1))]:
         x, w = torch.randn(xs, generator=gen), torch.randn(ws, generator=gen)
