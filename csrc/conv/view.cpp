@@ -15,6 +15,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // Note [Panels by 16 x 16 transposes]
+#define CONVT_EXT_PANEL_TRANSPOSE 1
+#endif
+
 #include "../gemm.h"
 #include "../plan.h"
 #include "args.h"
@@ -67,6 +72,102 @@ at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArra
   return out;
 }
 
+// Note [Panels by 16 x 16 transposes]
+// The panels are a transpose of the weight: tap t's panel b holds, for each
+// of its K rows k, kBlockN consecutive columns n, where the weight holds
+// each n's taps (and, in a conv's contiguous weight, its k's as well) as
+// one run. With AVX-512 the panels are made of 16 x 16 tiles transposed in
+// registers, each source row one n: 16 loads and 16 full-line stores per
+// 256 floats, where the scalar tile below makes one load and two stores of
+// each float. The 512 x 512 3x3 weight (2.4 M floats), whose panels are
+// built on every call, took 2 ms of a 4 ms forward at 5x5 px, batch 1, one
+// thread, on an Intel Xeon (benchmarks/NOTES.md item 38). Rows past the
+// last column n load as zeros: the padding of the last panel.
+#ifdef CONVT_EXT_PANEL_TRANSPOSE
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // the intrinsics' undefined vectors
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// Tasks [begin, end) of transposed_panels: (g, b, kk, a run of
+// kTilesPerTask tiles of 16 columns q of the rows).
+constexpr int64_t kTilesPerTask = 8;  // 128 floats of each source row: 8 lines
+__attribute__((target("avx512f"))) void transposed_tasks(int64_t begin, int64_t end, const float* src,
+                                                         int64_t sg, int64_t sk, int64_t sn, int64_t N,
+                                                         int64_t kcount, int64_t Q, const Panels& p,
+                                                         float* dst) {
+  const int64_t T = p.T, K = p.K, blocks = p.blocks, tiles = (Q + 15) / 16;
+  const int64_t runs = (tiles + kTilesPerTask - 1) / kTilesPerTask;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t run = task % runs, kk = task / runs % kcount, b = task / runs / kcount % blocks;
+    const int64_t g = task / runs / kcount / blocks;
+    const int64_t n = std::min(kBlockN, N - b * kBlockN);
+    const float* rows = src + g * sg + kk * sk + b * kBlockN * sn;
+    float* panel = dst + (g * T * blocks + b) * K * kBlockN;
+    for (int64_t tile = run * kTilesPerTask; tile < std::min(tiles, (run + 1) * kTilesPerTask); ++tile) {
+      const int64_t q0 = tile * 16, qn = std::min<int64_t>(16, Q - q0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << qn) - 1u);
+      for (int64_t j0 = 0; j0 < kBlockN; j0 += 16) {
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(mask, rows + (j0 + i) * sn + q0) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        // Column q is tap t = q % T of input channel k = kk + q / T.
+        for (int64_t i = 0, k = kk + q0 / T, t = q0 % T; i < qn; ++i) {
+          _mm512_storeu_ps(panel + (t * blocks * K + k) * kBlockN + j0, r[i]);
+          if (++t == T) {
+            t = 0;
+            ++k;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The panels of p from a weight whose element (g, k, n, t) lies at src + g
+// * sg + k * sk + n * sn + t, N columns n a group. A source row is one n:
+// with sk == T (a conv's contiguous weight) its K * T floats are one run
+// and a task takes all k; otherwise (conv_transpose's, k_first) a task takes
+// one k, whose row holds the T taps.
+void transposed_panels(const float* src, int64_t sg, int64_t sk, int64_t sn, int64_t groups,
+                       int64_t N, const Panels& p, float* dst) {
+  const bool one_run = sk == p.T;
+  const int64_t kcount = one_run ? 1 : p.K, Q = one_run ? p.K * p.T : p.T;
+  const int64_t runs = ((Q + 15) / 16 + kTilesPerTask - 1) / kTilesPerTask;
+  const int64_t grain = std::max<int64_t>(1, kSerialFloats / (std::min<int64_t>(kTilesPerTask * 16, Q) * kBlockN));
+  at::parallel_for(0, groups * p.blocks * kcount * runs, grain, [&](int64_t begin, int64_t end) {
+    transposed_tasks(begin, end, src, sg, sk, sn, N, kcount, Q, p, dst);
+  });
+}
+#pragma GCC diagnostic pop
+#endif
+
 // The panels of a weight viewed as (G, a, b, *kernel): `k_first` when its
 // K (input channels of the GEMM) come before its N. Built on every call, so
 // it is one pass in the weight's own strides (any memory format), not a
@@ -96,6 +197,13 @@ Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
   for (int64_t t = 0; t < p.T; ++t) taps_contiguous &= toff[t] == t;
   const float* src = weight.const_data_ptr<float>();
   float* dst = p.data.mutable_data_ptr<float>();
+#ifdef CONVT_EXT_PANEL_TRANSPOSE
+  static const bool avx512 = cpu_avx512f();
+  if (avx512 && taps_contiguous) {  // Note [Panels by 16 x 16 transposes]
+    transposed_panels(src, sg, sk, sn, groups, N, p, dst);
+    return p;
+  }
+#endif
   const int64_t T = p.T, K = p.K, blocks = p.blocks, tap_step = blocks * K * kBlockN;
   // A task: kChunk rows of one (group, panel), for every tap. It reads its
   // kBlockN columns of kChunk x T values (one run each, for a contiguous
