@@ -198,8 +198,10 @@ Panels tap_panels(const at::Tensor& weight, int64_t groups, bool k_first) {
   const float* src = weight.const_data_ptr<float>();
   float* dst = p.data.mutable_data_ptr<float>();
 #ifdef CONVT_EXT_PANEL_TRANSPOSE
+  // A source row of fewer than 4 taps (conv_transpose's 1x1 weight) would
+  // fill a quarter of each tile: 16 loads and 64 shuffles for 4 stores.
   static const bool avx512 = cpu_avx512f();
-  if (avx512 && taps_contiguous) {  // Note [Panels by 16 x 16 transposes]
+  if (avx512 && taps_contiguous && (sk == p.T || p.T >= 4)) {  // Note [Panels by 16 x 16 transposes]
     transposed_panels(src, sg, sk, sn, groups, N, p, dst);
     return p;
   }
