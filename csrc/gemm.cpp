@@ -423,8 +423,8 @@ const char* engine_name(Engine e) { return kEngineNames[static_cast<int>(e)]; }
 bool tap_gemm_runs() { return brgemm_runs(); }
 
 void tap_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float* c, int64_t ldc) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, true, a, b, c, false);
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
 }
 
 void tap_gemms_done(int64_t calls) {

@@ -84,10 +84,11 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // leading dimension per operand without a copy and runs single-threaded
 // inside the plan's tasks: c (m x n, ld ldc) += a (m x k, ld lda) . b (k x
 // n, ld ldb). tap_gemms_done() counts a task's GEMMs (as the brgemm engine's
-// calls) and releases the ukernel's state on the calling thread.
+// calls) and releases the ukernel's state on the calling thread. Without
+// `accumulate`, c = a . b.
 bool tap_gemm_runs();
 void tap_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float* c, int64_t ldc);
+              int64_t ldb, float* c, int64_t ldc, bool accumulate = true);
 void tap_gemms_done(int64_t calls);
 
 // Whether the CPU has AVX-512, and torch's kernels use it (ATEN_CPU_CAPABILITY

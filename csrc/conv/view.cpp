@@ -34,44 +34,6 @@ namespace {
 // ATen's grain for elementwise work: below it a copy runs on one thread.
 constexpr int64_t kSerialFloats = 32768;
 
-// The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
-// range order, then laid out as the weight (G*Og, Cg, *kernel). One pass, a
-// row (g, o) of the weight per step: its T x Cg block of each partial is read
-// in rows and written transposed while it is in L1. (A permute and
-// contiguous() gathered the elements T-innermost at a stride of Og*Cg: 16 us
-// of a 99 us weight gradient at 64 channels and 8x8 pixels.) Each element
-// is summed by one thread in range order, so the bits do not depend on the
-// thread count.
-at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArrayRef weight_size) {
-  TORCH_INTERNAL_ASSERT(partials.scalar_type() == at::kFloat && partials.is_contiguous());
-  const int64_t G = partials.size(1), T = partials.size(2), Og = partials.size(3), Cg = partials.size(4);
-  const int64_t range_stride = partials.stride(0);
-  at::Tensor out = at::empty(weight_size, partials.options());
-  const float* src = partials.const_data_ptr<float>();
-  float* dst = out.mutable_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kSerialFloats / std::max<int64_t>(T * Cg, 1));
-  at::parallel_for(0, G * Og, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> block(T * Cg);  // the row's (T, Cg) block, summed over ranges
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t g = row / Og, o = row % Og;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* s = src + ((g * T + t) * Og + o) * Cg;
-        float* b = block.data() + t * Cg;
-        std::memcpy(b, s, Cg * sizeof(float));
-        for (int64_t r = 1; r < ranges; ++r) {
-          for (int64_t c = 0; c < Cg; ++c) b[c] += s[r * range_stride + c];
-        }
-      }
-      float* d = dst + row * Cg * T;
-      for (int64_t t = 0; t < T; ++t) {  // long inner loops: T is often 9
-        const float* b = block.data() + t * Cg;
-        for (int64_t c = 0; c < Cg; ++c) d[c * T + t] = b[c];
-      }
-    }
-  });
-  return out;
-}
-
 // Note [Panels by 16 x 16 transposes]
 // The panels are a transpose of the weight: tap t's panel b holds, for each
 // of its K rows k, kBlockN consecutive columns n, where the weight holds
@@ -82,7 +44,9 @@ at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArra
 // each float. The 512 x 512 3x3 weight (2.4 M floats), whose panels are
 // built on every call, took 2 ms of a 4 ms forward at 5x5 px, batch 1, one
 // thread, on an Intel Xeon (benchmarks/NOTES.md item 38). Rows past the
-// last column n load as zeros: the padding of the last panel.
+// last column n load as zeros: the padding of the last panel. The weight
+// gradient's partials (G, T, Og, Cg) become the weight (O, Cg, T) by the
+// same tiles (finish_weight).
 #ifdef CONVT_EXT_PANEL_TRANSPOSE
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -165,8 +129,88 @@ void transposed_panels(const float* src, int64_t sg, int64_t sk, int64_t sn, int
     transposed_tasks(begin, end, src, sg, sk, sn, N, kcount, Q, p, dst);
   });
 }
+// The weight gradient's rows [begin, end) (g, o) of finish_weight, by the
+// same tiles: 16 taps t (rows, each summed over the ranges in range order
+// as it is loaded, as the scalar loop sums) by 16 input channels c,
+// transposed, and stored as 16 runs of the taps of one c.
+__attribute__((target("avx512f"))) void transposed_weight_rows(int64_t begin, int64_t end, const float* src,
+                                                               int64_t ranges, int64_t range_stride,
+                                                               int64_t T, int64_t Og, int64_t Cg,
+                                                               float* dst) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t g = row / Og, o = row % Og;
+    float* d = dst + row * Cg * T;
+    for (int64_t c0 = 0; c0 < Cg; c0 += 16) {
+      const int64_t cn = std::min<int64_t>(16, Cg - c0);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << cn) - 1u);
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const int64_t tn = std::min<int64_t>(16, T - t0);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          if (i >= tn) {
+            r[i] = _mm512_setzero_ps();
+            continue;
+          }
+          const float* s = src + ((g * T + t0 + i) * Og + o) * Cg + c0;
+          r[i] = _mm512_maskz_loadu_ps(cmask, s);
+          for (int64_t k = 1; k < ranges; ++k) r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(cmask, s + k * range_stride));
+        }
+        transpose16(r);
+        const __mmask16 tmask = static_cast<__mmask16>((1u << tn) - 1u);
+        for (int64_t j = 0; j < cn; ++j) _mm512_mask_storeu_ps(d + (c0 + j) * T + t0, tmask, r[j]);
+      }
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #endif
+
+// The weight gradient from its partials (ranges, G, T, Og, Cg): summed in
+// range order, then laid out as the weight (G*Og, Cg, *kernel). One pass, a
+// row (g, o) of the weight per step: its T x Cg block of each partial is read
+// in rows and written transposed while it is in L1. (A permute and
+// contiguous() gathered the elements T-innermost at a stride of Og*Cg: 16 us
+// of a 99 us weight gradient at 64 channels and 8x8 pixels.) Each element
+// is summed by one thread in range order, so the bits do not depend on the
+// thread count.
+at::Tensor finish_weight(const at::Tensor& partials, int64_t ranges, at::IntArrayRef weight_size) {
+  TORCH_INTERNAL_ASSERT(partials.scalar_type() == at::kFloat && partials.is_contiguous());
+  const int64_t G = partials.size(1), T = partials.size(2), Og = partials.size(3), Cg = partials.size(4);
+  const int64_t range_stride = partials.stride(0);
+  at::Tensor out = at::empty(weight_size, partials.options());
+  const float* src = partials.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kSerialFloats / std::max<int64_t>(T * Cg, 1));
+#ifdef CONVT_EXT_PANEL_TRANSPOSE
+  static const bool avx512 = cpu_avx512f();
+  if (avx512) {  // Note [Panels by 16 x 16 transposes]: 2.3 ms of a 6.4 ms gradient (item 38)
+    at::parallel_for(0, G * Og, grain, [&](int64_t begin, int64_t end) {
+      transposed_weight_rows(begin, end, src, ranges, range_stride, T, Og, Cg, dst);
+    });
+    return out;
+  }
+#endif
+  at::parallel_for(0, G * Og, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(T * Cg);  // the row's (T, Cg) block, summed over ranges
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / Og, o = row % Og;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* s = src + ((g * T + t) * Og + o) * Cg;
+        float* b = block.data() + t * Cg;
+        std::memcpy(b, s, Cg * sizeof(float));
+        for (int64_t r = 1; r < ranges; ++r) {
+          for (int64_t c = 0; c < Cg; ++c) b[c] += s[r * range_stride + c];
+        }
+      }
+      float* d = dst + row * Cg * T;
+      for (int64_t t = 0; t < T; ++t) {  // long inner loops: T is often 9
+        const float* b = block.data() + t * Cg;
+        for (int64_t c = 0; c < Cg; ++c) d[c * T + t] = b[c];
+      }
+    }
+  });
+  return out;
+}
 
 // The panels of a weight viewed as (G, a, b, *kernel): `k_first` when its
 // K (input channels of the GEMM) come before its N. Built on every call, so

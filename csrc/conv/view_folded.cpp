@@ -273,17 +273,28 @@ void weight_folded(const at::Tensor& input, const at::Tensor& grad_output, const
   const int64_t blocks = (Cg + kBlockN - 1) / kBlockN;
   run_tasks(input, groups * blocks, [&](int64_t, int64_t task, int64_t& calls) {
     const int64_t g = task / blocks, n0 = task % blocks * kBlockN, nc = std::min(kBlockN, Cg - n0);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t o = 0; o < Og; ++o) {
-        float* at = pw + ((g * T + t) * Og + o) * Cg + n0;
-        std::fill(at, at + nc, 0.f);
+    // Taps [t0, t1) that no GEMM reaches (all their windows in the padding) are zero.
+    const auto zero_taps = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t o = 0; o < Og; ++o) {
+          float* at = pw + ((g * T + t) * Og + o) * Cg + n0;
+          std::fill(at, at + nc, 0.f);
+        }
       }
-    }
+    };
+    // The taps come in order; each one's first GEMM writes its block, the
+    // rest add to it, so the block is never zeroed first (9.4 MB a call at
+    // 512 x 512 3x3, benchmarks/NOTES.md item 38).
+    int64_t last = -1;
     for_each_folded_tap(call, 0, rows, [&](int64_t t, int64_t r, int64_t lo, int64_t hi, int64_t at) {
+      if (t != last) zero_taps(last + 1, t);
       const float* a = pt + (r * O + g * Og) * row + lo * N;
-      tap_gemm(Og, nc, (hi - lo) * N, a, row, px + at * C + g * Cg + n0, C, pw + (g * T + t) * Og * Cg + n0, Cg);
+      tap_gemm(Og, nc, (hi - lo) * N, a, row, px + at * C + g * Cg + n0, C, pw + (g * T + t) * Og * Cg + n0, Cg,
+               t == last);
+      last = t;
       ++calls;
     });
+    zero_taps(last + 1, T);
   });
 }
 
